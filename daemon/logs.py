@@ -1,0 +1,105 @@
+"""Structured logs: one JSON object per line in <state>/logs/lorad.jsonl, rotated by size.
+
+structlog and stdlib loggers (huey, watchdog) share one pipeline: structlog renders through
+`ProcessorFormatter`, so a huey warning and a lorad event both come out with ts/level/event.
+Tracebacks become dicts without local variables (locals can hold user data).
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import sys
+from pathlib import Path
+
+import structlog
+
+_dict_tracebacks = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
+SHARED_PROCESSORS = [
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.add_log_level,
+    structlog.stdlib.add_logger_name,
+    structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+    structlog.processors.StackInfoRenderer(),
+]
+
+
+def _drop_noise(_, __, event_dict):
+    event_dict.pop("_from_structlog", None)
+    event_dict.pop("_record", None)
+    if event_dict.get("logger") == "lorad":
+        event_dict.pop("logger")
+    return event_dict
+
+
+def _json_formatter() -> logging.Formatter:
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=SHARED_PROCESSORS,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _drop_noise,
+            _dict_tracebacks,
+            structlog.processors.JSONRenderer(sort_keys=False, default=str),
+        ],
+    )
+
+
+def _console_formatter() -> logging.Formatter:
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=SHARED_PROCESSORS,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _drop_noise,
+            structlog.dev.ConsoleRenderer(colors=True, timestamp_key="ts"),
+        ],
+    )
+
+
+def configure(
+    *,
+    level: str = "INFO",
+    log_file: Path | None = None,
+    max_bytes: int = 10_000_000,
+    backups: int = 5,
+    console: bool = True,
+    stream=None,
+) -> None:
+    """Install the handlers on the root logger; safe to call again (replaces lorad's handlers)."""
+    structlog.configure(
+        processors=[*SHARED_PROCESSORS, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_lorad", False):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.handlers.RotatingFileHandler(
+            log_file, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+        )
+        file_handler.setFormatter(_json_formatter())
+        file_handler._lorad = True  # type: ignore[attr-defined]
+        root.addHandler(file_handler)
+    if console:
+        stream = stream or sys.stderr
+        console_handler = logging.StreamHandler(stream)
+        is_tty = hasattr(stream, "isatty") and stream.isatty()
+        console_handler.setFormatter(_console_formatter() if is_tty else _json_formatter())
+        console_handler._lorad = True  # type: ignore[attr-defined]
+        root.addHandler(console_handler)
+    # huey logs every task at INFO; keep its chatter at WARNING unless debugging.
+    logging.getLogger("huey").setLevel(level if level == "DEBUG" else "WARNING")
+    logging.getLogger("watchdog").setLevel("WARNING")
+
+
+def get_logger(**context):
+    """A lazy logger: it picks up the configuration in force when it first logs."""
+    return structlog.get_logger("lorad", **context)

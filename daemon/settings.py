@@ -1,0 +1,197 @@
+"""One `Settings` object: defaults <- lorad.toml <- environment (LORAD_*) <- CLI flags.
+
+The merge and validation are pure (`resolve`), so precedence and error messages are
+table-tested; only `load` touches the file system and `os.environ`.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "LORAD_"
+CONFIG_FILE_NAME = "lorad.toml"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+OBSERVERS = ("native", "polling")
+
+
+class SettingsError(ValueError):
+    """A bad key or value; the message names the key and where it came from (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    assets: Path = Path("assets")
+    state_dir: Path | None = None  # None: <assets>/.lorad
+    model: str = "z-image-turbo"
+    registry: Path = Path("config.json")
+    log_level: str = "INFO"
+    engine: str = "mflux"
+    # watchdog's PollingObserver for SMB/NFS folders, where native events do not arrive.
+    observer: str = "native"
+    # Periodic rescan for READY files whose events were dropped (FSEvents coalescing, network volumes).
+    rescan_interval_s: float = 180.0
+    # Gap between the two stats that prove a dataset folder is no longer being copied into.
+    settle_s: float = 0.05
+    # How long SIGTERM waits for the trainer to checkpoint; launchd's ExitTimeOut is set above it.
+    stop_timeout_s: float = 60.0
+    # Minimum gap between TRAINING marker refreshes.
+    marker_refresh_s: float = 30.0
+    log_max_bytes: int = 10_000_000
+    log_backups: int = 5
+    # macOS: keep the Mac awake while training (caffeinate -i -w <pid>).
+    keep_awake: bool = True
+    # macOS: AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1 against the Metal watchdog killing long runs (mlx #3267).
+    metal_timeout_workaround: bool = True
+    # Override the RAM the memory plan sees (GB); None: measure with psutil.
+    ram_gb: float | None = None
+
+    @property
+    def state(self) -> Path:
+        return self.state_dir if self.state_dir is not None else self.assets / ".lorad"
+
+    @property
+    def training_data(self) -> Path:
+        return self.assets / "training_data"
+
+    @property
+    def loras(self) -> Path:
+        return self.assets / "loras"
+
+    @property
+    def log_file(self) -> Path:
+        return self.state / "logs" / "lorad.jsonl"
+
+    @property
+    def jobs_db(self) -> Path:
+        return self.state / "jobs.db"
+
+    @property
+    def queue_db(self) -> Path:
+        return self.state / "queue.db"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.state / "jobs"
+
+
+KEYS = {f.name: f for f in fields(Settings)}
+_PATH_KEYS = {"assets", "state_dir", "registry"}
+_OPTIONAL = {"state_dir", "ram_gb"}
+
+
+def _coerce(key: str, value: Any, source: str, base: Path) -> Any:
+    """Turn a raw value (TOML value or env string) into the typed setting, or raise SettingsError."""
+    where = f"setting '{key}' from {source}"
+    kind = KEYS[key].type
+    if value is None or (isinstance(value, str) and value == "" and key in _OPTIONAL):
+        if key in _OPTIONAL:
+            return None
+        raise SettingsError(f"{where}: a value is required")
+    if key in _PATH_KEYS:
+        if not isinstance(value, (str, os.PathLike)) or str(value) == "":
+            raise SettingsError(f"{where}: expected a path, got {value!r}")
+        path = Path(os.path.expanduser(str(value)))
+        return path if path.is_absolute() else (base / path)
+    if "bool" in str(kind):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{where}: expected true or false, got {value!r}")
+    if "float" in str(kind) or "int" in str(kind):
+        want_int = "int" in str(kind) and "float" not in str(kind)
+        if isinstance(value, bool):
+            raise SettingsError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = int(value) if want_int else float(value)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{where}: expected {'an integer' if want_int else 'a number'}, got {value!r}") from None
+        if number < 0 or (key != "settle_s" and number == 0 and key not in ("log_backups",)):
+            raise SettingsError(f"{where}: must be greater than 0, got {value!r}")
+        return number
+    if not isinstance(value, str) or not value.strip():
+        raise SettingsError(f"{where}: expected a non-empty string, got {value!r}")
+    value = value.strip()
+    if key == "log_level":
+        if value.upper() not in LOG_LEVELS:
+            raise SettingsError(f"{where}: must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+        return value.upper()
+    if key == "observer" and value not in OBSERVERS:
+        raise SettingsError(f"{where}: must be one of {', '.join(OBSERVERS)}, got {value!r}")
+    return value
+
+
+def resolve(
+    *,
+    file_values: Mapping[str, Any] | None = None,
+    file_source: str = CONFIG_FILE_NAME,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    base: Path = Path("."),
+    project_root: Path | None = None,
+) -> Settings:
+    """Pure merge: defaults <- file <- env <- flags.
+
+    Relative paths in the file resolve against `project_root` (the file's folder); defaults too
+    (`./assets`, `config.json` sit at the project root); env and flags resolve against `base` (CWD).
+    """
+    root = project_root if project_root is not None else base
+    merged: dict[str, Any] = {}
+    for key, value in (file_values or {}).items():
+        if key not in KEYS:
+            raise SettingsError(
+                f"unknown setting '{key}' in {file_source}; known settings: {', '.join(sorted(KEYS))}"
+            )
+        merged[key] = _coerce(key, value, file_source, root)
+    for name, value in (env or {}).items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key not in KEYS:
+            raise SettingsError(
+                f"unknown setting '{key}' from environment variable {name}; "
+                f"known: {', '.join(ENV_PREFIX + k.upper() for k in sorted(KEYS))}"
+            )
+        merged[key] = _coerce(key, value, f"environment variable {name}", base)
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        merged[key] = _coerce(key, value, f"command-line flag --{key.replace('_', '-')}", base)
+    for key in ("assets", "registry"):
+        merged.setdefault(key, root / getattr(Settings, key))
+    return Settings(**merged)
+
+
+def find_config_file(start: Path) -> Path | None:
+    candidate = start / CONFIG_FILE_NAME
+    return candidate if candidate.is_file() else None
+
+
+def load(
+    *, config_file: Path | None = None, flags: Mapping[str, Any] | None = None, cwd: Path | None = None
+) -> Settings:
+    """Read lorad.toml (the given one, or the project root's) and the environment, then resolve."""
+    cwd = (cwd or Path.cwd()).resolve()
+    file_values: dict[str, Any] = {}
+    source = CONFIG_FILE_NAME
+    root = cwd
+    path = config_file if config_file is not None else find_config_file(cwd)
+    if path is not None:
+        path = Path(path).expanduser()
+        source = str(path)
+        try:
+            file_values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SettingsError(f"config file {path} does not exist (given with --config)") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+        root = path.resolve().parent
+    return resolve(
+        file_values=file_values, file_source=source, env=os.environ, flags=flags, base=cwd, project_root=root
+    )

@@ -1,0 +1,58 @@
+"""`lorad status`: the jobs table as a table (or JSON). Pure over a list of jobs."""
+
+from __future__ import annotations
+
+import json
+
+from daemon.jobs import FINISHED
+
+
+def bar(step: int | None, total: int | None, width: int = 12) -> str:
+    if not total:
+        return " " * (width + 2)
+    done = int(width * min(step or 0, total) / total)
+    return "[" + "#" * done + "." * (width - done) + "]"
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(max(0, seconds))
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def visible(jobs: list, *, show_all: bool, now: float) -> list:
+    if show_all:
+        return jobs
+    return [j for j in jobs if j.state not in FINISHED or (now - (j.finished_at or j.updated_at)) < 86400]
+
+
+def render_status(jobs: list, *, show_all: bool, as_json: bool, daemon_pid: int | None, now: float) -> str:
+    shown = visible(jobs, show_all=show_all, now=now)
+    if as_json:
+        return json.dumps(
+            {"daemon_pid": daemon_pid, "jobs": [j.to_dict() for j in shown]}, indent=2, default=str, ensure_ascii=False
+        )
+    lines = [f"daemon: {'running (pid ' + str(daemon_pid) + ')' if daemon_pid else 'not running'}"]
+    if not shown:
+        lines.append("no jobs" + ("" if show_all else " in the last day (--all shows older ones)"))
+        return "\n".join(lines)
+    lines.append(f"{'JOB':<22} {'DATASET':<24} {'STATE':<11} {'PROGRESS':<24} {'ETA':>7} {'AGE':>7}")
+    for job in shown:
+        progress = bar(job.step, job.total_steps)
+        if job.total_steps:
+            progress += f" {job.step or 0}/{job.total_steps}"
+        eta = duration(job.eta_s) if job.state in ("training", "preparing", "rendering") else "-"
+        dataset = job.dataset if len(job.dataset) <= 24 else job.dataset[:23] + "…"
+        lines.append(
+            f"{job.id:<22} {dataset:<24} {job.state:<11} {progress:<24} {eta:>7} {duration(now - job.created_at):>7}"
+        )
+        if job.state == "failed" and job.error:
+            lines.append(f"{'':<22} error: {job.error.splitlines()[0][:100]}")
+    return "\n".join(lines)

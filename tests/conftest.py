@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The first-run kernel compile costs 10+ s per process; tests run many short trainings.
+os.environ["MLX_DISABLE_COMPILE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may download weights in tests
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("LORAD_"):
+            monkeypatch.delenv(name)
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+class DaemonProc:
+    """A real `lorad run` in a subprocess on a temp assets dir."""
+
+    def __init__(self, root: Path, *, engine: str = "scripted", model: str = "tiny-z-image", extra_env: dict | None = None):
+        self.root = root
+        self.assets = root / "assets"
+        self.state = self.assets / ".lorad"
+        self.registry = root / "config.json"
+        self.env = {
+            **os.environ,
+            "LORAD_ASSETS": str(self.assets),
+            "LORAD_REGISTRY": str(self.registry),
+            "LORAD_ENGINE": engine,
+            "LORAD_MODEL": model,
+            "LORAD_LOG_LEVEL": "DEBUG",
+            "LORAD_STOP_TIMEOUT_S": "30",
+            "LORAD_MARKER_REFRESH_S": "1",
+            **(extra_env or {}),
+        }
+        self.proc: subprocess.Popen | None = None
+        self.training_data.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def training_data(self) -> Path:
+        return self.assets / "training_data"
+
+    def start(self) -> "DaemonProc":
+        self.out = (self.root / f"daemon-{time.time_ns()}.out").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "run"],
+            cwd=self.root,
+            env=self.env,
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: self.log_has("daemon.started"), 30, message="daemon start")
+        return self
+
+    def cli(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "daemon.cli", *args],
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+        )
+
+    def events(self) -> list[dict]:
+        path = self.state / "logs" / "lorad.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def log_has(self, event: str, **fields) -> bool:
+        return any(e.get("event") == event and all(e.get(k) == v for k, v in fields.items()) for e in self.events())
+
+    def jobs(self) -> list[dict]:
+        result = self.cli("status", "--json", "--all")
+        return json.loads(result.stdout)["jobs"]
+
+    def job_states(self) -> dict[str, str]:
+        return {j["dataset"]: j["state"] for j in self.jobs()}
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def kill9(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "out", None):
+            self.out.close()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path):
+    made: list[DaemonProc] = []
+
+    def make(**kwargs) -> DaemonProc:
+        d = DaemonProc(tmp_path, **kwargs)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.stop()
+    # No orphan trainers may outlive a test.
+    leftovers = subprocess.run(["pgrep", "-f", f"--job-dir {tmp_path}"], capture_output=True, text=True).stdout.split()
+    for pid in leftovers:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not leftovers, f"orphan worker processes: {leftovers}"
