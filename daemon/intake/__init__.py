@@ -1,0 +1,1 @@
+"""The gate between a user's folder and the queue: validate, snapshot, markers."""

@@ -1,0 +1,170 @@
+"""Per-dataset options from `lora.toml` and the `READY` file (READY wins), as pure functions.
+
+Every problem is a Finding that names the file and the key, says what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+from daemon.intake.findings import Finding
+
+CAPTION_POLICIES = ("prepend", "require")
+
+# key -> (type, lower bound, upper bound, help)
+OPTION_SPECS: dict[str, tuple[type, Any, Any]] = {
+    "name": (str, 1, 100),
+    "trigger": (str, 1, 100),
+    "model": (str, 1, 200),
+    "rank": (int, 1, 256),
+    "alpha": (float, 0.0001, 1024.0),
+    "epochs": (int, 1, 10_000),
+    "steps": (int, 1, 1_000_000),
+    "learning_rate": (float, 1e-8, 1.0),
+    "resolution": (int, 256, 4096),
+    "priority": (int, -1000, 1000),
+    "preview_prompt": (str, 1, 2000),
+    "caption_policy": (str, None, None),
+}
+READY_ONLY = {"force": (bool, None, None)}
+
+
+def _check_value(key: str, value: Any, spec: tuple[type, Any, Any], filename: str) -> tuple[Any, Finding | None]:
+    kind, low, high = spec
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        return None, Finding.error(
+            filename,
+            f"key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}",
+            f"write e.g. {key} = {_example(key)}",
+            code="option.type",
+        )
+    if key == "caption_policy" and value not in CAPTION_POLICIES:
+        return None, Finding.error(
+            filename,
+            f"key 'caption_policy' must be one of {', '.join(CAPTION_POLICIES)}, got {value!r}",
+            'write caption_policy = "prepend" (default) or "require"',
+            code="option.value",
+        )
+    if kind is str:
+        text = value.strip()
+        if low is not None and not (low <= len(text) <= high):
+            return None, Finding.error(
+                filename, f"key '{key}' must be 1 to {high} characters", f"shorten or fill in '{key}'", code="option.value"
+            )
+        if any(ord(ch) < 32 for ch in text):
+            return None, Finding.error(
+                filename, f"key '{key}' contains control characters", f"use plain text for '{key}'", code="option.value"
+            )
+        if key == "name" and ("/" in text or "\\" in text or text.startswith(".")):
+            return None, Finding.error(
+                filename,
+                f"key 'name' = {text!r} cannot be used as a file name (no '/', '\\', or leading '.')",
+                "use letters, digits, '-' and '_'",
+                code="option.value",
+            )
+        return text, None
+    if low is not None and not (low <= value <= high):
+        return None, Finding.error(
+            filename,
+            f"key '{key}' = {value!r} is out of range ({low} to {high})",
+            f"pick a value for '{key}' between {low} and {high}",
+            code="option.range",
+        )
+    return value, None
+
+
+def _example(key: str) -> str:
+    return {
+        "name": '"my_character"',
+        "trigger": '"ohwx"',
+        "model": '"z-image-turbo"',
+        "rank": "16",
+        "alpha": "16",
+        "epochs": "10",
+        "steps": "1000",
+        "learning_rate": "1e-4",
+        "resolution": "1024",
+        "priority": "0",
+        "preview_prompt": '"ohwx, portrait photo"',
+        "caption_policy": '"prepend"',
+        "force": "true",
+    }.get(key, "...")
+
+
+def parse_options(text: str | bytes, filename: str, *, allow_force: bool) -> tuple[dict, list[Finding]]:
+    """Parse lora.toml / READY text. Empty text is no options (a plain `touch READY`)."""
+    if isinstance(text, bytes):
+        if b"\x00" in text:
+            return {}, [Finding.error(filename, "contains NUL bytes, not TOML text", "rewrite it as UTF-8 TOML", code="option.toml")]
+        try:
+            text = text.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            return {}, [Finding.error(filename, "is not UTF-8 text", "save it as UTF-8", code="option.toml")]
+    if not text.strip():
+        return {}, []
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        return {}, [
+            Finding.error(filename, f"is not valid TOML: {exc}", 'write lines like rank = 16 or name = "x"', code="option.toml")
+        ]
+    specs = dict(OPTION_SPECS)
+    if allow_force:
+        specs.update(READY_ONLY)
+    options: dict = {}
+    findings: list[Finding] = []
+    for key, value in raw.items():
+        if key not in specs:
+            findings.append(
+                Finding.error(
+                    filename,
+                    f"unknown key '{key}'",
+                    f"known keys: {', '.join(sorted(specs))}",
+                    code="option.unknown",
+                )
+            )
+            continue
+        checked, problem = _check_value(key, value, specs[key], filename)
+        if problem is not None:
+            findings.append(problem)
+        else:
+            options[key] = checked
+    if "epochs" in options and "steps" in options:
+        findings.append(
+            Finding.error(filename, "sets both 'epochs' and 'steps'", "keep one of them", code="option.conflict")
+        )
+    return options, findings
+
+
+def merge(toml_options: dict, ready_options: dict) -> dict:
+    """READY wins over lora.toml; epochs and steps replace each other."""
+    merged = dict(toml_options)
+    if "epochs" in ready_options:
+        merged.pop("steps", None)
+    if "steps" in ready_options:
+        merged.pop("epochs", None)
+    merged.update(ready_options)
+    return merged
+
+
+def render_ready(options: dict) -> str:
+    """TOML text for a READY file written by `lorad enqueue`."""
+    lines = []
+    for key, value in options.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{key} = {value!r}")
+        else:
+            escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'{key} = "{escaped}"')
+    return "\n".join(lines) + ("\n" if lines else "")

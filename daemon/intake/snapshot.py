@@ -1,0 +1,128 @@
+"""Copy a validated dataset into the job's work dir; training reads only this copy.
+
+Files are real copies (not hard links: an in-place edit of the original would show through).
+Each copy is hashed while it is written and compared with the hash validation saw, so a file
+edited between validation and snapshot is caught instead of trained. Names in the snapshot
+are normalised (0001.png + 0001.txt): no user file name can trip mflux's name rules
+(preview*, *_in/*_out edit pairs, odd unicode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+from daemon.fsutil import atomic_write_text, fsync_dir
+from daemon.intake.validate import Report
+
+MANIFEST = "manifest.json"
+
+
+class DatasetChanged(Exception):
+    """A file changed between validation and snapshot; intake retries later."""
+
+
+def fingerprint(report: Report, effective: dict) -> str:
+    """sha256 over sorted names + contents (image bytes, normalised captions) + effective settings."""
+    h = hashlib.sha256()
+    for image in sorted(report.images, key=lambda i: i.name):
+        h.update(image.name.encode("utf-8", "surrogateescape") + b"\0")
+        h.update(image.sha256.encode() + b"\0")
+        h.update(report.captions.get(image.name, "").encode("utf-8") + b"\0")
+    h.update(json.dumps(effective, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _copy_verified(src: Path, dst: Path, expected_sha: str) -> None:
+    h = hashlib.sha256()
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        while chunk := fin.read(1 << 20):
+            h.update(chunk)
+            fout.write(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    if h.hexdigest() != expected_sha:
+        raise DatasetChanged(f"{src.name} changed while lorad was reading it")
+
+
+def _convert(src: Path, dst: Path, expected_sha: str) -> None:
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    data = src.read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected_sha:
+        raise DatasetChanged(f"{src.name} changed while lorad was reading it")
+    with Image.open(io.BytesIO(data)) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I;16") or im.mode == "I":
+            arr = np.asarray(im).astype(np.int64)
+            top = 65535 if arr.max() > 255 else 255
+            im = Image.fromarray((arr * 255 // top).clip(0, 255).astype(np.uint8), "L")
+        elif im.mode == "F":
+            arr = np.asarray(im, dtype=np.float64)
+            top = arr.max() if arr.max() > 1.0 else 1.0
+            im = Image.fromarray((arr / top * 255).clip(0, 255).astype(np.uint8), "L")
+        if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
+            rgba = im.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(background, rgba)
+        im.convert("RGB").save(dst, format="PNG")
+    with dst.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def take_snapshot(report: Report, job_dir: Path, *, preview_prompt: str, effective: dict) -> dict:
+    """Write job_dir/data (images + captions + preview.txt) and job_dir/manifest.json."""
+    data = job_dir / "data"
+    if data.exists():
+        shutil.rmtree(data)
+    data.mkdir(parents=True)
+    entries = []
+    for index, image in enumerate(sorted(report.images, key=lambda i: i.name), start=1):
+        src = report.folder / image.name
+        suffix = ".png" if image.convert else Path(image.name).suffix.lower()
+        target = f"{index:04d}{suffix}"
+        if image.convert:
+            _convert(src, data / target, image.sha256)
+        else:
+            _copy_verified(src, data / target, image.sha256)
+        caption_name = f"{index:04d}.txt"
+        (data / caption_name).write_text(report.captions[image.name] + "\n", encoding="utf-8")
+        entries.append(
+            {
+                "source": image.name,
+                "image": target,
+                "caption": report.captions[image.name],
+                "sha256": image.sha256,
+                "width": image.width,
+                "height": image.height,
+                "converted": image.convert,
+            }
+        )
+    (data / "preview.txt").write_text(preview_prompt + "\n", encoding="utf-8")
+    fsync_dir(data)
+    manifest = {
+        "dataset": str(report.folder),
+        "trigger": report.trigger,
+        "name": report.name,
+        "options": report.options,
+        "effective": effective,
+        "preview_prompt": preview_prompt,
+        "images": entries,
+    }
+    atomic_write_text(job_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
+    return manifest
+
+
+def choose_preview_prompt(report: Report) -> str:
+    """preview_prompt option, else the first preview*.txt, else "<trigger>, portrait photo"."""
+    if report.options.get("preview_prompt"):
+        return report.options["preview_prompt"]
+    for name in sorted(report.previews):
+        if report.previews[name]:
+            return report.previews[name]
+    return f"{report.trigger}, portrait photo"

@@ -1,0 +1,183 @@
+"""Turn a READY file into a queued job: verify, validate, snapshot, record, consume READY.
+
+Crash-safe order: the snapshot is built in a temp dir and renamed into place, the job row
+(with the READY file's identity) is committed, and only then is READY removed. A daemon killed
+anywhere in between finds READY again on restart and either redoes the intake (no row yet) or
+just consumes READY (a row with that identity exists): the same READY never makes two jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.intake import contract, markers
+from daemon.intake.snapshot import DatasetChanged, choose_preview_prompt, fingerprint, take_snapshot
+from daemon.intake.validate import validate_dataset
+from daemon.jobs import JobStore, marker_text, new_job_id
+from daemon.logs import get_logger
+from daemon.settings import Settings
+
+TRAINING_KEYS = ("rank", "alpha", "epochs", "steps", "learning_rate", "resolution", "caption_policy")
+
+
+@dataclass
+class Outcome:
+    status: str  # queued | invalid | unchanged | duplicate | not_ready | unstable | changed | refused
+    job_id: str | None = None
+    detail: str = ""
+
+
+def effective_settings(options: dict, settings: Settings) -> dict:
+    """What decides the trained result: the model, the engine and the training options (pure)."""
+    effective = {"model": options.get("model", settings.model), "engine": settings.engine}
+    for key in TRAINING_KEYS:
+        if key in options:
+            effective[key] = options[key]
+    effective.setdefault("caption_policy", "prepend")
+    return effective
+
+
+def ready_token(st: os.stat_result) -> str:
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def folder_signature(folder: Path) -> tuple | None:
+    """Names, sizes and mtimes of the folder's entries: equal across two looks = not being copied."""
+    try:
+        entries = []
+        for entry in os.scandir(folder):
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            entries.append((entry.name, st.st_size, st.st_mtime_ns))
+        return tuple(sorted(entries))
+    except OSError:
+        return None
+
+
+def is_stable(folder: Path, settle_s: float) -> bool:
+    first = folder_signature(folder)
+    time.sleep(settle_s)
+    return first is not None and first == folder_signature(folder)
+
+
+class Intake:
+    def __init__(self, settings: Settings, store: JobStore, enqueue):
+        self.settings = settings
+        self.store = store
+        self.enqueue = enqueue
+        self.log = get_logger()
+        self._reported: set[tuple[str, str]] = set()
+
+    def _in_training_data(self, folder: Path) -> bool:
+        root = self.settings.training_data
+        return folder.parent == root or (folder.parent.resolve() == root.resolve())
+
+    def take(self, folder: Path) -> Outcome:
+        folder = Path(folder)
+        log = self.log.bind(dataset=folder.name)
+        ready = folder / contract.READY
+        if not self._in_training_data(folder):
+            return Outcome("refused", detail="not directly under training_data")
+        try:
+            folder_st = folder.lstat()
+            ready_st = ready.lstat()
+        except FileNotFoundError:
+            return Outcome("not_ready")
+        token = ready_token(ready_st)
+        if stat.S_ISLNK(folder_st.st_mode):
+            return self._refuse(
+                folder, token, log,
+                f"the dataset folder is a symlink to {os.readlink(folder)}; lorad only trains real folders inside "
+                f"{self.settings.training_data} (move the folder there, then create READY again)",
+            )
+        if stat.S_ISDIR(ready_st.st_mode) or stat.S_ISLNK(ready_st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(ready_st.st_mode) else "a symlink"
+            return self._refuse(folder, token, log, f"READY is {kind}; create READY as a plain empty file (touch READY)")
+        if not is_stable(folder, self.settings.settle_s):
+            return Outcome("unstable")
+        # Re-read the token: READY may have been rewritten while we waited.
+        try:
+            ready_st = ready.lstat()
+        except FileNotFoundError:
+            return Outcome("not_ready")
+        token = ready_token(ready_st)
+        existing = self.store.by_ready_token(str(folder), token)
+        if existing is not None:
+            self._consume_ready(ready, token)
+            return Outcome("duplicate", existing.id)
+        try:
+            ready_text = ready.read_bytes()[: 1 << 20]
+        except OSError:
+            return Outcome("not_ready")
+        report = validate_dataset(folder, ready_text=ready_text)
+        if not report.valid:
+            reasons = [f.line() for f in report.errors]
+            markers.write_marker(folder, "failed", markers.failed_text(reasons, None))
+            self._consume_ready(ready, token)
+            log.warning("dataset.invalid", errors=[f.to_dict() for f in report.errors], warnings=len(report.warnings))
+            return Outcome("invalid", detail="\n".join(reasons))
+        effective = effective_settings(report.options, self.settings)
+        fp = fingerprint(report, effective)
+        force = bool(report.options.get("force"))
+        previous = self.store.done_with_fingerprint(fp)
+        if previous is not None and not force:
+            markers.write_marker(folder, "done", marker_text(previous))
+            self._consume_ready(ready, token)
+            log.info("dataset.unchanged", job_id=previous.id, fingerprint=fp)
+            return Outcome("unchanged", previous.id)
+        job_id = new_job_id()
+        jobs_dir = self.settings.jobs_dir
+        jobs_dir.mkdir(parents=True, exist_ok=True)
+        staging = jobs_dir / f".intake-{job_id}"
+        try:
+            manifest = take_snapshot(report, staging, preview_prompt=choose_preview_prompt(report), effective=effective)
+        except DatasetChanged as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            log.info("dataset.changed", detail=str(exc))
+            return Outcome("changed", detail=str(exc))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        os.rename(staging, jobs_dir / job_id)
+        job = self.store.create(
+            job_id=job_id,
+            dataset_path=folder,
+            name=report.name or folder.name,
+            trigger=report.trigger or "",
+            fingerprint=fp,
+            ready_token=token,
+            settings={**effective, "options": report.options, "warnings": [f.line() for f in report.warnings],
+                      "images": len(manifest["images"])},
+            priority=int(report.options.get("priority", 0)),
+            ready_at=ready_st.st_mtime,
+        )
+        self._consume_ready(ready, token)
+        for warning in report.warnings:
+            log.info("dataset.warning", job_id=job.id, file=warning.file, message=warning.message, code=warning.code)
+        self.enqueue(job.id, job.priority)
+        return Outcome("queued", job.id)
+
+    def _refuse(self, folder: Path, token: str, log, reason: str) -> Outcome:
+        key = (str(folder), token)
+        if key not in self._reported:  # rescans see the same bad READY again: report it once
+            self._reported.add(key)
+            if not folder.is_symlink():
+                markers.write_marker(folder, "failed", markers.failed_text([reason], None))
+            log.warning("dataset.invalid", errors=[{"file": "READY", "message": reason}])
+        return Outcome("refused", detail=reason)
+
+    @staticmethod
+    def _consume_ready(ready: Path, token: str) -> None:
+        """Remove READY only if it is still the one we took (a fresh drop stays to be taken)."""
+        try:
+            if ready_token(ready.lstat()) == token:
+                ready.unlink()
+        except FileNotFoundError:
+            pass

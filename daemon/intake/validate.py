@@ -1,0 +1,359 @@
+"""Validate a dataset folder: every image fully decoded (in parallel), every caption read.
+
+Read-only: nothing in the user's folder is opened for writing. Pillow is imported here, not on
+the CLI's start-up path. Decoding runs on a thread pool: Pillow releases the GIL while it
+decodes, so threads scale across cores without the cost of worker processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon.intake import contract
+from daemon.intake.findings import Finding
+from daemon.intake.options import merge, parse_options
+
+# Above this many pixels an image is refused before decoding (a 1-bit 40000x40000 PNG is tiny
+# on disk and 1.6 G pixels in memory).
+MAX_PIXELS = 64_000_000
+OK_MODES = frozenset({"RGB", "RGBA", "L", "LA", "1", "P"})
+# Images whose stems start with this are preview images to mflux (edit training only).
+PREVIEW_PREFIX = "preview"
+
+
+@dataclass
+class ImageInfo:
+    name: str
+    width: int  # after EXIF orientation
+    height: int
+    mode: str
+    format: str
+    sha256: str
+    size_bytes: int
+    convert: str | None = None  # why the snapshot converts it (None: copied as is)
+
+
+@dataclass
+class Report:
+    folder: Path
+    trigger: str | None = None
+    name: str | None = None
+    options: dict = field(default_factory=dict)
+    images: list[ImageInfo] = field(default_factory=list)
+    captions: dict[str, str] = field(default_factory=dict)  # image name -> normalised caption
+    previews: dict[str, str] = field(default_factory=dict)  # preview*.txt name -> prompt
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        return not any(f.level == "error" for f in self.findings)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "warning"]
+
+    def to_dict(self) -> dict:
+        return {
+            "folder": str(self.folder),
+            "valid": self.valid,
+            "trigger": self.trigger,
+            "name": self.name,
+            "options": self.options,
+            "images": len(self.images),
+            "errors": [f.to_dict() for f in self.errors],
+            "warnings": [f.to_dict() for f in self.warnings],
+        }
+
+
+def _orientation_swaps(im) -> bool:
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:
+        return False
+    return orientation in (5, 6, 7, 8)
+
+
+def _conversion_reason(im) -> str | None:
+    mode = im.mode
+    if mode == "CMYK":
+        return "CMYK converted to RGB"
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return f"{mode} (16-bit/float) converted to 8-bit RGB"
+    if mode == "P" and "transparency" in im.info:
+        return "palette with transparency converted to RGB on white"
+    if mode not in OK_MODES:
+        return f"{mode} converted to RGB"
+    return None
+
+
+def inspect_image(path: Path, rel: str) -> ImageInfo | Finding:
+    """Fully decode one image; return its facts or the one error that disqualifies it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        return Finding.error(rel, "is a folder, not an image", "move or rename the folder", code="image.directory")
+    except OSError as exc:
+        return Finding.error(rel, f"cannot be read: {exc.strerror}", "check its permissions", code="image.unreadable")
+    if not data:
+        return Finding.error(rel, "is an empty file (0 bytes)", "re-export or remove it", code="image.empty")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format or "?"
+            if fmt not in ("JPEG", "PNG", "WEBP", "MPO"):
+                return Finding.error(
+                    rel, f"is a {fmt} image; only JPEG, PNG and WebP are trained", "convert it to PNG or JPEG", code="image.format"
+                )
+            width, height = im.size
+            if width * height > MAX_PIXELS:
+                return Finding.error(
+                    rel,
+                    f"is {width}x{height} ({width * height / 1e6:.0f} megapixels): refused as a decompression bomb",
+                    f"downscale it below {MAX_PIXELS // 1_000_000} megapixels",
+                    code="image.bomb",
+                )
+            im.load()
+            if _orientation_swaps(im):
+                width, height = height, width
+            reason = _conversion_reason(im)
+            mode = im.mode
+    except Image.DecompressionBombError as exc:
+        return Finding.error(rel, f"refused as a decompression bomb ({exc})", "downscale it", code="image.bomb")
+    except UnidentifiedImageError:
+        return Finding.error(rel, "is not an image (Pillow cannot identify it)", "remove it or export a real PNG/JPEG", code="image.notimage")
+    except (OSError, SyntaxError, ValueError) as exc:
+        return Finding.error(
+            rel, f"does not decode fully ({exc}): truncated or corrupted", "re-export or re-download it", code="image.corrupt"
+        )
+    return ImageInfo(rel, width, height, mode, fmt, digest, len(data), reason)
+
+
+def _read_small(path: Path, limit: int) -> bytes:
+    with path.open("rb") as fh:
+        return fh.read(limit + 1)
+
+
+def validate_dataset(
+    folder: Path,
+    *,
+    ready_text: bytes | None = None,
+    read_ready: bool = True,
+    workers: int | None = None,
+    default_policy: str = "prepend",
+) -> Report:
+    """Check a dataset folder against the contract. Never writes into it."""
+    folder = Path(folder)
+    report = Report(folder=folder)
+    add = report.findings.append
+    try:
+        st = folder.lstat()
+    except FileNotFoundError:
+        add(Finding.error(".", f"dataset folder {folder} does not exist", "check the path", code="folder.missing"))
+        return report
+    if stat.S_ISLNK(st.st_mode):
+        add(
+            Finding.error(
+                ".",
+                f"dataset folder {folder.name} is a symlink ({os.readlink(folder)}); lorad does not follow it",
+                "move the real folder into training_data",
+                code="folder.symlink",
+            )
+        )
+        return report
+    if not stat.S_ISDIR(st.st_mode):
+        add(Finding.error(".", f"{folder} is not a folder", "pass a dataset folder", code="folder.notdir"))
+        return report
+
+    parsed, problem = contract.parse_folder_name(folder.name)
+    if problem:
+        add(problem)
+    if contract.has_control_chars(folder.name):
+        add(Finding.error(".", "folder name contains control characters", "rename the folder", code="folder.name"))
+
+    # Options: lora.toml, then READY (READY wins).
+    toml_opts: dict = {}
+    options_path = folder / contract.OPTIONS_FILE
+    if options_path.is_dir():
+        add(Finding.error(contract.OPTIONS_FILE, "is a folder, not a file", "remove it", code="option.toml"))
+    elif options_path.is_file():
+        toml_opts, problems = parse_options(_read_small(options_path, 1 << 20), contract.OPTIONS_FILE, allow_force=False)
+        report.findings.extend(problems)
+    if ready_text is None and read_ready:
+        ready_path = folder / contract.READY
+        if ready_path.is_file() and not ready_path.is_symlink():
+            ready_text = _read_small(ready_path, 1 << 20)
+    ready_opts: dict = {}
+    if ready_text is not None:
+        ready_opts, problems = parse_options(ready_text, contract.READY, allow_force=True)
+        report.findings.extend(problems)
+    report.options = merge(toml_opts, ready_opts)
+    trigger = report.options.get("trigger") or (parsed.trigger if parsed else None)
+    report.trigger = trigger
+    report.name = report.options.get("name") or (parsed.name if parsed else None)
+    policy = report.options.get("caption_policy", default_policy)
+
+    # Entries.
+    images: list[tuple[str, Path]] = []
+    captions: dict[str, Path] = {}
+    previews: list[tuple[str, Path]] = []
+    real_folder = folder.resolve()
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except PermissionError:
+        add(Finding.error(".", "folder cannot be listed (permission denied)", "fix its permissions", code="folder.unreadable"))
+        return report
+    for entry in entries:
+        name = entry.name
+        kind = contract.classify(name)
+        if kind == "ignored":
+            continue
+        if contract.has_control_chars(name):
+            add(Finding.error(repr(name), "file name contains control characters", "rename the file", code="name.control"))
+            continue
+        path = Path(entry.path)
+        if entry.is_symlink():
+            target = os.path.realpath(path)
+            if not Path(target).is_relative_to(real_folder):
+                add(
+                    Finding.error(
+                        name,
+                        f"is a symlink to {target}, outside the dataset folder (not followed)",
+                        "copy the file into the folder instead of linking it",
+                        code="name.symlink",
+                    )
+                )
+                continue
+            if not os.path.exists(target):
+                add(Finding.error(name, "is a broken symlink", "remove it", code="name.symlink"))
+                continue
+        if kind == "image":
+            stem, _ = contract.split_suffix(name)
+            if stem.lower().startswith(PREVIEW_PREFIX):
+                add(
+                    Finding.error(
+                        name,
+                        "images named preview* are refused by mflux outside edit training",
+                        "rename the image (and its caption)",
+                        code="name.preview",
+                    )
+                )
+                continue
+            images.append((name, path))
+        elif kind == "caption":
+            if entry.is_dir():
+                add(Finding.error(name, "is a folder, not a caption file", "move or rename the folder", code="caption.directory"))
+                continue
+            captions[contract.split_suffix(name)[0]] = path
+        else:
+            if entry.is_dir():
+                add(Finding.error(name, "is a folder, not a prompt file", "move or rename it", code="caption.directory"))
+                continue
+            previews.append((name, path))
+
+    # Same stem twice (a.png + a.jpg): mflux pairs each image with <stem>.txt, so one caption serves two.
+    stems: dict[str, str] = {}
+    unique_images = []
+    for name, path in images:
+        stem = contract.split_suffix(name)[0]
+        if stem in stems:
+            add(
+                Finding.error(
+                    name,
+                    f"has the same stem as {stems[stem]}; each image needs its own <stem>.txt",
+                    "rename one of them",
+                    code="name.samestem",
+                )
+            )
+            continue
+        stems[stem] = name
+        unique_images.append((name, path))
+
+    # Decode every image, in parallel.
+    max_workers = workers or min(8, os.cpu_count() or 1)
+    if unique_images:
+        with ThreadPoolExecutor(max_workers=max_workers) as pool:
+            results = list(pool.map(lambda item: inspect_image(item[1], item[0]), unique_images))
+    else:
+        results = []
+    seen_hashes: dict[str, str] = {}
+    for result in results:
+        if isinstance(result, Finding):
+            add(result)
+            continue
+        report.findings.extend(contract.check_geometry(result.name, result.width, result.height))
+        if result.convert:
+            add(
+                Finding.warning(
+                    result.name, f"image mode {result.convert} in the snapshot", "nothing to do (your file is untouched)", code="image.convert"
+                )
+            )
+        if result.sha256 in seen_hashes:
+            add(
+                Finding.warning(
+                    result.name, f"is an exact duplicate of {seen_hashes[result.sha256]}", "remove one copy", code="image.duplicate"
+                )
+            )
+        seen_hashes.setdefault(result.sha256, result.name)
+        report.images.append(result)
+
+    # Captions.
+    if trigger:
+        for name, _path in unique_images:
+            stem = contract.split_suffix(name)[0]
+            caption_path = captions.get(stem)
+            if caption_path is None:
+                add(
+                    Finding.error(
+                        name, f"has no caption ({stem}.txt is missing)", f"write {stem}.txt describing the image", code="caption.missing"
+                    )
+                )
+                continue
+            rel = caption_path.name
+            try:
+                raw = _read_small(caption_path, contract.MAX_CAPTION_BYTES)
+            except OSError as exc:
+                add(Finding.error(rel, f"cannot be read: {exc.strerror}", "check its permissions", code="caption.unreadable"))
+                continue
+            text, problems = contract.check_caption(rel, raw, trigger, policy)
+            report.findings.extend(problems)
+            if text is not None:
+                report.captions[name] = text
+    image_stems = {contract.split_suffix(n)[0] for n, _ in images}
+    for stem, path in captions.items():
+        if stem not in image_stems:
+            add(Finding.warning(path.name, "caption has no image", "remove it or add the image", code="caption.orphan"))
+    for name, path in previews:
+        try:
+            raw = _read_small(path, contract.MAX_CAPTION_BYTES)
+            text = raw.decode("utf-8-sig").strip()
+        except (OSError, UnicodeDecodeError):
+            add(Finding.error(name, "preview prompt is not readable UTF-8 text", "re-save it as UTF-8", code="preview.encoding"))
+            continue
+        if text:
+            report.previews[name] = " ".join(text.split())
+
+    if not images:
+        add(
+            Finding.error(
+                ".", "no images found (.jpg .jpeg .png .webp)", "add images with same-name .txt captions", code="folder.noimages"
+            )
+        )
+    elif len(images) < contract.FEW_IMAGES:
+        add(
+            Finding.warning(
+                ".", f"only {len(images)} images; 10-30 give a more reliable character LoRA", "add more varied images", code="folder.few"
+            )
+        )
+    return report
