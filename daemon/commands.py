@@ -126,6 +126,9 @@ def _find_job(store, ref: str):
         raise UsageError("no jobs yet (no jobs database)")
     job = store.find(ref)
     if job is None:
+        several = [j.id for j in store.list() if j.id.startswith(ref)]
+        if several:
+            raise UsageError(f"{ref!r} matches several jobs ({', '.join(several)}); give more of the id")
         raise UsageError(f"no job matches {ref!r} (lorad status lists them)")
     return job
 
@@ -160,7 +163,7 @@ def cmd_retry(settings: Settings, args) -> int:
     if job.state not in ("failed", "cancelled", "interrupted"):
         raise UsageError(f"job {job.id} is {job.state}; only failed, cancelled or interrupted jobs can be retried")
     job = store.transition(job.id, "queued", attempt=job.attempt + 1, error=None)
-    Queue(settings.queue_db).enqueue(job.id, job.priority)
+    Queue(settings.queue_db).enqueue(job.id, job.priority, job.ready_at)
     pid = _wake_daemon(settings)
     print(f"queued {job.id} again (attempt {job.attempt})" + ("" if pid else "; it runs when lorad runs"))
     return 0

@@ -47,7 +47,8 @@ def ready_token(st: os.stat_result) -> str:
 
 
 def folder_signature(folder: Path) -> tuple | None:
-    """Names, sizes and mtimes of the folder's entries: equal across two looks = not being copied."""
+    """Names and sizes of the folder's entries: equal across two looks = not being copied into.
+    (Not mtimes: a `touch READY` after writing it must not look like a copy in progress.)"""
     try:
         entries = []
         for entry in os.scandir(folder):
@@ -55,7 +56,7 @@ def folder_signature(folder: Path) -> tuple | None:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            entries.append((entry.name, st.st_size, st.st_mtime_ns))
+            entries.append((entry.name, st.st_size))
         return tuple(sorted(entries))
     except OSError:
         return None
@@ -161,7 +162,7 @@ class Intake:
         self._consume_ready(ready, token)
         for warning in report.warnings:
             log.info("dataset.warning", job_id=job.id, file=warning.file, message=warning.message, code=warning.code)
-        self.enqueue(job.id, job.priority)
+        self.enqueue(job.id, job.priority, job.ready_at)
         return Outcome("queued", job.id)
 
     def _refuse(self, folder: Path, token: str, log, reason: str) -> Outcome:

@@ -1,0 +1,419 @@
+"""The jobs table: lorad's source of truth (huey only carries job ids).
+
+stdlib sqlite3 in WAL mode, schema version in `PRAGMA user_version` with forward migrations.
+Every state change goes through `JobStore.transition`, which rejects illegal moves, updates the
+dataset's marker and logs one event. The legal moves are a pure table (`TRANSITIONS`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from daemon.intake import markers
+from daemon.logs import get_logger
+
+ACTIVE = ("preparing", "training", "rendering", "publishing")
+RUNNABLE = ("queued", "interrupted")
+FINISHED = ("done", "failed", "cancelled")
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "queued": frozenset({"preparing", "cancelled", "failed"}),
+    "preparing": frozenset({"training", "failed", "cancelled", "interrupted"}),
+    "training": frozenset({"rendering", "failed", "cancelled", "interrupted"}),
+    "rendering": frozenset({"publishing", "failed", "cancelled", "interrupted"}),
+    "publishing": frozenset({"done", "failed", "interrupted"}),
+    "interrupted": frozenset({"preparing", "cancelled", "failed", "queued"}),
+    "failed": frozenset({"queued"}),
+    "cancelled": frozenset({"queued"}),
+    "done": frozenset(),
+}
+
+# The event each move logs (docs/EVENTS.md).
+EVENT_FOR_MOVE = {
+    ("queued", "preparing"): "job.started",
+    ("interrupted", "preparing"): "job.resumed",
+}
+EVENT_FOR_STATE = {
+    "done": "job.done",
+    "failed": "job.failed",
+    "cancelled": "job.cancelled",
+    "interrupted": "job.interrupted",
+    "queued": "job.requeued",
+}
+
+
+class IllegalTransition(Exception):
+    pass
+
+
+class CorruptDatabase(Exception):
+    pass
+
+
+def is_legal(old: str, new: str) -> bool:
+    return new in TRANSITIONS.get(old, frozenset())
+
+
+def event_for(old: str, new: str) -> str:
+    return EVENT_FOR_MOVE.get((old, new)) or EVENT_FOR_STATE.get(new) or "job.phase"
+
+
+MIGRATIONS = [
+    # 1: the jobs table.
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL,
+        dataset TEXT NOT NULL,
+        dataset_path TEXT NOT NULL,
+        name TEXT NOT NULL,
+        trigger_word TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        ready_token TEXT,
+        settings TEXT NOT NULL DEFAULT '{}',
+        state TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 1,
+        priority INTEGER NOT NULL DEFAULT 0,
+        ready_at REAL NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        step INTEGER,
+        total_steps INTEGER,
+        loss REAL,
+        eta_s REAL,
+        error TEXT,
+        outputs TEXT NOT NULL DEFAULT '{}',
+        cancel_requested INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX jobs_state ON jobs(state);
+    CREATE INDEX jobs_fingerprint ON jobs(fingerprint);
+    CREATE INDEX jobs_dataset ON jobs(dataset_path);
+    """,
+    # 2: the memory/training plan chosen for the job.
+    "ALTER TABLE jobs ADD COLUMN plan TEXT NOT NULL DEFAULT '{}';",
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass
+class Job:
+    id: str
+    seq: int
+    dataset: str
+    dataset_path: str
+    name: str
+    trigger_word: str
+    fingerprint: str
+    ready_token: str | None
+    settings: dict
+    state: str
+    attempt: int
+    priority: int
+    ready_at: float
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    step: int | None
+    total_steps: int | None
+    loss: float | None
+    eta_s: float | None
+    error: str | None
+    outputs: dict
+    cancel_requested: int
+    plan: dict
+
+    @property
+    def workdir_name(self) -> str:
+        return self.id
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+_JSON_COLUMNS = ("settings", "outputs", "plan")
+
+
+def _row_to_job(row: sqlite3.Row) -> Job:
+    data = dict(row)
+    for key in _JSON_COLUMNS:
+        data[key] = json.loads(data[key] or "{}")
+    return Job(**data)
+
+
+def new_job_id(now: float | None = None) -> str:
+    stamp = datetime.fromtimestamp(now or time.time(), tz=timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{secrets.token_hex(2)}"
+
+
+def iso(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def marker_text(job: Job) -> str:
+    """What the dataset's marker file says for this job (pure)."""
+    head = f"job {job.id} ({job.name})"
+    if job.state == "queued":
+        return f"{head}\nqueued at {iso(job.ready_at)}\nlorad status shows the queue\n"
+    if job.state == "interrupted":
+        where = f" at step {job.step}/{job.total_steps}" if job.step else ""
+        return f"{head}\ninterrupted{where}; resumes from its last checkpoint when lorad runs\n"
+    if job.state in ACTIVE:
+        lines = [head, f"phase: {job.state}"]
+        if job.total_steps:
+            pct = 100 * (job.step or 0) / job.total_steps
+            lines.append(f"step {job.step or 0}/{job.total_steps} ({pct:.0f}%)")
+        if job.eta_s is not None:
+            lines.append(f"ETA {int(job.eta_s // 3600):02d}:{int(job.eta_s % 3600 // 60):02d}:{int(job.eta_s % 60):02d}")
+        if job.loss is not None:
+            lines.append(f"loss {job.loss:.4f}")
+        lines.append(f"updated {iso(job.updated_at)}")
+        return "\n".join(lines) + "\n"
+    if job.state == "done":
+        lines = [f"{head} finished at {iso(job.finished_at)}", ""]
+        lines += [f"{k}: {v}" for k, v in job.outputs.items() if isinstance(v, str)]
+        return "\n".join(lines) + "\n"
+    if job.state == "failed":
+        return markers.failed_text((job.error or "unknown error").splitlines(), job.id)
+    return f"{head} cancelled at {iso(job.finished_at)}\nCreate READY again to train it.\n"
+
+
+class JobStore:
+    """Connection per instance; safe to use from the daemon's threads with its own lock-free calls
+    because sqlite3 serialises writers (busy timeout) and WAL lets readers run alongside."""
+
+    def __init__(self, path: Path, *, write_markers: bool = True, check: bool = True):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.write_markers = write_markers
+        self.log = get_logger()
+        # One connection shared by the daemon's threads: calls are serialised here.
+        self._lock = threading.RLock()
+        try:
+            self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            if check:
+                result = self.conn.execute("PRAGMA quick_check").fetchone()[0]
+                if result != "ok":
+                    raise sqlite3.DatabaseError(result)
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise CorruptDatabase(corrupt_message(self.path, "jobs database", exc)) from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            else:
+                self.conn.execute("COMMIT")
+
+    def _all(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self.conn.execute(sql, params).fetchall()
+
+    def _one(self, sql: str, params: tuple = ()) -> Job | None:
+        rows = self._all(sql, params)
+        return _row_to_job(rows[0]) if rows else None
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"schema version {version} is newer than this lorad understands ({SCHEMA_VERSION}); upgrade lorad"
+            )
+        for number in range(version, SCHEMA_VERSION):
+            with self._tx() as conn:
+                for statement in MIGRATIONS[number].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number + 1}")
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    def find(self, prefix: str) -> Job | None:
+        """A job by id or unique id prefix."""
+        rows = self._all("SELECT * FROM jobs WHERE id LIKE ? ORDER BY seq", (prefix + "%",))
+        exact = [r for r in rows if r["id"] == prefix]
+        if exact:
+            return _row_to_job(exact[0])
+        return _row_to_job(rows[0]) if len(rows) == 1 else None
+
+    def list(self, states: tuple[str, ...] | None = None) -> list[Job]:
+        if states:
+            marks = ",".join("?" * len(states))
+            rows = self._all(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq", states)
+        else:
+            rows = self._all("SELECT * FROM jobs ORDER BY seq")
+        return [_row_to_job(r) for r in rows]
+
+    def runnable_in_order(self) -> list[Job]:
+        """Queue order: priority first, then FIFO by READY time."""
+        rows = self._all(
+            "SELECT * FROM jobs WHERE state IN ('queued','interrupted') ORDER BY priority DESC, ready_at, seq"
+        )
+        return [_row_to_job(r) for r in rows]
+
+    def by_ready_token(self, dataset_path: str, token: str) -> Job | None:
+        return self._one("SELECT * FROM jobs WHERE dataset_path = ? AND ready_token = ?", (dataset_path, token))
+
+    def done_with_fingerprint(self, fingerprint: str) -> Job | None:
+        return self._one(
+            "SELECT * FROM jobs WHERE fingerprint = ? AND state = 'done' ORDER BY seq DESC LIMIT 1", (fingerprint,)
+        )
+
+    def active_for_dataset(self, dataset_path: str) -> list[Job]:
+        rows = self._all(
+            "SELECT * FROM jobs WHERE dataset_path = ? AND state NOT IN ('done','failed','cancelled') ORDER BY seq",
+            (dataset_path,),
+        )
+        return [_row_to_job(r) for r in rows]
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def create(
+        self,
+        *,
+        job_id: str,
+        dataset_path: Path,
+        name: str,
+        trigger: str,
+        fingerprint: str,
+        ready_token: str | None,
+        settings: dict,
+        priority: int = 0,
+        ready_at: float | None = None,
+    ) -> Job:
+        now = time.time()
+        with self._tx() as conn:
+            seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+            conn.execute(
+                "INSERT INTO jobs (id, seq, dataset, dataset_path, name, trigger_word, fingerprint, ready_token,"
+                " settings, state, priority, ready_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    job_id,
+                    seq,
+                    Path(dataset_path).name,
+                    str(dataset_path),
+                    name,
+                    trigger,
+                    fingerprint,
+                    ready_token,
+                    json.dumps(settings, default=str),
+                    "queued",
+                    priority,
+                    ready_at or now,
+                    now,
+                    now,
+                ),
+            )
+        job = self.get(job_id)
+        assert job is not None
+        self._after(job, None, "queued", "job.queued")
+        return job
+
+    def transition(self, job_id: str, new: str, **fields: Any) -> Job:
+        """The one way a job changes state: legal-move check, update, marker, event."""
+        now = time.time()
+        with self._tx() as conn:
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            old = row["state"]
+            if not is_legal(old, new):
+                raise IllegalTransition(f"job {job_id}: {old} -> {new} is not allowed")
+            fields.setdefault("updated_at", now)
+            if new == "preparing" and old == "queued":
+                fields.setdefault("started_at", now)
+            if new in FINISHED:
+                fields.setdefault("finished_at", now)
+            if new == "queued":
+                fields.setdefault("cancel_requested", 0)
+                fields.setdefault("finished_at", None)
+            self._update(conn, job_id, state=new, **fields)
+        job = self.get(job_id)
+        assert job is not None
+        self._after(job, old, new, event_for(old, new))
+        return job
+
+    def update(self, job_id: str, **fields: Any) -> Job:
+        """Non-state fields (progress, outputs, plan)."""
+        fields.setdefault("updated_at", time.time())
+        with self._tx() as conn:
+            self._update(conn, job_id, **fields)
+        job = self.get(job_id)
+        assert job is not None
+        return job
+
+    def request_cancel(self, job_id: str) -> None:
+        self.update(job_id, cancel_requested=1)
+
+    @staticmethod
+    def _update(conn: sqlite3.Connection, job_id: str, **fields: Any) -> None:
+        if not fields:
+            return
+        values = [json.dumps(v, default=str) if k in _JSON_COLUMNS else v for k, v in fields.items()]
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values, job_id))
+
+    def refresh_marker(self, job: Job) -> None:
+        if self.write_markers:
+            markers.write_marker(Path(job.dataset_path), job.state, marker_text(job))
+
+    def _after(self, job: Job, old: str | None, new: str, event: str) -> None:
+        self.refresh_marker(job)
+        fields = {"job_id": job.id, "dataset": job.dataset, "state": new}
+        if old:
+            fields["previous"] = old
+        if new == "failed" and job.error:
+            fields["error"] = job.error
+        if new == "done":
+            fields["outputs"] = job.outputs
+        level = "warning" if new in ("failed", "interrupted") else "info"
+        getattr(self.log, level)(event, attempt=job.attempt, **fields)
+
+
+def corrupt_message(path: Path, what: str, exc: Exception) -> str:
+    backup = f"{path}.corrupt-{int(time.time())}"
+    return (
+        f"the {what} at {path} is corrupt or unreadable ({exc}). lorad will not start on it, so no job is "
+        f"silently dropped. Back it up and let lorad create a new one:\n"
+        f"    mv '{path}' '{backup}'; rm -f '{path}-wal' '{path}-shm'\n"
+        f"Job work dirs (checkpoints, snapshots) stay in {path.parent / 'jobs'}."
+    )
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

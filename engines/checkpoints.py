@@ -1,0 +1,97 @@
+"""mflux checkpoint zips: integrity check, newest good one, pruning, adapter extraction.
+
+mflux writes `checkpoints/NNNNNNN_checkpoint.zip` in place (not atomically), so a crash can
+leave a truncated newest zip: resume takes the newest zip that passes the CRC check and holds
+every member its checkpoint.json names, falling back to the previous one. No mlx here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from pathlib import Path
+
+from daemon.fsutil import atomic_write_bytes
+
+_NAME = re.compile(r"^(\d{7})_checkpoint\.zip$")
+REQUIRED_KEYS = ("lora_adapter", "optimizer", "iterator", "config")
+
+
+def step_of(path: Path) -> int:
+    match = _NAME.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint zips, newest (highest step) first."""
+    if not directory.is_dir():
+        return []
+    zips = [p for p in directory.iterdir() if _NAME.match(p.name)]
+    return sorted(zips, key=step_of, reverse=True)
+
+
+def verify(path: Path) -> str | None:
+    """None when the zip is whole; else what is wrong with it."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                return f"CRC error in {bad}"
+            names = {Path(n).name for n in zf.namelist()}
+            if "checkpoint.json" not in names:
+                return "checkpoint.json missing"
+            if "run.json" not in names:
+                return "run.json missing"
+            meta = json.loads(zf.read("checkpoint.json"))
+            for key in REQUIRED_KEYS:
+                member = meta.get("files", {}).get(key)
+                if not member or member not in names:
+                    return f"member for {key!r} missing"
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
+        return f"unreadable: {exc}"
+    return None
+
+
+def newest_good(directory: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(newest verified checkpoint, [(corrupt newer ones, why)])."""
+    skipped: list[tuple[Path, str]] = []
+    for path in list_checkpoints(directory):
+        problem = verify(path)
+        if problem is None:
+            return path, skipped
+        skipped.append((path, problem))
+    return None, skipped
+
+
+def prune(directory: Path, keep: int = 2) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints, once the newest one is verified."""
+    zips = list_checkpoints(directory)
+    if not zips or verify(zips[0]) is not None:
+        return []
+    removed = []
+    for path in zips[keep:]:
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def adapter_member(path: Path) -> str:
+    with zipfile.ZipFile(path) as zf:
+        meta = json.loads(zf.read("checkpoint.json"))
+    return meta["files"]["lora_adapter"]
+
+
+def extract_adapter(path: Path, dest: Path) -> Path:
+    """Write the checkpoint's LoRA adapter to dest (atomically)."""
+    member = adapter_member(path)
+    with zipfile.ZipFile(path) as zf:
+        name = next(n for n in zf.namelist() if Path(n).name == member)
+        atomic_write_bytes(dest, zf.read(name))
+    return dest
+
+
+def read_member(path: Path, basename: str) -> bytes:
+    with zipfile.ZipFile(path) as zf:
+        name = next(n for n in zf.namelist() if Path(n).name == basename)
+        return zf.read(name)

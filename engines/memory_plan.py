@@ -1,0 +1,171 @@
+"""Memory plan: quantization, batch size and memory savers from the machine's RAM (pure).
+
+Tiers are chosen by total RAM (unified memory on Apple Silicon), then stepped down while the
+tier's estimated need for the model exceeds the RAM available now. Below the last tier the
+job fails with "needs at least N GB free, have M".
+
+Sources for the numbers:
+- mflux's own `TrainingSpec.gradient_checkpointing` comment: checkpointing trades ~30 % step
+  time for a peak of "weights + two blocks" and "is what makes edit training fit on 32-36 GB".
+- mflux issue #311: Z-Image-Turbo generation at 4-bit uses ~9-10 GB, with a VAE-decode spike of
+  1.5-2x at the end that `--low-ram` removes (hence low_ram on the small tiers).
+- mflux PR #83 (DreamBooth): a 32 GB machine "can barely" train a 12B Flux at 512 px with q4,
+  which is why 16 GB is the floor and runs at 512 px with every saver on.
+- PortOS issue #1321 (mflux on an M5 Max 128 GB): flux2-klein-9b in bf16 did not finish a step
+  in 14 min while klein-4b ran at ~3.5 s/step; the 9B model therefore never plans bf16.
+- Z-Image-Turbo is a 6B transformer plus a 4B Qwen3 text encoder (its model card); bf16 weights
+  alone are ~20 GB, q8 ~11 GB, q4 ~6 GB.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    min_total_gb: float
+    quantize: int | None
+    gradient_checkpointing: bool
+    low_ram: bool
+    max_resolution: int
+    cache_limit_gb: float | None
+    need_gb: float  # estimated peak for z-image-turbo at this tier (scaled per model)
+    warning: str | None = None
+
+
+TIERS: tuple[Tier, ...] = (
+    Tier("bf16", 96, None, False, False, 1024, None, 64),
+    Tier("q8", 64, 8, False, False, 1024, 24, 40),
+    Tier("q8-checkpointed", 32, 8, True, False, 1024, 8, 22),
+    Tier("q4-lowram", 24, 4, True, True, 768, 4, 16),
+    Tier(
+        "q4-minimal",
+        16,
+        4,
+        True,
+        True,
+        512,
+        2,
+        11,
+        "16 GB is the floor: training runs at 512 px with every memory saver on; close other apps",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    mflux_model: str
+    scale: float  # need relative to z-image-turbo
+    allow_bf16: bool = True
+    min_resolution: int | None = None
+    fixed_resolution: int | None = None  # the miniature model trains at a tiny size
+
+
+PROFILES: dict[str, ModelProfile] = {
+    "z-image-turbo": ModelProfile("z-image-turbo", 1.0),
+    "z-image": ModelProfile("z-image", 1.0),
+    "flux2-klein-4b": ModelProfile("flux2-klein-4b", 0.75),
+    "flux2-klein-base-4b": ModelProfile("flux2-klein-base-4b", 0.75),
+    "flux2-klein-9b": ModelProfile("flux2-klein-9b", 1.5, allow_bf16=False),
+    "flux2-klein-base-9b": ModelProfile("flux2-klein-base-9b", 1.5, allow_bf16=False),
+    "tiny-z-image": ModelProfile("z-image", 0.002, fixed_resolution=64),
+}
+
+
+class InsufficientMemory(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    tier: str
+    quantize: int | None
+    batch_size: int
+    low_ram: bool
+    gradient_checkpointing: bool
+    max_resolution: int
+    cache_limit_gb: float | None
+    reason: str
+    warnings: tuple[str, ...] = ()
+
+
+def profile_for(model: str) -> ModelProfile:
+    if model not in PROFILES:
+        raise InsufficientMemory(f"unknown model {model!r}; known: {', '.join(sorted(PROFILES))}")
+    return PROFILES[model]
+
+
+def _tier_index_for_total(total_gb: float) -> int | None:
+    for index, tier in enumerate(TIERS):
+        if total_gb >= tier.min_total_gb:
+            return index
+    return None
+
+
+def plan_memory(
+    *,
+    model: str,
+    total_gb: float,
+    available_gb: float,
+    image_count: int,
+    max_side: int,
+    resolution: int | None = None,
+    start_below: str | None = None,
+) -> MemoryPlan:
+    """Pick the tier for this machine and dataset; `start_below` forces the tier under a failed one."""
+    profile = profile_for(model)
+    index = _tier_index_for_total(total_gb)
+    floor_need = TIERS[-1].need_gb * profile.scale
+    if index is None:
+        raise InsufficientMemory(
+            f"{model} needs a machine with at least {TIERS[-1].min_total_gb:.0f} GB of RAM; this one has {total_gb:.0f} GB"
+        )
+    if start_below is not None:
+        names = [t.name for t in TIERS]
+        if start_below in names:
+            index = max(index, names.index(start_below) + 1)
+    if not profile.allow_bf16 and TIERS[index].quantize is None:
+        index += 1
+    notes: list[str] = []
+    while index < len(TIERS) and TIERS[index].need_gb * profile.scale > available_gb:
+        notes.append(f"{TIERS[index].name} needs ~{TIERS[index].need_gb * profile.scale:.0f} GB free")
+        index += 1
+    if index >= len(TIERS):
+        raise InsufficientMemory(
+            f"{model} needs at least {math.ceil(floor_need)} GB free, have {available_gb:.0f} "
+            f"(of {total_gb:.0f} GB total); close other apps and retry"
+        )
+    tier = TIERS[index]
+    max_resolution = tier.max_resolution
+    warnings = [tier.warning] if tier.warning else []
+    if resolution is not None:
+        if resolution > max_resolution:
+            warnings.append(f"resolution {resolution} lowered to {max_resolution} to fit {total_gb:.0f} GB")
+        else:
+            max_resolution = resolution
+    if profile.fixed_resolution is not None:
+        max_resolution = profile.fixed_resolution
+    batch = 2 if tier.quantize is None and image_count <= 20 and max_side <= 1024 else 1
+    reason = (
+        f"{tier.name}: {total_gb:.0f} GB total, {available_gb:.0f} GB free, {image_count} images (max side {max_side}) -> "
+        f"quantize={tier.quantize or 'bf16'}, batch={batch}, checkpointing={'on' if tier.gradient_checkpointing else 'off'}, "
+        f"low_ram={'on' if tier.low_ram else 'off'}, max {max_resolution}px"
+    )
+    if notes:
+        reason += " (stepped down: " + "; ".join(notes) + ")"
+    if start_below:
+        reason += f" (after {start_below} ran out of memory)"
+    return MemoryPlan(
+        tier=tier.name,
+        quantize=tier.quantize,
+        batch_size=batch,
+        low_ram=tier.low_ram,
+        gradient_checkpointing=tier.gradient_checkpointing,
+        max_resolution=max_resolution,
+        cache_limit_gb=tier.cache_limit_gb,
+        reason=reason,
+        warnings=tuple(warnings),
+    )

@@ -1,0 +1,116 @@
+"""mflux's training JSON from the memory plan and the dataset's overrides (pure).
+
+Defaults for a character LoRA on Z-Image-Turbo, and where they come from:
+- rank 16 / alpha 16 on attention (to_q, to_k, to_v, to_out.0) and feed-forward (w1, w2, w3) of
+  all 30 layers: mflux's `_example/train.json` targets exactly these modules at rank 16;
+  alpha = rank keeps scale 1.0 (ai-toolkit's Z-Image preset uses linear 16 / alpha 16).
+- AdamW at 1e-4: mflux's example and ai-toolkit's Z-Image preset.
+- steps 9, timestep_low 4, timestep_high 9, guidance 0: mflux's example for z-image-turbo
+  (the turbo model samples in 9 steps; training the later timesteps keeps identity).
+- length: ~100 steps per image clamped to 1000-3000 (ai-toolkit's preset trains 3000 steps;
+  mflux-lora presets use 1500-2000 for 15-20 images).
+- seed 42: fixed, so an interrupted job resumes to the same adapter as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from engines.memory_plan import MemoryPlan, profile_for
+
+DEFAULT_RANK = 16
+DEFAULT_LR = 1e-4
+SEED = 42
+TARGET_MODULES = (
+    "attention.to_q",
+    "attention.to_k",
+    "attention.to_v",
+    "attention.to_out.0",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+)
+# Per mflux model: (transformer layers, inference steps, timestep_low, timestep_high)
+MODEL_SHAPES = {
+    "z-image-turbo": (30, 9, 4, 9),
+    "z-image": (30, 50, 0, 50),
+}
+TINY_SHAPE = (2, 4, 0, 4)
+
+
+def steps_per_epoch(image_count: int, batch_size: int) -> int:
+    return max(1, math.ceil(image_count / batch_size))
+
+
+def default_total_steps(model: str, image_count: int) -> int:
+    if model == "tiny-z-image":
+        return 4
+    return min(3000, max(1000, 100 * image_count))
+
+
+def training_length(model: str, options: dict, image_count: int, batch_size: int) -> tuple[int, int]:
+    """(num_epochs, total_steps) from `epochs` or `steps` or the default."""
+    per_epoch = steps_per_epoch(image_count, batch_size)
+    if "epochs" in options:
+        epochs = int(options["epochs"])
+    else:
+        wanted = int(options.get("steps") or default_total_steps(model, image_count))
+        epochs = max(1, math.ceil(wanted / per_epoch))
+    return epochs, epochs * per_epoch
+
+
+def build_config(
+    *,
+    model: str,
+    memory: MemoryPlan,
+    options: dict,
+    image_count: int,
+    data_dir: Path,
+    output_dir: Path,
+    model_path: Path | None = None,
+) -> tuple[dict, int]:
+    """The mflux training config (absolute paths) and the total number of training steps."""
+    profile = profile_for(model)
+    layers, steps, t_low, t_high = TINY_SHAPE if model == "tiny-z-image" else MODEL_SHAPES.get(
+        profile.mflux_model, MODEL_SHAPES["z-image-turbo"]
+    )
+    rank = int(options.get("rank", DEFAULT_RANK))
+    alpha = float(options.get("alpha", rank))
+    epochs, total = training_length(model, options, image_count, memory.batch_size)
+    save_every = max(1, min(50, total // 10)) if model != "tiny-z-image" else 2
+    targets = [
+        {"module_path": f"layers.{{block}}.{module}", "blocks": {"start": 0, "end": layers}, "rank": rank, "alpha": alpha}
+        for module in TARGET_MODULES
+    ]
+    preview = 64 if model == "tiny-z-image" else 512
+    config = {
+        "model": profile.mflux_model,
+        "model_path": str(model_path) if model_path else None,
+        "data": str(data_dir),
+        "seed": SEED,
+        "steps": steps,
+        "guidance": 0.0,
+        "quantize": memory.quantize,
+        "max_resolution": memory.max_resolution,
+        "low_ram": memory.low_ram,
+        "gradient_checkpointing": memory.gradient_checkpointing,
+        "cache_limit_gb": memory.cache_limit_gb,
+        "training_loop": {
+            "num_epochs": epochs,
+            "batch_size": memory.batch_size,
+            "timestep_low": t_low,
+            "timestep_high": t_high,
+        },
+        "optimizer": {"name": "AdamW", "learning_rate": float(options.get("learning_rate", DEFAULT_LR))},
+        "checkpoint": {"save_frequency": save_every, "output_path": str(output_dir)},
+        "monitoring": {
+            "preview_width": preview,
+            "preview_height": preview,
+            "plot_frequency": max(1, total // 20),
+            # One preview at the start (mflux always makes it) and one at the end.
+            "generate_image_frequency": total,
+        },
+        "lora_layers": {"targets": targets},
+    }
+    return config, total

@@ -1,0 +1,61 @@
+"""ScriptedEngine: a stand-in trainer for queue/daemon tests that must run many jobs fast.
+
+It is a real child process speaking the same progress protocol, writing checkpoint zips in
+mflux's layout and honouring SIGTERM/parent death exactly like the mflux worker, so everything
+on the daemon side (child runner, checkpoints, resume, publish) runs for real. Only the
+training math is replaced by a sleep per step. Select it with `engine = "scripted"`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engines.base import JobInput, Machine, PlanError, TrainingPlan
+from engines.memory_plan import InsufficientMemory, plan_memory
+from engines.mflux_engine import MFluxEngine
+
+
+class ScriptedEngine(MFluxEngine):
+    name = "scripted"
+    worker_module = "engines.scripted_worker"
+    step_s = 0.05
+
+    def plan(self, job: JobInput, machine: Machine, *, ram_override_gb: float | None = None, workdir: Path | None = None) -> TrainingPlan:
+        try:
+            memory = plan_memory(
+                model="tiny-z-image",
+                total_gb=ram_override_gb or machine.total_gb,
+                available_gb=ram_override_gb or machine.available_gb,
+                image_count=job.image_count,
+                max_side=job.max_side,
+            )
+        except InsufficientMemory as exc:
+            raise PlanError(str(exc)) from None
+        total = int(job.options.get("steps") or job.options.get("epochs", 0) * job.image_count or 6)
+        workdir = job.data_dir.parent
+        return TrainingPlan(
+            engine=self.name,
+            model=job.model,
+            tier=memory.tier,
+            quantize=memory.quantize,
+            batch_size=1,
+            low_ram=memory.low_ram,
+            gradient_checkpointing=memory.gradient_checkpointing,
+            max_resolution=memory.max_resolution,
+            cache_limit_gb=memory.cache_limit_gb,
+            reason=memory.reason,
+            total_steps=total,
+            config={
+                "step_s": self.step_s,
+                "total": total,
+                "save_frequency": 2,
+                "rank": int(job.options.get("rank", 16)),
+                "data": str(job.data_dir),
+                "output_path": str(workdir / "train"),
+                "model": job.model,
+                "steps": 4,
+            },
+        )
+
+    def prepare(self, plan: TrainingPlan) -> None:
+        return None

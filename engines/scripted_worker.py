@@ -1,0 +1,103 @@
+"""Child for ScriptedEngine: sleeps per step, writes mflux-layout checkpoints, resumes, renders.
+
+`SCRIPTED_ENGINE_STEP_S` overrides the per-step time (fault tests use longer steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from engines.worker_common import Reporter, StopFlag, worker_main
+
+
+def _adapter_bytes(step: int, rank: int) -> bytes:
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng(step)
+    tensors = {
+        "diffusion_model.layers.0.attention.to_q.lora_A.weight": rng.standard_normal((rank, 64)).astype(np.float32),
+        "diffusion_model.layers.0.attention.to_q.lora_B.weight": np.full((64, rank), step, dtype=np.float32),
+    }
+    return save(tensors, metadata={"mflux_version": "scripted", "model": "z-image"})
+
+
+def _save_checkpoint(out: Path, step: int, config: dict) -> Path:
+    ckpt = out / "checkpoints"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    path = ckpt / f"{step:07d}_checkpoint.zip"
+    files = {
+        "config": f"{step:07d}_config.json",
+        "optimizer": f"{step:07d}_optimizer.safetensors",
+        "lora_adapter": f"{step:07d}_adapter.safetensors",
+        "iterator": f"{step:07d}_iterator.json",
+        "loss": f"{step:07d}_loss.json",
+    }
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(files["config"], json.dumps(config))
+        zf.writestr(files["optimizer"], b"opt")
+        zf.writestr(files["lora_adapter"], _adapter_bytes(step, config.get("rank", 16)))
+        zf.writestr(files["iterator"], json.dumps({"num_iterations": step}))
+        zf.writestr(files["loss"], json.dumps({"step_loss": []}))
+        zf.writestr("checkpoint.json", json.dumps({"files": files}))
+        zf.writestr("run.json", json.dumps({"version": 1, "data_root": config["data"]}))
+    return path
+
+
+def train(args, reporter: Reporter, stop: StopFlag) -> int:
+    plan = json.loads(Path(args.plan).read_text())
+    config = plan["config"]
+    out = Path(config["output_path"])
+    total, every = int(config["total"]), int(config["save_frequency"])
+    step_s = float(os.environ.get("SCRIPTED_ENGINE_STEP_S", config["step_s"]))
+    start = 0
+    if args.resume:
+        with zipfile.ZipFile(args.resume) as zf:
+            meta = json.loads(zf.read("checkpoint.json"))
+            start = json.loads(zf.read(meta["files"]["iterator"]))["num_iterations"]
+    reporter.emit("started", resume=args.resume, total=total)
+    stop.training_started = True
+    for step in range(start + 1, total + 1):
+        time.sleep(step_s)
+        reporter.step(step, total, loss=1.0 / step)
+        if step % every == 0 or step == total:
+            path = _save_checkpoint(out, step, config)
+            reporter.emit("checkpoint", step=step, path=str(path))
+        if stop.is_set() and step < total:
+            if step % every:
+                path = _save_checkpoint(out, step, config)
+                reporter.emit("checkpoint", step=step, path=str(path))
+            reporter.emit("stopped", reason=stop.reason, step=step)
+            return 0
+    (out / "loss").mkdir(parents=True, exist_ok=True)
+    (out / "loss" / "loss.html").write_text("<html>loss</html>")
+    reporter.emit("done")
+    return 0
+
+
+def render(args, reporter: Reporter, stop: StopFlag) -> int:
+    from PIL import Image
+
+    from engines.compare import side_by_side
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(out / "base.png")
+    Image.new("RGB", (64, 64), (200, 60, 60)).save(out / "lora.png")
+    side_by_side(out / "base.png", out / "lora.png", out / "compare.png", labels=("base", "with LoRA"))
+    reporter.emit("done", base=str(out / "base.png"), lora=str(out / "lora.png"), compare=str(out / "compare.png"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return worker_main("engines.scripted_worker", train, render, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

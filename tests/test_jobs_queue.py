@@ -1,0 +1,156 @@
+"""Jobs table state machine, migrations, the huey queue with its wakeable worker, reconcile."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import pytest
+
+from daemon.daemon import reconcile
+from daemon.jobs import TRANSITIONS, CorruptDatabase, IllegalTransition, JobStore, event_for, is_legal
+from daemon.queue import Queue
+
+STATES = list(TRANSITIONS)
+
+LEGAL = {
+    ("queued", "preparing"), ("queued", "cancelled"), ("queued", "failed"),
+    ("preparing", "training"), ("preparing", "failed"), ("preparing", "cancelled"), ("preparing", "interrupted"),
+    ("training", "rendering"), ("training", "failed"), ("training", "cancelled"), ("training", "interrupted"),
+    ("rendering", "publishing"), ("rendering", "failed"), ("rendering", "cancelled"), ("rendering", "interrupted"),
+    ("publishing", "done"), ("publishing", "failed"), ("publishing", "interrupted"),
+    ("interrupted", "preparing"), ("interrupted", "cancelled"), ("interrupted", "failed"), ("interrupted", "queued"),
+    ("failed", "queued"), ("cancelled", "queued"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("old", STATES)
+@pytest.mark.parametrize("new", STATES)
+def test_transition_table(old, new):
+    assert is_legal(old, new) == ((old, new) in LEGAL)
+
+
+@pytest.mark.parametrize(
+    "old, new, event",
+    [
+        ("queued", "preparing", "job.started"),
+        ("interrupted", "preparing", "job.resumed"),
+        ("training", "interrupted", "job.interrupted"),
+        ("publishing", "done", "job.done"),
+        ("training", "failed", "job.failed"),
+        ("queued", "cancelled", "job.cancelled"),
+        ("failed", "queued", "job.requeued"),
+        ("preparing", "training", "job.phase"),
+    ],
+)
+def test_event_names(old, new, event):
+    assert event_for(old, new) == event
+
+
+def _job(store: JobStore, tmp_path, name="ohwx_a", **kw):
+    from daemon.jobs import new_job_id
+
+    folder = tmp_path / "training_data" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return store.create(
+        job_id=new_job_id() + name[-2:],
+        dataset_path=folder,
+        name=name.split("_", 1)[1],
+        trigger="ohwx",
+        fingerprint="fp-" + name,
+        ready_token=None,
+        settings={},
+        **kw,
+    )
+
+
+def test_store_transitions_update_marker_and_reject_illegal(tmp_path):
+    store = JobStore(tmp_path / "jobs.db")
+    job = _job(store, tmp_path)
+    folder = tmp_path / "training_data" / "ohwx_a"
+    assert (folder / "QUEUED").exists()
+    store.transition(job.id, "preparing")
+    assert (folder / "TRAINING").exists() and not (folder / "QUEUED").exists()
+    with pytest.raises(IllegalTransition):
+        store.transition(job.id, "done")
+    store.transition(job.id, "failed", error="a.png: broken")
+    text = (folder / "FAILED.txt").read_text()
+    assert "a.png: broken" in text and f"lorad retry {job.id}" in text
+    again = store.transition(job.id, "queued", attempt=2)
+    assert again.attempt == 2 and again.started_at is not None
+
+
+def test_schema_version_and_migration_from_v1(tmp_path):
+    from daemon.jobs import MIGRATIONS, SCHEMA_VERSION
+
+    path = tmp_path / "jobs.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[0])
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    store = JobStore(path)
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    job = _job(store, tmp_path)
+    assert store.get(job.id).plan == {}
+    assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_corrupt_jobs_db_is_refused_with_a_recovery_command(tmp_path):
+    path = tmp_path / "jobs.db"
+    path.write_bytes(b"SQLite format 3\x00" + b"\xde\xad" * 4000)
+    with pytest.raises(CorruptDatabase) as info:
+        JobStore(path)
+    assert "mv " in str(info.value) and str(path) in str(info.value)
+
+
+def test_queue_order_priority_then_fifo(tmp_path):
+    store = JobStore(tmp_path / "jobs.db", write_markers=False)
+    a = _job(store, tmp_path, "ohwx_a1", ready_at=100.0)
+    b = _job(store, tmp_path, "ohwx_b2", ready_at=101.0)
+    c = _job(store, tmp_path, "ohwx_c3", ready_at=102.0, priority=5)
+    assert [j.id for j in store.runnable_in_order()] == [c.id, a.id, b.id]
+
+
+def test_worker_wakes_on_enqueue_not_on_poll(tmp_path):
+    ran: list[tuple[str, float]] = []
+    done = threading.Event()
+
+    def run_job(job_id):
+        ran.append((job_id, time.monotonic()))
+        done.set()
+
+    queue = Queue(tmp_path / "queue.db", run_job=run_job)
+    consumer = queue.consumer()
+    consumer.start()
+    try:
+        time.sleep(3.0)  # idle long enough for huey's own backoff to reach seconds
+        sent = time.monotonic()
+        queue.enqueue("job-1")
+        assert done.wait(5)
+        # Not a benchmark (bench/ measures it): waking must beat huey's polling backoff by far.
+        assert ran[0][0] == "job-1" and ran[0][1] - sent < 1.0
+    finally:
+        consumer.stop_flag.set()
+        queue.wake.set()
+        for _n, t in consumer.worker_threads:
+            t.join(5)
+
+
+def test_reconcile_rebuilds_huey_from_the_table(tmp_path):
+    store = JobStore(tmp_path / "jobs.db", write_markers=False)
+    queue = Queue(tmp_path / "queue.db")
+    running = _job(store, tmp_path, "ohwx_r1", ready_at=1.0)
+    store.transition(running.id, "preparing")
+    store.transition(running.id, "training")
+    queued_missing = _job(store, tmp_path, "ohwx_q2", ready_at=2.0)
+    cancelled = _job(store, tmp_path, "ohwx_c3", ready_at=3.0)
+    queue.enqueue(cancelled.id)
+    store.transition(cancelled.id, "cancelled")
+    summary = reconcile(store, queue)
+    assert summary["interrupted"] == [running.id]
+    assert summary["dropped"] == [cancelled.id]
+    assert set(summary["requeued"]) == {running.id, queued_missing.id}
+    assert store.get(running.id).state == "interrupted"
+    assert queue.pending_job_ids() == [running.id, queued_missing.id]
