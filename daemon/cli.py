@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the launchctl/systemctl commands only")
 
     p = add("selftest", "train a miniature model end to end in a temp folder and print the outputs")
-    p.add_argument("--keep", action="store_true", help="keep the temp folder")
+    p.add_argument("--clean", action="store_true", help="remove the temp folder afterwards (default: keep it)")
 
     add("doctor", "check this machine: Python, RAM, disk, mflux/mlx, model weights")
     return parser

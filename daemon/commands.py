@@ -228,7 +228,7 @@ def cmd_service(settings: Settings, args) -> int:
 def cmd_selftest(settings: Settings, args) -> int:
     from daemon.selftest import run_selftest
 
-    return run_selftest(keep=args.keep)
+    return run_selftest(clean=args.clean)
 
 
 def cmd_doctor(settings: Settings, args) -> int:

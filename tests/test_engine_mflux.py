@@ -1,0 +1,302 @@
+"""Real mflux training on the miniature model through the real daemon, plus the pure parts.
+
+The slow tests here each run mflux's training loop in a child process on `tiny-z-image`.
+`LORAD_RAM_GB=128` picks the bf16 tier: quantized kernels are several times slower on the
+Linux CPU, and one test covers the quantized tier explicitly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+
+from daemon.publish import metadata_of, read_header
+from daemon.sample import make_dataset
+from engines import checkpoints
+from engines.memory_plan import TIERS, InsufficientMemory, plan_memory
+
+# -- memory plan (pure) --------------------------------------------------------------------
+
+PLAN_TABLE = [
+    # model, total, available, images, max side, resolution -> tier, quantize, batch, low_ram, ckpt, max res
+    ("z-image-turbo", 128, 110, 15, 1024, None, "bf16", None, 2, False, False, 1024),
+    ("z-image-turbo", 128, 110, 40, 1024, None, "bf16", None, 1, False, False, 1024),
+    ("z-image-turbo", 128, 110, 15, 2048, None, "bf16", None, 1, False, False, 1024),
+    ("z-image-turbo", 96, 50, 15, 1024, None, "q8", 8, 1, False, False, 1024),  # not enough free for bf16
+    ("z-image-turbo", 64, 60, 15, 1024, None, "q8", 8, 1, False, False, 1024),
+    ("z-image-turbo", 48, 40, 15, 1024, None, "q8-checkpointed", 8, 1, False, True, 1024),
+    ("z-image-turbo", 36, 30, 15, 1024, None, "q8-checkpointed", 8, 1, False, True, 1024),
+    ("z-image-turbo", 32, 20, 15, 1024, None, "q4-lowram", 4, 1, True, True, 768),
+    ("z-image-turbo", 24, 20, 15, 1024, None, "q4-lowram", 4, 1, True, True, 768),
+    ("z-image-turbo", 24, 20, 15, 1024, 512, "q4-lowram", 4, 1, True, True, 512),
+    ("z-image-turbo", 24, 20, 15, 1024, 1024, "q4-lowram", 4, 1, True, True, 768),
+    ("z-image-turbo", 16, 14, 15, 1024, None, "q4-minimal", 4, 1, True, True, 512),
+    ("flux2-klein-9b", 128, 120, 10, 1024, None, "q8", 8, 1, False, False, 1024),  # never bf16
+    ("flux2-klein-4b", 24, 11, 10, 1024, None, "q4-minimal", 4, 1, True, True, 512),
+    ("flux2-klein-4b", 24, 13, 10, 1024, None, "q4-lowram", 4, 1, True, True, 768),  # smaller model, smaller need
+    ("tiny-z-image", 24, 20, 3, 256, None, "q4-lowram", 4, 1, True, True, 64),
+    ("tiny-z-image", 128, 100, 3, 256, None, "bf16", None, 2, False, False, 64),
+]
+
+
+@pytest.mark.parametrize("model, total, avail, n, side, res, tier, q, batch, low_ram, ckpt, max_res", PLAN_TABLE)
+def test_memory_plan_table(model, total, avail, n, side, res, tier, q, batch, low_ram, ckpt, max_res):
+    plan = plan_memory(model=model, total_gb=total, available_gb=avail, image_count=n, max_side=side, resolution=res)
+    assert (plan.tier, plan.quantize, plan.batch_size, plan.low_ram, plan.gradient_checkpointing, plan.max_resolution) == (
+        tier, q, batch, low_ram, ckpt, max_res
+    )
+    assert plan.reason.startswith(tier)
+
+
+def test_memory_plan_floor_and_warnings():
+    with pytest.raises(InsufficientMemory, match="needs at least 11 GB free, have 6"):
+        plan_memory(model="z-image-turbo", total_gb=16, available_gb=6, image_count=10, max_side=1024)
+    with pytest.raises(InsufficientMemory, match="at least 16 GB of RAM"):
+        plan_memory(model="z-image-turbo", total_gb=8, available_gb=8, image_count=10, max_side=1024)
+    plan = plan_memory(model="z-image-turbo", total_gb=16, available_gb=15, image_count=10, max_side=1024)
+    assert any("floor" in w for w in plan.warnings)
+    plan = plan_memory(model="z-image-turbo", total_gb=24, available_gb=20, image_count=10, max_side=1024, resolution=1024)
+    assert any("lowered to 768" in w for w in plan.warnings)
+
+
+def test_step_down_goes_one_tier_lower_then_stops():
+    names = [t.name for t in TIERS]
+    for upper, lower in zip(names, names[1:]):
+        plan = plan_memory(model="z-image-turbo", total_gb=128, available_gb=128, image_count=10, max_side=1024, start_below=upper)
+        assert plan.tier == lower
+    with pytest.raises(InsufficientMemory):
+        plan_memory(model="z-image-turbo", total_gb=128, available_gb=128, image_count=10, max_side=1024, start_below=names[-1])
+
+
+def test_plan_cli_prints_the_plan(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--assets", str(tmp_path), "plan", "--ram-gb", "24"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "q4-lowram" in result.stdout and "quantize     4" in result.stdout and "768" in result.stdout
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--assets", str(tmp_path), "plan", "--ram-gb", "8"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1 and "16 GB" in result.stderr
+
+
+# -- checkpoints (pure-ish) ----------------------------------------------------------------
+
+
+def _fake_ckpt(folder: Path, step: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{step:07d}_checkpoint.zip"
+    files = {k: f"{step:07d}_{k}.bin" for k in ("lora_adapter", "optimizer", "iterator", "config", "loss")}
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in files.values():
+            zf.writestr(name, os.urandom(2048))
+        zf.writestr("checkpoint.json", json.dumps({"files": files}))
+        zf.writestr("run.json", "{}")
+    return path
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_prune_keeps_two(tmp_path):
+    for step in (2, 4, 6):
+        _fake_ckpt(tmp_path, step)
+    newest = tmp_path / "0000006_checkpoint.zip"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated mid-write
+    good, skipped = checkpoints.newest_good(tmp_path)
+    assert good.name == "0000004_checkpoint.zip" and skipped[0][0] == newest
+    assert checkpoints.prune(tmp_path) == []  # the newest is not verified: prune nothing
+    _fake_ckpt(tmp_path, 8)
+    assert [p.name for p in checkpoints.prune(tmp_path)] == ["0000004_checkpoint.zip", "0000002_checkpoint.zip"]
+    flipped = _fake_ckpt(tmp_path, 10)
+    data = bytearray(flipped.read_bytes())
+    data[100] ^= 0xFF  # a CRC error inside a member
+    flipped.write_bytes(bytes(data))
+    assert checkpoints.verify(flipped) is not None
+
+
+# -- the real thing ------------------------------------------------------------------------
+
+
+def _mflux(daemon_factory, **env):
+    return daemon_factory(engine="mflux", model="tiny-z-image", extra_env={"LORAD_RAM_GB": "128", **env})
+
+
+def tensors_bytes(path: Path) -> bytes:
+    """The tensor data of a safetensors file (everything after the header)."""
+    _, offset = read_header(path)
+    return path.read_bytes()[offset:]
+
+
+@pytest.mark.slow
+def test_end_to_end_tiny_model_publishes_everything(daemon_factory):
+    d = _mflux(daemon_factory)
+    d.registry.write_text(json.dumps({"theme": "dark", "models": {"default": "z-image-turbo"}, "loras": {"old": {"path": "x"}}}, indent=4))
+    d.start()
+    folder = make_dataset(d.training_data / "ohwx_alice", images=3)
+    (folder / "preview_1.txt").write_text("ohwx, smiling portrait")
+    (folder / "READY").write_text("")
+    wait_for(lambda: d.job_states().get("ohwx_alice") in ("done", "failed"), 240, interval=0.5, message="job end")
+    job = d.jobs()[0]
+    assert job["state"] == "done", job["error"]
+    loras = d.assets / "loras"
+    lora = loras / "alice.safetensors"
+    meta = metadata_of(lora)
+    assert meta["mflux_version"] and meta["model"] == "z-image"  # mflux's own keys kept
+    for key in ("modelspec.title", "modelspec.architecture", "modelspec.trigger_phrase", "ss_output_name",
+                "ss_network_dim", "ss_network_alpha", "ss_steps", "ss_num_train_images",
+                "lorad.version", "lorad.fingerprint", "lorad.job_id", "lorad.plan"):
+        assert key in meta, key
+    assert meta["modelspec.trigger_phrase"] == "ohwx" and meta["ss_num_train_images"] == "3"
+    assert meta["lorad.job_id"] == job["id"] and json.loads(meta["lorad.plan"])["tier"] == "bf16"
+    header, _ = read_header(lora)
+    assert any(k.startswith("diffusion_model.layers.0.attention.to_q.lora_A") for k in header)
+    # The published adapter is the one mflux saved in its final checkpoint.
+    final = checkpoints.newest_good(d.state / "jobs" / job["id"] / "train" / "checkpoints")[0]
+    assert checkpoints.step_of(final) == job["total_steps"]
+    member = checkpoints.read_member(final, checkpoints.adapter_member(final))
+    (d.root / "final.safetensors").write_bytes(member)
+    assert tensors_bytes(lora) == tensors_bytes(d.root / "final.safetensors")
+
+    from PIL import Image, ImageChops
+
+    compare = Image.open(loras / "alice.compare.png").convert("RGB")
+    width, height = compare.size
+    band = height - Image.open(loras / "alice.png").height
+    left = compare.crop((0, band, width // 2, height))
+    right = compare.crop((width // 2, band, width, height))
+    assert ImageChops.difference(left, right).getbbox() is not None  # the LoRA changes the render
+    assert (loras / "alice.report" / "loss.html").is_file()
+    assert list((loras / "alice.report").glob("*preview_image*.png"))
+
+    registry = json.loads(d.registry.read_text())
+    assert registry["theme"] == "dark" and registry["models"] == {"default": "z-image-turbo"}
+    assert registry["loras"]["old"] == {"path": "x"}
+    entry = registry["loras"]["alice"]
+    assert entry["path"] == str(lora) and entry["trigger"] == "ohwx" and entry["model"] == "tiny-z-image"
+    import hashlib
+
+    assert entry["sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
+    done = (folder / "DONE").read_text()
+    for name in ("alice.safetensors", "alice.png", "alice.compare.png"):
+        assert name in done
+    assert "ohwx, smiling portrait" in (d.state / "jobs" / job["id"] / "data" / "preview.txt").read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_resume_equals_uninterrupted_run(daemon_factory):
+    d = _mflux(daemon_factory)
+    d.start()
+    folder = make_dataset(d.training_data / "ohwx_same", images=2)
+    (folder / "READY").write_text("steps = 10\n")
+    wait_for(lambda: d.job_states().get("ohwx_same") == "done", 240, interval=0.5, message="reference run")
+    reference = d.jobs()[0]
+    (folder / "READY").write_text("steps = 10\nforce = true\n")
+    wait_for(lambda: any(j["state"] == "training" and (j["step"] or 0) >= 3 for j in d.jobs()), 240, interval=0.1, message="step 3")
+    d.signal(signal.SIGTERM)
+    assert d.wait(60) == 0
+    job = [j for j in d.jobs() if j["id"] != reference["id"]][0]
+    assert job["state"] == "interrupted"
+    ckpt_dir = d.state / "jobs" / job["id"] / "train" / "checkpoints"
+    newest = checkpoints.newest_good(ckpt_dir)[0]
+    assert checkpoints.step_of(newest) == job["step"] and 3 <= job["step"] < 10
+    d.start()
+    wait_for(lambda: d.job_states() and all(j["state"] == "done" for j in d.jobs()), 240, interval=0.5, message="resumed")
+    assert d.log_has("job.resumed") and d.log_has("train.resume", step=job["step"])
+    ref = d.state / "jobs" / reference["id"] / "adapter.safetensors"
+    resumed = d.state / "jobs" / job["id"] / "adapter.safetensors"
+    assert tensors_bytes(ref) == tensors_bytes(resumed)  # bit-identical to the uninterrupted run
+    assert (d.assets / "loras" / "same.v1.safetensors").exists()  # the first LoRA kept, versioned
+
+
+@pytest.mark.slow
+def test_daemon_kill_9_child_checkpoints_and_exits(daemon_factory):
+    d = _mflux(daemon_factory)
+    d.start()
+    folder = make_dataset(d.training_data / "ohwx_orphan", images=2)
+    (folder / "READY").write_text("steps = 40\n")
+    wait_for(lambda: any((j["step"] or 0) >= 3 for j in d.jobs()), 240, interval=0.1, message="step 3")
+    child = [e for e in d.events() if e["event"] == "job.child"][-1]["pid"]
+    d.kill9()
+    wait_for(lambda: not _alive(child), 60, message="child exit after parent death")
+    workdir = d.state / "jobs" / d.jobs()[0]["id"]
+    log = (workdir / "train.log").read_text()
+    assert "parent gone" in log
+    stopped_at = int(log.split("lorad-worker: stopped at step ")[1].split("/")[0])
+    newest = checkpoints.newest_good(workdir / "train" / "checkpoints")[0]
+    assert checkpoints.step_of(newest) == stopped_at >= 3  # saved at the step it reached
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie still answers kill(0): look at its state
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_memory_kill_steps_down_once_then_fails(daemon_factory):
+    d = _mflux(daemon_factory)
+    d.start()
+    folder = make_dataset(d.training_data / "ohwx_oom", images=2)
+    (folder / "READY").write_text("steps = 6\n")
+
+    def kill_next_child(count: int) -> None:
+        wait_for(lambda: len([e for e in d.events() if e["event"] == "job.child"]) >= count, 120, message=f"child {count}")
+        pid = [e for e in d.events() if e["event"] == "job.child"][count - 1]["pid"]
+        os.kill(pid, signal.SIGKILL)  # what macOS does under memory pressure
+
+    kill_next_child(1)
+    wait_for(lambda: d.log_has("job.stepdown"), 60, message="step down")
+    step_down = [e for e in d.events() if e["event"] == "job.stepdown"][0]
+    assert (step_down["from_tier"], step_down["to_tier"]) == ("bf16", "q8")
+    kill_next_child(2)
+    wait_for(lambda: d.job_states().get("ohwx_oom") == "failed", 60, message="failed after second kill")
+    job = d.jobs()[0]
+    assert "SIGKILL" in job["error"] and "memory" in job["error"]
+    assert "memory" in (folder / "FAILED.txt").read_text()
+    assert job["plan"]["tier"] == "q8" and job["plan"]["quantize"] == 8
+
+
+@pytest.mark.slow
+def test_quantized_tier_trains(daemon_factory):
+    """The 24 GB plan (q4, gradient checkpointing, low_ram) on the miniature model."""
+    d = daemon_factory(engine="mflux", model="tiny-z-image", extra_env={"LORAD_RAM_GB": "24"})
+    d.start()
+    folder = make_dataset(d.training_data / "ohwx_q4", images=1)
+    (folder / "READY").write_text("steps = 2\n")
+    wait_for(lambda: d.job_states().get("ohwx_q4") in ("done", "failed"), 300, interval=0.5, message="q4 job")
+    job = d.jobs()[0]
+    assert job["state"] == "done", job["error"]
+    assert (job["plan"]["tier"], job["plan"]["quantize"], job["plan"]["low_ram"]) == ("q4-lowram", 4, True)
+    # low_ram's encoding cache goes into the snapshot, never into the user's folder.
+    assert {p.name for p in folder.iterdir()} == {"img_000.png", "img_000.txt", "DONE"}
+
+
+@pytest.mark.slow
+def test_selftest_prints_lora_and_renders(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--assets", str(tmp_path), "selftest", "--clean"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "selftest passed" in out
+    for label, suffix in (("LoRA:", "selftest.safetensors"), ("render:", "selftest.png"), ("comparison:", "selftest.compare.png")):
+        line = next(line for line in out.splitlines() if line.startswith(label))
+        assert line.endswith(suffix)
