@@ -1,0 +1,174 @@
+"""Publishing: provenance header, versioning, registry preservation, locking, broken registry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import wait_for
+from PIL import Image
+from safetensors.numpy import save_file
+
+from daemon import registry
+from daemon.publish import PublishError, metadata_of, provenance, publish, read_header, write_with_metadata
+from daemon.sample import make_dataset
+
+
+@dataclass
+class FakeJob:
+    id: str
+    name: str = "alice"
+    trigger_word: str = "ohwx"
+
+
+PLAN = {"model": "tiny-z-image", "tier": "bf16", "total_steps": 4, "config": {"lora_layers": {"targets": [{"rank": 8, "alpha": 8.0}]}}}
+
+
+def _inputs(tmp_path: Path, tag: str, value: float = 1.0):
+    src = tmp_path / f"in-{tag}"
+    src.mkdir(exist_ok=True)
+    adapter = src / "adapter.safetensors"
+    save_file({"diffusion_model.layers.0.attention.to_q.lora_A.weight": np.full((8, 64), value, np.float32)}, str(adapter),
+              metadata={"mflux_version": "0.24.0", "model": "z-image"})
+    lora = src / "lora.safetensors"
+    write_with_metadata(adapter, lora, provenance(job=FakeJob(tag), plan=PLAN, fingerprint="fp" + tag, image_count=3))
+    Image.new("RGB", (32, 32), (int(value * 10) % 255, 0, 0)).save(src / "with.png")
+    Image.new("RGB", (64, 40)).save(src / "compare.png")
+    (src / "loss.html").write_text("loss")
+    return lora, src / "with.png", src / "compare.png", [src / "loss.html"]
+
+
+def _publish(tmp_path, job_id: str, value: float = 1.0, registry_path=None):
+    lora, render, compare, report = _inputs(tmp_path, job_id, value)
+    return publish(
+        loras=tmp_path / "loras",
+        registry_path=registry_path or tmp_path / "config.json",
+        job=FakeJob(job_id),
+        lora_file=lora,
+        render_with=render,
+        render_compare=compare,
+        report_files=report,
+        plan=PLAN,
+    )
+
+
+def test_header_keeps_mflux_keys_and_adds_provenance(tmp_path):
+    outputs = _publish(tmp_path, "job1")
+    meta = metadata_of(Path(outputs["lora"]))
+    assert meta["mflux_version"] == "0.24.0" and meta["model"] == "z-image"
+    assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "8.0" and meta["lorad.job_id"] == "job1"
+    header, offset = read_header(Path(outputs["lora"]))
+    assert offset % 8 == 0
+    from safetensors.numpy import load_file
+
+    tensors = load_file(outputs["lora"])  # still a valid safetensors file
+    assert tensors["diffusion_model.layers.0.attention.to_q.lora_A.weight"].shape == (8, 64)
+
+
+def test_existing_lora_is_versioned_never_overwritten(tmp_path):
+    first = _publish(tmp_path, "job1", 1.0)
+    first_bytes = Path(first["lora"]).read_bytes()
+    second = _publish(tmp_path, "job2", 2.0)
+    loras = tmp_path / "loras"
+    assert second["previous"] == str(loras / "alice.v1.safetensors")
+    assert (loras / "alice.v1.safetensors").read_bytes() == first_bytes
+    assert (loras / "alice.v1.png").exists() and (loras / "alice.v1.compare.png").exists()
+    assert (loras / "alice.v1.report" / "loss.html").exists()
+    _publish(tmp_path, "job3", 3.0)
+    assert metadata_of(loras / "alice.v2.safetensors")["lorad.job_id"] == "job2"
+    assert metadata_of(loras / "alice.safetensors")["lorad.job_id"] == "job3"
+    entries = json.loads((tmp_path / "config.json").read_text())["loras"]
+    assert entries["alice"]["job_id"] == "job3" and entries["alice.v1"]["path"].endswith("alice.v1.safetensors")
+    assert entries["alice.v2"]["job_id"] == "job2"
+    # Publishing the same job again (a crash mid-publish) replaces its own files in place.
+    _publish(tmp_path, "job3", 3.0)
+    assert not (loras / "alice.v3.safetensors").exists()
+    assert not [p for p in loras.iterdir() if p.name.startswith(".")]
+
+
+def test_registry_keeps_other_keys_and_order(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"zeta": 1, "loras": {"bob": {"path": "b"}}, "alpha": [1, 2]}))
+    _publish(tmp_path, "job1", registry_path=path)
+    data = json.loads(path.read_text())
+    assert list(data) == ["zeta", "loras", "alpha"] and data["zeta"] == 1 and data["alpha"] == [1, 2]
+    assert set(data["loras"]) == {"bob", "alice"} and data["loras"]["bob"] == {"path": "b"}
+    for key in ("path", "trigger", "model", "rank", "steps", "created", "sha256", "render"):
+        assert key in data["loras"]["alice"]
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"loras": []}'])
+def test_broken_registry_is_left_byte_identical_and_nothing_published(tmp_path, content):
+    path = tmp_path / "config.json"
+    path.write_text(content)
+    with pytest.raises(PublishError) as info:
+        _publish(tmp_path, "job1", registry_path=path)
+    assert str(path) in str(info.value) and "untouched" in str(info.value)
+    assert path.read_text() == content
+    assert not (tmp_path / "loras" / "alice.safetensors").exists()
+    assert not [p for p in (tmp_path / "loras").iterdir()]
+
+
+def test_concurrent_registry_writers_lose_nothing(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"keep": true}')
+    code = (
+        "import sys; from daemon import registry\n"
+        "path, tag = sys.argv[1], sys.argv[2]\n"
+        "for i in range(25):\n"
+        "    with registry.Transaction(path) as t:\n"
+        "        t.prepare({f'{tag}{i}': {'i': i}})\n"
+        "        t.commit()\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), tag]) for tag in ("a", "b", "c")]
+    assert all(p.wait(60) == 0 for p in procs)
+    data = json.loads(path.read_text())
+    assert data["keep"] is True and len(data["loras"]) == 75
+
+
+def test_registry_load_errors_name_the_file(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text('{"a": 1,,}')
+    with pytest.raises(registry.RegistryError, match="line 1"):
+        registry.load(path)
+    assert registry.load(tmp_path / "missing.json") == {}
+
+
+# -- through the daemon (scripted engine: fast) --------------------------------------------
+
+
+def test_second_run_keeps_first_lora_versioned(daemon_factory):
+    d = daemon_factory().start()
+    folder = make_dataset(d.training_data / "ohwx_carol", images=2)
+    (folder / "READY").write_text("")
+    wait_for(lambda: d.job_states().get("ohwx_carol") == "done", 60, message="first")
+    first = (d.assets / "loras" / "carol.safetensors").read_bytes()
+    make_dataset(folder, images=3, seed=7)  # changed content, same name
+    (folder / "READY").write_text("")
+    wait_for(lambda: [j["state"] for j in d.jobs()] == ["done", "done"], 60, message="second")
+    assert (d.assets / "loras" / "carol.v1.safetensors").read_bytes() == first
+    assert metadata_of(d.assets / "loras" / "carol.safetensors")["lorad.job_id"] == d.jobs()[1]["id"]
+
+
+def test_invalid_registry_fails_job_then_retry_succeeds(daemon_factory):
+    d = daemon_factory()
+    d.registry.write_text('{"loras": {"x": 1}, oops')
+    before = d.registry.read_bytes()
+    d.start()
+    folder = make_dataset(d.training_data / "ohwx_dave", images=1)
+    (folder / "READY").write_text("")
+    wait_for(lambda: d.job_states().get("ohwx_dave") == "failed", 60, message="failed on registry")
+    assert d.registry.read_bytes() == before
+    job = d.jobs()[0]
+    assert "not valid JSON" in job["error"] and str(d.registry) in job["error"]
+    assert "not valid JSON" in (folder / "FAILED.txt").read_text()
+    assert not (d.assets / "loras" / "dave.safetensors").exists()
+    d.registry.write_text('{"loras": {"x": 1}}')
+    assert d.cli("retry", job["id"]).returncode == 0
+    wait_for(lambda: d.job_states().get("ohwx_dave") == "done", 60, message="done after retry")
+    assert json.loads(d.registry.read_text())["loras"]["x"] == 1
