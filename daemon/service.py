@@ -1,6 +1,288 @@
-"""Placeholder until the service issue: `lorad service` is not built yet."""
+"""`lorad service`: run lorad as a launchd LaunchAgent (macOS) or a systemd --user unit (Linux).
+
+Rendering is pure (template + absolute paths -> plist dict / unit text). Every launchctl or
+systemctl call goes through `Runner`, so tests check the exact commands without macOS, and
+`--dry-run` prints them instead of running them.
+"""
+
+from __future__ import annotations
+
+import os
+import plistlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon.settings import Settings
+
+LABEL = "com.lorad.daemon"
+UNIT = "lorad.service"
+TEMPLATE = Path(__file__).resolve().parent.parent / "launchd" / f"{LABEL}.plist"
+# Homebrew (Apple Silicon and Intel) first: caffeinate and friends live in /usr/bin anyway.
+LAUNCHD_PATH = "/opt/homebrew/bin:/opt/homebrew/sbin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 
 
-def main(settings, args) -> int:
-    print("lorad service: not implemented yet")
-    return 1
+def exit_timeout(settings: Settings) -> int:
+    """SIGTERM -> SIGKILL grace: the daemon's own stop timeout plus room to write the checkpoint."""
+    return max(60, int(settings.stop_timeout_s) + 30)
+
+
+def lorad_executable() -> Path:
+    """The venv's `lorad` (absolute): launchd and systemd run it without a shell or PATH lookup."""
+    candidate = Path(sys.executable).parent / "lorad"
+    if candidate.exists():
+        return candidate.absolute()
+    found = shutil.which("lorad")
+    return Path(found).absolute() if found else candidate.absolute()
+
+
+@dataclass
+class Paths:
+    lorad: Path
+    assets: Path
+    workdir: Path
+    logs: Path
+    home: Path
+
+
+def paths_for(settings: Settings, home: Path | None = None) -> Paths:
+    return Paths(
+        lorad=lorad_executable(),
+        assets=settings.assets.absolute(),
+        workdir=Path.cwd().absolute(),
+        logs=(settings.state / "logs").absolute(),
+        home=(home or Path.home()).absolute(),
+    )
+
+
+def _fill(node, values: dict):
+    if isinstance(node, str):
+        return node.format(**values) if "{" in node else node
+    if isinstance(node, list):
+        return [_fill(item, values) for item in node]
+    if isinstance(node, dict):
+        return {key: _fill(value, values) for key, value in node.items()}
+    return node
+
+
+def render_launchd(settings: Settings, paths: Paths, template: Path = TEMPLATE) -> dict:
+    with template.open("rb") as fh:
+        plist = plistlib.load(fh)
+    values = {
+        "label": LABEL,
+        "lorad": str(paths.lorad),
+        "assets": str(paths.assets),
+        "workdir": str(paths.workdir),
+        "path": LAUNCHD_PATH,
+        "stdout": str(paths.logs / "launchd.out.log"),
+        "stderr": str(paths.logs / "launchd.err.log"),
+    }
+    plist = _fill(plist, values)
+    plist["ExitTimeOut"] = exit_timeout(settings)
+    return plist
+
+
+def render_systemd(settings: Settings, paths: Paths) -> str:
+    timeout = exit_timeout(settings)
+    return f"""[Unit]
+Description=lorad - hands-off LoRA training daemon
+Documentation=file://{paths.workdir / "README.md"}
+StartLimitIntervalSec=600
+StartLimitBurst=5
+
+[Service]
+Type=simple
+ExecStart={paths.lorad} run --assets {paths.assets}
+WorkingDirectory={paths.workdir}
+Environment=PYTHONUNBUFFERED=1
+# Restart after a crash; a graceful stop (exit 0 after SIGTERM) stays stopped.
+Restart=on-failure
+RestartSec=30
+# SIGTERM to the daemon only: it stops the trainer itself after a checkpoint, then exits.
+KillSignal=SIGTERM
+KillMode=mixed
+TimeoutStopSec={timeout}
+
+[Install]
+WantedBy=default.target
+"""
+
+
+def launchd_plist_path(paths: Paths) -> Path:
+    return paths.home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
+
+
+def systemd_unit_path(paths: Paths) -> Path:
+    return paths.home / ".config" / "systemd" / "user" / UNIT
+
+
+@dataclass
+class Runner:
+    """The one place launchctl/systemctl run. dry_run prints instead; `calls` records all."""
+
+    dry_run: bool = False
+    calls: list[list[str]] = field(default_factory=list)
+    out: object = None
+
+    def __call__(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        args = list(cmd)
+        self.calls.append(args)
+        if self.dry_run:
+            print("$ " + " ".join(args), file=self.out or sys.stdout)
+            return subprocess.CompletedProcess(args, 0, "", "")
+        result = subprocess.run(args, capture_output=True, text=True)
+        if check and result.returncode != 0:
+            raise ServiceError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
+        return result
+
+
+class ServiceError(Exception):
+    pass
+
+
+def parse_launchctl_print(text: str) -> dict:
+    """state, pid and last exit code from `launchctl print gui/<uid>/<label>`."""
+    info = {}
+    for key, pattern in (("state", r"^\s*state = (.+)$"), ("pid", r"^\s*pid = (\d+)$"), ("last_exit", r"^\s*last exit code = (.+)$")):
+        match = re.search(pattern, text, flags=re.MULTILINE)
+        if match:
+            info[key] = match.group(1).strip()
+    return info
+
+
+class Launchd:
+    def __init__(self, settings: Settings, paths: Paths, run: Runner, uid: int | None = None):
+        self.settings, self.paths, self.run = settings, paths, run
+        self.uid = os.getuid() if uid is None else uid
+        self.domain = f"gui/{self.uid}"
+        self.target = f"{self.domain}/{LABEL}"
+
+    def render(self) -> str:
+        return plistlib.dumps(render_launchd(self.settings, self.paths)).decode()
+
+    def install(self) -> None:
+        plist = launchd_plist_path(self.paths)
+        data = plistlib.dumps(render_launchd(self.settings, self.paths))
+        self.run("launchctl", "bootout", self.target, check=False)  # replace a loaded agent cleanly
+        if not self.run.dry_run:
+            from daemon.fsutil import atomic_write_bytes
+
+            plist.parent.mkdir(parents=True, exist_ok=True)
+            (self.paths.logs).mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(plist, data)
+        self.run("launchctl", "bootstrap", self.domain, str(plist))
+        self.run("launchctl", "enable", self.target)
+
+    def uninstall(self) -> None:
+        self.run("launchctl", "bootout", self.target, check=False)
+        if not self.run.dry_run:
+            launchd_plist_path(self.paths).unlink(missing_ok=True)
+
+    def start(self) -> None:
+        self.run("launchctl", "kickstart", self.target)
+
+    def restart(self) -> None:
+        self.run("launchctl", "kickstart", "-k", self.target)
+
+    def stop(self) -> None:
+        self.run("launchctl", "kill", "SIGTERM", self.target)
+        if self.run.dry_run:
+            return
+        deadline = time.monotonic() + exit_timeout(self.settings)
+        while time.monotonic() < deadline:
+            info = parse_launchctl_print(self.run("launchctl", "print", self.target, check=False).stdout)
+            if "pid" not in info:
+                return
+            time.sleep(1)
+        raise ServiceError(f"lorad did not exit within {exit_timeout(self.settings)} s")
+
+    def status(self) -> str:
+        result = self.run("launchctl", "print", self.target, check=False)
+        if result.returncode != 0:
+            return f"{LABEL}: not loaded (lorad service install)"
+        info = parse_launchctl_print(result.stdout)
+        return f"{LABEL}: {info.get('state', '?')}, pid {info.get('pid', '-')}, last exit {info.get('last_exit', '-')}"
+
+
+class Systemd:
+    def __init__(self, settings: Settings, paths: Paths, run: Runner):
+        self.settings, self.paths, self.run = settings, paths, run
+
+    def render(self) -> str:
+        return render_systemd(self.settings, self.paths)
+
+    def install(self) -> None:
+        if not self.run.dry_run:
+            from daemon.fsutil import atomic_write_text
+
+            unit = systemd_unit_path(self.paths)
+            unit.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(unit, self.render())
+        self.run("systemctl", "--user", "daemon-reload")
+        self.run("systemctl", "--user", "enable", "--now", UNIT)
+
+    def uninstall(self) -> None:
+        self.run("systemctl", "--user", "disable", "--now", UNIT, check=False)
+        if not self.run.dry_run:
+            systemd_unit_path(self.paths).unlink(missing_ok=True)
+        self.run("systemctl", "--user", "daemon-reload")
+
+    def start(self) -> None:
+        self.run("systemctl", "--user", "start", UNIT)
+
+    def stop(self) -> None:
+        self.run("systemctl", "--user", "stop", UNIT)  # waits up to TimeoutStopSec
+
+    def restart(self) -> None:
+        self.run("systemctl", "--user", "restart", UNIT)
+
+    def status(self) -> str:
+        result = self.run(
+            "systemctl", "--user", "show", UNIT, "-p", "ActiveState,SubState,MainPID,ExecMainStatus", check=False
+        )
+        if result.returncode != 0:
+            return f"{UNIT}: unknown ({result.stderr.strip()})"
+        fields = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+        return (
+            f"{UNIT}: {fields.get('ActiveState', '?')}/{fields.get('SubState', '?')}, pid {fields.get('MainPID', '-')}, "
+            f"last exit {fields.get('ExecMainStatus', '-')}"
+        )
+
+
+def default_platform() -> str:
+    return "launchd" if sys.platform == "darwin" else "systemd"
+
+
+def manager(settings: Settings, platform: str, run: Runner, paths: Paths | None = None):
+    paths = paths or paths_for(settings)
+    return Launchd(settings, paths, run) if platform == "launchd" else Systemd(settings, paths, run)
+
+
+def main(settings: Settings, args) -> int:
+    platform = args.platform or default_platform()
+    run = Runner(dry_run=args.dry_run)
+    svc = manager(settings, platform, run)
+    try:
+        if args.action == "print":
+            print(svc.render(), end="")
+            return 0
+        if args.action == "status":
+            print(svc.status())
+            from daemon.commands import cmd_status
+
+            args.json, args.all = False, False
+            return cmd_status(settings, args)
+        getattr(svc, args.action)()
+    except ServiceError as exc:
+        print(f"lorad service {args.action}: {exc}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"lorad service {args.action}: {exc.filename} is not available on this machine", file=sys.stderr)
+        return 1
+    if not args.dry_run:
+        print(f"lorad service {args.action}: ok ({platform})")
+    return 0

@@ -70,7 +70,9 @@ class DaemonProc:
             stdout=self.out,
             stderr=subprocess.STDOUT,
         )
-        wait_for(lambda: self.log_has("daemon.started"), 30, message="daemon start")
+        pid = self.proc.pid
+        wait_for(lambda: self.log_has("daemon.started", pid=pid) or self.proc.poll() is not None, 30, message="daemon start")
+        assert self.proc.poll() is None, f"daemon exited with {self.proc.returncode}"
         return self
 
     def cli(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
