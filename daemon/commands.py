@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -36,6 +34,8 @@ def _wake_daemon(settings: Settings) -> int | None:
 
     pid = running_daemon_pid(settings.state)
     if pid:
+        import signal
+
         try:
             os.kill(pid, signal.SIGUSR1)
         except ProcessLookupError:
@@ -71,6 +71,8 @@ def cmd_validate(settings: Settings, args) -> int:
         raise UsageError(f"{path} is not a folder; pass a dataset folder (assets/training_data/<trigger>_<name>)")
     report = validate_dataset(path)
     if args.json:
+        import json
+
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
         for finding in report.errors + report.warnings:
@@ -193,6 +195,8 @@ def cmd_plan(settings: Settings, args) -> int:
         print(f"lorad plan: {exc}", file=sys.stderr)
         return 1
     if args.json:
+        import json
+
         data = plan.to_dict()
         data.pop("config")
         print(json.dumps(data, indent=2))

@@ -102,7 +102,7 @@ class Daemon:
         removed = clean_work_dirs(s, store)
         self.log.info("queue.reconciled", removed_dirs=removed, **summary)
 
-        consumer = self.queue.consumer()
+        consumer = self.queue.consumer(wake=s.queue_wake)
         consumer.start()
         # huey installed its own handlers in start(); ours replace them.
         signal.signal(signal.SIGTERM, self._on_stop_signal)

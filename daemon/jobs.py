@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import sqlite3
-import threading
+import _thread  # RLock without importing threading: `lorad status` loads this module
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
 
 from daemon.intake import markers
-from daemon.logs import get_logger
 
 ACTIVE = ("preparing", "training", "rendering", "publishing")
 RUNNABLE = ("queued", "interrupted")
@@ -107,37 +101,14 @@ MIGRATIONS = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-@dataclass
 class Job:
-    id: str
-    seq: int
-    dataset: str
-    dataset_path: str
-    name: str
-    trigger_word: str
-    fingerprint: str
-    ready_token: str | None
-    settings: dict
-    state: str
-    attempt: int
-    priority: int
-    ready_at: float
-    created_at: float
-    updated_at: float
-    started_at: float | None
-    finished_at: float | None
-    step: int | None
-    total_steps: int | None
-    loss: float | None
-    eta_s: float | None
-    error: str | None
-    outputs: dict
-    cancel_requested: int
-    plan: dict
+    """One row of the jobs table (columns as attributes; JSON columns decoded)."""
 
-    @property
-    def workdir_name(self) -> str:
-        return self.id
+    def __init__(self, **columns: object):
+        self.__dict__.update(columns)
+
+    def __repr__(self) -> str:
+        return f"Job({self.id}, {self.dataset}, {self.state})"
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -154,14 +125,14 @@ def _row_to_job(row: sqlite3.Row) -> Job:
 
 
 def new_job_id(now: float | None = None) -> str:
-    stamp = datetime.fromtimestamp(now or time.time(), tz=timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}-{secrets.token_hex(2)}"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now or time.time()))
+    return f"{stamp}-{os.urandom(2).hex()}"
 
 
 def iso(ts: float | None) -> str:
     if ts is None:
         return "-"
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
 
 
 def marker_text(job: Job) -> str:
@@ -200,9 +171,8 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.write_markers = write_markers
-        self.log = get_logger()
         # One connection shared by the daemon's threads: calls are serialised here.
-        self._lock = threading.RLock()
+        self._lock = _thread.RLock()
         try:
             self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             self.conn.row_factory = sqlite3.Row
@@ -219,17 +189,8 @@ class JobStore:
     def close(self) -> None:
         self.conn.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            else:
-                self.conn.execute("COMMIT")
+    def _tx(self) -> "_Transaction":
+        return _Transaction(self)
 
     def _all(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -338,7 +299,7 @@ class JobStore:
         self._after(job, None, "queued", "job.queued")
         return job
 
-    def transition(self, job_id: str, new: str, **fields: Any) -> Job:
+    def transition(self, job_id: str, new: str, **fields: object) -> Job:
         """The one way a job changes state: legal-move check, update, marker, event."""
         now = time.time()
         with self._tx() as conn:
@@ -362,7 +323,7 @@ class JobStore:
         self._after(job, old, new, event_for(old, new))
         return job
 
-    def update(self, job_id: str, **fields: Any) -> Job:
+    def update(self, job_id: str, **fields: object) -> Job:
         """Non-state fields (progress, outputs, plan)."""
         fields.setdefault("updated_at", time.time())
         with self._tx() as conn:
@@ -375,7 +336,7 @@ class JobStore:
         self.update(job_id, cancel_requested=1)
 
     @staticmethod
-    def _update(conn: sqlite3.Connection, job_id: str, **fields: Any) -> None:
+    def _update(conn: sqlite3.Connection, job_id: str, **fields: object) -> None:
         if not fields:
             return
         values = [json.dumps(v, default=str) if k in _JSON_COLUMNS else v for k, v in fields.items()]
@@ -396,7 +357,31 @@ class JobStore:
         if new == "done":
             fields["outputs"] = job.outputs
         level = "warning" if new in ("failed", "interrupted") else "info"
-        getattr(self.log, level)(event, attempt=job.attempt, **fields)
+        from daemon.logs import get_logger  # here, not at import: `lorad status` never loads structlog
+
+        getattr(get_logger(), level)(event, attempt=job.attempt, **fields)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error) under the store's lock."""
+
+    def __init__(self, store: "JobStore"):
+        self.store = store
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.store._lock.acquire()
+        try:
+            self.store.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.store._lock.release()
+            raise
+        return self.store.conn
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.store.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.store._lock.release()
 
 
 def corrupt_message(path: Path, what: str, exc: Exception) -> str:

@@ -43,6 +43,7 @@ def make_engine(name: str, settings: Settings):
         stop_timeout_s=settings.stop_timeout_s,
         keep_awake=settings.keep_awake,
         metal_timeout_workaround=settings.metal_timeout_workaround,
+        checkpoint_every=settings.checkpoint_every,
     )
     if name == "mflux":
         from engines.mflux_engine import MFluxEngine

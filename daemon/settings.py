@@ -7,10 +7,8 @@ table-tested; only `load` touches the file system and `os.environ`.
 from __future__ import annotations
 
 import os
-import tomllib
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
 
 ENV_PREFIX = "LORAD_"
 CONFIG_FILE_NAME = "lorad.toml"
@@ -22,32 +20,59 @@ class SettingsError(ValueError):
     """A bad key or value; the message names the key and where it came from (exit code 2)."""
 
 
-@dataclass(frozen=True)
-class Settings:
-    assets: Path = Path("assets")
-    state_dir: Path | None = None  # None: <assets>/.lorad
-    model: str = "z-image-turbo"
-    registry: Path = Path("config.json")
-    log_level: str = "INFO"
-    engine: str = "mflux"
+# name -> (type, default). A plain class rather than a dataclass: `dataclasses` pulls in
+# `inspect`, which alone costs more start-up time than `lorad status` may spend in total.
+FIELDS: dict[str, tuple[str, object]] = {
+    "assets": ("Path", Path("assets")),
+    # None: <assets>/.lorad
+    "state_dir": ("Path | None", None),
+    "model": ("str", "z-image-turbo"),
+    "registry": ("Path", Path("config.json")),
+    "log_level": ("str", "INFO"),
+    "engine": ("str", "mflux"),
     # watchdog's PollingObserver for SMB/NFS folders, where native events do not arrive.
-    observer: str = "native"
+    "observer": ("str", "native"),
     # Periodic rescan for READY files whose events were dropped (FSEvents coalescing, network volumes).
-    rescan_interval_s: float = 180.0
+    "rescan_interval_s": ("float", 180.0),
     # Gap between the two stats that prove a dataset folder is no longer being copied into.
-    settle_s: float = 0.05
+    "settle_s": ("float", 0.05),
     # How long SIGTERM waits for the trainer to checkpoint; launchd's ExitTimeOut is set above it.
-    stop_timeout_s: float = 60.0
+    "stop_timeout_s": ("float", 60.0),
     # Minimum gap between TRAINING marker refreshes.
-    marker_refresh_s: float = 30.0
-    log_max_bytes: int = 10_000_000
-    log_backups: int = 5
+    "marker_refresh_s": ("float", 30.0),
+    "log_max_bytes": ("int", 10_000_000),
+    "log_backups": ("int", 5),
     # macOS: keep the Mac awake while training (caffeinate -i -w <pid>).
-    keep_awake: bool = True
+    "keep_awake": ("bool", True),
     # macOS: AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1 against the Metal watchdog killing long runs (mlx #3267).
-    metal_timeout_workaround: bool = True
+    "metal_timeout_workaround": ("bool", True),
     # Override the RAM the memory plan sees (GB); None: measure with psutil.
-    ram_gb: float | None = None
+    "ram_gb": ("float | None", None),
+    # Wake the queue worker on enqueue. false = huey's stock polling consumer (the bench baseline).
+    "queue_wake": ("bool", True),
+    # Training checkpoint interval in steps; 0 = automatic (about 10 a run).
+    "checkpoint_every": ("int", 0),
+}
+
+
+class Settings:
+    __slots__ = tuple(FIELDS)
+
+    def __init__(self, **values):
+        unknown = set(values) - set(FIELDS)
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
+        for name, (_kind, default) in FIELDS.items():
+            object.__setattr__(self, name, values.get(name, default))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Settings are read-only")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Settings) and all(getattr(self, n) == getattr(other, n) for n in FIELDS)
+
+    def __repr__(self) -> str:
+        return "Settings(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in FIELDS) + ")"
 
     @property
     def state(self) -> Path:
@@ -78,15 +103,15 @@ class Settings:
         return self.state / "jobs"
 
 
-KEYS = {f.name: f for f in fields(Settings)}
+KEYS = FIELDS
 _PATH_KEYS = {"assets", "state_dir", "registry"}
 _OPTIONAL = {"state_dir", "ram_gb"}
 
 
-def _coerce(key: str, value: Any, source: str, base: Path) -> Any:
+def _coerce(key: str, value: object, source: str, base: Path) -> object:
     """Turn a raw value (TOML value or env string) into the typed setting, or raise SettingsError."""
     where = f"setting '{key}' from {source}"
-    kind = KEYS[key].type
+    kind = KEYS[key][0]
     if value is None or (isinstance(value, str) and value == "" and key in _OPTIONAL):
         if key in _OPTIONAL:
             return None
@@ -112,7 +137,7 @@ def _coerce(key: str, value: Any, source: str, base: Path) -> Any:
             number = int(value) if want_int else float(value)
         except (TypeError, ValueError):
             raise SettingsError(f"{where}: expected {'an integer' if want_int else 'a number'}, got {value!r}") from None
-        if number < 0 or (key != "settle_s" and number == 0 and key not in ("log_backups",)):
+        if number < 0 or (number == 0 and key not in ("settle_s", "log_backups", "checkpoint_every")):
             raise SettingsError(f"{where}: must be greater than 0, got {value!r}")
         return number
     if not isinstance(value, str) or not value.strip():
@@ -129,10 +154,10 @@ def _coerce(key: str, value: Any, source: str, base: Path) -> Any:
 
 def resolve(
     *,
-    file_values: Mapping[str, Any] | None = None,
+    file_values: Mapping[str, object] | None = None,
     file_source: str = CONFIG_FILE_NAME,
     env: Mapping[str, str] | None = None,
-    flags: Mapping[str, Any] | None = None,
+    flags: Mapping[str, object] | None = None,
     base: Path = Path("."),
     project_root: Path | None = None,
 ) -> Settings:
@@ -142,7 +167,7 @@ def resolve(
     (`./assets`, `config.json` sit at the project root); env and flags resolve against `base` (CWD).
     """
     root = project_root if project_root is not None else base
-    merged: dict[str, Any] = {}
+    merged: dict[str, object] = {}
     for key, value in (file_values or {}).items():
         if key not in KEYS:
             raise SettingsError(
@@ -164,7 +189,7 @@ def resolve(
             continue
         merged[key] = _coerce(key, value, f"command-line flag --{key.replace('_', '-')}", base)
     for key in ("assets", "registry"):
-        merged.setdefault(key, root / getattr(Settings, key))
+        merged.setdefault(key, root / FIELDS[key][1])
     return Settings(**merged)
 
 
@@ -174,17 +199,19 @@ def find_config_file(start: Path) -> Path | None:
 
 
 def load(
-    *, config_file: Path | None = None, flags: Mapping[str, Any] | None = None, cwd: Path | None = None
+    *, config_file: Path | None = None, flags: Mapping[str, object] | None = None, cwd: Path | None = None
 ) -> Settings:
     """Read lorad.toml (the given one, or the project root's) and the environment, then resolve."""
     cwd = (cwd or Path.cwd()).resolve()
-    file_values: dict[str, Any] = {}
+    file_values: dict[str, object] = {}
     source = CONFIG_FILE_NAME
     root = cwd
     path = config_file if config_file is not None else find_config_file(cwd)
     if path is not None:
         path = Path(path).expanduser()
         source = str(path)
+        import tomllib  # only when there is a file to read
+
         try:
             file_values = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:

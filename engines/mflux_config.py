@@ -71,6 +71,7 @@ def build_config(
     data_dir: Path,
     output_dir: Path,
     model_path: Path | None = None,
+    checkpoint_every: int = 0,
 ) -> tuple[dict, int]:
     """The mflux training config (absolute paths) and the total number of training steps."""
     profile = profile_for(model)
@@ -81,6 +82,8 @@ def build_config(
     alpha = float(options.get("alpha", rank))
     epochs, total = training_length(model, options, image_count, memory.batch_size)
     save_every = max(1, min(50, total // 10)) if model != "tiny-z-image" else 5
+    if checkpoint_every > 0:
+        save_every = checkpoint_every
     targets = [
         {"module_path": f"layers.{{block}}.{module}", "blocks": {"start": 0, "end": layers}, "rank": rank, "alpha": alpha}
         for module in TARGET_MODULES

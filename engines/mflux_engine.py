@@ -35,8 +35,10 @@ class MFluxEngine:
         stop_timeout_s: float = 60.0,
         keep_awake: bool = True,
         metal_timeout_workaround: bool = True,
+        checkpoint_every: int = 0,
     ):
         self.state_dir = Path(state_dir)
+        self.checkpoint_every = checkpoint_every
         self.stop_timeout_s = stop_timeout_s
         self.keep_awake = keep_awake
         self.metal_timeout_workaround = metal_timeout_workaround
@@ -60,6 +62,7 @@ class MFluxEngine:
             data_dir=job.data_dir,
             output_dir=workdir / TRAIN_DIR,
             model_path=self.model_path(job.model),
+            checkpoint_every=self.checkpoint_every,
         )
         return TrainingPlan(
             engine=self.name,

@@ -8,7 +8,6 @@ same paths with real mflux training on the miniature model.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 

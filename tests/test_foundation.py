@@ -123,7 +123,8 @@ def test_structlog_and_stdlib_lines_are_json(tmp_path):
         logs.get_logger().info("job.progress", step=3, total=10)
         logging.getLogger("huey.consumer").warning("worker %s died", "w1")
         try:
-            secret = "user-data"  # noqa: F841  (must not leak into the log as a local)
+            secret = "user-data"  # must not leak into the log as a local
+            assert secret
             raise ValueError("boom")
         except ValueError:
             logs.get_logger().exception("job.crashed")

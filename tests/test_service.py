@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+
 
 from daemon import service
 from daemon.service import LABEL, Launchd, Paths, Runner, Systemd, render_launchd, render_systemd

@@ -281,7 +281,9 @@ def validate_dataset(
         unique_images.append((name, path))
 
     # Decode every image, in parallel.
-    max_workers = workers or min(8, os.cpu_count() or 1)
+    # One more thread than cores: while two threads decode (GIL released), a third does the
+    # Python-side bookkeeping of the next image.
+    max_workers = workers or min(8, (os.cpu_count() or 1) + 1)
     if unique_images:
         with ThreadPoolExecutor(max_workers=max_workers) as pool:
             results = list(pool.map(lambda item: inspect_image(item[1], item[0]), unique_images))
