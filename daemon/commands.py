@@ -164,6 +164,11 @@ def cmd_retry(settings: Settings, args) -> int:
     job = _find_job(store, args.job)
     if job.state not in ("failed", "cancelled", "interrupted"):
         raise UsageError(f"job {job.id} is {job.state}; only failed, cancelled or interrupted jobs can be retried")
+    if job.settings.get("intake") == "refused":
+        raise UsageError(
+            f"{job.dataset} was refused at intake ({job.dataset_path}/FAILED.txt says why); "
+            f"fix it, then create READY again (or: lorad enqueue '{job.dataset_path}')"
+        )
     job = store.transition(job.id, "queued", attempt=job.attempt + 1, error=None)
     Queue(settings.queue_db).enqueue(job.id, job.priority, job.ready_at)
     pid = _wake_daemon(settings)

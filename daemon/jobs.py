@@ -159,7 +159,8 @@ def marker_text(job: Job) -> str:
         lines += [f"{k}: {v}" for k, v in job.outputs.items() if isinstance(v, str)]
         return "\n".join(lines) + "\n"
     if job.state == "failed":
-        return markers.failed_text((job.error or "unknown error").splitlines(), job.id)
+        refused = job.settings.get("intake") == "refused"  # nothing to retry: fix and drop READY
+        return markers.failed_text((job.error or "unknown error").splitlines(), None if refused else job.id)
     return f"{head} cancelled at {iso(job.finished_at)}\nCreate READY again to train it.\n"
 
 
@@ -270,6 +271,7 @@ class JobStore:
         settings: dict,
         priority: int = 0,
         ready_at: float | None = None,
+        marker: bool = True,
     ) -> Job:
         now = time.time()
         with self._tx() as conn:
@@ -296,7 +298,7 @@ class JobStore:
             )
         job = self.get(job_id)
         assert job is not None
-        self._after(job, None, "queued", "job.queued")
+        self._after(job, None, "queued", "job.queued", marker=marker)
         return job
 
     def transition(self, job_id: str, new: str, **fields: object) -> Job:
@@ -347,8 +349,9 @@ class JobStore:
         if self.write_markers:
             markers.write_marker(Path(job.dataset_path), job.state, marker_text(job))
 
-    def _after(self, job: Job, old: str | None, new: str, event: str) -> None:
-        self.refresh_marker(job)
+    def _after(self, job: Job, old: str | None, new: str, event: str, *, marker: bool = True) -> None:
+        if marker:
+            self.refresh_marker(job)
         fields = {"job_id": job.id, "dataset": job.dataset, "state": new}
         if old:
             fields["previous"] = old

@@ -48,8 +48,8 @@ def verify(path: Path) -> str | None:
                 member = meta.get("files", {}).get(key)
                 if not member or member not in names:
                     return f"member for {key!r} missing"
-    except (zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
-        return f"unreadable: {exc}"
+    except Exception as exc:  # truncated or being rewritten: EOFError, zlib.error, BadZipFile, ...
+        return f"unreadable: {type(exc).__name__}: {exc}"
     return None
 
 

@@ -57,5 +57,20 @@ class ScriptedEngine(MFluxEngine):
             },
         )
 
+    def step_down(self, plan: TrainingPlan, job: JobInput, machine: Machine, ram_override_gb: float | None = None) -> TrainingPlan | None:
+        """Same tier logic as mflux; the scripted config is kept (it has no memory knobs)."""
+        try:
+            memory = plan_memory(
+                model="tiny-z-image", total_gb=ram_override_gb or machine.total_gb, available_gb=ram_override_gb or machine.total_gb,
+                image_count=job.image_count, max_side=job.max_side, start_below=plan.tier,
+            )
+        except InsufficientMemory:
+            return None
+        lower = TrainingPlan.from_dict(plan.to_dict())
+        lower.tier, lower.quantize, lower.low_ram = memory.tier, memory.quantize, memory.low_ram
+        lower.gradient_checkpointing, lower.reason = memory.gradient_checkpointing, memory.reason
+        lower.step_downs = plan.step_downs + 1
+        return lower
+
     def prepare(self, plan: TrainingPlan) -> None:
         return None

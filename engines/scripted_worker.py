@@ -1,6 +1,7 @@
 """Child for ScriptedEngine: sleeps per step, writes mflux-layout checkpoints, resumes, renders.
 
-`SCRIPTED_ENGINE_STEP_S` overrides the per-step time (fault tests use longer steps).
+`SCRIPTED_ENGINE_STEP_S` overrides the per-step time and `SCRIPTED_ENGINE_RENDER_S` adds a
+render time (the fault tests use them to catch a job in a given phase).
 """
 
 from __future__ import annotations
@@ -88,6 +89,13 @@ def render(args, reporter: Reporter, stop: StopFlag) -> int:
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stop.training_started = True  # a stop while rendering is checked below, not raised
+    deadline = time.monotonic() + float(os.environ.get("SCRIPTED_ENGINE_RENDER_S", "0"))
+    while time.monotonic() < deadline:
+        if stop.is_set():
+            reporter.emit("stopped", reason=stop.reason)
+            return 0
+        time.sleep(0.05)
     Image.new("RGB", (64, 64), (90, 90, 90)).save(out / "base.png")
     Image.new("RGB", (64, 64), (200, 60, 60)).save(out / "lora.png")
     side_by_side(out / "base.png", out / "lora.png", out / "compare.png", labels=("base", "with LoRA"))

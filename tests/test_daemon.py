@@ -152,6 +152,10 @@ def test_invalid_dataset_fails_visibly_and_daemon_keeps_running(daemon_factory):
     assert not (bad / "READY").exists()
     assert (bad / "a.png").read_bytes() == b"not an image"
     assert d.log_has("dataset.invalid")
+    refused = d.jobs()[0]
+    assert refused["state"] == "failed" and "a.png" in refused["error"]  # lorad status shows it
+    retry = d.cli("retry", refused["id"])
+    assert retry.returncode == 2 and "create READY again" in retry.stderr
     drop(d, "ohwx_fine")
     wait_for(lambda: states(d).get("ohwx_fine") == "done", 60, message="next job still runs")
 

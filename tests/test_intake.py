@@ -124,6 +124,7 @@ BAD_CASES = [
     ("ohwx_hiddenonly", {".DS_Store": b"x", "._a.png": b"junk", ".b.png": png_bytes(), "c.png.icloud": b"x"}, "folder.noimages", "."),
     ("nounderscore", GOOD, "folder.name", "."),
     ("_noname", GOOD, "folder.name", "."),
+    ("ohwx_.hidden", GOOD, "folder.name", "."),
     ("ohwx_badtoml", {**GOOD, "lora.toml": "rank = \n"}, "option.toml", "lora.toml"),
     ("ohwx_unknownkey", {**GOOD, "lora.toml": "rnak = 16\n"}, "option.unknown", "lora.toml"),
     ("ohwx_wrongtype", {**GOOD, "lora.toml": 'rank = "sixteen"\n'}, "option.type", "lora.toml"),

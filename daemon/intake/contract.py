@@ -66,6 +66,13 @@ def parse_folder_name(folder: str) -> tuple[FolderName | None, Finding | None]:
             "rename it, e.g. ohwx_alice",
             code="folder.name",
         )
+    if name.startswith("."):
+        return None, Finding.error(
+            ".",
+            f"folder name {folder!r} gives the LoRA name {name!r}, a hidden file name",
+            "rename the folder so the part after the first '_' does not start with '.'",
+            code="folder.name",
+        )
     return FolderName(trigger=trigger, name=name), None
 
 

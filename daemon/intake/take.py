@@ -74,7 +74,6 @@ class Intake:
         self.store = store
         self.enqueue = enqueue
         self.log = get_logger()
-        self._reported: set[tuple[str, str]] = set()
 
     def _in_training_data(self, folder: Path) -> bool:
         root = self.settings.training_data
@@ -120,10 +119,10 @@ class Intake:
         report = validate_dataset(folder, ready_text=ready_text)
         if not report.valid:
             reasons = [f.line() for f in report.errors]
-            markers.write_marker(folder, "failed", markers.failed_text(reasons, None))
-            self._consume_ready(ready, token)
             log.warning("dataset.invalid", errors=[f.to_dict() for f in report.errors], warnings=len(report.warnings))
-            return Outcome("invalid", detail="\n".join(reasons))
+            job = self._record_refusal(folder, token, ready_st.st_mtime, reasons, report.name, report.trigger)
+            self._consume_ready(ready, token)
+            return Outcome("invalid", job.id, detail="\n".join(reasons))
         effective = effective_settings(report.options, self.settings)
         fp = fingerprint(report, effective)
         force = bool(report.options.get("force"))
@@ -166,13 +165,29 @@ class Intake:
         return Outcome("queued", job.id)
 
     def _refuse(self, folder: Path, token: str, log, reason: str) -> Outcome:
-        key = (str(folder), token)
-        if key not in self._reported:  # rescans see the same bad READY again: report it once
-            self._reported.add(key)
-            if not folder.is_symlink():
-                markers.write_marker(folder, "failed", markers.failed_text([reason], None))
-            log.warning("dataset.invalid", errors=[{"file": "READY", "message": reason}])
-        return Outcome("refused", detail=reason)
+        """READY that cannot be taken (a folder, a symlink, a symlinked dataset): recorded once as a
+        failed job (rescans see the same READY again) and left in place; it is the user's."""
+        existing = self.store.by_ready_token(str(folder), token)
+        if existing is not None:
+            return Outcome("refused", existing.id, detail=reason)
+        log.warning("dataset.invalid", errors=[{"file": "READY", "message": reason}])
+        job = self._record_refusal(folder, token, time.time(), [reason], None, None)
+        return Outcome("refused", job.id, detail=reason)
+
+    def _record_refusal(self, folder: Path, token: str, ready_at: float, reasons: list[str], name, trigger):
+        """A dataset refused at intake becomes a failed job, so `lorad status` shows it and why."""
+        job = self.store.create(
+            job_id=new_job_id(),
+            dataset_path=folder,
+            name=name or folder.name,
+            trigger=trigger or "",
+            fingerprint="",
+            ready_token=token,
+            settings={"intake": "refused", "model": self.settings.model, "engine": self.settings.engine},
+            ready_at=ready_at,
+            marker=False,
+        )
+        return self.store.transition(job.id, "failed", error="\n".join(reasons))
 
     @staticmethod
     def _consume_ready(ready: Path, token: str) -> None:
