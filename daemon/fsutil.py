@@ -57,23 +57,3 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> N
 
 def atomic_write_text(path: Path, text: str, *, mode: int | None = None) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
-
-
-def atomic_copy(src: Path, dst: Path) -> None:
-    """Copy src to dst atomically (temp + fsync + rename)."""
-    dst = Path(dst)
-    fd, tmp = temp_beside(dst)
-    try:
-        with os.fdopen(fd, "wb") as fout, open(src, "rb") as fin:
-            while chunk := fin.read(1 << 20):
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(dst.parent)

@@ -395,13 +395,3 @@ def corrupt_message(path: Path, what: str, exc: Exception) -> str:
         f"    mv '{path}' '{backup}'; rm -f '{path}-wal' '{path}-shm'\n"
         f"Job work dirs (checkpoints, snapshots) stay in {path.parent / 'jobs'}."
     )
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from daemon import __version__, registry
-from daemon.fsutil import fsync_dir
+from daemon.fsutil import fsync_dir, temp_beside
 
 LORA_SUFFIXES = (".safetensors", ".png", ".compare.png")
 REPORT_SUFFIX = ".report"
@@ -112,19 +112,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _temp_in(folder: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+def _copy_to_temp(src: Path, dest: Path) -> Path:
+    """A fsynced copy of src in a hidden temp file beside dest (renamed into place at commit)."""
+    fd, tmp = temp_beside(dest)
+    try:
+        with src.open("rb") as fin, os.fdopen(fd, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return Path(tmp)
-
-
-def _copy_to_temp(src: Path, folder: Path, name: str) -> Path:
-    tmp = _temp_in(folder, name)
-    with src.open("rb") as fin, tmp.open("wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-        fout.flush()
-        os.fsync(fout.fileno())
-    return tmp
 
 
 def report_sources(train_dir: Path) -> list[Path]:
@@ -163,11 +162,11 @@ def publish(
             ".compare.png": loras / f"{name}.compare.png",
         }
         staged = {
-            ".safetensors": _copy_to_temp(lora_file, loras, dest[".safetensors"].name),
+            ".safetensors": _copy_to_temp(lora_file, dest[".safetensors"]),
         }
         temps.append(staged[".safetensors"])
         for suffix, src in ((".png", render_with), (".compare.png", render_compare)):
-            staged[suffix] = _copy_to_temp(src, loras, dest[suffix].name)
+            staged[suffix] = _copy_to_temp(src, dest[suffix])
             temps.append(staged[suffix])
         report_tmp = Path(tempfile.mkdtemp(prefix=f".{name}.report.", dir=loras))
         temps.append(report_tmp)

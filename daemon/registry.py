@@ -11,8 +11,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from daemon.fsutil import temp_beside
 
 
 class RegistryError(Exception):
@@ -66,7 +67,7 @@ class Transaction:
         loras = data.setdefault("loras", {})
         loras.update(updates)
         text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, self.tmp = temp_beside(self.path)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)

@@ -52,8 +52,7 @@ class MFluxEngine:
             return model_dir(self.state_dir)
         return None
 
-    def _plan_from_memory(self, job: JobInput, memory: MemoryPlan, workdir: Path | None) -> TrainingPlan:
-        workdir = workdir or Path("/nonexistent")
+    def _plan_from_memory(self, job: JobInput, memory: MemoryPlan, workdir: Path) -> TrainingPlan:
         config, total = build_config(
             model=job.model,
             memory=memory,
@@ -80,37 +79,32 @@ class MFluxEngine:
             config=config,
         )
 
-    def plan(
-        self, job: JobInput, machine: Machine, *, ram_override_gb: float | None = None, workdir: Path | None = None
-    ) -> TrainingPlan:
+    @staticmethod
+    def _memory(job: JobInput, total_gb: float, available_gb: float, start_below: str | None = None) -> MemoryPlan:
+        return plan_memory(
+            model=job.model,
+            total_gb=total_gb,
+            available_gb=available_gb,
+            image_count=job.image_count,
+            max_side=job.max_side,
+            resolution=job.options.get("resolution"),
+            start_below=start_below,
+        )
+
+    def plan(self, job: JobInput, machine: Machine, *, ram_override_gb: float | None = None) -> TrainingPlan:
         total = ram_override_gb if ram_override_gb is not None else machine.total_gb
         available = ram_override_gb if ram_override_gb is not None else machine.available_gb
         try:
-            memory = plan_memory(
-                model=job.model,
-                total_gb=total,
-                available_gb=available,
-                image_count=job.image_count,
-                max_side=job.max_side,
-                resolution=job.options.get("resolution"),
-            )
+            memory = self._memory(job, total, available)
         except InsufficientMemory as exc:
             raise PlanError(str(exc)) from None
-        return self._plan_from_memory(job, memory, job.data_dir.parent if workdir is None else workdir)
+        return self._plan_from_memory(job, memory, job.data_dir.parent)
 
     def step_down(self, plan: TrainingPlan, job: JobInput, machine: Machine, ram_override_gb: float | None = None) -> TrainingPlan | None:
         """The next lower tier after a memory kill, or None when there is none."""
         total = ram_override_gb if ram_override_gb is not None else machine.total_gb
         try:
-            memory = plan_memory(
-                model=job.model,
-                total_gb=total,
-                available_gb=total,
-                image_count=job.image_count,
-                max_side=job.max_side,
-                resolution=job.options.get("resolution"),
-                start_below=plan.tier,
-            )
+            memory = self._memory(job, total, total, start_below=plan.tier)
         except InsufficientMemory:
             return None
         lower = self._plan_from_memory(job, memory, job.data_dir.parent)

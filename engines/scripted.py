@@ -8,10 +8,8 @@ training math is replaced by a sleep per step. Select it with `engine = "scripte
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from engines.base import JobInput, Machine, PlanError, TrainingPlan
-from engines.memory_plan import InsufficientMemory, plan_memory
+from engines.memory_plan import InsufficientMemory
 from engines.mflux_engine import MFluxEngine
 
 
@@ -20,15 +18,9 @@ class ScriptedEngine(MFluxEngine):
     worker_module = "engines.scripted_worker"
     step_s = 0.05
 
-    def plan(self, job: JobInput, machine: Machine, *, ram_override_gb: float | None = None, workdir: Path | None = None) -> TrainingPlan:
+    def plan(self, job: JobInput, machine: Machine, *, ram_override_gb: float | None = None) -> TrainingPlan:
         try:
-            memory = plan_memory(
-                model="tiny-z-image",
-                total_gb=ram_override_gb or machine.total_gb,
-                available_gb=ram_override_gb or machine.available_gb,
-                image_count=job.image_count,
-                max_side=job.max_side,
-            )
+            memory = self._memory(job, ram_override_gb or machine.total_gb, ram_override_gb or machine.available_gb)
         except InsufficientMemory as exc:
             raise PlanError(str(exc)) from None
         total = int(job.options.get("steps") or job.options.get("epochs", 0) * job.image_count or 6)
@@ -59,11 +51,9 @@ class ScriptedEngine(MFluxEngine):
 
     def step_down(self, plan: TrainingPlan, job: JobInput, machine: Machine, ram_override_gb: float | None = None) -> TrainingPlan | None:
         """Same tier logic as mflux; the scripted config is kept (it has no memory knobs)."""
+        total = ram_override_gb or machine.total_gb
         try:
-            memory = plan_memory(
-                model="tiny-z-image", total_gb=ram_override_gb or machine.total_gb, available_gb=ram_override_gb or machine.total_gb,
-                image_count=job.image_count, max_side=job.max_side, start_below=plan.tier,
-            )
+            memory = self._memory(job, total, total, start_below=plan.tier)
         except InsufficientMemory:
             return None
         lower = TrainingPlan.from_dict(plan.to_dict())
