@@ -14,6 +14,7 @@ import threading
 import time
 
 from daemon import logs
+from daemon.fsutil import remove_stale_temps
 from daemon.intake.take import Intake
 from daemon.jobs import ACTIVE, CorruptDatabase, JobStore
 from daemon.lock import AlreadyRunning, InstanceLock
@@ -39,14 +40,21 @@ def reconcile(store: JobStore, queue: Queue) -> dict:
 
 
 def clean_work_dirs(settings: Settings, store: JobStore) -> list[str]:
-    """Remove half-built snapshots (.intake-*) and work dirs of jobs the table never recorded."""
+    """Remove what a killed daemon left half-written: snapshots being built (.intake-*), work dirs
+    of jobs the table never recorded, and lorad's own temp files (outputs, registry, markers)."""
     removed = []
-    if not settings.jobs_dir.is_dir():
-        return removed
-    for path in settings.jobs_dir.iterdir():
-        if path.name.startswith(".intake-") or (path.is_dir() and store.get(path.name) is None):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
+    if settings.jobs_dir.is_dir():
+        for path in settings.jobs_dir.iterdir():
+            if path.name.startswith(".intake-") or (path.is_dir() and store.get(path.name) is None):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+            elif path.is_dir():
+                removed += remove_stale_temps(path)
+    folders = [settings.loras, settings.registry.parent, settings.state]
+    if settings.training_data.is_dir():
+        folders += [p for p in settings.training_data.iterdir() if p.is_dir() and not p.is_symlink()]
+    for folder in folders:
+        removed += remove_stale_temps(folder)
     return removed
 
 

@@ -7,7 +7,12 @@ one, never half of one.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
+
+# Our temp names: .<target name>.<pid>.<8 hex>.tmp (see temp_beside / temp_dir_beside).
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
 
 
 def fsync_dir(path: Path) -> None:
@@ -33,6 +38,51 @@ def temp_beside(path: Path) -> tuple[int, str]:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), tmp
         except FileExistsError:
             continue
+
+
+def temp_dir_beside(path: Path) -> Path:
+    """A unique hidden temp folder next to `path`, named like temp_beside's files."""
+    path = Path(path)
+    while True:
+        tmp = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Delete lorad temp files/folders in `folder` left by a process that died mid-write.
+    Only names of our own pattern, and only when the writing pid is gone."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if not match or _pid_alive(int(match.group(1))):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(entry.path)
+        except OSError:
+            pass
+    return removed
 
 
 def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> None:

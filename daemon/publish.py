@@ -16,12 +16,11 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import time
 from pathlib import Path
 
 from daemon import __version__, registry
-from daemon.fsutil import fsync_dir, temp_beside
+from daemon.fsutil import fsync_dir, temp_beside, temp_dir_beside
 
 LORA_SUFFIXES = (".safetensors", ".png", ".compare.png")
 REPORT_SUFFIX = ".report"
@@ -168,7 +167,7 @@ def publish(
         for suffix, src in ((".png", render_with), (".compare.png", render_compare)):
             staged[suffix] = _copy_to_temp(src, dest[suffix])
             temps.append(staged[suffix])
-        report_tmp = Path(tempfile.mkdtemp(prefix=f".{name}.report.", dir=loras))
+        report_tmp = temp_dir_beside(loras / f"{name}{REPORT_SUFFIX}")
         temps.append(report_tmp)
         for src in report_files:
             shutil.copy2(src, report_tmp / src.name)

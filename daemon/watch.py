@@ -29,8 +29,8 @@ def dataset_for_event(root: Path, path: str, is_directory: bool) -> Path | None:
     except ValueError:
         return None
     parts = rel.parts
-    if len(parts) == 1 and is_directory:
-        return root / parts[0]  # a whole folder moved or copied in (READY may be inside)
+    if len(parts) == 1:
+        return root / parts[0]  # a folder (or a link to one) moved or copied in: READY may be inside
     if len(parts) == 2 and parts[1] == READY:
         return root / parts[0]
     return None

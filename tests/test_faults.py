@@ -216,7 +216,6 @@ def test_r4_hostile_paths_and_files(daemon_factory, tmp_path):
     td = d.training_data
     outside = tmp_path / "outside"
     make_dataset(outside / "ohwx_real", images=1)
-    before_outside = tree_hash(outside)
 
     # READY deleted before intake: nothing happens.
     a = make_dataset(td / "ohwx_vanish", images=1)
@@ -231,35 +230,38 @@ def test_r4_hostile_paths_and_files(daemon_factory, tmp_path):
     os.symlink(c / "elsewhere", c / "READY")
     # A dataset folder that is a symlink out of assets (with a READY inside the target).
     (outside / "ohwx_real" / "READY").write_text("")
+    before_outside = tree_hash(outside, skip=())  # READY included: it must stay
     os.symlink(outside / "ohwx_real", td / "ohwx_linked")
     # Unicode and '..' in names; a hidden LoRA name; a 0-byte lora.toml; a 10 MB caption.
     u = make_dataset(td / "ohwx_ünï cödé 名前", images=1)
-    dots = make_dataset(td / "ohwx_..dots", images=1)
+    dots = make_dataset(td / "ohwx_..dots", images=1)  # would publish a hidden "..dots.safetensors"
+    inner = make_dataset(td / "ohwx_a..b", images=1)
     hidden = make_dataset(td / "ohwx_.hidden", images=1)
     empty_toml = make_dataset(td / "ohwx_emptytoml", images=1)
     (empty_toml / "lora.toml").write_bytes(b"")
     huge = make_dataset(td / "ohwx_hugecaption", images=1)
     (huge / "img_000.txt").write_bytes(b"ohwx " + b"x" * (10 * 1024 * 1024))
-    folders = [a, b, c, u, dots, hidden, empty_toml, huge]
+    folders = [a, b, c, u, dots, inner, hidden, empty_toml, huge]
     before = {f: tree_hash(f, skip=("QUEUED", "TRAINING", "DONE", "FAILED.txt", "CANCELLED", "READY")) for f in folders}
-    for f in (u, dots, hidden, empty_toml, huge):
+    for f in (u, dots, inner, hidden, empty_toml, huge):
         (f / "READY").write_text("")
 
-    wait_for(lambda: (b / "FAILED.txt").exists() and (hidden / "FAILED.txt").exists() and (huge / "FAILED.txt").exists(),
-             60, message="refusals")
-    wait_for(lambda: {d.job_states().get(n) for n in ("ohwx_ünï cödé 名前", "ohwx_..dots", "ohwx_emptytoml")} == {"done"},
+    wait_for(lambda: all((f / "FAILED.txt").exists() for f in (b, c, dots, hidden, huge)), 60, message="refusals")
+    wait_for(lambda: {d.job_states().get(n) for n in ("ohwx_ünï cödé 名前", "ohwx_a..b", "ohwx_emptytoml")} == {"done"},
              90, message="good ones done")
     assert "READY is a folder" in (b / "FAILED.txt").read_text() and (b / "READY" / "keep.txt").read_text() == "mine"
     assert "READY is a symlink" in (c / "FAILED.txt").read_text() and (c / "READY").is_symlink()
     assert "hidden file name" in (hidden / "FAILED.txt").read_text()
-    assert "img_000.txt" in (huge / "FAILED.txt").read_text() and "KB" in (huge / "FAILED.txt").read_text()
+    assert "hidden file name" in (dots / "FAILED.txt").read_text()
+    assert "img_000.txt" in (huge / "FAILED.txt").read_text() and "10,240 KB" in (huge / "FAILED.txt").read_text()
     assert not [p for p in a.iterdir() if p.name in ("FAILED.txt", "QUEUED", "DONE")]  # READY vanished: nothing
     linked = next(j for j in d.jobs() if j["dataset"] == "ohwx_linked")
     assert linked["state"] == "failed" and "symlink" in linked["error"]  # shown in status, never trained
-    assert tree_hash(outside) == before_outside  # nothing written through the symlink
+    assert tree_hash(outside, skip=()) == before_outside  # nothing written or removed through the symlink
     assert d.log_has("dataset.invalid")
     assert (d.assets / "loras" / "ünï cödé 名前.safetensors").exists()
-    assert (d.assets / "loras" / "..dots.safetensors").exists()
+    assert (d.assets / "loras" / "a..b.safetensors").exists()
+    assert not list((d.assets / "loras").glob("..dots*"))
     for f in folders:
         assert tree_hash(f, skip=("QUEUED", "TRAINING", "DONE", "FAILED.txt", "CANCELLED", "READY")) == before[f], f
     assert d.proc.poll() is None  # the daemon is alive
@@ -287,13 +289,14 @@ def test_r5_disk_full_leaves_previous_lora_and_registry_then_retry(daemon_factor
         previous = (loras / "full.safetensors").read_bytes()
         registry_before = d.registry.read_bytes()
         filler = loras / "filler.bin"
-        with filler.open("wb") as fh:  # fill the disk to the last few KB
-            try:
-                while True:
-                    fh.write(b"\0" * 4096)
-                    fh.flush()
-            except OSError:
-                pass
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:  # fill the disk to the last byte
+            while True:
+                os.write(fd, b"\0" * 1024)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
         make_dataset(folder, images=2, seed=9)  # changed content, same LoRA name
         (folder / "READY").write_text("")
         wait_for(lambda: [j["state"] for j in d.jobs()] == ["done", "failed"], 60, message="publish fails")

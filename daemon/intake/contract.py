@@ -80,13 +80,17 @@ def trigger_in(caption: str, trigger: str) -> bool:
     return re.search(r"(?<!\w)" + re.escape(trigger) + r"(?!\w)", caption, flags=re.IGNORECASE) is not None
 
 
-def check_caption(rel: str, raw: bytes, trigger: str, policy: str) -> tuple[str | None, list[Finding]]:
-    """Decode and normalise one caption; returns (text for the snapshot, findings)."""
-    if len(raw) > MAX_CAPTION_BYTES:
+def check_caption(
+    rel: str, raw: bytes, trigger: str, policy: str, size: int | None = None
+) -> tuple[str | None, list[Finding]]:
+    """Decode and normalise one caption; returns (text for the snapshot, findings).
+    `size` is the file's real size when only its first bytes were read."""
+    size = len(raw) if size is None else size
+    if size > MAX_CAPTION_BYTES:
         return None, [
             Finding.error(
                 rel,
-                f"caption is {len(raw) // 1024} KB; mflux reads at most 512 tokens (a few KB)",
+                f"caption is {size / 1024:,.0f} KB; mflux reads at most 512 tokens (a few KB)",
                 "shorten the caption to a sentence or two",
                 code="caption.huge",
             )

@@ -88,7 +88,7 @@ class Intake:
         try:
             folder_st = folder.lstat()
             ready_st = ready.lstat()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return Outcome("not_ready")
         token = ready_token(ready_st)
         if stat.S_ISLNK(folder_st.st_mode):

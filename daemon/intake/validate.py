@@ -325,10 +325,11 @@ def validate_dataset(
             rel = caption_path.name
             try:
                 raw = _read_small(caption_path, contract.MAX_CAPTION_BYTES)
+                size = caption_path.stat().st_size
             except OSError as exc:
                 add(Finding.error(rel, f"cannot be read: {exc.strerror}", "check its permissions", code="caption.unreadable"))
                 continue
-            text, problems = contract.check_caption(rel, raw, trigger, policy)
+            text, problems = contract.check_caption(rel, raw, trigger, policy, size=size)
             report.findings.extend(problems)
             if text is not None:
                 report.captions[name] = text
