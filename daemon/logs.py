@@ -98,6 +98,7 @@ def configure(
     # huey logs every task at INFO; keep its chatter at WARNING unless debugging.
     logging.getLogger("huey").setLevel(level if level == "DEBUG" else "WARNING")
     logging.getLogger("watchdog").setLevel("WARNING")
+    logging.getLogger("PIL").setLevel("WARNING")  # its DEBUG lines are per PNG chunk
 
 
 def get_logger(**context):

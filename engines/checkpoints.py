@@ -64,13 +64,18 @@ def newest_good(directory: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     return None, skipped
 
 
-def prune(directory: Path, keep: int = 2) -> list[Path]:
-    """Delete all but the newest `keep` checkpoints, once the newest one is verified."""
+def prune(directory: Path, keep: int = 2, protect: Path | None = None) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints, once the newest one is verified.
+
+    `protect` is the checkpoint a running mflux resumed from: mflux re-reads its config from that
+    zip at every save of the resumed run, so it must outlive the run."""
     zips = list_checkpoints(directory)
     if not zips or verify(zips[0]) is not None:
         return []
     removed = []
     for path in zips[keep:]:
+        if protect is not None and path.name == Path(protect).name:
+            continue
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed

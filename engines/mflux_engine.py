@@ -171,7 +171,7 @@ class MFluxEngine:
             if event.get("event") == "step":
                 progress(Progress(event["step"], event["total"], event.get("loss"), event.get("eta_s")))
             elif event.get("event") == "checkpoint":
-                checkpoints.prune(ckpt_dir, keep=2)
+                checkpoints.prune(ckpt_dir, keep=2, protect=resume)
 
         outcome = run_child(
             args,

@@ -302,6 +302,15 @@ def test_selftest_prints_lora_and_renders(tmp_path):
         assert line.endswith(suffix)
 
 
+def test_prune_keeps_the_checkpoint_a_run_resumed_from(tmp_path):
+    for step in (4, 5, 10):
+        _fake_ckpt(tmp_path, step)
+    resumed_from = tmp_path / "0000004_checkpoint.zip"  # mflux re-reads its config from it at every save
+    assert checkpoints.prune(tmp_path, keep=2, protect=resumed_from) == []
+    assert resumed_from.exists()
+    assert [p.name for p in checkpoints.prune(tmp_path, keep=2)] == ["0000004_checkpoint.zip"]  # after the run
+
+
 def test_verify_never_raises_on_a_zip_being_rewritten(tmp_path):
     path = _fake_ckpt(tmp_path, 20)
     data = path.read_bytes()
