@@ -79,7 +79,18 @@ def train(args, reporter: Reporter, stop: StopFlag) -> int:
         }
     _hook_training(reporter, stop, overrides)
     from mflux.models.common.training.runner import TrainingRunner
+    from mflux.models.common.training.state.training_spec import TrainingSpec
     from mflux.utils.exceptions import StopTrainingException
+
+    # mflux's own validation first (its --dry-run path: no weights loaded, nothing written), so a
+    # bad config fails in a second with mflux's message instead of after loading the model.
+    try:
+        TrainingSpec.resolve(config_path=args.config, resume_path=args.resume, create_output_dir=False)
+    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
+        message = f"mflux rejected the training config: {exc}"
+        print(f"lorad-worker: {message}", file=sys.stderr, flush=True)
+        reporter.emit("error", kind="config", message=message)
+        return 1
 
     reporter.emit("started", resume=args.resume, total=plan.get("total_steps"))
     try:

@@ -187,3 +187,22 @@ def test_enqueue_writes_ready_with_overrides(daemon_factory):
     d.start()
     wait_for(lambda: states(d).get("ohwx_enq") == "done", 60, message="enqueued job")
     assert d.jobs()[0]["total_steps"] == 3
+
+
+def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(daemon_factory):
+    from engines import checkpoints
+
+    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_STEP_S": "0.25"}).start()
+    drop(d, "ohwx_ckpt", ready="steps = 20\n")
+    wait_for(lambda: any((j["step"] or 0) >= 7 for j in d.jobs()), 60, message="step 7")
+    d.signal(signal.SIGTERM)
+    assert d.wait(30) == 0
+    job = d.jobs()[0]
+    ckpt_dir = d.state / "jobs" / job["id"] / "train" / "checkpoints"
+    newest, previous = checkpoints.list_checkpoints(ckpt_dir)[:2]
+    newest.write_bytes(newest.read_bytes()[:-100])  # as if the stop's save was cut short
+    d.start()
+    wait_for(lambda: states(d).get("ohwx_ckpt") == "done", 60, message="done from the previous checkpoint")
+    assert d.log_has("train.checkpoint_corrupt", checkpoint=newest.name)
+    assert d.log_has("train.resume", step=checkpoints.step_of(previous))
+    assert (newest.with_name(newest.name + ".corrupt")).exists()  # set aside, not deleted

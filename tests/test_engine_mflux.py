@@ -318,3 +318,24 @@ def test_verify_never_raises_on_a_zip_being_rewritten(tmp_path):
         path.write_bytes(data[:cut])
         assert checkpoints.verify(path) is not None
     assert checkpoints.prune(tmp_path) == []
+
+
+def test_worker_validates_the_config_with_mflux_before_training(tmp_path):
+    """mflux's TrainingSpec rejects a bad config before any model is loaded."""
+    import subprocess
+    import sys
+
+    config = {"model": "z-image-turbo", "data": str(tmp_path / "missing"), "seed": 1, "steps": 9,
+              "training_loop": {"num_epochs": 1, "batch_size": 1}, "optimizer": {"name": "AdamW", "learning_rate": 1e-4},
+              "checkpoint": {"save_frequency": 1, "output_path": str(tmp_path / "out")},
+              "lora_layers": {"targets": []}}
+    (tmp_path / "train.json").write_text(json.dumps(config))
+    (tmp_path / "plan.json").write_text(json.dumps({"model": "z-image-turbo", "config": config}))
+    result = subprocess.run(
+        [sys.executable, "-m", "engines.mflux_worker", "train", "--job-dir", str(tmp_path),
+         "--plan", str(tmp_path / "plan.json"), "--config", str(tmp_path / "train.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "mflux rejected the training config" in result.stderr and "missing" in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing written, no weights looked up
