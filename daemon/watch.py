@@ -22,17 +22,22 @@ from daemon.intake.contract import READY
 from daemon.logs import get_logger
 
 
-def dataset_for_event(root: Path, path: str, is_directory: bool) -> Path | None:
-    """The dataset folder an event concerns, if it can make a READY appear (pure)."""
+# A folder appearing is usually a copy starting: look a little later. A READY event is the
+# user's signal and goes first (so, in a burst, READY order decides, not folder creation order).
+FOLDER_EVENT_DELAY_S = 1.0
+
+
+def dataset_for_event(root: Path, path: str) -> tuple[Path, float | None] | None:
+    """(dataset folder, delay) for an event that can make a READY appear, else None (pure)."""
     try:
         rel = Path(path).relative_to(root)
     except ValueError:
         return None
     parts = rel.parts
     if len(parts) == 1:
-        return root / parts[0]  # a folder (or a link to one) moved or copied in: READY may be inside
+        return root / parts[0], FOLDER_EVENT_DELAY_S  # a folder (or a link) moved/copied in
     if len(parts) == 2 and parts[1] == READY:
-        return root / parts[0]
+        return root / parts[0], None
     return None
 
 
@@ -139,7 +144,7 @@ class IntakeLoop:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, root: Path, schedule: Callable[[Path], None]):
+    def __init__(self, root: Path, schedule: Callable[..., None]):
         self.root = root
         self.schedule = schedule
 
@@ -147,13 +152,14 @@ class _Handler(FileSystemEventHandler):
         if event.event_type not in ("created", "moved", "modified", "closed"):
             return
         path = event.dest_path if event.event_type == "moved" else event.src_path
-        folder = dataset_for_event(self.root, str(path), event.is_directory)
-        if folder is not None:
-            self.schedule(folder)
+        found = dataset_for_event(self.root, str(path))
+        if found is not None:
+            folder, delay = found
+            self.schedule(folder, delay)
 
 
 class Watcher:
-    def __init__(self, root: Path, schedule: Callable[[Path], None], *, polling: bool = False):
+    def __init__(self, root: Path, schedule: Callable[..., None], *, polling: bool = False):
         self.root = root
         self.observer = PollingObserver(timeout=2) if polling else Observer()
         self.observer.schedule(_Handler(root, schedule), str(root), recursive=True)

@@ -154,3 +154,22 @@ def test_reconcile_rebuilds_huey_from_the_table(tmp_path):
     assert set(summary["requeued"]) == {running.id, queued_missing.id}
     assert store.get(running.id).state == "interrupted"
     assert queue.pending_job_ids() == [running.id, queued_missing.id]
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("/td/ohwx_a/READY", ("/td/ohwx_a", None)),
+        ("/td/ohwx_a", ("/td/ohwx_a", 1.0)),  # a folder moved/copied in: looked at a little later
+        ("/td/ohwx_a/img.png", None),
+        ("/td/ohwx_a/sub/READY", None),
+        ("/elsewhere/READY", None),
+    ],
+)
+def test_dataset_for_event(path, expected):
+    from pathlib import Path
+
+    from daemon.watch import dataset_for_event
+
+    found = dataset_for_event(Path("/td"), path)
+    assert (None if found is None else (str(found[0]), found[1])) == expected
