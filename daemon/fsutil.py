@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 # Our temp names: .<target name>.<pid>.<8 hex>.tmp (see temp_beside / temp_dir_beside).
@@ -76,6 +75,8 @@ def remove_stale_temps(folder: Path) -> list[str]:
             continue
         try:
             if entry.is_dir(follow_symlinks=False):
+                import shutil  # here: `lorad status` imports this module and shutil is not free
+
                 shutil.rmtree(entry.path)
             else:
                 os.unlink(entry.path)

@@ -7,7 +7,6 @@ dataset's marker and logs one event. The legal moves are a pure table (`TRANSITI
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import _thread  # RLock without importing threading: `lorad status` loads this module
@@ -101,27 +100,41 @@ MIGRATIONS = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+_JSON_COLUMNS = ("settings", "outputs", "plan")
+
+
 class Job:
-    """One row of the jobs table (columns as attributes; JSON columns decoded)."""
+    """One row of the jobs table. The JSON columns (settings, outputs, plan) are decoded on first
+    use: `lorad status` lists rows without them and so never imports json."""
 
     def __init__(self, **columns: object):
+        for key in _JSON_COLUMNS:
+            if key in columns:
+                columns["_raw_" + key] = columns.pop(key)
         self.__dict__.update(columns)
+
+    def __getattr__(self, name: str):
+        raw_key = "_raw_" + name
+        if name in _JSON_COLUMNS and raw_key in self.__dict__:
+            import json
+
+            value = json.loads(self.__dict__[raw_key] or "{}")
+            self.__dict__[name] = value
+            return value
+        raise AttributeError(name)
 
     def __repr__(self) -> str:
         return f"Job({self.id}, {self.dataset}, {self.state})"
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-_JSON_COLUMNS = ("settings", "outputs", "plan")
+        data = {k: v for k, v in self.__dict__.items() if not k.startswith("_raw_")}
+        for key in _JSON_COLUMNS:
+            data[key] = getattr(self, key)
+        return data
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
-    data = dict(row)
-    for key in _JSON_COLUMNS:
-        data[key] = json.loads(data[key] or "{}")
-    return Job(**data)
+    return Job(**dict(row))
 
 
 def new_job_id(now: float | None = None) -> str:
@@ -273,6 +286,8 @@ class JobStore:
         ready_at: float | None = None,
         marker: bool = True,
     ) -> Job:
+        import json
+
         now = time.time()
         with self._tx() as conn:
             seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
@@ -341,6 +356,8 @@ class JobStore:
     def _update(conn: sqlite3.Connection, job_id: str, **fields: object) -> None:
         if not fields:
             return
+        import json
+
         values = [json.dumps(v, default=str) if k in _JSON_COLUMNS else v for k, v in fields.items()]
         assignments = ", ".join(f"{k} = ?" for k in fields)
         conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values, job_id))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from daemon.jobs import FINISHED
 
 
@@ -36,6 +34,8 @@ def visible(jobs: list, *, show_all: bool, now: float) -> list:
 def render_status(jobs: list, *, show_all: bool, as_json: bool, daemon_pid: int | None, now: float) -> str:
     shown = visible(jobs, show_all=show_all, now=now)
     if as_json:
+        import json
+
         return json.dumps(
             {"daemon_pid": daemon_pid, "jobs": [j.to_dict() for j in shown]}, indent=2, default=str, ensure_ascii=False
         )
