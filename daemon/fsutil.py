@@ -51,7 +51,8 @@ def temp_dir_beside(path: Path) -> Path:
             continue
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists (also when it belongs to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -71,7 +72,7 @@ def remove_stale_temps(folder: Path) -> list[str]:
         return removed
     for entry in entries:
         match = _TEMP_NAME.match(entry.name)
-        if not match or _pid_alive(int(match.group(1))):
+        if not match or pid_alive(int(match.group(1))):
             continue
         try:
             if entry.is_dir(follow_symlinks=False):

@@ -14,6 +14,8 @@ import signal
 import threading
 import time
 
+from daemon.fsutil import pid_alive
+
 
 class Reporter:
     def __init__(self, fd: int | None):
@@ -77,20 +79,10 @@ class StopFlag:
 
     def _watch_parent(self, poll_s: float) -> None:
         while not self._event.wait(poll_s):
-            if self.reporter.broken or not _alive(self.parent) or os.getppid() != self.parent:
+            if self.reporter.broken or not pid_alive(self.parent) or os.getppid() != self.parent:
                 self.set("parent gone")
                 os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread
                 return
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def is_memory_error(exc: BaseException) -> bool:

@@ -25,6 +25,22 @@ def _clean_env(monkeypatch):
             monkeypatch.delenv(name)
 
 
+def tree_hash(folder: Path, skip: tuple[str, ...] = ()) -> str:
+    """Hash of a folder's names, file bytes and link targets (entries named in `skip` left out)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.name in skip:
+            continue
+        h.update(str(path.relative_to(folder)).encode("utf-8", "surrogateescape"))
+        if path.is_symlink():
+            h.update(os.readlink(path).encode())
+        elif path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, message: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

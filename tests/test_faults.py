@@ -7,7 +7,6 @@ docs/RELIABILITY.md lists each case with what was expected and observed.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import tree_hash, wait_for
 
 from daemon.sample import make_dataset
 from engines import checkpoints
@@ -23,17 +22,7 @@ from engines import checkpoints
 pytestmark = pytest.mark.slow
 
 
-def tree_hash(folder: Path, skip=("QUEUED", "TRAINING", "DONE", "FAILED.txt", "CANCELLED")) -> str:
-    h = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.name in skip:
-            continue
-        h.update(str(path.relative_to(folder)).encode("utf-8", "surrogateescape"))
-        if path.is_symlink():
-            h.update(os.readlink(path).encode())
-        elif path.is_file():
-            h.update(path.read_bytes())
-    return h.hexdigest()
+MARKERS = ("QUEUED", "TRAINING", "DONE", "FAILED.txt", "CANCELLED")
 
 
 def assert_exactly_once(d, dataset: str, name: str) -> dict:
@@ -242,7 +231,7 @@ def test_r4_hostile_paths_and_files(daemon_factory, tmp_path):
     huge = make_dataset(td / "ohwx_hugecaption", images=1)
     (huge / "img_000.txt").write_bytes(b"ohwx " + b"x" * (10 * 1024 * 1024))
     folders = [a, b, c, u, dots, inner, hidden, empty_toml, huge]
-    before = {f: tree_hash(f, skip=("QUEUED", "TRAINING", "DONE", "FAILED.txt", "CANCELLED", "READY")) for f in folders}
+    before = {f: tree_hash(f, skip=(*MARKERS, "READY")) for f in folders}
     for f in (u, dots, inner, hidden, empty_toml, huge):
         (f / "READY").write_text("")
 
@@ -263,7 +252,7 @@ def test_r4_hostile_paths_and_files(daemon_factory, tmp_path):
     assert (d.assets / "loras" / "a..b.safetensors").exists()
     assert not list((d.assets / "loras").glob("..dots*"))
     for f in folders:
-        assert tree_hash(f, skip=("QUEUED", "TRAINING", "DONE", "FAILED.txt", "CANCELLED", "READY")) == before[f], f
+        assert tree_hash(f, skip=(*MARKERS, "READY")) == before[f], f
     assert d.proc.poll() is None  # the daemon is alive
 
 

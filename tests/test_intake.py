@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from conftest import tree_hash
 
 from daemon.intake import contract, markers
 from daemon.intake.options import merge, parse_options
@@ -297,17 +298,6 @@ def test_snapshot_passes_mflux_config_validation(tmp_path):
             assert not spec.is_edit
             assert spec.monitoring.preview_prompts == [choose_preview_prompt(report)]
             assert total >= 1
-
-
-def tree_hash(folder: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        h.update(str(path.relative_to(folder)).encode("utf-8", "surrogateescape"))
-        if path.is_symlink():
-            h.update(os.readlink(path).encode())
-        elif path.is_file():
-            h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 # -- options --------------------------------------------------------------------------------
