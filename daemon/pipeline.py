@@ -103,8 +103,6 @@ class Pipeline:
         self.shutdown = shutdown
         self.log = get_logger()
         self.current_stop: StopToken | None = None
-        self.current_job: str | None = None
-        self.child_pid: int | None = None
 
     def stop_current(self, reason: str) -> None:
         token = self.current_stop
@@ -124,7 +122,7 @@ class Pipeline:
             return  # stays queued/interrupted in the table; the next start re-enqueues it
         structlog.contextvars.bind_contextvars(job_id=job.id, dataset=job.dataset)
         stop = StopToken(check_cancel=lambda: self._cancel_requested(job_id))
-        self.current_stop, self.current_job = stop, job_id
+        self.current_stop = stop
         try:
             if job.cancel_requested:
                 self.store.transition(job_id, "cancelled")
@@ -136,8 +134,7 @@ class Pipeline:
             if job is not None and job.state not in ("done", "failed", "cancelled"):
                 self.store.transition(job_id, "failed", error=f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            self.current_stop = self.current_job = None
-            self.child_pid = None
+            self.current_stop = None
             structlog.contextvars.unbind_contextvars("job_id", "dataset")
 
     def _stopped(self, job_id: str, stop: StopToken, step: int | None = None) -> None:
@@ -224,5 +221,4 @@ class Pipeline:
         self.store.transition(job_id, "done", outputs=outputs, eta_s=0)
 
     def _on_spawn(self, pid: int) -> None:
-        self.child_pid = pid
         self.log.info("job.child", pid=pid)
