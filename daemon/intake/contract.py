@@ -175,3 +175,139 @@ def check_geometry(rel: str, width: int, height: int) -> list[Finding]:
             )
         )
     return out
+
+
+# -- LoRA names: unambiguous and writable ----------------------------------------------------
+#
+# A LoRA named N owns N.safetensors, N.png, N.compare.png, N.report/ and the same with .v<K>
+# (older versions) in the loras folder. Two names can only produce the same path when one ends in
+# a suffix lorad appends itself (`alice.compare` + `.png` = `alice` + `.compare.png`), so those
+# endings are reserved; every other name owns its own set of paths. Compared case-insensitively
+# and in NFC (macOS volumes treat `Alice.PNG` and `alice.png` as one file).
+
+# reserved ending -> what lorad writes for the shorter name (how the clash reads to the user)
+RESERVED_ENDINGS = {
+    ".compare": ("{base}.compare.png", "side-by-side render"),
+    ".report": ("{base}.report/", "report folder"),
+    ".png": ("{base}.png", "test render"),
+    ".safetensors": ("{base}.safetensors", "LoRA file"),
+}
+_VERSION_ENDING = re.compile(r"\.v[0-9]+$")
+
+# Worst cases for the names lorad creates (daemon/fsutil.py temp_beside: .<target>.<pid>.<8 hex>.tmp).
+PID_DIGITS = 7  # Linux pid_max is at most 2**22 (7 digits); macOS pids have 5
+MAX_VERSION_DIGITS = 4  # <name>.v9999
+REPORT_ENTRY_BYTES = 64  # plan.json, loss.html, mflux's last preview image inside <name>.report/
+LORA_SUFFIXES = (".safetensors", ".png", ".compare.png", ".report")
+LONGEST_MARKER = "FAILED.txt"
+NAME_MAX, PATH_MAX = 255, 1024  # macOS's limits; validate asks the file system for its own
+
+
+def _folded(name: str) -> str:
+    import unicodedata
+
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def check_lora_name(name: str, where: str) -> list[Finding]:
+    """The clashes a LoRA name would cause with another LoRA's files (empty list: none)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return [
+            Finding.error(
+                where,
+                f"LoRA name {name!r} is not valid UTF-8 text",
+                "rename the folder (or set name = \"...\") using UTF-8 text",
+                code="name.encoding",
+            )
+        ]
+    folded = _folded(name)
+    version = _VERSION_ENDING.search(folded)
+    if version:
+        base, ending = name[: version.start()], name[version.start():]
+        clash = f"{base}{ending}.safetensors"
+        return [
+            Finding.error(
+                where,
+                f"LoRA name {name!r} ends in {ending!r}, which lorad reserves for older versions: "
+                f"{clash} is where version {ending[2:]} of the LoRA {base!r} is kept",
+                f"choose a name that does not end in .v<number>, e.g. {base}-{ending[2:]}",
+                code="name.reserved",
+            )
+        ]
+    for ending, (pattern, what) in RESERVED_ENDINGS.items():
+        if folded.endswith(ending) and len(folded) > len(ending):
+            base = name[: -len(ending)]
+            return [
+                Finding.error(
+                    where,
+                    f"LoRA name {name!r} ends in {ending!r}, which lorad reserves for its own files: "
+                    f"{pattern.format(base=base)} is the {what} of the LoRA {base!r}",
+                    f"choose a name that does not end in {ending}, e.g. {base}{ending.replace('.', '-')}",
+                    code="name.reserved",
+                )
+            ]
+    return []
+
+
+def created_names(name: str) -> list[str]:
+    """Every file/folder name lorad may create for this LoRA in the loras folder, at its longest
+    (highest pid, 4-digit version): the outputs, their versions, the outputs' temp names."""
+    version = ".v" + "9" * MAX_VERSION_DIGITS
+    pid = "9" * PID_DIGITS
+    outputs = [f"{name}{suffix}" for suffix in LORA_SUFFIXES]
+    versions = [f"{name}{version}{suffix}" for suffix in LORA_SUFFIXES]  # renamed into place, no temp
+    return outputs + versions + [f".{out}.{pid}.ffffffff.tmp" for out in outputs]
+
+
+def longest_created_name(name: str) -> tuple[str, int]:
+    """(the longest name lorad creates for this LoRA, its length in UTF-8 bytes)."""
+    longest = max(created_names(name), key=lambda n: len(n.encode("utf-8", "surrogateescape")))
+    return longest, len(longest.encode("utf-8", "surrogateescape"))
+
+
+def marker_temp_name() -> str:
+    """The longest name lorad writes in a dataset folder (a marker's temp file)."""
+    return f".{LONGEST_MARKER}.{'9' * PID_DIGITS}.ffffffff.tmp"
+
+
+def check_name_lengths(
+    name: str, where: str, *, loras_dir: str, dataset_dir: str, name_max: int = NAME_MAX, path_max: int = PATH_MAX
+) -> list[Finding]:
+    """Refuse a name whose files could not be created: a component over name_max bytes, or a
+    path (NUL included, as PATH_MAX counts it) over path_max bytes."""
+    longest, size = longest_created_name(name)
+    if size > name_max:
+        over = size - name_max
+        return [
+            Finding.error(
+                where,
+                f"LoRA name {name!r} is {len(name.encode('utf-8', 'surrogateescape'))} bytes in UTF-8; lorad's longest "
+                f"file name for it ({longest}) would be {size} bytes, over the file system's limit of {name_max} bytes",
+                f"shorten the name by at least {over} bytes (non-ASCII characters take 2-4 bytes each)",
+                code="name.toolong",
+            )
+        ]
+
+    def path_bytes(path: str) -> int:
+        return len(path.encode("utf-8", "surrogateescape")) + 1
+
+    report_temp = f".{name}.report.{'9' * PID_DIGITS}.ffffffff.tmp"
+    candidates = [
+        (f"{loras_dir}/{longest}", "its longest output path"),
+        (f"{loras_dir}/{report_temp}/{'x' * REPORT_ENTRY_BYTES}", "a file in its report folder"),
+        (f"{dataset_dir}/{marker_temp_name()}", "a marker in the dataset folder"),
+    ]
+    for path, what in candidates:
+        size = path_bytes(path)
+        if size > path_max:
+            return [
+                Finding.error(
+                    where,
+                    f"{what} ({path[:60]}...) would be {size} bytes, over the file system's path limit of {path_max} bytes",
+                    "shorten the LoRA name, or move the assets folder (or the dataset) to a shorter path",
+                    code="name.pathtoolong",
+                )
+            ]
+    return []

@@ -140,6 +140,31 @@ def inspect_image(path: Path, rel: str) -> ImageInfo | Finding:
     return ImageInfo(rel, width, height, mode, fmt, digest, len(data), reason)
 
 
+def _fs_limits(folder: Path) -> tuple[int, int]:
+    """(NAME_MAX, PATH_MAX) of the file system holding `folder` (its nearest existing ancestor)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    limits = []
+    for key, fallback in (("PC_NAME_MAX", contract.NAME_MAX), ("PC_PATH_MAX", contract.PATH_MAX)):
+        try:
+            limits.append(os.pathconf(probe, key) or fallback)
+        except (OSError, ValueError):
+            limits.append(fallback)
+    return min(limits[0], contract.NAME_MAX), limits[1]
+
+
+def name_findings(folder: Path, name: str, where: str) -> list[Finding]:
+    """A LoRA name that would clash with another LoRA's files, or whose files could not be
+    written (too many bytes). The loras folder is <assets>/loras beside <assets>/training_data."""
+    folder = folder.absolute()
+    loras = folder.parent.parent / "loras"
+    name_max, path_max = _fs_limits(loras)
+    return contract.check_lora_name(name, where) + contract.check_name_lengths(
+        name, where, loras_dir=str(loras), dataset_dir=str(folder), name_max=name_max, path_max=path_max
+    )
+
+
 def _read_small(path: Path, limit: int) -> bytes:
     with path.open("rb") as fh:
         return fh.read(limit + 1)
@@ -202,6 +227,9 @@ def validate_dataset(
     trigger = report.options.get("trigger") or (parsed.trigger if parsed else None)
     report.trigger = trigger
     report.name = report.options.get("name") or (parsed.name if parsed else None)
+    if report.name:
+        where = "READY" if "name" in ready_opts else contract.OPTIONS_FILE if "name" in toml_opts else "."
+        report.findings.extend(name_findings(folder, report.name, where))
     policy = report.options.get("caption_policy", default_policy)
 
     # Entries.
