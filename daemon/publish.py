@@ -1,12 +1,18 @@
 """Publish a finished job: LoRA with provenance header, renders, report, registry entry.
 
-Two phases. *Prepare* writes everything that can fail (disk full, read-only folder, broken
-registry) as temp files next to their targets. *Commit* only renames. So a failure leaves the
-previous LoRA, its renders and the registry byte-identical, and `lorad retry` can redo it.
+Three steps. *Prepare* writes everything that can fail (disk full, read-only folder) as temp
+files next to their targets, and reads the registry (a broken one fails here). *Commit* only
+renames the files into place. *Register* then lists the LoRA in the registry under its lock
+(bounded by lock_timeout_s). A failure in the first step leaves the previous LoRA, its renders
+and the registry byte-identical. A failure in the last (the lock held by another program, the
+registry's disk full) leaves the new LoRA published and the registry untouched; the job fails
+with the reason, and `lorad retry` (or the next start) runs only `complete_registry`: the
+LoRA's header names its job, so nothing is trained, rendered or versioned again.
 
 An existing `<name>.safetensors` from another job is never overwritten: it and its renders move
 to `<name>.v<N>.*` (N = 1, 2, ... the lowest unused number; higher N = newer). Re-publishing
-the same job (after a crash mid-publish) replaces its own files in place.
+the same job (after a crash mid-publish) replaces its own files in place. Registry entries are
+derived from the files on disk (registry.plan_entries), so a retry lists the moved version too.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import time
@@ -21,6 +28,7 @@ from pathlib import Path
 
 from daemon import __version__, registry
 from daemon.fsutil import fsync_dir, temp_beside, temp_dir_beside
+from daemon.logs import get_logger
 
 LORA_SUFFIXES = (".safetensors", ".png", ".compare.png")
 REPORT_SUFFIX = ".report"
@@ -137,6 +145,105 @@ def report_sources(train_dir: Path) -> list[Path]:
     return out
 
 
+def published_by(loras: Path, job) -> bool:
+    """True when `<name>.safetensors` in the loras folder is this job's (its header says so):
+    its files are in place and at most its registry entry is missing."""
+    try:
+        return metadata_of(loras / f"{job.name}.safetensors").get("lorad.job_id") == job.id
+    except (OSError, ValueError):
+        return False
+
+
+def version_owners(loras: Path, name: str) -> dict[str, str]:
+    """job id -> `<name>.v<N>` for the older versions of `name` on disk (from their headers)."""
+    pattern = re.compile(re.escape(name) + r"\.v[0-9]+")
+    owners: dict[str, str] = {}
+    try:
+        entries = list(os.scandir(loras))
+    except OSError:
+        return owners
+    for entry in entries:
+        stem = entry.name[: -len(".safetensors")] if entry.name.endswith(".safetensors") else ""
+        if not pattern.fullmatch(stem):
+            continue
+        try:
+            job_id = metadata_of(Path(entry.path)).get("lorad.job_id")
+        except (OSError, ValueError):
+            continue
+        if job_id:
+            owners[job_id] = stem
+    return owners
+
+
+def _outputs(loras: Path, name: str, registry_path: Path) -> dict:
+    return {
+        "lora": str(loras / f"{name}.safetensors"),
+        "render": str(loras / f"{name}.png"),
+        "compare": str(loras / f"{name}.compare.png"),
+        "report": str(loras / f"{name}{REPORT_SUFFIX}"),
+        "registry": str(registry_path),
+    }
+
+
+def _register(*, loras: Path, registry_path: Path, job, lock_timeout_s: float | None, moved: str | None) -> dict:
+    """List the published LoRA in the registry (entry built from the file itself); the outputs."""
+    name = job.name
+    outputs = _outputs(loras, name, registry_path)
+    dest = Path(outputs["lora"])
+    meta = metadata_of(dest)
+    try:
+        summary = json.loads(meta.get("lorad.plan") or "{}")
+    except ValueError:
+        summary = {}
+    entry = {
+        "path": outputs["lora"],
+        "trigger": job.trigger_word,
+        "model": summary.get("model"),
+        "rank": int(meta.get("ss_network_dim") or 0) or None,
+        "steps": summary.get("total_steps"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sha256": _sha256(dest),
+        "render": outputs["render"],
+        "compare": outputs["compare"],
+        "job_id": job.id,
+    }
+    log = get_logger()
+    with registry.Transaction(registry_path, timeout_s=lock_timeout_s, log=log) as txn:
+        plan = registry.plan_entries(
+            txn.read().get("loras", {}),
+            name=name,
+            entry=entry,
+            folder=str(loras),
+            versions=version_owners(loras, name),
+            moved=moved,
+        )
+        txn.prepare(plan.updates, plan.removals)
+        txn.commit()
+    for clash in plan.clashes:
+        log.warning("registry.clash", key=clash.key, kept_as=clash.kept_as, other=clash.other, path=entry["path"])
+    outputs["registry_key"] = next(k for k, v in plan.updates.items() if v is entry)
+    previous = [v["path"] for v in plan.updates.values() if v is not entry]
+    if moved or previous:
+        outputs["previous"] = str(loras / f"{moved}.safetensors") if moved else previous[0]
+    return outputs
+
+
+def _registry_failed(exc: Exception, job, lora: Path, registry_path: Path) -> PublishError:
+    reason = str(exc) if isinstance(exc, registry.RegistryError) else f"{exc.strerror or exc} ({exc.filename or registry_path})"
+    return PublishError(
+        f"{lora} is published, but its registry entry in {registry_path} was not written: {reason}. "
+        f"When that is resolved, run: lorad retry {job.id} (only the registry entry is written; nothing is retrained)"
+    )
+
+
+def complete_registry(*, loras: Path, registry_path: Path, job, lock_timeout_s: float | None = 30.0) -> dict:
+    """The registry step alone, for a job whose files are already published (published_by)."""
+    try:
+        return _register(loras=loras, registry_path=registry_path, job=job, lock_timeout_s=lock_timeout_s, moved=None)
+    except (registry.RegistryError, OSError) as exc:
+        raise _registry_failed(exc, job, loras / f"{job.name}.safetensors", registry_path) from None
+
+
 def publish(
     *,
     loras: Path,
@@ -147,14 +254,16 @@ def publish(
     render_compare: Path,
     report_files: list[Path],
     plan: dict,
+    lock_timeout_s: float | None = 30.0,
 ) -> dict:
-    """Put the job's outputs in place; returns the outputs dict (paths as strings)."""
+    """Put the job's outputs in place, then list them in the registry; returns the outputs dict."""
     name = job.name
     temps: list[Path] = []
     try:
         loras.mkdir(parents=True, exist_ok=True)
         if not os.access(loras, os.W_OK):
             raise PermissionError(13, "permission denied", str(loras))
+        registry.load(registry_path)  # a broken registry fails the job before anything changes
         dest = {
             ".safetensors": loras / f"{name}.safetensors",
             ".png": loras / f"{name}.png",
@@ -184,60 +293,25 @@ def publish(
             if owner != job.id:
                 previous = versioned_name(loras, name)
 
-        entry = {
-            "path": str(dest[".safetensors"]),
-            "trigger": job.trigger_word,
-            "model": plan.get("model"),
-            "rank": int(metadata_of(staged[".safetensors"]).get("ss_network_dim") or 0) or None,
-            "steps": plan.get("total_steps"),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "sha256": _sha256(staged[".safetensors"]),
-            "render": str(dest[".png"]),
-            "compare": str(dest[".compare.png"]),
-            "job_id": job.id,
-        }
-        with registry.Transaction(registry_path) as txn:
-            updates = {name: entry}
-            old_entry = txn.read().get("loras", {}).get(name)
-            if previous and isinstance(old_entry, dict):
-                # The superseded version stays listed, under its versioned name.
-                updates[previous] = {
-                    **old_entry,
-                    "path": str(loras / f"{previous}.safetensors"),
-                    "render": str(loras / f"{previous}.png"),
-                    "compare": str(loras / f"{previous}.compare.png"),
-                }
-            txn.prepare(updates)
-            # -- commit: renames only --------------------------------------------------------
-            if previous:
-                for suffix in LORA_SUFFIXES:
-                    old_path = loras / f"{name}{suffix}"
-                    if old_path.exists():
-                        os.replace(old_path, loras / f"{previous}{suffix}")
-                old_report = loras / f"{name}{REPORT_SUFFIX}"
-                if old_report.exists():
-                    os.replace(old_report, loras / f"{previous}{REPORT_SUFFIX}")
-            for suffix, tmp in staged.items():
-                os.replace(tmp, dest[suffix])
-            report_dest = loras / f"{name}{REPORT_SUFFIX}"
-            if report_dest.exists():
-                shutil.rmtree(report_dest)
-            os.replace(report_tmp, report_dest)
-            txn.commit()
+        # -- commit: renames only ------------------------------------------------------------
+        if previous:
+            for suffix in LORA_SUFFIXES:
+                old_path = loras / f"{name}{suffix}"
+                if old_path.exists():
+                    os.replace(old_path, loras / f"{previous}{suffix}")
+            old_report = loras / f"{name}{REPORT_SUFFIX}"
+            if old_report.exists():
+                os.replace(old_report, loras / f"{previous}{REPORT_SUFFIX}")
+        for suffix, tmp in staged.items():
+            os.replace(tmp, dest[suffix])
+        report_dest = loras / f"{name}{REPORT_SUFFIX}"
+        if report_dest.exists():
+            shutil.rmtree(report_dest)
+        os.replace(report_tmp, report_dest)
         fsync_dir(loras)
         temps.clear()
-        outputs = {
-            "lora": str(dest[".safetensors"]),
-            "render": str(dest[".png"]),
-            "compare": str(dest[".compare.png"]),
-            "report": str(loras / f"{name}{REPORT_SUFFIX}"),
-            "registry": str(registry_path),
-        }
-        if previous:
-            outputs["previous"] = str(loras / f"{previous}.safetensors")
-        return outputs
     except registry.RegistryError as exc:
-        raise PublishError(str(exc)) from None
+        raise PublishError(f"{exc}. Nothing was published") from None
     except OSError as exc:
         where = exc.filename or loras
         raise PublishError(
@@ -250,3 +324,8 @@ def publish(
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink(missing_ok=True)
+    # -- register: the files are in place; a failure here leaves only the entry to write ----
+    try:
+        return _register(loras=loras, registry_path=registry_path, job=job, lock_timeout_s=lock_timeout_s, moved=previous)
+    except (registry.RegistryError, OSError) as exc:
+        raise _registry_failed(exc, job, loras / f"{name}.safetensors", registry_path) from None

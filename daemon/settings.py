@@ -52,6 +52,9 @@ FIELDS: dict[str, tuple[str, object]] = {
     "queue_wake": ("bool", True),
     # Training checkpoint interval in steps; 0 = automatic (about 10 a run).
     "checkpoint_every": ("int", 0),
+    # Longest wait for the registry lock (held by another program) before the job fails; retry
+    # then writes only the registry entry.
+    "lock_timeout_s": ("float", 30.0),
 }
 
 
