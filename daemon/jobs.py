@@ -21,7 +21,8 @@ FINISHED = ("done", "failed", "cancelled")
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     "queued": frozenset({"preparing", "cancelled", "failed"}),
-    "preparing": frozenset({"training", "failed", "cancelled", "interrupted"}),
+    # preparing -> publishing: the LoRA is already published, only its registry entry is missing
+    "preparing": frozenset({"training", "publishing", "failed", "cancelled", "interrupted"}),
     "training": frozenset({"rendering", "failed", "cancelled", "interrupted"}),
     "rendering": frozenset({"publishing", "failed", "cancelled", "interrupted"}),
     "publishing": frozenset({"done", "failed", "interrupted"}),

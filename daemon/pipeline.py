@@ -18,7 +18,15 @@ import structlog
 
 from daemon.jobs import RUNNABLE, JobStore
 from daemon.logs import get_logger
-from daemon.publish import PublishError, provenance, publish, report_sources, write_with_metadata
+from daemon.publish import (
+    PublishError,
+    complete_registry,
+    provenance,
+    publish,
+    published_by,
+    report_sources,
+    write_with_metadata,
+)
 from daemon.settings import Settings
 from engines import checkpoints
 from engines.base import JobInput, Machine, PlanError, Progress, StopToken, TrainingPlan
@@ -146,6 +154,9 @@ class Pipeline:
 
     def _run(self, job_id: str, stop: StopToken) -> None:
         job = self.store.transition(job_id, "preparing")
+        if published_by(self.settings.loras, job):
+            self._complete_registry(job)
+            return
         workdir = self.settings.jobs_dir / job.id
         if not (workdir / "manifest.json").is_file():
             self.store.transition(job_id, "failed", error=f"the job's snapshot is missing ({workdir}); drop READY again")
@@ -214,11 +225,30 @@ class Pipeline:
                 render_compare=rendered.compare,
                 report_files=report_sources(workdir / "train"),
                 plan=plan.to_dict(),
+                lock_timeout_s=self.settings.lock_timeout_s,
             )
         except PublishError as exc:
             self.store.transition(job_id, "failed", error=str(exc))
             return
         self.store.transition(job_id, "done", outputs=outputs, eta_s=0)
+
+    def _complete_registry(self, job) -> None:
+        """The job's LoRA is already published (its header names this job): only its registry
+        entry is missing (the lock was held, or lorad stopped mid-publish). Nothing is
+        retrained or rendered again, and no `.v<N>` of its own file is made."""
+        self.log.info("job.registry_only", lora=str(self.settings.loras / f"{job.name}.safetensors"))
+        self.store.transition(job.id, "publishing")
+        try:
+            outputs = complete_registry(
+                loras=self.settings.loras,
+                registry_path=self.settings.registry,
+                job=job,
+                lock_timeout_s=self.settings.lock_timeout_s,
+            )
+        except PublishError as exc:
+            self.store.transition(job.id, "failed", error=str(exc))
+            return
+        self.store.transition(job.id, "done", outputs=outputs, eta_s=0)
 
     def _on_spawn(self, pid: int) -> None:
         self.log.info("job.child", pid=pid)

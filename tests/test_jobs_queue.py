@@ -16,7 +16,7 @@ STATES = list(TRANSITIONS)
 
 LEGAL = {
     ("queued", "preparing"), ("queued", "cancelled"), ("queued", "failed"),
-    ("preparing", "training"), ("preparing", "failed"), ("preparing", "cancelled"), ("preparing", "interrupted"),
+    ("preparing", "training"), ("preparing", "publishing"), ("preparing", "failed"), ("preparing", "cancelled"), ("preparing", "interrupted"),
     ("training", "rendering"), ("training", "failed"), ("training", "cancelled"), ("training", "interrupted"),
     ("rendering", "publishing"), ("rendering", "failed"), ("rendering", "cancelled"), ("rendering", "interrupted"),
     ("publishing", "done"), ("publishing", "failed"), ("publishing", "interrupted"),
