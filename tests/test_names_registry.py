@@ -348,3 +348,12 @@ def test_lock_timeout_names_the_holder(tmp_path):
         txn.commit()
     assert json.loads(path.read_text())["loras"] == {"x": {"path": "p"}}
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_lock_timeout_setting():
+    from daemon.settings import SettingsError, resolve
+
+    assert resolve().lock_timeout_s == 30.0
+    assert resolve(env={"LORAD_LOCK_TIMEOUT_S": "2.5"}).lock_timeout_s == 2.5
+    with pytest.raises(SettingsError, match="lock_timeout_s"):
+        resolve(file_values={"lock_timeout_s": 0})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -172,3 +174,62 @@ def test_invalid_registry_fails_job_then_retry_succeeds(daemon_factory):
     assert d.cli("retry", job["id"]).returncode == 0
     wait_for(lambda: d.job_states().get("ohwx_dave") == "done", 60, message="done after retry")
     assert json.loads(d.registry.read_text())["loras"]["x"] == 1
+
+
+def test_registry_failure_after_renames_then_registry_only_completion(tmp_path):
+    """The lock held past lock_timeout_s: the new LoRA is published, the registry untouched;
+    complete_registry then lists it and the version its publish moved aside (found by header)."""
+    from daemon.publish import complete_registry, published_by
+
+    _publish(tmp_path, "job1", 1.0)
+    path = tmp_path / "config.json"
+    before = path.read_bytes()
+    holder = subprocess.Popen(["flock", "-x", str(path) + ".lock", "sleep", "300"], start_new_session=True)
+    try:
+        wait_for(lambda: _held(path), 10, message="lock held")
+        with pytest.raises(PublishError) as info:
+            lora, render, compare, report = _inputs(tmp_path, "job2", 2.0)
+            publish(loras=tmp_path / "loras", registry_path=path, job=FakeJob("job2"), lora_file=lora,
+                    render_with=render, render_compare=compare, report_files=report, plan=PLAN, lock_timeout_s=0.3)
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert "is published" in str(info.value) and "lorad retry job2" in str(info.value)
+    assert path.read_bytes() == before
+    loras = tmp_path / "loras"
+    assert published_by(loras, FakeJob("job2")) and metadata_of(loras / "alice.v1.safetensors")["lorad.job_id"] == "job1"
+    outputs = complete_registry(loras=loras, registry_path=path, job=FakeJob("job2"), lock_timeout_s=5)
+    entries = json.loads(path.read_text())["loras"]
+    assert entries["alice"]["job_id"] == "job2" and entries["alice.v1"]["job_id"] == "job1"
+    assert entries["alice.v1"]["path"] == str(loras / "alice.v1.safetensors")
+    assert outputs["previous"] == str(loras / "alice.v1.safetensors") and outputs["registry_key"] == "alice"
+    assert not (loras / "alice.v2.safetensors").exists()
+
+
+def test_symlinked_registry_is_written_through_keeping_mode(tmp_path):
+    real = tmp_path / "app" / "config.json"
+    real.parent.mkdir()
+    real.write_text('{"theme": "dark"}')
+    real.chmod(0o600)
+    link = tmp_path / "config.json"
+    link.symlink_to(real)
+    _publish(tmp_path, "job1", registry_path=link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    data = json.loads(real.read_text())
+    assert data["theme"] == "dark" and data["loras"]["alice"]["job_id"] == "job1"
+    assert real.stat().st_mode & 0o777 == 0o600
+    assert (real.parent / "config.json.lock").exists()  # the lock sits beside the real file
+    assert not [p for p in real.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def _held(path: Path) -> bool:
+    import fcntl
+
+    fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
