@@ -276,6 +276,29 @@ def test_held_registry_lock_fails_the_job_next_job_runs_retry_completes_registry
     assert done["outputs"]["lora"] == str(lora)
 
 
+def test_kill9_while_waiting_for_the_registry_lock_next_start_completes_registry_only(daemons):
+    d = daemons("one").start()
+    lock = d.registry.with_name(d.registry.name + ".lock")
+    holder = _hold_lock(lock)
+    try:
+        wait_for(lambda: _lock_is_held(lock), 10, message="flock holds the lock")
+        folder = make_dataset(d.training_data / "ohwx_pub", images=1)
+        (folder / "READY").write_text("")
+        wait_for(lambda: d.log_has("registry.lock_wait"), 60, message="waiting for the lock (files renamed)")
+        d.kill9()
+    finally:
+        _release(holder)
+    job = d.jobs()[0]
+    lora = d.assets / "loras" / "pub.safetensors"
+    assert metadata_of(lora)["lorad.job_id"] == job["id"]
+    lora_bytes = lora.read_bytes()
+    d.start()
+    wait_for(lambda: d.job_states().get("ohwx_pub") == "done", 60, message="done after restart")
+    assert d.log_has("job.registry_only", job_id=job["id"]) and not d.log_has("train.resume", job_id=job["id"])
+    assert lora.read_bytes() == lora_bytes and not list((d.assets / "loras").glob("pub.v*"))
+    assert json.loads(d.registry.read_text())["loras"]["pub"]["job_id"] == job["id"]
+
+
 # -- registry keys: a pure plan ------------------------------------------------------------
 
 A = "/A/loras"
