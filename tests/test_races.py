@@ -188,3 +188,27 @@ def test_cancel_while_publishing_is_too_late_and_says_so(daemon_factory):
     assert "too late" in result.stdout + result.stderr and "Traceback" not in result.stderr
     wait_for(lambda: d.job_states().get("ohwx_late") == "done", 60, message="published")
     assert (d.assets / "loras" / "late.safetensors").is_file()
+
+
+# -- item 11: the same dataset dropped again while it is queued or training ---------------------
+
+
+def test_same_dataset_dropped_again_while_queued_or_training_is_not_queued_twice(daemon_factory, tmp_path):
+    hold = held(tmp_path, "trained")
+    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_HOLD_DIR": str(hold)}).start()
+    first = drop(d, "ohwx_one")
+    wait_for(lambda: reached(hold, "trained"), 60, message="first job held in training")
+    second = drop(d, "ohwx_two", seed=1)
+    wait_for(lambda: d.job_states().get("ohwx_two") == "queued", 30, message="second queued")
+    ids = {j["dataset"]: j["id"] for j in d.jobs()}
+    for folder in (second, first):  # the queued one, then the training one
+        (folder / "READY").write_text("")
+        wait_for(lambda: not (folder / "READY").exists(), 30, message=f"{folder.name} READY taken")
+    assert len(d.jobs()) == 2
+    for name, marker in (("ohwx_one", "TRAINING"), ("ohwx_two", "QUEUED")):
+        assert d.log_has("dataset.already_queued", job_id=ids[name])
+        assert (d.training_data / name / marker).read_text().startswith(f"job {ids[name]} ")
+    (hold / "trained.hold").unlink()
+    wait_for(lambda: set(d.job_states().values()) == {"done"}, 60, message="both done")
+    assert len(d.jobs()) == 2
+    assert [e["dataset"] for e in d.events() if e["event"] == "job.started"] == ["ohwx_one", "ohwx_two"]

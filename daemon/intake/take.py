@@ -27,7 +27,7 @@ TRAINING_KEYS = ("rank", "alpha", "epochs", "steps", "learning_rate", "resolutio
 
 @dataclass
 class Outcome:
-    status: str  # queued | invalid | unchanged | duplicate | not_ready | unstable | changed | refused
+    status: str  # queued | invalid | unchanged | already_queued | duplicate | not_ready | unstable | changed | refused
     job_id: str | None = None
     detail: str = ""
 
@@ -126,6 +126,9 @@ class Intake:
         effective = effective_settings(report.options, self.settings)
         fp = fingerprint(report, effective)
         force = bool(report.options.get("force"))
+        pending = self.store.unfinished_with_fingerprint(fp)
+        if pending is not None:  # even with force: the same training is already on its way
+            return self._already_queued(folder, ready, token, pending, fp, log)
         previous = self.store.done_with_fingerprint(fp)
         if previous is not None and not force:
             markers.write_marker(folder, "done", marker_text(previous))
@@ -163,6 +166,20 @@ class Intake:
             log.info("dataset.warning", job_id=job.id, file=warning.file, message=warning.message, code=warning.code)
         self.enqueue(job.id, job.priority, job.ready_at)
         return Outcome("queued", job.id)
+
+    def _already_queued(self, folder: Path, ready: Path, token: str, pending, fp: str, log) -> Outcome:
+        """The same dataset (same fingerprint) is queued or running: READY is consumed, nothing is
+        queued twice. Its own folder keeps that job's marker; another folder holding the same
+        dataset gets a FAILED.txt saying which job trains it (a copied marker would go stale)."""
+        if Path(pending.dataset_path) == folder:
+            markers.write_marker(folder, pending.state, marker_text(pending))
+        else:
+            markers.write_marker(folder, "failed", markers.failed_text(
+                [f"the same images, name and settings are already queued as job {pending.id} "
+                 f"(from {pending.dataset_path}); lorad does not train them twice"], None))  # fmt: skip
+        self._consume_ready(ready, token)
+        log.info("dataset.already_queued", job_id=pending.id, state=pending.state, fingerprint=fp)
+        return Outcome("already_queued", pending.id, detail=f"already queued as job {pending.id} ({pending.state})")
 
     def _refuse(self, folder: Path, token: str, log, reason: str) -> Outcome:
         """READY that cannot be taken (a folder, a symlink, a symlinked dataset): recorded once as a
