@@ -447,9 +447,29 @@ class JobStore:
         if self.write_markers:
             markers.write_marker(Path(job.dataset_path), job.state, marker_text(job))
 
+    def follow_renamed_folder(self, job: Job) -> Job:
+        """A dataset folder renamed while its job ran takes its marker along: find the folder under
+        training_data whose marker names this job, move the row there (dataset_path, dataset) and
+        refresh the marker in it, so no folder keeps a TRAINING marker forever. A folder that was
+        deleted is not recreated (nothing names the job: the row keeps its old path)."""
+        old_path = Path(job.dataset_path)
+        if not self.write_markers or markers._is_real_dir(old_path):
+            return job
+        found = markers.folders_marked_with(old_path.parent, job.id)
+        if not found:
+            return job
+        moved = self.update(job.id, dataset_path=str(found[0]), dataset=found[0].name, updated_at=job.updated_at)
+        from daemon.logs import get_logger
+
+        get_logger().info("job.dataset_moved", job_id=job.id, dataset=moved.dataset, previous=str(old_path),
+                          dataset_path=moved.dataset_path)  # fmt: skip
+        self.refresh_marker(moved)
+        return moved
+
     def _after(self, job: Job, old: str | None, new: str, event: str, *, marker: bool = True) -> None:
         if marker:
             self.refresh_marker(job)
+            job = self.follow_renamed_folder(job)
         fields = {"job_id": job.id, "dataset": job.dataset, "state": new}
         if old:
             fields["previous"] = old

@@ -243,3 +243,48 @@ def test_requested_cancel_is_honoured_at_the_next_boundary(tmp_path):
     action, now = store.cancel(other.id)
     assert action == "too_late" and now.state == "publishing" and not now.cancel_requested
     assert store.transition(other.id, "done").state == "done"
+
+
+# -- the fingerprint decides "unchanged" and "already queued" (issue 12 items 11, 13) ------------
+
+
+def _report(folder="/td/ohwx_alice", name="alice", trigger="ohwx", images=(("a.png", "11"), ("b.png", "22"))):
+    from pathlib import Path
+
+    from daemon.intake.validate import ImageInfo, Report
+
+    infos = [ImageInfo(n, 64, 64, "RGB", "PNG", sha, 10) for n, sha in images]
+    return Report(
+        folder=Path(folder), trigger=trigger, name=name, images=infos,
+        captions={n: f"{trigger}, photo {n}" for n, _ in images},
+    )  # fmt: skip
+
+
+BASE = _report()
+
+
+@pytest.mark.parametrize(
+    "other, same",
+    [
+        (_report(), True),
+        (_report(folder="/td/ohwx_copy"), True),  # the folder's path is not the dataset
+        (_report(images=(("b.png", "22"), ("a.png", "11"))), True),  # listing order
+        (_report(name="bob"), False),  # another name is another LoRA
+        (_report(folder="/td/ohwx_bob", name="bob"), False),
+        (_report(trigger="zzkw"), False),
+        (_report(images=(("a.png", "11"), ("b.png", "23"))), False),
+        (_report(images=(("a.png", "11"),)), False),
+    ],
+)
+def test_fingerprint_table(other, same):
+    from daemon.intake.snapshot import fingerprint
+
+    assert (fingerprint(other, {"rank": 16}) == fingerprint(BASE, {"rank": 16})) is same
+
+
+def test_fingerprint_sees_the_name_even_with_equal_captions():
+    """Captions hold the trigger, not the name: the name must be hashed by itself."""
+    from daemon.intake.snapshot import fingerprint
+
+    a, b = _report(name="alice"), _report(name="alice2")
+    assert a.captions == b.captions and fingerprint(a, {}) != fingerprint(b, {})
