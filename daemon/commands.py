@@ -136,27 +136,47 @@ def _find_job(store, ref: str):
 
 
 def cmd_cancel(settings: Settings, args) -> int:
+    """Decided in one transaction against the job's state at that moment, so a cancel that
+    says so is honoured: a running job stops at its next step or phase boundary and publishes
+    nothing. A job already publishing is too late to cancel (non-zero exit)."""
     _log_to_file(settings)
     store = _store(settings)
     job = _find_job(store, args.job)
-    if job.state in ("done", "failed", "cancelled"):
-        print(f"job {job.id} is already {job.state}")
+    action, job = store.cancel(job.id)
+    if action == "finished":
+        print(f"lorad cancel: job {job.id} is already {job.state}; nothing to cancel", file=sys.stderr)
         return 1
-    if job.state == "queued":
-        store.transition(job.id, "cancelled")
+    if action == "too_late":
+        print(
+            f"lorad cancel: too late, job {job.id} ({job.name}) is publishing its LoRA; it will be done in a moment "
+            f"(remove the LoRA from {settings.loras} afterwards if you do not want it)",
+            file=sys.stderr,
+        )
+        return 1
+    if action == "cancel":
         print(f"cancelled {job.id} ({job.name})")
         return 0
-    store.request_cancel(job.id)
     pid = _wake_daemon(settings)
-    if job.state == "interrupted" and not pid:
-        store.transition(job.id, "cancelled")
-        print(f"cancelled {job.id} ({job.name})")
-        return 0
-    print(f"cancelling {job.id} ({job.name}): the trainer stops at its next step")
+    print(
+        f"cancelling {job.id} ({job.name}, {job.state}): it stops at its next step and publishes nothing"
+        + ("" if pid else "; lorad is not running, so it is cancelled when lorad next starts")
+    )
     return 0
 
 
+def retry_lost_message(job_id: str, current: str | None) -> str:
+    """What a `lorad retry` that lost its race to another process tells the user (pure)."""
+    if current == "queued":
+        return f"job {job_id} was already queued again by another retry; nothing to do"
+    if current in ("preparing", "training", "rendering", "publishing"):
+        return f"job {job_id} is already running again ({current}), queued by another retry"
+    if current is None:
+        return f"job {job_id} changed while this retry ran; run lorad status and try again"
+    return f"job {job_id} became {current} while this retry ran; nothing done (lorad status shows it)"
+
+
 def cmd_retry(settings: Settings, args) -> int:
+    from daemon.jobs import StateChanged
     from daemon.queue import Queue
 
     _log_to_file(settings)
@@ -169,7 +189,11 @@ def cmd_retry(settings: Settings, args) -> int:
             f"{job.dataset} was refused at intake ({job.dataset_path}/FAILED.txt says why); "
             f"fix it, then create READY again (or: lorad enqueue '{job.dataset_path}')"
         )
-    job = store.transition(job.id, "queued", attempt=job.attempt + 1, error=None)
+    try:  # compare-and-set: only the retry that finds the job still in the state read above wins
+        job = store.transition(job.id, "queued", expect=job.state, attempt=job.attempt + 1, error=None)
+    except StateChanged as exc:
+        print(f"lorad retry: {retry_lost_message(job.id, exc.current)}", file=sys.stderr)
+        return 1
     Queue(settings.queue_db).enqueue(job.id, job.priority, job.ready_at)
     pid = _wake_daemon(settings)
     print(f"queued {job.id} again (attempt {job.attempt})" + ("" if pid else "; it runs when lorad runs"))

@@ -47,7 +47,16 @@ EVENT_FOR_STATE = {
 
 
 class IllegalTransition(Exception):
-    pass
+    """A move the state machine does not allow; `current` is the state the job was in."""
+
+    def __init__(self, message: str, *, job_id: str | None = None, current: str | None = None, wanted: str | None = None):
+        super().__init__(message)
+        self.job_id, self.current, self.wanted = job_id, current, wanted
+
+
+class StateChanged(IllegalTransition):
+    """A compare-and-set lost its race: the job is no longer in the state the caller saw (another
+    process moved it first). `current` says where it is now, so a CLI can say what happened."""
 
 
 class CorruptDatabase(Exception):
@@ -56,6 +65,27 @@ class CorruptDatabase(Exception):
 
 def is_legal(old: str, new: str) -> bool:
     return new in TRANSITIONS.get(old, frozenset())
+
+
+def honour_cancel(old: str, new: str, cancel_requested: bool) -> str:
+    """The state a move really goes to (pure): a job whose cancel was requested enters no further
+    phase (preparing, training, rendering, publishing) but goes to `cancelled` at the boundary."""
+    if cancel_requested and new in ACTIVE and is_legal(old, "cancelled"):
+        return "cancelled"
+    return new
+
+
+def cancel_action(state: str) -> str:
+    """What `lorad cancel` does to a job in this state (pure): `cancel` it now (not running),
+    `request` a stop (running: honoured at the next step or phase boundary), `too_late` (it is
+    publishing: the LoRA is being put in place), `finished` (nothing to cancel)."""
+    if state in RUNNABLE:
+        return "cancel"
+    if state == "publishing":
+        return "too_late"
+    if state in ACTIVE:
+        return "request"
+    return "finished"
 
 
 def event_for(old: str, new: str) -> str:
@@ -264,6 +294,14 @@ class JobStore:
             "SELECT * FROM jobs WHERE fingerprint = ? AND state = 'done' ORDER BY seq DESC LIMIT 1", (fingerprint,)
         )
 
+    def unfinished_with_fingerprint(self, fingerprint: str) -> Job | None:
+        """The job already queued or running for this fingerprint (the same dataset dropped twice)."""
+        return self._one(
+            "SELECT * FROM jobs WHERE fingerprint = ? AND fingerprint != ''"
+            " AND state NOT IN ('done','failed','cancelled') ORDER BY seq LIMIT 1",
+            (fingerprint,),
+        )
+
     def active_for_dataset(self, dataset_path: str) -> list[Job]:
         rows = self._all(
             "SELECT * FROM jobs WHERE dataset_path = ? AND state NOT IN ('done','failed','cancelled') ORDER BY seq",
@@ -317,16 +355,24 @@ class JobStore:
         self._after(job, None, "queued", "job.queued", marker=marker)
         return job
 
-    def transition(self, job_id: str, new: str, **fields: object) -> Job:
-        """The one way a job changes state: legal-move check, update, marker, event."""
+    def transition(self, job_id: str, new: str, *, expect: str | tuple[str, ...] | None = None, **fields: object) -> Job:
+        """The one way a job changes state: a compare-and-set in one transaction (the job must be
+        in `expect` when given, else StateChanged), legal-move check, cancel honoured at phase
+        boundaries (the returned job's state says where it went), marker, event."""
         now = time.time()
         with self._tx() as conn:
-            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute("SELECT state, cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise KeyError(job_id)
             old = row["state"]
+            expected = (expect,) if isinstance(expect, str) else expect
+            if expected is not None and old not in expected:
+                raise StateChanged(
+                    f"job {job_id} is {old}, not {' or '.join(expected)}", job_id=job_id, current=old, wanted=new
+                )
+            new = honour_cancel(old, new, bool(row["cancel_requested"]))
             if not is_legal(old, new):
-                raise IllegalTransition(f"job {job_id}: {old} -> {new} is not allowed")
+                raise IllegalTransition(f"job {job_id}: {old} -> {new} is not allowed", job_id=job_id, current=old, wanted=new)
             fields.setdefault("updated_at", now)
             if new == "preparing" and old == "queued":
                 fields.setdefault("started_at", now)
@@ -335,11 +381,36 @@ class JobStore:
             if new == "queued":
                 fields.setdefault("cancel_requested", 0)
                 fields.setdefault("finished_at", None)
-            self._update(conn, job_id, state=new, **fields)
+            if not self._update_if(conn, job_id, old, state=new, **fields):
+                raise StateChanged(f"job {job_id} changed meanwhile", job_id=job_id, current=None, wanted=new)
         job = self.get(job_id)
         assert job is not None
         self._after(job, old, new, event_for(old, new))
         return job
+
+    def cancel(self, job_id: str) -> tuple[str, Job]:
+        """`lorad cancel`, decided and applied in one transaction against the job's current state
+        (never a stale read): returns (cancel_action, job)."""
+        now = time.time()
+        with self._tx() as conn:
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            old = row["state"]
+            action = cancel_action(old)
+            if action == "cancel":
+                self._update_if(conn, job_id, old, state="cancelled", finished_at=now, updated_at=now)
+            elif action == "request":
+                self._update_if(conn, job_id, old, cancel_requested=1, updated_at=now)
+        job = self.get(job_id)
+        assert job is not None
+        if action == "cancel":
+            self._after(job, old, "cancelled", event_for(old, "cancelled"))
+        elif action == "request":
+            from daemon.logs import get_logger
+
+            get_logger().info("job.cancel_requested", job_id=job.id, dataset=job.dataset, state=old)
+        return action, job
 
     def update(self, job_id: str, **fields: object) -> Job:
         """Non-state fields (progress, outputs, plan)."""
@@ -363,13 +434,43 @@ class JobStore:
         assignments = ", ".join(f"{k} = ?" for k in fields)
         conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values, job_id))
 
+    @staticmethod
+    def _update_if(conn: sqlite3.Connection, job_id: str, seen_state: str, /, **fields: object) -> bool:
+        """UPDATE ... WHERE state = <the state just read>: the set half of compare-and-set."""
+        import json
+
+        values = [json.dumps(v, default=str) if k in _JSON_COLUMNS else v for k, v in fields.items()]
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        cursor = conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ? AND state = ?", (*values, job_id, seen_state))
+        return cursor.rowcount == 1
+
     def refresh_marker(self, job: Job) -> None:
         if self.write_markers:
             markers.write_marker(Path(job.dataset_path), job.state, marker_text(job))
 
+    def follow_renamed_folder(self, job: Job) -> Job:
+        """A dataset folder renamed while its job ran takes its marker along: find the folder under
+        training_data whose marker names this job, move the row there (dataset_path, dataset) and
+        refresh the marker in it, so no folder keeps a TRAINING marker forever. A folder that was
+        deleted is not recreated (nothing names the job: the row keeps its old path)."""
+        old_path = Path(job.dataset_path)
+        if not self.write_markers or markers._is_real_dir(old_path):
+            return job
+        found = markers.folders_marked_with(old_path.parent, job.id)
+        if not found:
+            return job
+        moved = self.update(job.id, dataset_path=str(found[0]), dataset=found[0].name, updated_at=job.updated_at)
+        from daemon.logs import get_logger
+
+        get_logger().info("job.dataset_moved", job_id=job.id, dataset=moved.dataset, previous=str(old_path),
+                          dataset_path=moved.dataset_path)  # fmt: skip
+        self.refresh_marker(moved)
+        return moved
+
     def _after(self, job: Job, old: str | None, new: str, event: str, *, marker: bool = True) -> None:
         if marker:
             self.refresh_marker(job)
+            job = self.follow_renamed_folder(job)
         fields = {"job_id": job.id, "dataset": job.dataset, "state": new}
         if old:
             fields["previous"] = old

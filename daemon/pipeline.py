@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import structlog
 
-from daemon.jobs import RUNNABLE, JobStore
+from daemon.jobs import RUNNABLE, JobStore, StateChanged
 from daemon.logs import get_logger
 from daemon.publish import (
     PublishError,
@@ -133,7 +133,7 @@ class Pipeline:
         self.current_stop = stop
         try:
             if job.cancel_requested:
-                self.store.transition(job_id, "cancelled")
+                self._advance(job_id, "cancelled", RUNNABLE)
                 return
             self._run(job_id, stop)
         except Exception as exc:
@@ -152,8 +152,21 @@ class Pipeline:
             fields = {"step": step} if step is not None else {}
             self.store.transition(job_id, "interrupted", **fields)
 
+    def _advance(self, job_id: str, new: str, expect) -> bool:
+        """Move to the next phase as a compare-and-set. False when the job does not go on: it was
+        cancelled at this boundary (the same transaction saw the request) or, before it started,
+        moved by someone else (a `lorad cancel` of the queued job won)."""
+        try:
+            job = self.store.transition(job_id, new, expect=expect)
+        except StateChanged as exc:
+            self.log.info("queue.stale", job_id=job_id, state=exc.current)
+            return False
+        return job.state == new
+
     def _run(self, job_id: str, stop: StopToken) -> None:
-        job = self.store.transition(job_id, "preparing")
+        if not self._advance(job_id, "preparing", RUNNABLE):
+            return
+        job = self.store.get(job_id)
         if published_by(self.settings.loras, job):
             self._complete_registry(job)
             return
@@ -180,7 +193,8 @@ class Pipeline:
             self._stopped(job_id, stop)
             return
 
-        self.store.transition(job_id, "training")
+        if not self._advance(job_id, "training", "preparing"):
+            return
         sink = ProgressSink(self.store, job_id, self.settings.marker_refresh_s)
         while True:
             result = engine.train(plan, workdir, sink, stop, on_spawn=self._on_spawn)
@@ -199,7 +213,8 @@ class Pipeline:
                     continue
             self.store.transition(job_id, "failed", error=result.error or "training failed")
             return
-        self.store.transition(job_id, "rendering")
+        if not self._advance(job_id, "rendering", "training"):
+            return
         job = self.store.get(job_id)
         lora_file = workdir / f"{job.name}.safetensors"
         write_with_metadata(
@@ -214,7 +229,8 @@ class Pipeline:
         if isinstance(rendered, str):
             self.store.transition(job_id, "failed", error=f"test render failed: {rendered}")
             return
-        self.store.transition(job_id, "publishing")
+        if not self._advance(job_id, "publishing", "rendering"):
+            return  # cancelled after the render: nothing is published
         try:
             outputs = publish(
                 loras=self.settings.loras,
@@ -237,7 +253,8 @@ class Pipeline:
         entry is missing (the lock was held, or lorad stopped mid-publish). Nothing is
         retrained or rendered again, and no `.v<N>` of its own file is made."""
         self.log.info("job.registry_only", lora=str(self.settings.loras / f"{job.name}.safetensors"))
-        self.store.transition(job.id, "publishing")
+        if not self._advance(job.id, "publishing", ("preparing",)):
+            return
         try:
             outputs = complete_registry(
                 loras=self.settings.loras,

@@ -4,13 +4,41 @@ It is a real child process speaking the same progress protocol, writing checkpoi
 mflux's layout and honouring SIGTERM/parent death exactly like the mflux worker, so everything
 on the daemon side (child runner, checkpoints, resume, publish) runs for real. Only the
 training math is replaced by a sleep per step. Select it with `engine = "scripted"`.
+
+Test hook (daemon side): with `SCRIPTED_ENGINE_HOLD_DIR=<dir>`, the engine pauses at a phase
+boundary while `<dir>/<phase>.hold` exists, after writing the job id to `<dir>/<phase>.reached`.
+Phases: `plan` (job preparing), `trained` (training finished, job still `training`), `rendered`
+(render finished, job still `rendering`). Tests use it to act at an exact point (cancel, re-drop)
+and then say go by deleting the hold file.
 """
 
 from __future__ import annotations
 
-from engines.base import JobInput, Machine, PlanError, TrainingPlan
+import os
+import time
+from pathlib import Path
+
+from engines.base import JobInput, Machine, PlanError, StopToken, TrainingPlan, TrainResult
 from engines.memory_plan import InsufficientMemory
 from engines.mflux_engine import MFluxEngine
+
+
+HOLD_ENV = "SCRIPTED_ENGINE_HOLD_DIR"
+HOLD_LIMIT_S = 300.0  # a forgotten hold file never wedges a test run for good
+
+
+def hold(phase: str, job_id: str) -> None:
+    """Pause while `<hold dir>/<phase>.hold` exists (test hook; a no-op without the env)."""
+    folder = os.environ.get(HOLD_ENV)
+    if not folder:
+        return
+    gate = Path(folder) / f"{phase}.hold"
+    if not gate.exists():
+        return
+    (Path(folder) / f"{phase}.reached").write_text(job_id)
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 class ScriptedEngine(MFluxEngine):
@@ -19,6 +47,7 @@ class ScriptedEngine(MFluxEngine):
     step_s = 0.05
 
     def plan(self, job: JobInput, machine: Machine, *, ram_override_gb: float | None = None) -> TrainingPlan:
+        hold("plan", job.job_id)
         try:
             memory = self._memory(job, ram_override_gb or machine.total_gb, ram_override_gb or machine.available_gb)
         except InsufficientMemory as exc:
@@ -64,3 +93,15 @@ class ScriptedEngine(MFluxEngine):
 
     def prepare(self, plan: TrainingPlan) -> None:
         return None
+
+    def train(self, plan: TrainingPlan, workdir: Path, on_progress, stop: StopToken, **kwargs) -> TrainResult:
+        result = super().train(plan, workdir, on_progress, stop, **kwargs)
+        if result.status == "completed":
+            hold("trained", Path(workdir).name)
+        return result
+
+    def render(self, plan: TrainingPlan, workdir: Path, lora: Path, prompt: str, out_dir: Path, stop: StopToken, seed: int = 42):
+        rendered = super().render(plan, workdir, lora, prompt, out_dir, stop, seed)
+        if not isinstance(rendered, str):
+            hold("rendered", Path(workdir).name)
+        return rendered

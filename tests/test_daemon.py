@@ -206,3 +206,61 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(daemon_factory)
     assert d.log_has("train.checkpoint_corrupt", checkpoint=newest.name)
     assert d.log_has("train.resume", step=checkpoints.step_of(previous))
     assert (newest.with_name(newest.name + ".corrupt")).exists()  # set aside, not deleted
+
+
+# -- issue 12 item 13: markers that tell the truth ---------------------------------------------
+
+
+def test_unchanged_redrop_names_the_current_path_of_the_versioned_lora(daemon_factory):
+    from daemon.publish import metadata_of
+
+    d = daemon_factory().start()
+    first = drop(d, "ohwx_alice")
+    wait_for(lambda: states(d).get("ohwx_alice") == "done", 60, message="first alice")
+    drop(d, "ohwx_alice2", ready='name = "alice"\n', seed=1)  # other images, same LoRA name
+    wait_for(lambda: states(d).get("ohwx_alice2") == "done", 60, message="second alice")
+    ids = {j["dataset"]: j["id"] for j in d.jobs()}
+    loras = d.assets / "loras"
+    assert metadata_of(loras / "alice.v1.safetensors")["lorad.job_id"] == ids["ohwx_alice"]
+    (first / "READY").write_text("")
+    wait_for(lambda: not (first / "READY").exists() and d.log_has("dataset.unchanged"), 30, message="unchanged")
+    done = (first / "DONE").read_text()
+    assert done.startswith(f"job {ids['ohwx_alice']} ")
+    assert f"unchanged, already trained by job {ids['ohwx_alice']}" in done
+    assert f"lora: {loras / 'alice.v1.safetensors'}" in done
+    assert str(loras / "alice.safetensors") not in done  # that file is the second job's now
+    assert len(d.jobs()) == 2
+
+
+def test_folder_renamed_mid_training_gets_its_final_marker(daemon_factory, tmp_path):
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "trained.hold").touch()
+    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_HOLD_DIR": str(hold)}).start()
+    folder = drop(d, "ohwx_old")
+    wait_for(lambda: (hold / "trained.reached").exists(), 60, message="held in training")
+    job_id = (hold / "trained.reached").read_text()
+    renamed = folder.rename(d.training_data / "ohwx_new")  # the user renames it; TRAINING moves along
+    assert (renamed / "TRAINING").exists()
+    (hold / "trained.hold").unlink()
+    wait_for(lambda: (renamed / "DONE").exists(), 60, message="DONE in the renamed folder")
+    assert not (renamed / "TRAINING").exists()
+    assert (renamed / "DONE").read_text().startswith(f"job {job_id} ")
+    assert not folder.exists()  # no marker recreates the old folder
+    job = d.jobs()[0]
+    assert job["state"] == "done" and job["dataset_path"] == str(renamed) and job["dataset"] == "ohwx_new"
+    assert d.log_has("job.dataset_moved", job_id=job_id)
+
+
+def test_same_images_under_another_name_are_trained(daemon_factory):
+    import shutil
+
+    d = daemon_factory().start()
+    first = drop(d, "ohwx_alice")
+    wait_for(lambda: states(d).get("ohwx_alice") == "done", 60, message="alice")
+    copy = d.training_data / "ohwx_bob"
+    shutil.copytree(first, copy, ignore=shutil.ignore_patterns("DONE", "READY"))
+    (copy / "READY").write_text("")
+    wait_for(lambda: states(d).get("ohwx_bob") == "done", 60, message="bob trained")
+    assert (d.assets / "loras" / "bob.safetensors").is_file()
+    assert not d.log_has("dataset.unchanged")

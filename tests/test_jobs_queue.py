@@ -173,3 +173,118 @@ def test_dataset_for_event(path, expected):
 
     found = dataset_for_event(Path("/td"), path)
     assert (None if found is None else (str(found[0]), found[1])) == expected
+
+
+# -- compare-and-set transitions, cancel at phase boundaries (issue 12 item 12) -----------------
+
+
+@pytest.mark.parametrize(
+    "old, new, requested, expected",
+    [
+        ("queued", "preparing", False, "preparing"),
+        ("queued", "preparing", True, "cancelled"),
+        ("interrupted", "preparing", True, "cancelled"),
+        ("preparing", "training", True, "cancelled"),
+        ("training", "rendering", True, "cancelled"),
+        ("rendering", "publishing", True, "cancelled"),
+        ("rendering", "publishing", False, "publishing"),
+        ("publishing", "done", True, "done"),  # too late: publishing finishes
+        ("training", "failed", True, "failed"),
+        ("training", "interrupted", True, "interrupted"),  # a stop while cancelling: cancelled at the next start
+    ],
+)
+def test_honour_cancel(old, new, requested, expected):
+    from daemon.jobs import honour_cancel
+
+    assert honour_cancel(old, new, requested) == expected
+
+
+@pytest.mark.parametrize(
+    "state, action",
+    [
+        ("queued", "cancel"), ("interrupted", "cancel"),
+        ("preparing", "request"), ("training", "request"), ("rendering", "request"),
+        ("publishing", "too_late"),
+        ("done", "finished"), ("failed", "finished"), ("cancelled", "finished"),
+    ],
+)  # fmt: skip
+def test_cancel_action(state, action):
+    from daemon.jobs import cancel_action
+
+    assert cancel_action(state) == action
+
+
+def test_transition_is_a_compare_and_set(tmp_path):
+    from daemon.jobs import StateChanged
+
+    store = JobStore(tmp_path / "jobs.db", write_markers=False)
+    other = JobStore(tmp_path / "jobs.db", write_markers=False)  # a second process, say
+    job = _job(store, tmp_path)
+    store.transition(job.id, "failed", error="x")
+    other.transition(job.id, "queued", expect="failed", attempt=2)
+    with pytest.raises(StateChanged) as info:
+        store.transition(job.id, "queued", expect="failed", attempt=2)
+    assert info.value.current == "queued" and info.value.job_id == job.id
+    assert store.get(job.id).attempt == 2
+
+
+def test_requested_cancel_is_honoured_at_the_next_boundary(tmp_path):
+    store = JobStore(tmp_path / "jobs.db", write_markers=False)
+    job = _job(store, tmp_path)
+    store.transition(job.id, "preparing")
+    store.transition(job.id, "training")
+    assert store.cancel(job.id)[0] == "request"
+    assert store.transition(job.id, "rendering", expect="training").state == "cancelled"
+    other = _job(store, tmp_path, "ohwx_b2")
+    store.transition(other.id, "preparing")
+    store.transition(other.id, "training")
+    store.transition(other.id, "rendering")
+    store.transition(other.id, "publishing")
+    action, now = store.cancel(other.id)
+    assert action == "too_late" and now.state == "publishing" and not now.cancel_requested
+    assert store.transition(other.id, "done").state == "done"
+
+
+# -- the fingerprint decides "unchanged" and "already queued" (issue 12 items 11, 13) ------------
+
+
+def _report(folder="/td/ohwx_alice", name="alice", trigger="ohwx", images=(("a.png", "11"), ("b.png", "22"))):
+    from pathlib import Path
+
+    from daemon.intake.validate import ImageInfo, Report
+
+    infos = [ImageInfo(n, 64, 64, "RGB", "PNG", sha, 10) for n, sha in images]
+    return Report(
+        folder=Path(folder), trigger=trigger, name=name, images=infos,
+        captions={n: f"{trigger}, photo {n}" for n, _ in images},
+    )  # fmt: skip
+
+
+BASE = _report()
+
+
+@pytest.mark.parametrize(
+    "other, same",
+    [
+        (_report(), True),
+        (_report(folder="/td/ohwx_copy"), True),  # the folder's path is not the dataset
+        (_report(images=(("b.png", "22"), ("a.png", "11"))), True),  # listing order
+        (_report(name="bob"), False),  # another name is another LoRA
+        (_report(folder="/td/ohwx_bob", name="bob"), False),
+        (_report(trigger="zzkw"), False),
+        (_report(images=(("a.png", "11"), ("b.png", "23"))), False),
+        (_report(images=(("a.png", "11"),)), False),
+    ],
+)
+def test_fingerprint_table(other, same):
+    from daemon.intake.snapshot import fingerprint
+
+    assert (fingerprint(other, {"rank": 16}) == fingerprint(BASE, {"rank": 16})) is same
+
+
+def test_fingerprint_sees_the_name_even_with_equal_captions():
+    """Captions hold the trigger, not the name: the name must be hashed by itself."""
+    from daemon.intake.snapshot import fingerprint
+
+    a, b = _report(name="alice"), _report(name="alice2")
+    assert a.captions == b.captions and fingerprint(a, {}) != fingerprint(b, {})

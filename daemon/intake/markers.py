@@ -67,3 +67,60 @@ def failed_text(reasons: list[str], job_id: str | None) -> str:
     if job_id:
         lines.append(f"(or run: lorad retry {job_id})")
     return "\n".join(lines)
+
+
+def unchanged_text(job_id: str, name: str, finished: str, lora: Path | None, loras_dir: Path) -> str:
+    """DONE for a re-dropped dataset that was not retrained (pure): which job trained it and
+    where its LoRA is *now* (a later LoRA of the same name moves it to `<name>.v<N>`)."""
+    lines = [
+        f"job {job_id} ({name}) unchanged, already trained by job {job_id} (finished at {finished})",
+        "Not trained again: add force = true to READY to retrain it.",
+        "",
+    ]
+    if lora is None:
+        lines.append(f"its LoRA is no longer in {loras_dir} (moved or deleted)")
+        return "\n".join(lines) + "\n"
+    stem = lora.name[: -len(".safetensors")]
+    lines.append(f"lora: {lora}")
+    for label, suffix in (("render", ".png"), ("compare", ".compare.png")):
+        if (lora.parent / f"{stem}{suffix}").is_file():
+            lines.append(f"{label}: {lora.parent / (stem + suffix)}")
+    return "\n".join(lines) + "\n"
+
+
+def _first_line(path: Path, limit: int = 256) -> str:
+    """The start of a marker file, read only when it is a small regular file (never a FIFO)."""
+    import os
+
+    try:
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode):
+            return ""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            return os.read(fd, limit).decode("utf-8", "replace").split("\n", 1)[0]
+        finally:
+            os.close(fd)
+    except OSError:
+        return ""
+
+
+def names_job(line: str, job_id: str) -> bool:
+    """Does a marker's first line belong to this job? (pure; marker texts start "job <id> ")."""
+    return line == f"job {job_id}" or line.startswith(f"job {job_id} ")
+
+
+def folders_marked_with(root: Path, job_id: str) -> list[Path]:
+    """Dataset folders under root whose state marker names this job: where a folder renamed
+    while its job ran went (its marker moved with it)."""
+    found = []
+    try:
+        entries = sorted(Path(root).iterdir())
+    except OSError:
+        return []
+    for folder in entries:
+        if not _is_real_dir(folder):
+            continue
+        if any(names_job(_first_line(folder / m), job_id) for m in STATE_MARKERS):
+            found.append(folder)
+    return found

@@ -27,8 +27,12 @@ class DatasetChanged(Exception):
 
 
 def fingerprint(report: Report, effective: dict) -> str:
-    """sha256 over sorted names + contents (image bytes, normalised captions) + effective settings."""
+    """sha256 over the LoRA's name and trigger, sorted names + contents (image bytes, normalised
+    captions) + effective settings. The name is in it: the same images under another name are
+    another LoRA (trained, not "unchanged"). The folder's own path is not."""
     h = hashlib.sha256()
+    identity = {"name": report.name or report.folder.name, "trigger": report.trigger}
+    h.update(json.dumps(identity, sort_keys=True).encode("utf-8", "surrogateescape") + b"\0")
     for image in sorted(report.images, key=lambda i: i.name):
         h.update(image.name.encode("utf-8", "surrogateescape") + b"\0")
         h.update(image.sha256.encode() + b"\0")

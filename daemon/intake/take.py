@@ -18,7 +18,7 @@ from pathlib import Path
 from daemon.intake import contract, markers
 from daemon.intake.snapshot import DatasetChanged, choose_preview_prompt, fingerprint, take_snapshot
 from daemon.intake.validate import validate_dataset
-from daemon.jobs import JobStore, marker_text, new_job_id
+from daemon.jobs import JobStore, iso, marker_text, new_job_id
 from daemon.logs import get_logger
 from daemon.settings import Settings
 
@@ -27,7 +27,7 @@ TRAINING_KEYS = ("rank", "alpha", "epochs", "steps", "learning_rate", "resolutio
 
 @dataclass
 class Outcome:
-    status: str  # queued | invalid | unchanged | duplicate | not_ready | unstable | changed | refused
+    status: str  # queued | invalid | unchanged | already_queued | duplicate | not_ready | unstable | changed | refused
     job_id: str | None = None
     detail: str = ""
 
@@ -66,6 +66,29 @@ def is_stable(folder: Path, settle_s: float) -> bool:
     first = folder_signature(folder)
     time.sleep(settle_s)
     return first is not None and first == folder_signature(folder)
+
+
+def find_published_lora(loras: Path, job) -> Path | None:
+    """Where the job's LoRA is now: the file in loras/ whose header says `lorad.job_id` = this job.
+    Looked for at the recorded path, then among `<name>.v<N>.safetensors` (a later LoRA of the
+    same name moved it there), then in any .safetensors of the folder."""
+    from daemon.publish import metadata_of
+
+    recorded = job.outputs.get("lora") if isinstance(job.outputs, dict) else None
+    candidates = [Path(recorded)] if recorded else []
+    try:
+        others = sorted(p for p in Path(loras).iterdir() if p.name.endswith(".safetensors"))
+    except OSError:
+        others = []
+    versions = [p for p in others if p.name.startswith(f"{job.name}.v")]
+    candidates += versions + [p for p in others if p not in versions]
+    for path in candidates:
+        try:
+            if path.is_file() and not path.is_symlink() and metadata_of(path).get("lorad.job_id") == job.id:
+                return path
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 class Intake:
@@ -126,9 +149,16 @@ class Intake:
         effective = effective_settings(report.options, self.settings)
         fp = fingerprint(report, effective)
         force = bool(report.options.get("force"))
+        pending = self.store.unfinished_with_fingerprint(fp)
+        if pending is not None:  # even with force: the same training is already on its way
+            return self._already_queued(folder, ready, token, pending, fp, log)
         previous = self.store.done_with_fingerprint(fp)
         if previous is not None and not force:
-            markers.write_marker(folder, "done", marker_text(previous))
+            lora = find_published_lora(self.settings.loras, previous)
+            markers.write_marker(
+                folder, "done",
+                markers.unchanged_text(previous.id, previous.name, iso(previous.finished_at), lora, self.settings.loras),
+            )  # fmt: skip
             self._consume_ready(ready, token)
             log.info("dataset.unchanged", job_id=previous.id, fingerprint=fp)
             return Outcome("unchanged", previous.id)
@@ -163,6 +193,20 @@ class Intake:
             log.info("dataset.warning", job_id=job.id, file=warning.file, message=warning.message, code=warning.code)
         self.enqueue(job.id, job.priority, job.ready_at)
         return Outcome("queued", job.id)
+
+    def _already_queued(self, folder: Path, ready: Path, token: str, pending, fp: str, log) -> Outcome:
+        """The same dataset (same fingerprint) is queued or running: READY is consumed, nothing is
+        queued twice. Its own folder keeps that job's marker; another folder holding the same
+        dataset gets a FAILED.txt saying which job trains it (a copied marker would go stale)."""
+        if Path(pending.dataset_path) == folder:
+            markers.write_marker(folder, pending.state, marker_text(pending))
+        else:
+            markers.write_marker(folder, "failed", markers.failed_text(
+                [f"the same images, name and settings are already queued as job {pending.id} "
+                 f"(from {pending.dataset_path}); lorad does not train them twice"], None))  # fmt: skip
+        self._consume_ready(ready, token)
+        log.info("dataset.already_queued", job_id=pending.id, state=pending.state, fingerprint=fp)
+        return Outcome("already_queued", pending.id, detail=f"already queued as job {pending.id} ({pending.state})")
 
     def _refuse(self, folder: Path, token: str, log, reason: str) -> Outcome:
         """READY that cannot be taken (a folder, a symlink, a symlinked dataset): recorded once as a
