@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon import jobrecord
 from daemon.intake import contract, markers
 from daemon.intake.snapshot import DatasetChanged, choose_preview_prompt, fingerprint, take_snapshot
 from daemon.intake.validate import validate_dataset
@@ -145,8 +146,7 @@ class Intake:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        os.rename(staging, jobs_dir / job_id)
-        job = self.store.create(
+        row = dict(
             job_id=job_id,
             dataset_path=folder,
             name=report.name or folder.name,
@@ -158,6 +158,11 @@ class Intake:
             priority=int(report.options.get("priority", 0)),
             ready_at=ready_st.st_mtime,
         )
+        # The work dir carries its own record before it exists under its id: a lost jobs table
+        # is rebuilt from these (daemon.recover_work_dirs), never mistaken for garbage.
+        jobrecord.write_record(staging, jobrecord.new_record(**row, created_at=time.time()))
+        os.rename(staging, jobs_dir / job_id)
+        job = self.store.create(**row)
         self._consume_ready(ready, token)
         for warning in report.warnings:
             log.info("dataset.warning", job_id=job.id, file=warning.file, message=warning.message, code=warning.code)
