@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from daemon import jobrecord, logs
+from daemon import jobrecord, logs, space
 from daemon.fsutil import remove_stale_temps
 from daemon.intake.take import Intake
 from daemon.jobs import ACTIVE, CorruptDatabase, JobStore, move_aside
@@ -184,6 +184,7 @@ class Daemon:
             )
         summary = reconcile(store, self.queue)
         removed = clean_work_dirs(s, store)
+        space.ensure_reserve(s.state)  # room to record a job's end if the state disk fills up
         self.log.info("queue.reconciled", removed_dirs=removed, recovered=[j.id for j in recovered], **summary)
 
         consumer = self.queue.consumer(wake=s.queue_wake)

@@ -28,7 +28,7 @@ TRAINING_KEYS = ("rank", "alpha", "epochs", "steps", "learning_rate", "resolutio
 
 @dataclass
 class Outcome:
-    status: str  # queued | invalid | unchanged | duplicate | not_ready | unstable | changed | refused
+    status: str  # queued | invalid | unchanged | duplicate | not_ready | unstable | changed | refused | no_space
     job_id: str | None = None
     detail: str = ""
 
@@ -136,6 +136,11 @@ class Intake:
         job_id = new_job_id()
         jobs_dir = self.settings.jobs_dir
         jobs_dir.mkdir(parents=True, exist_ok=True)
+        problem = self._space_problem(report, jobs_dir, log)
+        if problem is not None:
+            job = self._record_refusal(folder, token, ready_st.st_mtime, [problem], report.name, report.trigger)
+            self._consume_ready(ready, token)
+            return Outcome("no_space", job.id, detail=problem)
         staging = jobs_dir / f".intake-{job_id}"
         try:
             manifest = take_snapshot(report, staging, preview_prompt=choose_preview_prompt(report), effective=effective)
@@ -168,6 +173,18 @@ class Intake:
             log.info("dataset.warning", job_id=job.id, file=warning.file, message=warning.message, code=warning.code)
         self.enqueue(job.id, job.priority, job.ready_at)
         return Outcome("queued", job.id)
+
+    @staticmethod
+    def _space_problem(report, jobs_dir: Path, log) -> str | None:
+        """Refuse before copying when the snapshot cannot fit on the state disk (numbers included)."""
+        from daemon import space
+
+        needed = space.space_needed("intake", dataset_bytes=space.snapshot_bytes(report.images, report.captions))
+        free = space.free_bytes(jobs_dir)
+        problem = space.space_problem("the dataset's snapshot", jobs_dir, needed, free, "create READY again")
+        if problem is not None:
+            log.warning("space.refused", phase="intake", path=str(jobs_dir), needed_bytes=needed, free_bytes=free)
+        return problem
 
     def _refuse(self, folder: Path, token: str, log, reason: str) -> Outcome:
         """READY that cannot be taken (a folder, a symlink, a symlinked dataset): recorded once as a
