@@ -185,3 +185,16 @@ def test_training_refused_early_then_retry(mounts, daemon_factory, tmp_path):
     filler.unlink()
     assert d.cli("retry", job["id"]).returncode == 0
     wait_for(lambda: d.job_states().get("ohwx_train") == "done", 60, message="retry succeeds")
+
+
+def test_a_marker_that_cannot_be_written_never_breaks_a_transition(tmp_path):
+    from daemon.jobs import JobStore
+
+    folder = tmp_path / "ohwx_a"
+    (folder / "QUEUED").mkdir(parents=True)  # the marker's path cannot take a file: OSError on write
+    store = JobStore(tmp_path / "jobs.db")
+    job = store.create(job_id="j1", dataset_path=folder, name="a", trigger="ohwx", fingerprint="fp",
+                       ready_token=None, settings={})
+    assert store.get(job.id).state == "queued"  # created (and enqueued by intake) although QUEUED failed
+    assert store.transition(job.id, "preparing").state == "preparing"
+    assert (folder / "TRAINING").is_file()

@@ -168,3 +168,31 @@ def test_unusable_records_are_named(record, problem):
     row, why = jobrecord.row_from_record(record, "j")
     assert row is None and problem in why
 
+
+
+def test_store_keeps_the_record_in_step_and_never_fails_for_it(tmp_path):
+    from daemon.jobs import JobStore
+
+    jobs_dir = tmp_path / "jobs"
+    store = JobStore(tmp_path / "jobs.db", write_markers=False, jobs_dir=jobs_dir)
+    (jobs_dir / "j1").mkdir(parents=True)
+
+    def record():
+        return json.loads((jobs_dir / "j1" / "job.json").read_text())
+
+    store.create(job_id="j1", dataset_path=tmp_path / "ohwx_a", name="a", trigger="ohwx", fingerprint="fp",
+                 ready_token="1:2:3", settings={"model": "m"}, priority=1, ready_at=5.0)
+    assert record()["state"] == "queued" and record()["fingerprint"] == "fp" and record()["version"] == 1
+    store.transition("j1", "preparing")
+    store.transition("j1", "failed", error="boom")
+    assert record()["state"] == "failed" and record()["error"] == "boom"
+    store.transition("j1", "queued", attempt=2, error=None)
+    assert record()["state"] == "queued" and record()["attempt"] == 2
+    # A refused intake has no work dir: nothing is created for it.
+    store.create(job_id="j2", dataset_path=tmp_path / "ohwx_b", name="b", trigger="ohwx", fingerprint="",
+                 ready_token=None, settings={})
+    assert not (jobs_dir / "j2").exists()
+    # A record that cannot be written (here: job.json is a folder) is logged; the move still happens.
+    (jobs_dir / "j1" / "job.json").unlink()
+    (jobs_dir / "j1" / "job.json").mkdir()
+    assert store.transition("j1", "cancelled").state == "cancelled"
