@@ -26,7 +26,7 @@ def _store(settings: Settings, *, must_exist: bool = True):
 
     if must_exist and not settings.jobs_db.exists():
         return None
-    return JobStore(settings.jobs_db, check=False)
+    return JobStore(settings.jobs_db, check=False, jobs_dir=settings.jobs_dir)
 
 
 def _wake_daemon(settings: Settings) -> int | None:

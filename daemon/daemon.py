@@ -6,17 +6,19 @@ Threads: the main thread (signals, periodic rescan), the watchdog observer, the 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
-from daemon import logs
+from daemon import jobrecord, logs, space
 from daemon.fsutil import remove_stale_temps
 from daemon.intake.take import Intake
-from daemon.jobs import ACTIVE, CorruptDatabase, JobStore
+from daemon.jobs import ACTIVE, CorruptDatabase, JobStore, move_aside
 from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.pipeline import Pipeline
 from daemon.queue import Queue
@@ -39,16 +41,79 @@ def reconcile(store: JobStore, queue: Queue) -> dict:
     return {"interrupted": interrupted, "requeued": missing, "dropped": dropped, "queued": len(runnable)}
 
 
+def _resume_fields(workdir: Path) -> dict:
+    """Step and plan of an unfinished work dir: the marker says where it resumes, and the same
+    plan is reused (the engine re-verifies the checkpoint when it resumes)."""
+    from engines import checkpoints
+
+    fields: dict = {}
+    newest = checkpoints.list_checkpoints(workdir / "train" / "checkpoints")
+    if newest:
+        fields["step"] = checkpoints.step_of(newest[0])
+    try:
+        plan = json.loads((workdir / "plan.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return fields
+    if isinstance(plan, dict) and plan.get("total_steps"):
+        fields["plan"] = json.dumps(plan)
+        fields["total_steps"] = plan["total_steps"]
+    return fields
+
+
+def recover_work_dirs(settings: Settings, store: JobStore) -> list:
+    """Re-adopt work dirs the jobs table does not know (the table was lost or rebuilt): each one's
+    job.json becomes its row again, unfinished jobs as `interrupted`. A dir without a usable
+    record is logged and left alone: lorad never deletes a work dir it cannot account for."""
+    log = logs.get_logger()
+    found = []
+    if not settings.jobs_dir.is_dir():
+        return []
+    for path in sorted(settings.jobs_dir.iterdir()):
+        if path.name.startswith(".") or path.is_symlink() or not path.is_dir() or store.get(path.name) is not None:
+            continue
+        record, problem = jobrecord.read_record(path)
+        row = None
+        if record is not None:
+            row, problem = jobrecord.row_from_record(record, path.name)
+        if row is None:
+            log.warning("job.unrecoverable", path=str(path), problem=problem)
+            continue
+        found.append((row, path))
+    recovered = []
+    for row, path in sorted(found, key=lambda item: (item[0]["created_at"], item[0]["id"])):
+        if row["state"] == "interrupted":
+            row.update(_resume_fields(path))
+        job = store.adopt(row)
+        recovered.append(job)
+        log.info("job.recovered", job_id=job.id, dataset=job.dataset, state=job.state, step=job.step, path=str(path))
+    for job in recovered:
+        latest = store.latest_for_dataset(job.dataset_path)
+        if job.state == "interrupted" and latest is not None and latest.id == job.id:
+            store.refresh_marker(job)
+    return recovered
+
+
+def open_jobs_store(settings: Settings) -> tuple[JobStore, Path | None, str | None]:
+    """The jobs table; a corrupt or unreadable one is moved aside (never deleted) and a new one
+    created, to be rebuilt from the work dirs. Returns (store, where the old one went, why)."""
+    try:
+        return JobStore(settings.jobs_db, jobs_dir=settings.jobs_dir), None, None
+    except CorruptDatabase as exc:
+        moved = move_aside(settings.jobs_db)
+        return JobStore(settings.jobs_db, jobs_dir=settings.jobs_dir), moved, exc.problem
+
+
 def clean_work_dirs(settings: Settings, store: JobStore) -> list[str]:
-    """Remove what a killed daemon left half-written: snapshots being built (.intake-*), work dirs
-    of jobs the table never recorded, and lorad's own temp files (outputs, registry, markers)."""
+    """Remove what a killed daemon left half-written: snapshots being built (.intake-*) and
+    lorad's own temp files (outputs, registry, markers, records). Job work dirs are never
+    removed here, known or not (recover_work_dirs re-adopts the unknown ones)."""
     removed = []
     if settings.jobs_dir.is_dir():
         for path in settings.jobs_dir.iterdir():
-            if path.name.startswith(".intake-") or (path.is_dir() and store.get(path.name) is None):
+            if path.name.startswith(".intake-"):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path.name)
-            elif path.is_dir():
+            elif path.is_dir() and not path.is_symlink():
                 removed += remove_stale_temps(path)
     folders = [settings.loras, settings.registry.parent, settings.state]
     if settings.training_data.is_dir():
@@ -97,18 +162,30 @@ class Daemon:
     def _run_locked(self) -> int:
         s = self.settings
         try:
-            store = JobStore(s.jobs_db)
+            store, jobs_moved, jobs_problem = open_jobs_store(s)
             self.pipeline = Pipeline(s, store, self.shutdown)
-            self.queue = Queue(s.queue_db, run_job=self.pipeline.run_job)
-        except CorruptDatabase as exc:
+            try:
+                self.queue = Queue(s.queue_db, run_job=self.pipeline.run_job)
+            except CorruptDatabase as exc:
+                # huey's queue is rebuilt from the jobs table below anyway: set the old one aside.
+                moved = move_aside(s.queue_db)
+                self.queue = Queue(s.queue_db, run_job=self.pipeline.run_job)
+                self.log.warning("queue.db_rebuilt", moved_to=str(moved), reason=exc.problem)
+        except (CorruptDatabase, OSError) as exc:
             print(f"lorad: {exc}", file=sys.stderr)
             self.log.error("daemon.corrupt_db", reason=str(exc))
             return 1
         s.training_data.mkdir(parents=True, exist_ok=True)
         s.loras.mkdir(parents=True, exist_ok=True)
+        recovered = recover_work_dirs(s, store)
+        if jobs_moved is not None:
+            self.log.warning(
+                "jobs.db_rebuilt", moved_to=str(jobs_moved), recovered=len(recovered), reason=jobs_problem
+            )
         summary = reconcile(store, self.queue)
         removed = clean_work_dirs(s, store)
-        self.log.info("queue.reconciled", removed_dirs=removed, **summary)
+        space.ensure_reserve(s.state)  # room to record a job's end if the state disk fills up
+        self.log.info("queue.reconciled", removed_dirs=removed, recovered=[j.id for j in recovered], **summary)
 
         consumer = self.queue.consumer(wake=s.queue_wake)
         consumer.start()

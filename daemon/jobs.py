@@ -60,7 +60,9 @@ class StateChanged(IllegalTransition):
 
 
 class CorruptDatabase(Exception):
-    pass
+    def __init__(self, message: str, problem: str = ""):
+        super().__init__(message)
+        self.problem = problem or message  # what SQLite said, for the log line
 
 
 def is_legal(old: str, new: str) -> bool:
@@ -212,10 +214,13 @@ class JobStore:
     """Connection per instance; safe to use from the daemon's threads with its own lock-free calls
     because sqlite3 serialises writers (busy timeout) and WAL lets readers run alongside."""
 
-    def __init__(self, path: Path, *, write_markers: bool = True, check: bool = True):
+    def __init__(self, path: Path, *, write_markers: bool = True, check: bool = True, jobs_dir: Path | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.write_markers = write_markers
+        # Where the work dirs live: each gets a job.json record (daemon/jobrecord.py) so a lost
+        # table can be rebuilt. None (bench, selftest): no records.
+        self.jobs_dir = Path(jobs_dir) if jobs_dir is not None else None
         # One connection shared by the daemon's threads: calls are serialised here.
         self._lock = _thread.RLock()
         try:
@@ -229,7 +234,7 @@ class JobStore:
                     raise sqlite3.DatabaseError(result)
             self._migrate()
         except sqlite3.DatabaseError as exc:
-            raise CorruptDatabase(corrupt_message(self.path, "jobs database", exc)) from None
+            raise CorruptDatabase(corrupt_message(self.path, "jobs database", exc), str(exc)) from None
 
     def close(self) -> None:
         self.conn.close()
@@ -300,6 +305,12 @@ class JobStore:
             "SELECT * FROM jobs WHERE fingerprint = ? AND fingerprint != ''"
             " AND state NOT IN ('done','failed','cancelled') ORDER BY seq LIMIT 1",
             (fingerprint,),
+        )
+
+    def latest_for_dataset(self, dataset_path: str) -> Job | None:
+        """The dataset's newest job: the one its marker must describe."""
+        return self._one(
+            "SELECT * FROM jobs WHERE dataset_path = ? ORDER BY created_at DESC, seq DESC LIMIT 1", (dataset_path,)
         )
 
     def active_for_dataset(self, dataset_path: str) -> list[Job]:
@@ -421,6 +432,18 @@ class JobStore:
         assert job is not None
         return job
 
+    def adopt(self, row: dict) -> Job:
+        """Insert a row rebuilt from a work dir's record (jobrecord.row_from_record); seq is new."""
+        now = time.time()
+        columns = {**row, "updated_at": now}
+        with self._tx() as conn:
+            columns["seq"] = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+            names = ", ".join(columns)
+            conn.execute(f"INSERT INTO jobs ({names}) VALUES ({','.join('?' * len(columns))})", tuple(columns.values()))
+        job = self.get(row["id"])
+        assert job is not None
+        return job
+
     def request_cancel(self, job_id: str) -> None:
         self.update(job_id, cancel_requested=1)
 
@@ -445,8 +468,25 @@ class JobStore:
         return cursor.rowcount == 1
 
     def refresh_marker(self, job: Job) -> None:
+        """Markers are the user's view, never part of the state machine: a marker that cannot be
+        written (dataset disk full, read-only folder) is logged and the job goes on."""
         if self.write_markers:
-            markers.write_marker(Path(job.dataset_path), job.state, marker_text(job))
+            try:
+                markers.write_marker(Path(job.dataset_path), job.state, marker_text(job))
+            except OSError as exc:
+                path = Path(job.dataset_path) / markers.MARKER_FOR_STATE[job.state]
+                _log_write_failure("marker.write_failed", job, path, exc)
+
+    def write_record(self, job: Job) -> None:
+        """Keep the work dir's job.json in step with the row (best effort, like markers)."""
+        if self.jobs_dir is None:
+            return
+        from daemon import jobrecord
+
+        try:
+            jobrecord.write_record(self.jobs_dir / job.id, jobrecord.record_of(job))
+        except OSError as exc:
+            _log_write_failure("job.record_failed", job, self.jobs_dir / job.id / jobrecord.RECORD_FILE, exc)
 
     def follow_renamed_folder(self, job: Job) -> Job:
         """A dataset folder renamed while its job ran takes its marker along: find the folder under
@@ -468,6 +508,8 @@ class JobStore:
         return moved
 
     def _after(self, job: Job, old: str | None, new: str, event: str, *, marker: bool = True) -> None:
+        if old is None or new in FINISHED or old in FINISHED:
+            self.write_record(job)  # created, finished, or queued again: what a rebuild must know
         if marker:
             self.refresh_marker(job)
             job = self.follow_renamed_folder(job)
@@ -500,17 +542,53 @@ class _Transaction:
         return self.store.conn
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        conn = self.store.conn
         try:
-            self.store.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is None:
+                try:
+                    conn.execute("COMMIT")
+                except BaseException:
+                    # COMMIT failed (disk full): leave no transaction open, or every later BEGIN fails.
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            elif conn.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+                conn.execute("ROLLBACK")
         finally:
             self.store._lock.release()
 
 
-def corrupt_message(path: Path, what: str, exc: Exception) -> str:
-    backup = f"{path}.corrupt-{int(time.time())}"
-    return (
-        f"the {what} at {path} is corrupt or unreadable ({exc}). lorad will not start on it, so no job is "
-        f"silently dropped. Back it up and let lorad create a new one:\n"
-        f"    mv '{path}' '{backup}'; rm -f '{path}-wal' '{path}-shm'\n"
-        f"Job work dirs (checkpoints, snapshots) stay in {path.parent / 'jobs'}."
+def _log_write_failure(event: str, job: Job, path: Path, exc: OSError) -> None:
+    from daemon.logs import get_logger
+
+    get_logger().warning(
+        event, job_id=job.id, dataset=job.dataset, path=str(path), errno=exc.errno, error=exc.strerror or str(exc)
     )
+
+
+def corrupt_message(path: Path, what: str, exc: Exception) -> str:
+    return (
+        f"the {what} at {path} is corrupt or unreadable ({exc}). `lorad run` moves it aside "
+        f"({path.name}.corrupt-<time>, kept) and rebuilds it from the job work dirs in {path.parent / 'jobs'}, "
+        f"which it never deletes."
+    )
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a database that cannot be opened (and its -wal/-shm) to `<name>.corrupt-<UTC time>`:
+    kept for inspection, never deleted. Returns the new path of the main file."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    suffix = f".corrupt-{stamp}"
+    number = 1
+    while any(Path(f"{path}{extra}{suffix}").exists() for extra in ("", "-wal", "-shm")):
+        number += 1
+        suffix = f".corrupt-{stamp}-{number}"
+    moved = Path(f"{path}{suffix}")
+    if path.exists() or path.is_symlink():
+        os.rename(path, moved)
+    for extra in ("-wal", "-shm"):
+        side = Path(f"{path}{extra}")
+        if side.exists():
+            os.rename(side, f"{side}{suffix}")
+    return moved

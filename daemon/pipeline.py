@@ -16,7 +16,8 @@ from pathlib import Path
 import psutil
 import structlog
 
-from daemon.jobs import RUNNABLE, JobStore, StateChanged
+from daemon import space
+from daemon.jobs import FINISHED, RUNNABLE, JobStore, StateChanged
 from daemon.logs import get_logger
 from daemon.publish import (
     PublishError,
@@ -135,8 +136,13 @@ class Pipeline:
             if job.cancel_requested:
                 self._advance(job_id, "cancelled", RUNNABLE)
                 return
+            space.ensure_reserve(self.settings.state)  # room for the final write if the disk fills
             self._run(job_id, stop)
         except Exception as exc:
+            if space.is_disk_full(exc):
+                filename = getattr(exc, "filename", None)
+                self._fail_disk_full(job_id, f"{type(exc).__name__}: {exc}", Path(filename).parent if filename else None)
+                return
             self.log.exception("job.crashed")
             job = self.store.get(job_id)
             if job is not None and job.state not in ("done", "failed", "cancelled"):
@@ -144,6 +150,36 @@ class Pipeline:
         finally:
             self.current_stop = None
             structlog.contextvars.unbind_contextvars("job_id", "dataset")
+
+    def _fail_disk_full(self, job_id: str, detail: str, where: Path | None = None) -> None:
+        """A full disk must end the job visibly (failed, retryable), never leave it looking alive.
+        One job.disk_full line with the free bytes; the reserve file is deleted to make room for
+        that line and the failed row. If even that write fails (something else took the space),
+        it is retried with bounded backoff until it lands or the daemon stops (the next start
+        then marks the job interrupted)."""
+        where = Path(where or self.settings.state)
+        free = space.free_bytes(where)
+        released = space.release_reserve(self.settings.state)
+        self.log.error("job.disk_full", path=str(where), free_bytes=free, released_bytes=released, error=detail)
+        error = (
+            f"the disk holding {where} is full ({space.human(free)} free): {detail}. "
+            f"Free some space there, then run: lorad retry {job_id}"
+        )
+        delay = 1.0
+        while True:
+            try:
+                job = self.store.get(job_id)
+                if job is None or job.state in FINISHED:
+                    return
+                self.store.transition(job_id, "failed", error=error)
+                return
+            except Exception as again:
+                if not space.is_disk_full(again):
+                    raise
+                self.log.warning("job.disk_full_retry", retry_in_s=delay, free_bytes=space.free_bytes(where))
+            if self.shutdown.wait(delay):
+                return
+            delay = min(60.0, delay * 2)
 
     def _stopped(self, job_id: str, stop: StopToken, step: int | None = None) -> None:
         if stop.reason == "cancel":
@@ -188,6 +224,10 @@ class Pipeline:
             return
         self.store.update(job_id, plan=plan.to_dict(), total_steps=plan.total_steps)
         self.log.info("job.plan", tier=plan.tier, reason=plan.reason, warnings=plan.warnings, total_steps=plan.total_steps)
+        problem = self._training_space_problem(job, spec, workdir)
+        if problem is not None:
+            self.store.transition(job_id, "failed", error=problem)
+            return
         if stop.requested() or self.shutdown.is_set():
             stop.stop(stop.reason or "shutdown")
             self._stopped(job_id, stop)
@@ -211,6 +251,9 @@ class Pipeline:
                     plan = lower
                     self.store.update(job_id, plan=plan.to_dict(), total_steps=plan.total_steps)
                     continue
+            if space.looks_like_disk_full(result.error):
+                self._fail_disk_full(job_id, result.error, workdir)
+                return
             self.store.transition(job_id, "failed", error=result.error or "training failed")
             return
         if not self._advance(job_id, "rendering", "training"):
@@ -266,6 +309,20 @@ class Pipeline:
             self.store.transition(job.id, "failed", error=str(exc))
             return
         self.store.transition(job.id, "done", outputs=outputs, eta_s=0)
+
+    def _training_space_problem(self, job, spec: JobInput, workdir: Path) -> str | None:
+        """Refuse before training when its checkpoints cannot fit (needed vs free, which disk)."""
+        ckpt_dir = workdir / "train" / "checkpoints"
+        written = sum(p.stat().st_size for p in checkpoints.list_checkpoints(ckpt_dir))
+        needed = space.space_needed(
+            "train", engine=job.settings.get("engine", "mflux"), model=spec.model,
+            rank=int(spec.options.get("rank", 16)), written=written,
+        )
+        free = space.free_bytes(workdir)
+        problem = space.space_problem("training", workdir, needed, free, f"run: lorad retry {job.id}")
+        if problem is not None:
+            self.log.warning("space.refused", phase="train", path=str(workdir), needed_bytes=needed, free_bytes=free)
+        return problem
 
     def _on_spawn(self, pid: int) -> None:
         self.log.info("job.child", pid=pid)

@@ -69,7 +69,7 @@ def open_huey(path: Path) -> SqliteHuey:
     except sqlite3.DatabaseError as exc:
         from daemon.jobs import CorruptDatabase, corrupt_message
 
-        raise CorruptDatabase(corrupt_message(path, "queue database", exc)) from None
+        raise CorruptDatabase(corrupt_message(path, "queue database", exc), str(exc)) from None
     return huey
 
 

@@ -308,12 +308,13 @@ def test_r5_disk_full_leaves_previous_lora_and_registry_then_retry(daemon_factor
 
 
 @pytest.mark.parametrize("db", ["jobs.db", "queue.db"])
-def test_r6_corrupt_database_refuses_to_start(daemon_factory, db):
+def test_r6_corrupt_database_is_moved_aside_and_rebuilt(daemon_factory, db):
     d = daemon_factory().start()
     folder = make_dataset(d.training_data / "ohwx_db", images=1)
     (folder / "READY").write_text("")
     wait_for(lambda: d.job_states().get("ohwx_db") == "done", 60, message="a job in the db")
     d.stop()
+    job = d.jobs()[0]
     path = d.state / db
     for suffix in ("-wal", "-shm"):
         Path(str(path) + suffix).unlink(missing_ok=True)
@@ -321,7 +322,12 @@ def test_r6_corrupt_database_refuses_to_start(daemon_factory, db):
     data[100:4096] = os.urandom(3996)  # garbage over the header and schema pages
     path.write_bytes(bytes(data))
     corrupt = path.read_bytes()
-    result = d.cli("run", timeout=60)
-    assert result.returncode == 1
-    assert "corrupt" in result.stderr and "mv " in result.stderr and str(path) in result.stderr
-    assert path.read_bytes() == corrupt  # never silently replaced
+    d.start()
+    moved = [p for p in d.state.iterdir() if p.name.startswith(db + ".corrupt-")]
+    assert [p.read_bytes() for p in moved] == [corrupt]  # kept, byte for byte
+    event = "jobs.db_rebuilt" if db == "jobs.db" else "queue.db_rebuilt"
+    assert d.log_has(event, moved_to=str(moved[0]))
+    assert [(j["id"], j["state"]) for j in d.jobs()] == [(job["id"], "done")]
+    second = make_dataset(d.training_data / "ohwx_after", images=1, seed=5)
+    (second / "READY").write_text("")
+    wait_for(lambda: d.job_states().get("ohwx_after") == "done", 60, message="the queue runs")

@@ -97,12 +97,19 @@ def test_schema_version_and_migration_from_v1(tmp_path):
     assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_corrupt_jobs_db_is_refused_with_a_recovery_command(tmp_path):
+def test_corrupt_jobs_db_is_reported_then_moved_aside_intact(tmp_path):
+    from daemon.jobs import move_aside
+
     path = tmp_path / "jobs.db"
-    path.write_bytes(b"SQLite format 3\x00" + b"\xde\xad" * 4000)
+    garbage = b"SQLite format 3\x00" + b"\xde\xad" * 4000
+    path.write_bytes(garbage)
     with pytest.raises(CorruptDatabase) as info:
         JobStore(path)
-    assert "mv " in str(info.value) and str(path) in str(info.value)
+    assert "moves it aside" in str(info.value) and str(path) in str(info.value) and info.value.problem
+    moved = move_aside(path)
+    assert moved.name.startswith("jobs.db.corrupt-") and moved.read_bytes() == garbage and not path.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name in ("jobs.db-wal", "jobs.db-shm")]
+    assert JobStore(path).list() == []  # a fresh table in its place
 
 
 def test_queue_order_priority_then_fifo(tmp_path):

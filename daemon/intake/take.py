@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon import jobrecord
 from daemon.intake import contract, markers
 from daemon.intake.snapshot import DatasetChanged, choose_preview_prompt, fingerprint, take_snapshot
 from daemon.intake.validate import validate_dataset
@@ -27,7 +28,7 @@ TRAINING_KEYS = ("rank", "alpha", "epochs", "steps", "learning_rate", "resolutio
 
 @dataclass
 class Outcome:
-    status: str  # queued | invalid | unchanged | already_queued | duplicate | not_ready | unstable | changed | refused
+    status: str  # queued | invalid | unchanged | already_queued | duplicate | not_ready | unstable | changed | refused | no_space
     job_id: str | None = None
     detail: str = ""
 
@@ -165,6 +166,11 @@ class Intake:
         job_id = new_job_id()
         jobs_dir = self.settings.jobs_dir
         jobs_dir.mkdir(parents=True, exist_ok=True)
+        problem = self._space_problem(report, jobs_dir, log)
+        if problem is not None:
+            job = self._record_refusal(folder, token, ready_st.st_mtime, [problem], report.name, report.trigger)
+            self._consume_ready(ready, token)
+            return Outcome("no_space", job.id, detail=problem)
         staging = jobs_dir / f".intake-{job_id}"
         try:
             manifest = take_snapshot(report, staging, preview_prompt=choose_preview_prompt(report), effective=effective)
@@ -175,8 +181,7 @@ class Intake:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        os.rename(staging, jobs_dir / job_id)
-        job = self.store.create(
+        row = dict(
             job_id=job_id,
             dataset_path=folder,
             name=report.name or folder.name,
@@ -188,6 +193,11 @@ class Intake:
             priority=int(report.options.get("priority", 0)),
             ready_at=ready_st.st_mtime,
         )
+        # The work dir carries its own record before it exists under its id: a lost jobs table
+        # is rebuilt from these (daemon.recover_work_dirs), never mistaken for garbage.
+        jobrecord.write_record(staging, jobrecord.new_record(**row, created_at=time.time()))
+        os.rename(staging, jobs_dir / job_id)
+        job = self.store.create(**row)
         self._consume_ready(ready, token)
         for warning in report.warnings:
             log.info("dataset.warning", job_id=job.id, file=warning.file, message=warning.message, code=warning.code)
@@ -207,6 +217,18 @@ class Intake:
         self._consume_ready(ready, token)
         log.info("dataset.already_queued", job_id=pending.id, state=pending.state, fingerprint=fp)
         return Outcome("already_queued", pending.id, detail=f"already queued as job {pending.id} ({pending.state})")
+
+    @staticmethod
+    def _space_problem(report, jobs_dir: Path, log) -> str | None:
+        """Refuse before copying when the snapshot cannot fit on the state disk (numbers included)."""
+        from daemon import space
+
+        needed = space.space_needed("intake", dataset_bytes=space.snapshot_bytes(report.images, report.captions))
+        free = space.free_bytes(jobs_dir)
+        problem = space.space_problem("the dataset's snapshot", jobs_dir, needed, free, "create READY again")
+        if problem is not None:
+            log.warning("space.refused", phase="intake", path=str(jobs_dir), needed_bytes=needed, free_bytes=free)
+        return problem
 
     def _refuse(self, folder: Path, token: str, log, reason: str) -> Outcome:
         """READY that cannot be taken (a folder, a symlink, a symlinked dataset): recorded once as a
