@@ -52,6 +52,9 @@ FIELDS: dict[str, tuple[str, object]] = {
     "queue_wake": ("bool", True),
     # Training checkpoint interval in steps; 0 = automatic (about 10 a run).
     "checkpoint_every": ("int", 0),
+    # Intake refuses larger files before reading them (a 40 GB sparse "image" must not be read).
+    "max_image_bytes": ("int", 100_000_000),
+    "max_caption_bytes": ("int", 64 * 1024),
 }
 
 
