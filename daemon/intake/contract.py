@@ -154,6 +154,10 @@ def trigger_in(caption: str, trigger: str) -> bool:
     return re.search(r"(?<!\w)" + re.escape(trigger) + r"(?!\w)", caption, flags=re.IGNORECASE) is not None
 
 
+def _size_text(n: int) -> str:
+    return f"{n / 1024:,.0f} KB" if n >= 10 * 1024 else f"{n:,} bytes"
+
+
 def check_caption(
     rel: str, raw: bytes, trigger: str, policy: str, size: int | None = None, max_bytes: int = MAX_CAPTION_BYTES
 ) -> tuple[str | None, list[Finding]]:
@@ -164,7 +168,7 @@ def check_caption(
         return None, [
             Finding.error(
                 rel,
-                f"caption is {size / 1024:,.0f} KB (limit {max_bytes / 1024:,.0f} KB, setting max_caption_bytes); "
+                f"caption is {_size_text(size)} (limit {_size_text(max_bytes)}, setting max_caption_bytes); "
                 "mflux reads at most 512 tokens (a few KB)",
                 "shorten the caption to a sentence or two",
                 code="caption.huge",

@@ -83,11 +83,11 @@ def crash_reason(exc: BaseException, state_dir: Path, folder: Path | None = None
         where = exc.filename or state_dir
         free = ""
         try:
-            free = f" ({shutil.disk_usage(state_dir).free:,} bytes free in {state_dir})"
+            free = f" ({shutil.disk_usage(state_dir).free:,} bytes free now)"
         except OSError:
             pass
         return (
-            f"intake stopped: the disk is full while writing {where}{free}. "
+            f"intake stopped: no space left on the disk holding {where}{free} while copying the dataset. "
             "Free some space, then create READY in this folder again"
         )
     if isinstance(exc, MemoryError):
