@@ -23,7 +23,6 @@ from PIL import Image
 from conftest import tree_hash, wait_for
 
 from daemon.fsutil import NotARegularFile, file_kind, open_regular
-from daemon.intake import contract
 from daemon.intake.take import Intake
 from daemon.intake.validate import validate_dataset
 from daemon.jobs import Job, JobStore, marker_text

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon.fsutil import file_kind
 from daemon.intake import contract, markers
 from daemon.intake.snapshot import DatasetChanged, choose_preview_prompt, fingerprint, take_snapshot
-from daemon.fsutil import file_kind
 from daemon.intake.validate import limits, read_options_file, validate_dataset
 from daemon.jobs import JobStore, marker_text, new_job_id
 from daemon.logs import get_logger
@@ -75,10 +75,9 @@ def crash_reason(exc: BaseException, state_dir: Path, folder: Path | None = None
 
     if isinstance(exc, UnicodeError) and folder is not None and not contract.is_utf8(str(folder)):
         return (
-            f"the dataset path {contract.printable_name(str(folder))!s} is not valid UTF-8 (undecodable bytes shown "
+            f"the dataset path {contract.printable_name(str(folder))} is not valid UTF-8 (undecodable bytes shown "
             "as \\xNN), so lorad cannot record it: rename the folder with plain UTF-8 characters, then create READY again"
         )
-
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         where = exc.filename or state_dir
         free = ""
