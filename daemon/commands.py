@@ -62,14 +62,14 @@ def cmd_status(settings: Settings, args) -> int:
 
 
 def cmd_validate(settings: Settings, args) -> int:
-    from daemon.intake.validate import validate_dataset
+    from daemon.intake.validate import limits, validate_dataset
 
     path = args.path
     if not path.exists():
         raise UsageError(f"{path} does not exist")
     if not path.is_dir():
         raise UsageError(f"{path} is not a folder; pass a dataset folder (assets/training_data/<trigger>_<name>)")
-    report = validate_dataset(path)
+    report = validate_dataset(path, **limits(settings))
     if args.json:
         import json
 

@@ -199,7 +199,7 @@ class Daemon:
         intake = Intake(s, store, self.queue.enqueue)
         loop = IntakeLoop(intake.take, settle_s=s.settle_s)
         loop.start()
-        watcher = Watcher(s.training_data, loop.schedule, polling=s.observer == "polling")
+        watcher = Watcher(s.training_data, loop.schedule, polling=s.observer == "polling", ready_event=loop.ready_event)
         watcher.start()
         found = loop.rescan(s.training_data)
         self.log.info(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 # Our temp names: .<target name>.<pid>.<8 hex>.tmp (see temp_beside / temp_dir_beside).
@@ -109,3 +110,74 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> N
 
 def atomic_write_text(path: Path, text: str, *, mode: int | None = None) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
+
+
+# What lstat/fstat say a path is, for messages: opening a FIFO blocks until a writer appears, a
+# device can stream forever, a socket cannot be opened at all.
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISLNK, "a symlink"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """'a regular file', 'a FIFO (named pipe)', 'a socket', ... for an st_mode (pure)."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    for test, kind in _KINDS:
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+class NotARegularFile(OSError):
+    """A path that lorad must not open: a FIFO, socket, device or folder (possibly behind a symlink)."""
+
+    def __init__(self, path: Path | str, kind: str):
+        super().__init__(f"it is {kind}, not a file")
+        self.strerror = f"it is {kind}, not a file"
+        self.filename = str(path)
+        self.path = Path(path)
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return f"{self.filename} is {self.kind}, not a file"
+
+
+def open_regular(path: Path | str):
+    """Open a regular file for reading, never anything else: lstat first (a symlink is resolved and
+    its target checked the same way), open with O_NOFOLLOW | O_NONBLOCK (a FIFO swapped in after
+    the lstat cannot block), then fstat the descriptor. Raises NotARegularFile, or the OSError of
+    the open (FileNotFoundError for a broken symlink)."""
+    path = os.fspath(path)
+    target = path
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        target = os.path.realpath(path)
+        st = os.lstat(target)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFile(path, f"a symlink to {file_kind(st.st_mode)}")
+    if not stat.S_ISREG(st.st_mode):
+        raise NotARegularFile(path, file_kind(st.st_mode))
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(target, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFile(path, file_kind(st.st_mode))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_capped(path: Path | str, limit: int) -> tuple[bytes, int]:
+    """(the first limit + 1 bytes, the file's size) of a regular file: a caller compares the size
+    with its limit before trusting the bytes, and never holds more than limit + 1 in memory."""
+    with open_regular(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        return fh.read(limit + 1), size

@@ -181,6 +181,14 @@ def iso(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
 
 
+def _warnings_text(job: Job) -> str:
+    """The dataset's validation warnings, for the DONE / FAILED.txt markers (not only the log)."""
+    warnings = job.settings.get("warnings") or []
+    if not warnings:
+        return ""
+    return "\nWarnings from intake:\n" + "".join(f"- {w}\n" for w in warnings)
+
+
 def marker_text(job: Job) -> str:
     """What the dataset's marker file says for this job (pure)."""
     head = f"job {job.id} ({job.name})"
@@ -203,10 +211,11 @@ def marker_text(job: Job) -> str:
     if job.state == "done":
         lines = [f"{head} finished at {iso(job.finished_at)}", ""]
         lines += [f"{k}: {v}" for k, v in job.outputs.items() if isinstance(v, str)]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + _warnings_text(job)
     if job.state == "failed":
         refused = job.settings.get("intake") == "refused"  # nothing to retry: fix and drop READY
-        return markers.failed_text((job.error or "unknown error").splitlines(), None if refused else job.id)
+        text = markers.failed_text((job.error or "unknown error").splitlines(), None if refused else job.id)
+        return text + ("\n" + _warnings_text(job) if job.settings.get("warnings") else "")
     return f"{head} cancelled at {iso(job.finished_at)}\nCreate READY again to train it.\n"
 
 

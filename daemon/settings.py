@@ -55,6 +55,9 @@ FIELDS: dict[str, tuple[str, object]] = {
     # Longest wait for the registry lock (held by another program) before the job fails; retry
     # then writes only the registry entry.
     "lock_timeout_s": ("float", 30.0),
+    # Intake refuses larger files before reading them (a 40 GB sparse "image" must not be read).
+    "max_image_bytes": ("int", 100_000_000),
+    "max_caption_bytes": ("int", 64 * 1024),
 }
 
 

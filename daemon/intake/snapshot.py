@@ -10,13 +10,12 @@ are normalised (0001.png + 0001.txt): no user file name can trip mflux's name ru
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
 from pathlib import Path
 
-from daemon.fsutil import atomic_write_text, fsync_dir
+from daemon.fsutil import atomic_write_text, fsync_dir, open_regular
 from daemon.intake.validate import Report
 
 MANIFEST = "manifest.json"
@@ -43,7 +42,7 @@ def fingerprint(report: Report, effective: dict) -> str:
 
 def _copy_verified(src: Path, dst: Path, expected_sha: str) -> None:
     h = hashlib.sha256()
-    with src.open("rb") as fin, dst.open("wb") as fout:
+    with open_regular(src) as fin, dst.open("wb") as fout:
         while chunk := fin.read(1 << 20):
             h.update(chunk)
             fout.write(chunk)
@@ -54,13 +53,27 @@ def _copy_verified(src: Path, dst: Path, expected_sha: str) -> None:
 
 
 def _convert(src: Path, dst: Path, expected_sha: str) -> None:
+    from PIL import Image
+
+    from daemon.intake.validate import hash_file
+
+    with open_regular(src) as fh:
+        # Hashed before and after decoding: an edit while it is decoded is caught too.
+        if hash_file(fh) != expected_sha:
+            raise DatasetChanged(f"{src.name} changed while lorad was reading it")
+        _convert_open(Image.open(fh), dst)
+        if hash_file(fh) != expected_sha:
+            raise DatasetChanged(f"{src.name} changed while lorad was reading it")
+    with dst.open("rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _convert_open(im, dst: Path) -> None:
+    """Decode from the open file (never the whole file in memory) and save an 8-bit RGB PNG."""
     import numpy as np
     from PIL import Image, ImageOps
 
-    data = src.read_bytes()
-    if hashlib.sha256(data).hexdigest() != expected_sha:
-        raise DatasetChanged(f"{src.name} changed while lorad was reading it")
-    with Image.open(io.BytesIO(data)) as im:
+    with im:
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I;16") or im.mode == "I":
             arr = np.asarray(im).astype(np.int64)
@@ -75,8 +88,6 @@ def _convert(src: Path, dst: Path, expected_sha: str) -> None:
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             im = Image.alpha_composite(background, rgba)
         im.convert("RGB").save(dst, format="PNG")
-    with dst.open("rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def take_snapshot(report: Report, job_dir: Path, *, preview_prompt: str, effective: dict) -> dict:

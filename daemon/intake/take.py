@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon import jobrecord
+from daemon.fsutil import file_kind
 from daemon.intake import contract, markers
 from daemon.intake.snapshot import DatasetChanged, choose_preview_prompt, fingerprint, take_snapshot
-from daemon.intake.validate import validate_dataset
+from daemon.intake.validate import limits, read_options_file, validate_dataset
 from daemon.jobs import JobStore, iso, marker_text, new_job_id
 from daemon.logs import get_logger
 from daemon.settings import Settings
@@ -28,7 +29,7 @@ TRAINING_KEYS = ("rank", "alpha", "epochs", "steps", "learning_rate", "resolutio
 
 @dataclass
 class Outcome:
-    status: str  # queued | invalid | unchanged | already_queued | duplicate | not_ready | unstable | changed | refused | no_space
+    status: str  # queued | invalid | unchanged | already_queued | duplicate | not_ready | unstable | changed | refused | no_space | failed
     job_id: str | None = None
     detail: str = ""
 
@@ -92,6 +93,39 @@ def find_published_lora(loras: Path, job) -> Path | None:
     return None
 
 
+def crash_reason(exc: BaseException, state_dir: Path, folder: Path | None = None) -> str:
+    """What FAILED.txt says about an exception inside intake: what happened and what to do."""
+    import errno
+
+    if isinstance(exc, UnicodeError) and folder is not None and not contract.is_utf8(str(folder)):
+        return (
+            f"the dataset path {contract.printable_name(str(folder))} is not valid UTF-8 (undecodable bytes shown "
+            "as \\xNN), so lorad cannot record it: rename the folder with plain UTF-8 characters, then create READY again"
+        )
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = exc.filename or state_dir
+        free = ""
+        try:
+            free = f" ({shutil.disk_usage(state_dir).free:,} bytes free now)"
+        except OSError:
+            pass
+        return (
+            f"intake stopped: no space left on the disk holding {where}{free} while copying the dataset. "
+            "Free some space, then create READY in this folder again"
+        )
+    if isinstance(exc, MemoryError):
+        return "intake ran out of memory reading this dataset; remove very large files, then create READY again"
+    if isinstance(exc, UnicodeError):
+        return (
+            f"intake failed on text that is not UTF-8 ({type(exc).__name__}: {contract.printable_name(str(exc))}); "
+            "rename files/folders with plain UTF-8 names, then create READY again"
+        )
+    return (
+        f"intake failed: {type(exc).__name__}: {contract.printable_name(str(exc))}. "
+        "Create READY again to retry; if it fails again, `lorad logs` has the details (event intake.crashed)"
+    )
+
+
 class Intake:
     def __init__(self, settings: Settings, store: JobStore, enqueue):
         self.settings = settings
@@ -104,6 +138,14 @@ class Intake:
         return folder.parent == root or (folder.parent.resolve() == root.resolve())
 
     def take(self, folder: Path) -> Outcome:
+        """One intake. Any exception inside it becomes a failed job the user sees (FAILED.txt, a
+        status row, the exception named) and READY is consumed, so it is not retried forever."""
+        try:
+            return self._take(folder)
+        except Exception as exc:
+            return self._record_crash(Path(folder), exc)
+
+    def _take(self, folder: Path) -> Outcome:
         folder = Path(folder)
         log = self.log.bind(dataset=folder.name)
         ready = folder / contract.READY
@@ -124,27 +166,40 @@ class Intake:
         if stat.S_ISDIR(ready_st.st_mode) or stat.S_ISLNK(ready_st.st_mode):
             kind = "a folder" if stat.S_ISDIR(ready_st.st_mode) else "a symlink"
             return self._refuse(folder, token, log, f"READY is {kind}; create READY as a plain empty file (touch READY)")
+        if not stat.S_ISREG(ready_st.st_mode):  # a FIFO would block the read forever; never opened
+            kind = file_kind(ready_st.st_mode)
+            return self._refuse(
+                folder, token, log, f"READY is {kind}, not a file: remove it, then create READY as a plain file (touch READY)"
+            )
         if not is_stable(folder, self.settings.settle_s):
             return Outcome("unstable")
-        # Re-read the token: READY may have been rewritten while we waited.
+        # Re-read the token: READY may have been rewritten while we waited; still being written
+        # (size or mtime moved during the settle interval): look again later.
         try:
             ready_st = ready.lstat()
         except FileNotFoundError:
             return Outcome("not_ready")
-        token = ready_token(ready_st)
+        if ready_token(ready_st) != token:
+            return Outcome("unstable")
         existing = self.store.by_ready_token(str(folder), token)
         if existing is not None:
             self._consume_ready(ready, token)
             return Outcome("duplicate", existing.id)
-        try:
-            ready_text = ready.read_bytes()[: 1 << 20]
-        except OSError:
+        ready_text, problem = read_options_file(ready, contract.READY)
+        if problem is not None:  # oversize (refused, never cut), or swapped for a special file
+            log.warning("dataset.invalid", errors=[problem.to_dict()], warnings=0)
+            job = self._record_refusal(folder, token, ready_st.st_mtime, [problem.line()], None, None)
+            self._consume_ready(ready, token)
+            return Outcome("invalid", job.id, detail=problem.line())
+        if ready_text is None:
             return Outcome("not_ready")
-        report = validate_dataset(folder, ready_text=ready_text)
+        report = validate_dataset(folder, ready_text=ready_text, **limits(self.settings))
         if not report.valid:
             reasons = [f.line() for f in report.errors]
             log.warning("dataset.invalid", errors=[f.to_dict() for f in report.errors], warnings=len(report.warnings))
-            job = self._record_refusal(folder, token, ready_st.st_mtime, reasons, report.name, report.trigger)
+            job = self._record_refusal(
+                folder, token, ready_st.st_mtime, reasons, report.name, report.trigger, warnings=[f.line() for f in report.warnings]
+            )
             self._consume_ready(ready, token)
             return Outcome("invalid", job.id, detail="\n".join(reasons))
         effective = effective_settings(report.options, self.settings)
@@ -181,6 +236,10 @@ class Intake:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        if not self._ready_unchanged(ready, token):  # rewritten since we read it: its options may differ
+            shutil.rmtree(staging, ignore_errors=True)
+            log.info("dataset.changed", detail="READY changed during intake")
+            return Outcome("changed", detail="READY changed during intake")
         row = dict(
             job_id=job_id,
             dataset_path=folder,
@@ -197,7 +256,12 @@ class Intake:
         # is rebuilt from these (daemon.recover_work_dirs), never mistaken for garbage.
         jobrecord.write_record(staging, jobrecord.new_record(**row, created_at=time.time()))
         os.rename(staging, jobs_dir / job_id)
-        job = self.store.create(**row)
+        try:
+            job = self.store.create(**row)
+        except BaseException:
+            # No row: the work dir must not outlive this failed intake (a rebuild would adopt it).
+            shutil.rmtree(jobs_dir / job_id, ignore_errors=True)
+            raise
         self._consume_ready(ready, token)
         for warning in report.warnings:
             log.info("dataset.warning", job_id=job.id, file=warning.file, message=warning.message, code=warning.code)
@@ -240,7 +304,7 @@ class Intake:
         job = self._record_refusal(folder, token, time.time(), [reason], None, None)
         return Outcome("refused", job.id, detail=reason)
 
-    def _record_refusal(self, folder: Path, token: str, ready_at: float, reasons: list[str], name, trigger):
+    def _record_refusal(self, folder: Path, token: str, ready_at: float, reasons: list[str], name, trigger, warnings=()):
         """A dataset refused at intake becomes a failed job, so `lorad status` shows it and why."""
         job = self.store.create(
             job_id=new_job_id(),
@@ -249,11 +313,46 @@ class Intake:
             trigger=trigger or "",
             fingerprint="",
             ready_token=token,
-            settings={"intake": "refused", "model": self.settings.model, "engine": self.settings.engine},
+            settings={"intake": "refused", "model": self.settings.model, "engine": self.settings.engine,
+                      "warnings": list(warnings)},
             ready_at=ready_at,
             marker=False,
         )
         return self.store.transition(job.id, "failed", error="\n".join(reasons))
+
+    def _record_crash(self, folder: Path, exc: Exception) -> Outcome:
+        """An unexpected exception: a failed job with the exception named, FAILED.txt, READY consumed.
+        When even the row cannot be written (a full state disk, a name SQLite cannot store),
+        FAILED.txt is written directly so the user still sees why."""
+        reason = crash_reason(exc, self.settings.jobs_dir, folder)
+        name = contract.printable_name(folder.name)
+        self.log.error("intake.crashed", dataset=name, error=reason, exc_info=exc)
+        ready = folder / contract.READY
+        try:
+            token = ready_token(ready.lstat())
+        except OSError:
+            token = ""
+        try:
+            existing = self.store.by_ready_token(str(folder), token) if token else None
+            if existing is not None:  # the job was recorded before the crash; leave it be
+                return Outcome("failed", existing.id, detail=reason)
+            job = self._record_refusal(folder, token, time.time(), [reason], None, None)
+        except Exception as second:
+            self.log.error("intake.unrecorded", dataset=name, error=f"{type(second).__name__}: {second}")
+            text = markers.failed_text([reason, f"lorad could not record the job either ({type(second).__name__}: {second})"], None)
+            if markers.write_marker(folder, "failed", text) and token:
+                self._consume_ready(ready, token)
+            return Outcome("failed", detail=reason)
+        if token:
+            self._consume_ready(ready, token)
+        return Outcome("failed", job.id, detail=reason)
+
+    @staticmethod
+    def _ready_unchanged(ready: Path, token: str) -> bool:
+        try:
+            return ready_token(ready.lstat()) == token
+        except OSError:
+            return False
 
     @staticmethod
     def _consume_ready(ready: Path, token: str) -> None:

@@ -8,16 +8,20 @@ decodes, so threads scale across cores without the cost of worker processes.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from daemon.fsutil import NotARegularFile, file_kind, open_regular, read_capped
 from daemon.intake import contract
 from daemon.intake.findings import Finding
 from daemon.intake.options import merge, parse_options
+from daemon.settings import FIELDS as _SETTINGS
+
+DEFAULT_MAX_IMAGE_BYTES = _SETTINGS["max_image_bytes"][1]
+DEFAULT_MAX_CAPTION_BYTES = _SETTINGS["max_caption_bytes"][1]
 
 # Above this many pixels an image is refused before decoding (a 1-bit 40000x40000 PNG is tiny
 # on disk and 1.6 G pixels in memory).
@@ -96,21 +100,61 @@ def _conversion_reason(im) -> str | None:
     return None
 
 
-def inspect_image(path: Path, rel: str) -> ImageInfo | Finding:
-    """Fully decode one image; return its facts or the one error that disqualifies it."""
-    from PIL import Image, UnidentifiedImageError
+def limits(settings) -> dict:
+    """validate_dataset's size caps from the settings."""
+    return {"max_image_bytes": settings.max_image_bytes, "max_caption_bytes": settings.max_caption_bytes}
 
+
+def hash_file(fh, chunk: int = 1 << 20) -> str:
+    """sha256 of an open file from its start, streamed (never the whole file in memory)."""
+    h = hashlib.sha256()
+    fh.seek(0)
+    while block := fh.read(chunk):
+        h.update(block)
+    fh.seek(0)
+    return h.hexdigest()
+
+
+def image_too_big(rel: str, size: int, limit: int) -> Finding:
+    return Finding.error(
+        rel,
+        f"is {size / 1e6:,.1f} MB; images larger than {limit / 1e6:,.0f} MB are refused before decoding "
+        "(setting max_image_bytes)",
+        "downscale or re-export it (a training image needs no more than a few MB)",
+        code="image.huge",
+    )
+
+
+def inspect_image(path: Path, rel: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> ImageInfo | Finding:
+    """Fully decode one image; return its facts or the one error that disqualifies it.
+    Only regular files are opened; the size cap is checked before a byte is read; the file is
+    hashed in chunks and decoded from the file, so memory stays bounded by the decoded pixels."""
     try:
-        data = path.read_bytes()
-    except IsADirectoryError:
-        return Finding.error(rel, "is a folder, not an image", "move or rename the folder", code="image.directory")
+        fh = open_regular(path)
+    except NotARegularFile as exc:
+        if exc.kind == "a folder":
+            return Finding.error(rel, "is a folder, not an image", "move or rename the folder", code="image.directory")
+        return contract.special_file(rel, exc.kind)
     except OSError as exc:
         return Finding.error(rel, f"cannot be read: {exc.strerror}", "check its permissions", code="image.unreadable")
-    if not data:
+    with fh:
+        return _inspect_open_image(fh, rel, max_bytes)
+
+
+def _inspect_open_image(fh, rel: str, max_bytes: int) -> ImageInfo | Finding:
+    from PIL import Image, UnidentifiedImageError
+
+    size = os.fstat(fh.fileno()).st_size
+    if size == 0:
         return Finding.error(rel, "is an empty file (0 bytes)", "re-export or remove it", code="image.empty")
-    digest = hashlib.sha256(data).hexdigest()
+    if size > max_bytes:
+        return image_too_big(rel, size, max_bytes)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        digest = hash_file(fh)
+    except OSError as exc:
+        return Finding.error(rel, f"cannot be read: {exc.strerror}", "check its permissions", code="image.unreadable")
+    try:
+        with Image.open(fh) as im:
             fmt = im.format or "?"
             if fmt not in ("JPEG", "PNG", "WEBP", "MPO"):
                 return Finding.error(
@@ -137,7 +181,7 @@ def inspect_image(path: Path, rel: str) -> ImageInfo | Finding:
         return Finding.error(
             rel, f"does not decode fully ({exc}): truncated or corrupted", "re-export or re-download it", code="image.corrupt"
         )
-    return ImageInfo(rel, width, height, mode, fmt, digest, len(data), reason)
+    return ImageInfo(rel, width, height, mode, fmt, digest, size, reason)
 
 
 def _fs_limits(folder: Path) -> tuple[int, int]:
@@ -166,8 +210,43 @@ def name_findings(folder: Path, name: str, where: str) -> list[Finding]:
 
 
 def _read_small(path: Path, limit: int) -> bytes:
-    with path.open("rb") as fh:
+    with open_regular(path) as fh:
         return fh.read(limit + 1)
+
+
+def read_options_file(path: Path, rel: str, limit: int = contract.MAX_OPTIONS_BYTES) -> tuple[bytes | None, Finding | None]:
+    """READY or lora.toml: (its bytes, None), (None, None) when absent, or (None, the finding) for
+    a special file, an oversize file (refused, not cut) or one that cannot be read."""
+    try:
+        raw, size = read_capped(path, limit)
+    except FileNotFoundError:
+        return None, None
+    except NotARegularFile as exc:
+        if exc.kind == "a folder":
+            return None, Finding.error(rel, "is a folder, not a file", "remove it", code="option.toml")
+        return None, contract.special_file(rel, exc.kind)
+    except OSError as exc:
+        return None, Finding.error(rel, f"cannot be read: {exc.strerror}", "check its permissions", code="option.unreadable")
+    if size > limit or len(raw) > limit:
+        return None, contract.oversize_options(rel, max(size, len(raw)), limit)
+    return raw, None
+
+
+def _special_kind(entry: os.DirEntry) -> str | None:
+    """The kind of a FIFO, socket or device entry (or of a symlink's target), else None.
+    Folders and broken links are left to the checks that name them."""
+    try:
+        st = entry.stat(follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            st = os.stat(entry.path)
+            prefix = "a symlink to "
+        else:
+            prefix = ""
+    except OSError:
+        return None
+    if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        return None
+    return prefix + file_kind(st.st_mode)
 
 
 def validate_dataset(
@@ -177,6 +256,8 @@ def validate_dataset(
     read_ready: bool = True,
     workers: int | None = None,
     default_policy: str = "prepend",
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
 ) -> Report:
     """Check a dataset folder against the contract. Never writes into it."""
     folder = Path(folder)
@@ -206,19 +287,31 @@ def validate_dataset(
         add(problem)
     if contract.has_control_chars(folder.name):
         add(Finding.error(".", "folder name contains control characters", "rename the folder", code="folder.name"))
+    if not contract.is_utf8(folder.name):
+        add(
+            Finding.error(
+                ".",
+                f"folder name '{contract.printable_name(folder.name)}' is not valid UTF-8 (undecodable bytes shown as \\xNN)",
+                "rename the folder with plain UTF-8 characters",
+                code="folder.encoding",
+            )
+        )
 
     # Options: lora.toml, then READY (READY wins).
     toml_opts: dict = {}
     options_path = folder / contract.OPTIONS_FILE
-    if options_path.is_dir():
-        add(Finding.error(contract.OPTIONS_FILE, "is a folder, not a file", "remove it", code="option.toml"))
-    elif options_path.is_file():
-        toml_opts, problems = parse_options(_read_small(options_path, 1 << 20), contract.OPTIONS_FILE, allow_force=False)
+    toml_text, problem = read_options_file(options_path, contract.OPTIONS_FILE)
+    if problem:
+        add(problem)
+    elif toml_text is not None:
+        toml_opts, problems = parse_options(toml_text, contract.OPTIONS_FILE, allow_force=False)
         report.findings.extend(problems)
     if ready_text is None and read_ready:
         ready_path = folder / contract.READY
-        if ready_path.is_file() and not ready_path.is_symlink():
-            ready_text = _read_small(ready_path, 1 << 20)
+        if not ready_path.is_symlink():
+            ready_text, problem = read_options_file(ready_path, contract.READY)
+            if problem:
+                add(problem)
     ready_opts: dict = {}
     if ready_text is not None:
         ready_opts, problems = parse_options(ready_text, contract.READY, allow_force=True)
@@ -242,15 +335,33 @@ def validate_dataset(
     except PermissionError:
         add(Finding.error(".", "folder cannot be listed (permission denied)", "fix its permissions", code="folder.unreadable"))
         return report
+    unsupported: list[str] = []
     for entry in entries:
         name = entry.name
         kind = contract.classify(name)
         if kind == "ignored":
             continue
+        if not contract.is_utf8(name):
+            add(
+                Finding.error(
+                    contract.printable_name(name),
+                    "file name is not valid UTF-8 (undecodable bytes shown as \\xNN)",
+                    "rename the file with plain UTF-8 characters (e.g. convmv -f latin1 -t utf-8 --notest <file>)",
+                    code="name.encoding",
+                )
+            )
+            continue
         if contract.has_control_chars(name):
             add(Finding.error(repr(name), "file name contains control characters", "rename the file", code="name.control"))
             continue
         path = Path(entry.path)
+        special = _special_kind(entry)
+        if special:
+            add(contract.special_file(name, special))
+            continue
+        if kind == "unsupported":
+            unsupported.append(name)
+            continue
         if entry.is_symlink():
             target = os.path.realpath(path)
             if not Path(target).is_relative_to(real_folder):
@@ -314,7 +425,7 @@ def validate_dataset(
     max_workers = workers or min(8, (os.cpu_count() or 1) + 1)
     if unique_images:
         with ThreadPoolExecutor(max_workers=max_workers) as pool:
-            results = list(pool.map(lambda item: inspect_image(item[1], item[0]), unique_images))
+            results = list(pool.map(lambda item: inspect_image(item[1], item[0], max_image_bytes), unique_images))
     else:
         results = []
     seen_hashes: dict[str, str] = {}
@@ -352,23 +463,42 @@ def validate_dataset(
                 continue
             rel = caption_path.name
             try:
-                raw = _read_small(caption_path, contract.MAX_CAPTION_BYTES)
-                size = caption_path.stat().st_size
+                raw, size = read_capped(caption_path, max_caption_bytes)
+            except NotARegularFile as exc:
+                add(contract.special_file(rel, exc.kind))
+                continue
             except OSError as exc:
                 add(Finding.error(rel, f"cannot be read: {exc.strerror}", "check its permissions", code="caption.unreadable"))
                 continue
-            text, problems = contract.check_caption(rel, raw, trigger, policy, size=size)
+            text, problems = contract.check_caption(rel, raw, trigger, policy, size=size, max_bytes=max_caption_bytes)
             report.findings.extend(problems)
             if text is not None:
                 report.captions[name] = text
     image_stems = {contract.split_suffix(n)[0] for n, _ in images}
+    unsupported_by_stem = {contract.split_suffix(n)[0]: n for n in unsupported}
     for stem, path in captions.items():
-        if stem not in image_stems:
-            add(Finding.warning(path.name, "caption has no image", "remove it or add the image", code="caption.orphan"))
+        if stem in image_stems:
+            continue
+        if stem in unsupported_by_stem:
+            add(
+                Finding.warning(
+                    path.name,
+                    f"is the caption of {unsupported_by_stem[stem]}, an image format lorad does not train",
+                    f"convert {unsupported_by_stem[stem]} (see its message); this caption is used once the image is a JPEG/PNG/WebP",
+                    code="caption.unsupported_image",
+                )
+            )
+            continue
+        add(Finding.warning(path.name, "caption has no image", "remove it or add the image", code="caption.orphan"))
+    for name in unsupported:
+        add(contract.unsupported_image(name, only_images=not images))
     for name, path in previews:
         try:
-            raw = _read_small(path, contract.MAX_CAPTION_BYTES)
+            raw = _read_small(path, max_caption_bytes)
             text = raw.decode("utf-8-sig").strip()
+        except NotARegularFile as exc:
+            add(contract.special_file(name, exc.kind))
+            continue
         except (OSError, UnicodeDecodeError):
             add(Finding.error(name, "preview prompt is not readable UTF-8 text", "re-save it as UTF-8", code="preview.encoding"))
             continue
@@ -376,9 +506,13 @@ def validate_dataset(
             report.previews[name] = " ".join(text.split())
 
     if not images:
+        found = f"; {len(unsupported)} in formats lorad does not train (see above)" if unsupported else ""
         add(
             Finding.error(
-                ".", "no images found (.jpg .jpeg .png .webp)", "add images with same-name .txt captions", code="folder.noimages"
+                ".",
+                f"no images found (.jpg .jpeg .png .webp){found}",
+                "add images with same-name .txt captions" + (", or convert the others to JPEG/PNG" if unsupported else ""),
+                code="folder.noimages",
             )
         )
     elif len(images) < contract.FEW_IMAGES:
