@@ -297,7 +297,8 @@ def test_disk_full_during_snapshot_fails_visibly_then_works_after(tmp_path):
         (folder / "noise.txt").write_text("ohwx, noise")
         (folder / "READY").write_text("")
         outcome = intake.take(folder)  # before: OSError out of take(), no trace, READY retried forever
-        assert outcome.status == "failed", outcome
+        # Refused by the free-space check before copying (no_space), or by ENOSPC mid-copy (failed).
+        assert outcome.status in ("no_space", "failed"), outcome
         text = (folder / "FAILED.txt").read_text()
         assert "space" in text.lower() and "create READY" in text, text
         job = store.get(outcome.job_id)
@@ -473,3 +474,20 @@ def test_done_marker_of_a_real_job_names_the_heic(daemon_factory):
     wait_for(lambda: (folder / "DONE").exists(), 90, message="DONE")
     text = (folder / "DONE").read_text()
     assert "IMG_7.HEIC: HEIC images are not supported" in text and "sips" in text
+
+
+@pytest.mark.parametrize(
+    "exc, expected",
+    [
+        (OSError(28, "No space left on device", "/x/jobs/.intake-1/data/0001.png"), "no space left on the disk holding /x/jobs/.intake-1/data/0001.png"),
+        (MemoryError(), "ran out of memory"),
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "not UTF-8"),
+        (RuntimeError("boom"), "intake failed: RuntimeError: boom"),
+    ],
+)
+def test_crash_reason_says_what_happened_and_what_to_do(tmp_path, exc, expected):
+    """ENOSPC mid-copy (the free-space check can be outrun by another writer), memory, encoding."""
+    from daemon.intake.take import crash_reason
+
+    text = crash_reason(exc, tmp_path)
+    assert expected in text and "READY" in text and "again" in text, text
