@@ -1,0 +1,229 @@
+"""Issue 12, newcomer friction (items 14-17): what a new user sees first.
+
+enqueue's interactive defaults, the model-weights notice, the progress display (marker, ETA,
+selftest line, status errors, `lorad plan`), and `uv run` not recompiling the venv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, wait_for
+from daemon.jobs import Job
+
+NOW = 1_800_000_000.0
+
+
+def _job(**fields) -> Job:
+    columns = dict(
+        id="20260101-000000-abcd",
+        seq=1,
+        dataset="ohwx_alice",
+        dataset_path="/tmp/ohwx_alice",
+        name="alice",
+        state="training",
+        step=None,
+        total_steps=None,
+        eta_s=None,
+        loss=None,
+        error=None,
+        created_at=NOW - 100,
+        updated_at=NOW,
+        started_at=NOW - 90,
+        finished_at=None,
+        settings="{}",
+        outputs="{}",
+        plan="{}",
+    )
+    columns.update(fields)
+    return Job(**columns)
+
+
+def _status_lines(jobs: list[Job], now: float = NOW) -> list[str]:
+    from daemon.status import render_status
+
+    return render_status(jobs, show_all=True, as_json=False, daemon_pid=None, now=now).splitlines()
+
+
+# -- 16 (d): status errors: whole words, and how many more -------------------------------------
+
+SIX_ERRORS = [
+    f"ERROR: img_{i}.png: the image is 120x90 px, smaller than the 256 px minimum on its short side "
+    f"-> use a larger photo or remove img_{i}.png from the folder"
+    for i in range(6)
+]
+
+
+def test_status_error_keeps_whole_words_and_counts_the_rest():
+    job = _job(state="failed", error="\n".join(SIX_ERRORS), finished_at=NOW)
+    lines = _status_lines([job])
+    shown = " ".join(line.strip() for line in lines[2:])
+    assert "(+5 more: lorad status --json or FAILED.txt)" in shown
+    first = shown.split("error: ", 1)[1].split("(+5 more")[0].replace("…", " ")
+    words = set(SIX_ERRORS[0].split())
+    assert all(word in words for word in first.split()), first
+    assert "img_1.png" not in shown  # the rest are counted, not printed half
+
+
+def test_status_single_short_error_printed_whole():
+    job = _job(state="failed", error="training process exited with code 1", finished_at=NOW)
+    lines = _status_lines([job])
+    assert lines[-1].strip() == "error: training process exited with code 1"
+    assert "more:" not in "\n".join(lines)
+
+
+# -- 16 (b): ETA ----------------------------------------------------------------------------------
+
+
+def test_status_eta_counts_down_from_the_last_report():
+    # The engine reported 100 s left, 60 s ago (a long step since): status says ~40 s, not 1m40s.
+    job = _job(step=16, total_steps=80, eta_s=100.0, updated_at=NOW - 60)
+    row = _status_lines([job])[2]
+    assert " 40s " in row, row
+
+
+def test_status_eta_shown_for_training_not_for_rendering():
+    training = _job(step=16, total_steps=80, eta_s=300.0)
+    rendering = _job(id="20260101-000000-beef", state="rendering", step=80, total_steps=80, eta_s=0.0)
+    lines = _status_lines([training, rendering])
+    assert " 5m00s " in lines[2]
+    assert " 0s " not in lines[3]  # the training ETA is no estimate of the render
+
+
+def test_progress_sink_keeps_last_eta_when_engine_sends_none(tmp_path):
+    """After a resume the first step has no rate yet: the known ETA stays instead of vanishing."""
+    from daemon.jobs import JobStore
+    from daemon.pipeline import ProgressSink
+    from engines.base import Progress
+
+    store = _store_with_training_job(tmp_path)
+    sink = ProgressSink(store, "job1", marker_refresh_s=3600)
+    sink(Progress(10, 80, 0.5, 700.0))
+    time.sleep(1.05)  # the db is written at most once a second
+    sink(Progress(11, 80, 0.5, None))
+    sink.close()
+    assert store.get("job1").eta_s == 700.0 and store.get("job1").step == 11
+    assert isinstance(store, JobStore)
+
+
+# -- 16 (a): the TRAINING marker follows within marker_refresh_s ---------------------------------
+
+
+def _store_with_training_job(tmp_path: Path):
+    from daemon.jobs import JobStore
+
+    folder = tmp_path / "ohwx_alice"
+    folder.mkdir()
+    store = JobStore(tmp_path / "jobs.db")
+    store.create(
+        job_id="job1",
+        dataset_path=folder,
+        name="alice",
+        trigger="ohwx",
+        fingerprint="f",
+        ready_token=None,
+        settings={},
+    )
+    store.transition("job1", "preparing")
+    store.transition("job1", "training")
+    return store
+
+
+def test_training_marker_follows_progress_within_refresh_interval(tmp_path):
+    """Steps 2..16 arrive quickly after step 1, then the trainer is busy (a long step, a preview):
+    the marker must not stay at step 1 while the table says 16."""
+    from daemon.pipeline import ProgressSink
+    from engines.base import Progress
+
+    store = _store_with_training_job(tmp_path)
+    marker = tmp_path / "ohwx_alice" / "TRAINING"
+    sink = ProgressSink(store, "job1", marker_refresh_s=0.5)
+    sink(Progress(1, 80, 1.0, None))
+    assert "step 1/80" in marker.read_text()
+    for step in range(2, 17):
+        sink(Progress(step, 80, 1.0, 100.0))
+    try:
+        wait_for(lambda: "step 16/80" in marker.read_text(), timeout=10, message="marker at step 16")
+        assert store.get("job1").step == 16
+    finally:
+        sink.close()
+
+
+def test_progress_sink_close_stops_pending_marker_writes(tmp_path):
+    """After close (training over), a pending refresh must not rewrite TRAINING over a newer marker."""
+    from daemon.pipeline import ProgressSink
+    from engines.base import Progress
+
+    store = _store_with_training_job(tmp_path)
+    folder = tmp_path / "ohwx_alice"
+    sink = ProgressSink(store, "job1", marker_refresh_s=0.3)
+    sink(Progress(1, 80, 1.0, None))
+    sink(Progress(2, 80, 1.0, 50.0))  # throttled: a refresh is pending
+    sink.close()
+    store.transition("job1", "failed", error="boom")
+    time.sleep(0.8)  # longer than the refresh interval: a leftover timer would have fired
+    assert (folder / "FAILED.txt").is_file() and not (folder / "TRAINING").exists()
+
+
+# -- 16 (c): selftest progress line ---------------------------------------------------------------
+
+
+def test_selftest_line_before_the_first_step():
+    from daemon.selftest import progress_line
+
+    assert progress_line(_job(state="preparing", step=None, total_steps=4)) == "  preparing step 0/4"
+    assert progress_line(_job(state="training", step=3, total_steps=4)) == "  training step 3/4"
+    assert progress_line(_job(state="queued")) == "  queued"
+
+
+# -- 16 (e): lorad plan -----------------------------------------------------------------------------
+
+
+def test_plan_warning_names_the_planned_resolution():
+    from engines.memory_plan import plan_memory
+
+    tiny = plan_memory(model="tiny-z-image", total_gb=16, available_gb=12, image_count=3, max_side=256)
+    assert tiny.max_resolution == 64
+    assert tiny.warnings and all("512" not in w for w in tiny.warnings), tiny.warnings
+    assert any("64 px" in w for w in tiny.warnings)
+    # A 24 GB machine stepped down for lack of free memory: no "16 GB is the floor".
+    turbo = plan_memory(model="z-image-turbo", total_gb=24, available_gb=12, image_count=10, max_side=1024)
+    assert turbo.tier == "q4-minimal"
+    assert all("16 GB is the floor" not in w for w in turbo.warnings), turbo.warnings
+    assert any(f"{turbo.max_resolution} px" in w for w in turbo.warnings)
+    lowered = plan_memory(model="z-image-turbo", total_gb=16, available_gb=14, image_count=10, max_side=1024, resolution=384)
+    assert any("384 px" in w for w in lowered.warnings) and all("512 px" not in w for w in lowered.warnings)
+
+
+def _cli(*args, cwd, env=None, input_text=None):
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        input=input_text,
+        timeout=120,
+    )
+
+
+def test_plan_labels_and_units(tmp_path):
+    result = _cli("--assets", str(tmp_path / "assets"), "plan", "--ram-gb", "24", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "checkpoint." not in out
+    assert "grad ckpt" in out
+    cache = next(line for line in out.splitlines() if line.startswith("cache limit"))
+    assert cache.split()[-1] == "GB", cache
+    resolution = next(line for line in out.splitlines() if line.startswith("resolution"))
+    assert resolution.endswith("px"), resolution
