@@ -96,6 +96,19 @@ def _ask_int(prompt: str, default: int) -> int:
             print("please enter a whole number")
 
 
+def _enqueue_defaults(settings: Settings, folder: Path) -> tuple[int, int, str]:
+    """(rank, steps, one-line summary) that a plain READY would train with: lora.toml's options,
+    else the engine's plan for this dataset on this machine."""
+    from engines.mflux_config import DEFAULT_RANK, training_length
+
+    model, images, max_side, options, plan = _dataset_plan(settings, folder, ram_gb=settings.ram_gb, read_ready=False)
+    rank = int(options.get("rank", DEFAULT_RANK))
+    if isinstance(plan, Exception):
+        steps = training_length(model, options, images, 1)[1]
+        return rank, steps, f"{model}, {images} images; no plan on this machine: {plan}"
+    return rank, plan.total_steps, f"{model}, {images} images (max side {max_side} px), {plan.tier} plan, batch {plan.batch_size}"
+
+
 def cmd_enqueue(settings: Settings, args) -> int:
     from daemon.fsutil import atomic_write_text
     from daemon.intake.options import parse_options, render_ready
@@ -104,6 +117,13 @@ def cmd_enqueue(settings: Settings, args) -> int:
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a dataset folder")
     options = {}
+    model = getattr(args, "model", None)
+    if model is not None:
+        from engines.memory_plan import PROFILES
+
+        if model not in PROFILES:
+            raise UsageError(f"unknown model {model!r}; known: {', '.join(PROFILES)}")
+        options["model"] = model
     for key in ("rank", "alpha", "epochs", "steps", "learning_rate", "resolution", "priority", "name"):
         value = getattr(args, key)
         if value is not None:
@@ -111,9 +131,14 @@ def cmd_enqueue(settings: Settings, args) -> int:
     if args.force:
         options["force"] = True
     if not options and not args.yes and sys.stdin.isatty():
-        # The original plan's train_lora.py asked these two questions.
-        options["rank"] = _ask_int("LoRA rank", 16)
-        options["epochs"] = _ask_int("epochs", 10)
+        # Ask with the values a plain READY trains with; keep only what the user changed, so
+        # pressing Enter is exactly `touch READY` (same settings, same fingerprint).
+        rank, steps, summary = _enqueue_defaults(settings, folder)
+        print(f"{folder.name}: {summary}\nPress Enter to keep a value.")
+        for key, prompt, default in (("rank", "LoRA rank", rank), ("steps", "training steps", steps)):
+            answer = _ask_int(prompt, default)
+            if answer != default:
+                options[key] = answer
     text = render_ready(options)
     _, problems = parse_options(text, "READY", allow_force=True)
     if problems:

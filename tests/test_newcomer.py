@@ -227,3 +227,110 @@ def test_plan_labels_and_units(tmp_path):
     assert cache.split()[-1] == "GB", cache
     resolution = next(line for line in out.splitlines() if line.startswith("resolution"))
     assert resolution.endswith("px"), resolution
+
+
+# -- 14: enqueue's interactive defaults are the plan's --------------------------------------------
+
+
+def _enqueue_in_pty(folder: Path, answers: list[str], *, extra: tuple[str, ...] = (), env: dict | None = None):
+    """`lorad enqueue` on a pseudo-terminal (so it asks), answering each `]: ` prompt in turn."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "--assets", str(folder.parent.parent), "enqueue", str(folder), *extra],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        cwd=folder.parent,
+        env={**os.environ, "LORAD_RAM_GB": "64", "LORAD_MODEL": "z-image-turbo", **(env or {})},
+        close_fds=True,
+    )
+    os.close(slave)
+    out, pending, answered = b"", list(answers), 0
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+                while pending and out.count(b"]: ") > answered:
+                    os.write(master, (pending.pop(0) + "\n").encode())
+                    answered += 1
+            elif proc.poll() is not None:
+                break
+        code = proc.wait(30)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    return code, out.decode("utf-8", "replace").replace("\r\n", "\n")
+
+
+def _fingerprint(folder: Path, ready: bytes, model: str = "z-image-turbo") -> str:
+    from daemon.intake.snapshot import fingerprint
+    from daemon.intake.take import effective_settings
+    from daemon.intake.validate import validate_dataset
+    from daemon.settings import Settings
+
+    report = validate_dataset(folder, ready_text=ready)
+    return fingerprint(report, effective_settings(report.options, Settings(assets=folder.parent.parent, model=model)))
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    from daemon.sample import make_dataset
+
+    return make_dataset(tmp_path / "assets" / "training_data" / "ohwx_alice", images=3)
+
+
+def test_enqueue_enter_keeps_the_plans_defaults(dataset):
+    code, out = _enqueue_in_pty(dataset, ["", ""])
+    assert code == 0, out
+    # z-image-turbo, 3 images, 64 GB: batch 1, 1000 steps rounded up to whole epochs of 3 = 1002.
+    assert "LoRA rank [16]" in out and "steps [1002]" in out, out
+    ready = (dataset / "READY").read_bytes()
+    assert ready == b"", ready  # nothing changed, nothing written: a plain READY
+    assert _fingerprint(dataset, ready) == _fingerprint(dataset, b"")
+
+
+def test_enqueue_writes_only_what_changed(dataset):
+    (dataset / "lora.toml").write_text("rank = 32\n")
+    code, out = _enqueue_in_pty(dataset, ["", "1500"])
+    assert code == 0, out
+    assert "LoRA rank [32]" in out, out  # lora.toml's rank is the default shown
+    assert (dataset / "READY").read_text() == "steps = 1500\n"
+    code, out = _enqueue_in_pty(dataset, ["8", ""])
+    assert (dataset / "READY").read_text() == "rank = 8\n"
+    assert (dataset / "lora.toml").read_text() == "rank = 32\n"  # the user's file is untouched
+
+
+def test_enqueue_flags_all_have_help_and_model_lists_models(tmp_path):
+    from daemon.cli import build_parser
+    from engines.memory_plan import PROFILES
+
+    parser = build_parser(only="enqueue")
+    sub = next(a for a in parser._actions if a.dest == "command").choices["enqueue"]
+    for action in sub._actions:
+        assert action.help and action.help.strip(), f"{action.option_strings or action.dest} has no help"
+    result = _cli("enqueue", "--help", cwd=tmp_path, env={"COLUMNS": "500"})
+    assert result.returncode == 0
+    flat = result.stdout
+    for model in PROFILES:
+        assert model in flat, model
+
+
+def test_enqueue_unknown_model_is_refused_clearly(dataset):
+    result = _cli("--assets", str(dataset.parent.parent), "enqueue", str(dataset), "--model", "sdxl", "--yes", cwd=dataset.parent)
+    assert result.returncode == 2
+    assert "unknown model 'sdxl'" in result.stderr and "z-image-turbo" in result.stderr and "tiny-z-image" in result.stderr
+    assert not (dataset / "READY").exists()
+    result = _cli("--assets", str(dataset.parent.parent), "enqueue", str(dataset), "--model", "tiny-z-image", "--yes", cwd=dataset.parent)
+    assert result.returncode == 0, result.stderr
+    assert (dataset / "READY").read_text() == 'model = "tiny-z-image"\n'
