@@ -125,6 +125,9 @@ class Daemon:
         watcher = Watcher(s.training_data, loop.schedule, polling=s.observer == "polling")
         watcher.start()
         found = loop.rescan(s.training_data)
+        from daemon.doctor import announce_weights
+
+        announce_weights(s, self.log)  # missing weights: said now, not after a job fails
         self.log.info(
             "daemon.started",
             pid=os.getpid(),

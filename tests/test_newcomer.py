@@ -334,3 +334,96 @@ def test_enqueue_unknown_model_is_refused_clearly(dataset):
     result = _cli("--assets", str(dataset.parent.parent), "enqueue", str(dataset), "--model", "tiny-z-image", "--yes", cwd=dataset.parent)
     assert result.returncode == 0, result.stderr
     assert (dataset / "READY").read_text() == 'model = "tiny-z-image"\n'
+
+
+# -- 15: missing model weights are said at start, by doctor, and by the job -----------------------
+
+TURBO_PIN = "f332072aa78be7aecdf3ee76d5c247082da564a6"
+
+
+def _fake_snapshot(cache: Path, repo: str, revision: str, *, complete: bool = True) -> Path:
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / revision
+    for folder in ("transformer", "text_encoder", "vae"):
+        (snapshot / folder).mkdir(parents=True)
+        (snapshot / folder / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (snapshot / "transformer" / "model.safetensors.index.json").write_text(json.dumps(index))
+    if complete:
+        (snapshot / "transformer" / "model-00002-of-00002.safetensors").write_bytes(b"x")
+    return snapshot
+
+
+def test_weights_check_finds_the_hf_cache_like_mflux(tmp_path):
+    from daemon.doctor import hf_hub_cache, weights_check
+
+    home = tmp_path / "hf"
+    env = {"HF_HOME": str(home)}
+    assert hf_hub_cache(env) == home / "hub"
+    assert hf_hub_cache({"HF_HUB_CACHE": str(tmp_path / "c"), "HF_HOME": str(home)}) == tmp_path / "c"
+    assert hf_hub_cache({"XDG_CACHE_HOME": str(tmp_path / "x")}) == tmp_path / "x" / "huggingface" / "hub"
+
+    missing = weights_check("z-image-turbo", env)
+    assert missing.status == "warn"
+    for words in ("not on this machine", "about 31 GB", f"hf download Tongyi-MAI/Z-Image-Turbo --revision {TURBO_PIN}",
+                  "LORAD_MODEL=tiny-z-image"):
+        assert words in missing.detail, missing.detail
+    _fake_snapshot(home / "hub", "Tongyi-MAI/Z-Image-Turbo", "0" * 40)  # another revision: mflux would not use it
+    assert weights_check("z-image-turbo", env).status == "warn"
+    _fake_snapshot(home / "hub", "Tongyi-MAI/Z-Image-Turbo", TURBO_PIN, complete=False)  # a shard missing
+    assert weights_check("z-image-turbo", env).status == "warn"
+    shutil.rmtree(home / "hub" / "models--Tongyi-MAI--Z-Image-Turbo" / "snapshots" / TURBO_PIN)
+    _fake_snapshot(home / "hub", "Tongyi-MAI/Z-Image-Turbo", TURBO_PIN)
+    assert weights_check("z-image-turbo", env).status == "ok"
+    assert weights_check("tiny-z-image", env).status == "ok"
+    assert weights_check("sdxl", env).status == "fail"
+
+
+def test_weights_table_matches_mflux():
+    """The repos and pins lorad checks are the ones mflux loads (guards an mflux upgrade)."""
+    from daemon.doctor import MODEL_WEIGHTS, pinned_revisions
+    from engines.memory_plan import PROFILES
+
+    code = (
+        "import json, sys\n"
+        "from mflux.models.common.config.model_config import ModelConfig\n"
+        "from mflux.models.common.resolution.model_revisions import ModelRevisions\n"
+        "names = json.loads(sys.argv[1])\n"
+        "repos = {n: ModelConfig.from_name(n).model_name for n in names}\n"
+        "print(json.dumps({'repos': repos, 'pins': {r: ModelRevisions.get(r) for r in repos.values()}}))\n"
+    )
+    names = sorted({p.mflux_model for name, p in PROFILES.items() if name != "tiny-z-image"})
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(names)], capture_output=True, text=True, check=True)
+    truth = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(MODEL_WEIGHTS) == set(names)
+    for name, repo in truth["repos"].items():
+        assert MODEL_WEIGHTS[name][0] == repo
+        assert pinned_revisions().get(repo) == truth["pins"][repo]
+
+
+def test_doctor_says_weights_missing_and_what_to_do(tmp_path):
+    result = _cli("--assets", str(tmp_path / "assets"), "doctor", cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
+    line = next(line for line in result.stdout.splitlines() if "] model" in line)
+    assert line.startswith("[warn]") and "about 31 GB" in line and "LORAD_MODEL=tiny-z-image" in line, line
+
+
+@pytest.mark.slow
+def test_run_says_weights_missing_at_start_and_the_job_fails_with_it(daemon_factory, tmp_path):
+    from daemon.sample import make_dataset
+
+    d = daemon_factory(engine="mflux", model="z-image-turbo", extra_env={"HF_HOME": str(tmp_path / "hf"), "LORAD_RAM_GB": "64"})
+    d.start()
+    assert d.log_has("model.weights", present=False)
+    out = Path(d.out.name)
+    wait_for(lambda: "LORAD_MODEL=tiny-z-image" in out.read_text(), 10, message="the printed notice")
+    folder = make_dataset(d.training_data / "ohwx_alice", images=3)
+    (folder / "READY").write_text("")
+    wait_for(lambda: d.job_states().get("ohwx_alice") == "failed", 60, message="job failed")
+    failed = (folder / "FAILED.txt").read_text()
+    assert "not on this machine" in failed and "about 31 GB" in failed and "LORAD_MODEL=tiny-z-image" in failed
+    assert d.proc.poll() is None  # the daemon keeps running
+    assert not any(e.get("event") == "job.child" for e in d.events())  # no trainer was started to find out
+
+
+def test_run_says_nothing_alarming_for_the_miniature_model(daemon_factory):
+    d = daemon_factory(engine="mflux", model="tiny-z-image").start()
+    assert d.log_has("model.weights", present=True)
