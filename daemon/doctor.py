@@ -159,13 +159,15 @@ def announce_weights(settings: Settings, log) -> Check | None:
 
 
 def _ml_check() -> dict:
+    from engines.child import with_bytecode_cache  # the same import cache as the training child
+
     try:
         proc = subprocess.run(
             [sys.executable, "-c", _CHILD_CHECK],
             capture_output=True,
             text=True,
             timeout=120,
-            env={**__import__("os").environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"},
+            env=with_bytecode_cache({**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}),
         )
     except subprocess.TimeoutExpired:
         return {"mlx_error": "import check timed out after 120 s"}

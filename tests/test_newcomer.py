@@ -427,3 +427,47 @@ def test_run_says_weights_missing_at_start_and_the_job_fails_with_it(daemon_fact
 def test_run_says_nothing_alarming_for_the_miniature_model(daemon_factory):
     d = daemon_factory(engine="mflux", model="tiny-z-image").start()
     assert d.log_has("model.weights", present=True)
+
+
+# -- 17: `uv run` compiles nothing; the training child caches its own bytecode --------------------
+
+
+def test_training_child_writes_bytecode_even_when_the_parent_says_not_to(tmp_path, monkeypatch):
+    """With uv's compile-bytecode off, the child's imports (mflux, transformers: seconds) stay fast
+    only if the first child may write .pyc files; PYTHONDONTWRITEBYTECODE must not reach it."""
+    from engines.base import StopToken
+    from engines.child import run_child
+
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    code = (
+        "import json, os, sys\n"
+        "fd = int(sys.argv[sys.argv.index('--progress-fd') + 1])\n"
+        "os.write(fd, (json.dumps({'event': 'probe', 'dont_write': sys.dont_write_bytecode}) + '\\n').encode())\n"
+    )
+    events: list[dict] = []
+    outcome = run_child(["-c", code], cwd=tmp_path, log_path=tmp_path / "child.log", on_event=events.append,
+                        stop=StopToken(), keep_awake=False)
+    assert outcome.returncode == 0, outcome.stderr_tail
+    assert events == [{"event": "probe", "dont_write": False}]
+
+
+def test_pyproject_does_not_byte_compile_on_every_uv_run():
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert not config["tool"]["uv"].get("compile-bytecode", False)
+
+
+@pytest.mark.slow
+def test_second_uv_run_compiles_nothing():
+    """The README's own invocation: a no-change `uv run lorad` must not recompile the venv."""
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH")
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "UV_COMPILE_BYTECODE")}
+    env["UV_OFFLINE"] = "1"  # never reach the network from a test; the lock is already resolved
+    runs = [subprocess.run([uv, "run", "lorad", "--help"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+    assert "Bytecode compiled" not in runs[1].stderr, runs[1].stderr
