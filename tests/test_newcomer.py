@@ -109,10 +109,12 @@ def test_progress_sink_keeps_last_eta_when_engine_sends_none(tmp_path):
     store = _store_with_training_job(tmp_path)
     sink = ProgressSink(store, "job1", marker_refresh_s=3600)
     sink(Progress(10, 80, 0.5, 700.0))
-    time.sleep(1.05)  # the db is written at most once a second
-    sink(Progress(11, 80, 0.5, None))
-    sink.close()
-    assert store.get("job1").eta_s == 700.0 and store.get("job1").step == 11
+    sink(Progress(11, 80, 0.5, None))  # held back (one db write a second), then written by the timer
+    try:
+        wait_for(lambda: store.get("job1").step == 11, timeout=10, message="step 11 in the table")
+    finally:
+        sink.close()
+    assert store.get("job1").eta_s == 700.0
     assert isinstance(store, JobStore)
 
 
