@@ -13,14 +13,23 @@ from pathlib import Path
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def _add_globals(parser, *, suppress: bool) -> None:
+def known_models() -> str:
+    """The model ids lorad can plan for (engines.memory_plan is pure: no mlx/mflux import)."""
+    from engines.memory_plan import PROFILES
+
+    return ", ".join(PROFILES)
+
+
+def _add_globals(parser, *, suppress: bool, model_help: str | None = None) -> None:
     import argparse
 
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument("--assets", metavar="DIR", default=default, help="assets folder (default ./assets)")
     parser.add_argument("--config", metavar="FILE", default=default, help="settings file (default ./lorad.toml)")
     parser.add_argument("--state-dir", metavar="DIR", default=default, help="state folder (default <assets>/.lorad)")
-    parser.add_argument("--model", default=default, help="model id (default z-image-turbo)")
+    parser.add_argument(
+        "--model", default=default, help=model_help or f"model id (default z-image-turbo); known: {known_models()}"
+    )
     parser.add_argument("--registry", metavar="FILE", default=default, help="LoRA registry JSON (default config.json)")
     parser.add_argument("--log-level", default=default, help="DEBUG, INFO, WARNING or ERROR")
 
@@ -59,11 +68,11 @@ def build_parser(only: str | None = None):
         def add_argument(self, *a, **k):
             return None
 
-    def add(name: str, help_text: str):
+    def add(name: str, help_text: str, model_help: str | None = None):
         if only is not None and name != only:
             return _Skip()
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _add_globals(p, suppress=True)
+        _add_globals(p, suppress=True, model_help=model_help)
         return p
 
     add("run", "run the daemon in the foreground (what launchd starts)")
@@ -76,17 +85,22 @@ def build_parser(only: str | None = None):
     p.add_argument("path", type=Path)
     p.add_argument("--json", action="store_true")
 
-    p = add("enqueue", "mark a dataset READY (same path as a user's drop), optionally with overrides")
-    p.add_argument("path", type=Path)
+    p = add(
+        "enqueue",
+        "mark a dataset READY (same path as a user's drop), optionally with overrides; on a terminal with "
+        "no flags it asks, showing the plan's defaults, and writes only what you change",
+        model_help=f"train this dataset on another model (written into READY); known: {known_models()}",
+    )
+    p.add_argument("path", type=Path, help="the dataset folder (assets/training_data/<trigger>_<name>)")
     p.add_argument("--force", action="store_true", help="train even if an identical dataset was trained")
-    p.add_argument("--rank", type=int)
-    p.add_argument("--alpha", type=float)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--resolution", type=int)
-    p.add_argument("--priority", type=int)
-    p.add_argument("--name")
+    p.add_argument("--rank", type=int, help="LoRA rank (default 16, or lora.toml's)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1.0)")
+    p.add_argument("--epochs", type=int, help="passes over the images (replaces --steps)")
+    p.add_argument("--steps", type=int, help="training steps (default ~100 per image, 1000-3000; `lorad plan DIR`)")
+    p.add_argument("--learning-rate", type=float, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--resolution", type=int, help="max training resolution in px (capped by the memory plan)")
+    p.add_argument("--priority", type=int, help="higher runs first among queued jobs (default 0)")
+    p.add_argument("--name", help="the LoRA's file name (default: the folder name after the trigger)")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask, even on a terminal")
 
     p = add("cancel", "cancel a queued or running job")

@@ -96,6 +96,19 @@ def _ask_int(prompt: str, default: int) -> int:
             print("please enter a whole number")
 
 
+def _enqueue_defaults(settings: Settings, folder: Path) -> tuple[int, int, str]:
+    """(rank, steps, one-line summary) that a plain READY would train with: lora.toml's options,
+    else the engine's plan for this dataset on this machine."""
+    from engines.mflux_config import DEFAULT_RANK, training_length
+
+    model, images, max_side, options, plan = _dataset_plan(settings, folder, ram_gb=settings.ram_gb, read_ready=False)
+    rank = int(options.get("rank", DEFAULT_RANK))
+    if isinstance(plan, Exception):
+        steps = training_length(model, options, images, 1)[1]
+        return rank, steps, f"{model}, {images} images; no plan on this machine: {plan}"
+    return rank, plan.total_steps, f"{model}, {images} images (max side {max_side} px), {plan.tier} plan, batch {plan.batch_size}"
+
+
 def cmd_enqueue(settings: Settings, args) -> int:
     from daemon.fsutil import atomic_write_text
     from daemon.intake.options import parse_options, render_ready
@@ -104,6 +117,13 @@ def cmd_enqueue(settings: Settings, args) -> int:
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a dataset folder")
     options = {}
+    model = getattr(args, "model", None)
+    if model is not None:
+        from engines.memory_plan import PROFILES
+
+        if model not in PROFILES:
+            raise UsageError(f"unknown model {model!r}; known: {', '.join(PROFILES)}")
+        options["model"] = model
     for key in ("rank", "alpha", "epochs", "steps", "learning_rate", "resolution", "priority", "name"):
         value = getattr(args, key)
         if value is not None:
@@ -111,9 +131,14 @@ def cmd_enqueue(settings: Settings, args) -> int:
     if args.force:
         options["force"] = True
     if not options and not args.yes and sys.stdin.isatty():
-        # The original plan's train_lora.py asked these two questions.
-        options["rank"] = _ask_int("LoRA rank", 16)
-        options["epochs"] = _ask_int("epochs", 10)
+        # Ask with the values a plain READY trains with; keep only what the user changed, so
+        # pressing Enter is exactly `touch READY` (same settings, same fingerprint).
+        rank, steps, summary = _enqueue_defaults(settings, folder)
+        print(f"{folder.name}: {summary}\nPress Enter to keep a value.")
+        for key, prompt, default in (("rank", "LoRA rank", rank), ("steps", "training steps", steps)):
+            answer = _ask_int(prompt, default)
+            if answer != default:
+                options[key] = answer
     text = render_ready(options)
     _, problems = parse_options(text, "READY", allow_force=True)
     if problems:
@@ -200,28 +225,37 @@ def cmd_retry(settings: Settings, args) -> int:
     return 0
 
 
-def cmd_plan(settings: Settings, args) -> int:
+def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None, read_ready: bool = True):
+    """(model, image count, max side, options, plan or PlanError) for a dataset folder, as the
+    daemon would plan it on this machine (the engine's own plan: pure, no mlx/mflux import)."""
     from daemon.pipeline import machine_now, make_engine
     from engines.base import JobInput, PlanError
 
     image_count, max_side, options = 20, 1024, {}
     model = settings.model
-    if args.path is not None:
+    if path is not None:
         from daemon.intake.validate import validate_dataset
 
-        report = validate_dataset(args.path)
+        report = validate_dataset(path, read_ready=read_ready)
         image_count = len(report.images) or image_count
         max_side = max((max(i.width, i.height) for i in report.images), default=max_side)
         options = report.options
         model = options.get("model", model)
-    machine = machine_now()
-    engine = make_engine(settings.engine, settings)
     job = JobInput("plan", "plan", "x", model, image_count, max_side, options, Path("/tmp/lorad-plan/data"), "")
-    ram = args.ram_gb if args.ram_gb is not None else settings.ram_gb
     try:
-        plan = engine.plan(job, machine, ram_override_gb=ram)
+        plan = make_engine(settings.engine, settings).plan(job, machine_now(), ram_override_gb=ram_gb)
     except PlanError as exc:
-        print(f"lorad plan: {exc}", file=sys.stderr)
+        plan = exc
+    return model, image_count, max_side, options, plan
+
+
+def cmd_plan(settings: Settings, args) -> int:
+    from daemon.pipeline import machine_now
+
+    ram = args.ram_gb if args.ram_gb is not None else settings.ram_gb
+    model, image_count, max_side, _options, plan = _dataset_plan(settings, args.path, ram_gb=ram)
+    if isinstance(plan, Exception):
+        print(f"lorad plan: {plan}", file=sys.stderr)
         return 1
     if args.json:
         import json
@@ -230,15 +264,16 @@ def cmd_plan(settings: Settings, args) -> int:
         data.pop("config")
         print(json.dumps(data, indent=2))
         return 0
-    print(f"model        {model} ({image_count} images, max side {max_side})")
+    machine = machine_now()
+    print(f"model        {model} ({image_count} images, max side {max_side} px)")
     print(f"machine      {ram or machine.total_gb:.0f} GB" + (" (--ram-gb)" if ram else f", {machine.available_gb:.0f} GB free"))
     print(f"tier         {plan.tier}")
-    print(f"quantize     {plan.quantize or 'none (bf16)'}")
+    print(f"quantize     {plan.quantize or 'none (bf16)'}" + (" bit" if plan.quantize else ""))
     print(f"batch size   {plan.batch_size}")
-    print(f"checkpoint.  {'on' if plan.gradient_checkpointing else 'off'} (gradient checkpointing)")
+    print(f"grad ckpt    {'on' if plan.gradient_checkpointing else 'off'} (gradient checkpointing)")
     print(f"low_ram      {'on' if plan.low_ram else 'off'}")
-    print(f"resolution   {plan.max_resolution}")
-    print(f"cache limit  {plan.cache_limit_gb or 'MLX default'}")
+    print(f"resolution   {plan.max_resolution} px")
+    print(f"cache limit  {f'{plan.cache_limit_gb:g} GB' if plan.cache_limit_gb else 'MLX default'}")
     print(f"steps        {plan.total_steps}")
     print(f"reason       {plan.reason}")
     for warning in plan.warnings:

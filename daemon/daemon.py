@@ -202,6 +202,9 @@ class Daemon:
         watcher = Watcher(s.training_data, loop.schedule, polling=s.observer == "polling", ready_event=loop.ready_event)
         watcher.start()
         found = loop.rescan(s.training_data)
+        from daemon.doctor import announce_weights
+
+        announce_weights(s, self.log)  # missing weights: said now, not after a job fails
         self.log.info(
             "daemon.started",
             pid=os.getpid(),

@@ -83,26 +83,79 @@ def job_input(job, workdir: Path) -> JobInput:
 
 class ProgressSink:
     """Throttled progress: the db at most once a second, the marker every marker_refresh_s,
-    a job.progress log line every 30 s (and at the end)."""
+    a job.progress log line every 30 s (and at the end).
+
+    Throttling keeps a trailing edge: progress held back (steps that came quickly, then a long
+    step or a preview) is written by a timer when its slot comes, so the TRAINING marker is never
+    more than marker_refresh_s behind the table. `close()` (training over) cancels that timer
+    before the job's next state writes its own marker."""
 
     def __init__(self, store: JobStore, job_id: str, marker_refresh_s: float):
         self.store, self.job_id = store, job_id
         self.marker_refresh_s = marker_refresh_s
-        self._last_db = self._last_marker = self._last_log = 0.0
+        self._last_db = self._last_marker = self._last_log = float("-inf")
         self.log = get_logger()
+        self._lock = threading.Lock()
+        self._pending: Progress | None = None  # newest progress not yet in the db
+        self._marker_stale = False  # the db is ahead of the marker
+        self._timer: threading.Timer | None = None
+        self._closed = False
 
     def __call__(self, p: Progress) -> None:
         now = time.monotonic()
         final = p.step >= p.total
-        if final or now - self._last_db >= 1.0:
-            self._last_db = now
-            job = self.store.update(self.job_id, step=p.step, total_steps=p.total, loss=p.loss, eta_s=p.eta_s)
-            if final or now - self._last_marker >= self.marker_refresh_s:
-                self._last_marker = now
-                self.store.refresh_marker(job)
+        with self._lock:
+            self._closed = False
+            self._pending = p
+            self._flush(now, final)
         if final or now - self._last_log >= 30.0:
             self._last_log = now
             self.log.info("job.progress", step=p.step, total=p.total, loss=p.loss, eta_s=p.eta_s)
+
+    def close(self) -> None:
+        """Stop the trailing timer; call before the job leaves the training phase."""
+        with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def _flush(self, now: float, final: bool = False) -> None:
+        """Write what is due (caller holds the lock), and arm the timer for what is not."""
+        job = None
+        if self._pending is not None and (final or now - self._last_db >= 1.0):
+            p, self._pending = self._pending, None
+            self._last_db = now
+            fields = dict(step=p.step, total_steps=p.total, loss=p.loss)
+            if p.eta_s is not None or p.step <= 1:  # a resumed run's first step has no rate yet: keep the last ETA
+                fields["eta_s"] = p.eta_s
+            job = self.store.update(self.job_id, **fields)
+            self._marker_stale = True
+        if self._marker_stale and (final or now - self._last_marker >= self.marker_refresh_s):
+            job = job or self.store.get(self.job_id)
+            if job is not None and job.state == "training":
+                self.store.refresh_marker(job)
+            self._last_marker = now
+            self._marker_stale = False
+        if self._pending is None and not self._marker_stale:
+            return
+        due = self._last_marker + self.marker_refresh_s
+        if self._pending is not None:
+            due = min(due, self._last_db + 1.0)
+        if self._timer is None and not self._closed:
+            self._timer = threading.Timer(max(0.0, due - now), self._on_timer)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._closed:
+                return
+            try:
+                self._flush(time.monotonic())
+            except Exception:  # the next step retries; the timer thread must not die with a traceback
+                self.log.exception("job.progress_flush_failed", job_id=self.job_id)
 
 
 class Pipeline:
@@ -237,7 +290,10 @@ class Pipeline:
             return
         sink = ProgressSink(self.store, job_id, self.settings.marker_refresh_s)
         while True:
-            result = engine.train(plan, workdir, sink, stop, on_spawn=self._on_spawn)
+            try:
+                result = engine.train(plan, workdir, sink, stop, on_spawn=self._on_spawn)
+            finally:
+                sink.close()
             if result.status == "completed":
                 break
             if result.status == "stopped":

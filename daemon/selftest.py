@@ -20,6 +20,11 @@ from pathlib import Path
 from daemon.sample import make_dataset
 
 
+def progress_line(job) -> str:
+    """`  training step 3/4`: step 0 until the first step is reported (never `None/4`)."""
+    return f"  {job.state}" + (f" step {job.step or 0}/{job.total_steps}" if job.total_steps else "")
+
+
 def run_selftest(*, clean: bool = False, timeout_s: float = 300) -> int:
     root = Path(tempfile.mkdtemp(prefix="lorad-selftest-"))
     assets = root / "assets"
@@ -60,7 +65,7 @@ def run_selftest(*, clean: bool = False, timeout_s: float = 300) -> int:
             if not jobs:
                 continue
             job = jobs[0]
-            line = f"  {job.state}" + (f" step {job.step}/{job.total_steps}" if job.total_steps else "")
+            line = progress_line(job)
             if line != last:
                 print(f"{time.monotonic() - started:5.1f}s{line}", flush=True)
                 last = line

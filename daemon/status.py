@@ -25,6 +25,29 @@ def duration(seconds: float | None) -> str:
     return f"{seconds}s"
 
 
+def eta_now(job, now: float) -> float | None:
+    """Seconds left for a training job: the engine's last estimate, aged by the time since it came
+    (during a long step the estimate would otherwise stand still). None when unknown."""
+    if job.state != "training" or job.eta_s is None:
+        return None
+    return max(0.0, job.eta_s - max(0.0, now - job.updated_at))
+
+
+MORE_ERRORS = "lorad status --json or FAILED.txt"
+
+
+def error_lines(error: str, indent: str, width: int = 100) -> list[str]:
+    """The first error in whole words (at most three lines), and how many more there are."""
+    import textwrap
+
+    reasons = [line for line in error.splitlines() if line.strip()] or [error]
+    lines = textwrap.wrap(reasons[0], width=width, max_lines=3, placeholder=" …", break_long_words=False)
+    lines = [f"{indent}{'error: ' if i == 0 else '       '}{text}" for i, text in enumerate(lines)]
+    if len(reasons) > 1:
+        lines.append(f"{indent}       (+{len(reasons) - 1} more: {MORE_ERRORS})")
+    return lines
+
+
 def visible(jobs: list, *, show_all: bool, now: float) -> list:
     if show_all:
         return jobs
@@ -48,11 +71,12 @@ def render_status(jobs: list, *, show_all: bool, as_json: bool, daemon_pid: int 
         progress = bar(job.step, job.total_steps)
         if job.total_steps:
             progress += f" {job.step or 0}/{job.total_steps}"
-        eta = duration(job.eta_s) if job.state in ("training", "preparing", "rendering") else "-"
+        left = eta_now(job, now)
+        eta = duration(left) if left is not None else "-"
         dataset = job.dataset if len(job.dataset) <= 24 else job.dataset[:23] + "…"
         lines.append(
             f"{job.id:<22} {dataset:<24} {job.state:<11} {progress:<24} {eta:>7} {duration(now - job.created_at):>7}"
         )
         if job.state == "failed" and job.error:
-            lines.append(f"{'':<22} error: {job.error.splitlines()[0][:100]}")
+            lines += error_lines(job.error, f"{'':<22} ")
     return "\n".join(lines)

@@ -33,7 +33,7 @@ class Tier:
     max_resolution: int
     cache_limit_gb: float | None
     need_gb: float  # estimated peak for z-image-turbo at this tier (scaled per model)
-    warning: str | None = None
+    warning: str | None = None  # {resolution}: the plan's final resolution
 
 
 TIERS: tuple[Tier, ...] = (
@@ -50,7 +50,7 @@ TIERS: tuple[Tier, ...] = (
         512,
         2,
         11,
-        "16 GB is the floor: training runs at 512 px with every memory saver on; close other apps",
+        "the floor tier: training runs at {resolution} px with every memory saver on; close other apps",
     ),
 )
 
@@ -140,14 +140,16 @@ def plan_memory(
         )
     tier = TIERS[index]
     max_resolution = tier.max_resolution
-    warnings = [tier.warning] if tier.warning else []
-    if resolution is not None:
+    warnings: list[str] = []
+    if profile.fixed_resolution is not None:  # the miniature model: the resolution option does not apply
+        max_resolution = profile.fixed_resolution
+    elif resolution is not None:
         if resolution > max_resolution:
-            warnings.append(f"resolution {resolution} lowered to {max_resolution} to fit {total_gb:.0f} GB")
+            warnings.append(f"resolution {resolution} lowered to {max_resolution} px to fit {total_gb:.0f} GB")
         else:
             max_resolution = resolution
-    if profile.fixed_resolution is not None:
-        max_resolution = profile.fixed_resolution
+    if tier.warning:
+        warnings.insert(0, tier.warning.format(resolution=max_resolution))
     batch = 2 if tier.quantize is None and image_count <= 20 and max_side <= 1024 else 1
     reason = (
         f"{tier.name}: {total_gb:.0f} GB total, {available_gb:.0f} GB free, {image_count} images (max side {max_side}) -> "

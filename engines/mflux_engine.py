@@ -119,8 +119,9 @@ class MFluxEngine:
             env["AGX_RELAX_CDM_CTXSTORE_TIMEOUT"] = "1"  # mlx issue #3267: Metal watchdog kills long runs
         return env
 
-    def prepare(self, plan: TrainingPlan) -> None:
-        """Create what the model needs before the child starts (the miniature model, once)."""
+    def prepare(self, plan: TrainingPlan) -> str | None:
+        """Create what the model needs before the child starts (the miniature model, once);
+        a problem that stops the job (the model's weights are missing) is returned as text."""
         if plan.model == "tiny-z-image":
             path = self.model_path(plan.model)
             if path is not None and not (path / "tiny.json").is_file():
@@ -133,6 +134,11 @@ class MFluxEngine:
                     cwd=Path(__file__).resolve().parent.parent,
                     capture_output=True,
                 )
+            return None
+        from daemon.doctor import weights_check  # the same check and words as `lorad run` and `doctor`
+
+        check = weights_check(plan.model)
+        return None if check.status == "ok" else check.detail
 
     def train(
         self,
@@ -143,7 +149,9 @@ class MFluxEngine:
         on_spawn: Callable[[int], None] | None = None,
     ) -> TrainResult:
         workdir = Path(workdir)
-        self.prepare(plan)
+        problem = self.prepare(plan)
+        if problem:
+            return TrainResult("failed", error=problem)
         atomic_write_text(workdir / PLAN_FILE, json.dumps(plan.to_dict(), indent=2))
         atomic_write_text(workdir / CONFIG_FILE, json.dumps(plan.config, indent=2))
         ckpt_dir = workdir / TRAIN_DIR / "checkpoints"
@@ -212,7 +220,9 @@ class MFluxEngine:
         self, plan: TrainingPlan, workdir: Path, lora: Path, prompt: str, out_dir: Path, stop: StopToken, seed: int = 42
     ) -> RenderResult | str:
         """Render with and without the LoRA; returns the result, or an error message."""
-        self.prepare(plan)
+        problem = self.prepare(plan)
+        if problem:
+            return problem
         args = [
             "-m", self.worker_module, "render", "--job-dir", str(workdir), "--plan", str(workdir / PLAN_FILE),
             "--lora", str(lora), "--prompt", prompt, "--seed", str(seed), "--out-dir", str(out_dir),

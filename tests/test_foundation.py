@@ -198,14 +198,14 @@ def test_every_subcommand_has_help(command, tmp_path):
 
 
 def test_doctor_reports_this_machine(tmp_path):
-    result = _cli("--assets", str(tmp_path / "assets"), "doctor", cwd=tmp_path)
+    result = _cli("--assets", str(tmp_path / "assets"), "doctor", cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for name in ("python", "platform", "memory", "disk", "mlx", "mflux", "model"):
         assert f" {name}" in out
     assert "[ok  ] mflux" in out and "[ok  ] mlx" in out
     assert "not Apple Silicon" in out  # Linux CI
-    assert "not in the Hugging Face cache" in out
+    assert "weights are not on this machine" in out and "LORAD_MODEL=tiny-z-image" in out
 
 
 def test_logs_command_pretty_prints_and_filters(tmp_path):
