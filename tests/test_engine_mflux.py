@@ -143,7 +143,7 @@ def test_end_to_end_tiny_model_publishes_everything(daemon_factory):
     d.start()
     folder = make_dataset(d.training_data / "ohwx_alice", images=3)
     (folder / "preview_1.txt").write_text("ohwx, smiling portrait")
-    (folder / "READY").write_text("")
+    (folder / "READY").write_text("alpha = 8\n")  # rank 16: the LoRA applies at scale 0.5
     wait_for(lambda: d.job_states().get("ohwx_alice") in ("done", "failed"), 240, interval=0.5, message="job end")
     job = d.jobs()[0]
     assert job["state"] == "done", job["error"]
@@ -164,7 +164,14 @@ def test_end_to_end_tiny_model_publishes_everything(daemon_factory):
     assert checkpoints.step_of(final) == job["total_steps"]
     member = checkpoints.read_member(final, checkpoints.adapter_member(final))
     (d.root / "final.safetensors").write_bytes(member)
-    assert tensors_bytes(lora) == tensors_bytes(d.root / "final.safetensors")
+    trained = tensors_bytes(d.root / "final.safetensors")
+    assert tensors_bytes(lora)[: len(trained)] == trained  # the trained tensors untouched...
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "np") as fh:  # ...and each pair's alpha beside it (engines/mflux_lora_export.py)
+        pairs = [k.removesuffix(".lora_A.weight") for k in fh.keys() if k.endswith(".lora_A.weight")]
+        assert pairs and all(float(fh.get_tensor(f"{p}.alpha")) == 8.0 for p in pairs)
+    assert meta["ss_network_alpha"] == "8.0" and meta["ss_network_dim"] == "16"
 
     from PIL import Image, ImageChops
 
