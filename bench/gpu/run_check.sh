@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The NVIDIA check (issue 13 item 5): install MLX's CUDA build, then lorad doctor, plan, selftest,
 # bench P4 (daemon vs direct mflux-train, same GPU) and the engine tests, each bounded, all output
-# under $OUT (default bench/gpu/out). Sized for ~8 minutes (BUDGET_S): the engine tests get what
+# under $OUT (default /tmp/lorad-gpu-check-out). Sized for ~8 minutes (BUDGET_S): the engine tests get what
 # is left. See bench/gpu/README.md for the two-command wheel transfer this expects offline.
 #
 # Install, in this order of preference:
@@ -13,7 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 REPO=$(pwd)
-OUT=${OUT:-$REPO/bench/gpu/out}
+OUT=${OUT:-/tmp/lorad-gpu-check-out}
 BUDGET_S=${BUDGET_S:-480}
 PART1_DIR=${PART1_DIR:-/tmp/lorad-whl}
 WHEELS=${WHEELS:-}
@@ -33,9 +33,9 @@ stage() {
     fi
     local t0=$(date +%s)
     echo "== $name (at most ${limit}s): $*"
-    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout -s INT --kill-after=20 "$limit" "$@"  # SIGINT: pytest and P4 clean up their daemons > "$OUT/$name.log" 2>&1
     local rc=$?
-    local note=""; [ $rc -eq 124 ] || [ $rc -eq 137 ] && note=" (timed out)"
+    local note=""; [ $rc -eq 124 ] || [ $rc -eq 130 ] || [ $rc -eq 137 ] && note=" (timed out)"
     echo "$name: rc=$rc$note ${limit}s-bound $(( $(date +%s) - t0 ))s" | tee -a "$SUMMARY"
     tail -n 15 "$OUT/$name.log"
     return 0
