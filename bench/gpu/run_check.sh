@@ -33,7 +33,8 @@ stage() {
     fi
     local t0=$(date +%s)
     echo "== $name (at most ${limit}s): $*"
-    timeout -s INT --kill-after=20 "$limit" "$@"  # SIGINT: pytest and P4 clean up their daemons > "$OUT/$name.log" 2>&1
+    # SIGINT at the bound: pytest and P4 then stop the daemons they started.
+    timeout -s INT --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     local note=""; [ $rc -eq 124 ] || [ $rc -eq 130 ] || [ $rc -eq 137 ] && note=" (timed out)"
     echo "$name: rc=$rc$note ${limit}s-bound $(( $(date +%s) - t0 ))s" | tee -a "$SUMMARY"
