@@ -18,6 +18,7 @@ from engines.base import JobInput, Machine, PlanError, Progress, RenderResult, S
 from engines.child import run_child
 from engines.memory_plan import InsufficientMemory, MemoryPlan, plan_memory
 from engines.mflux_config import build_config
+from engines.mflux_lora_export import export_adapter
 
 TRAIN_DIR = "train"
 PLAN_FILE = "plan.json"
@@ -165,7 +166,7 @@ class MFluxEngine:
             log.info("train.resume", step=checkpoints.step_of(resume), checkpoint=resume.name)
         if resume is not None and checkpoints.step_of(resume) >= plan.total_steps:
             # Training had finished (the daemon stopped during render/publish): no child needed.
-            adapter = checkpoints.extract_adapter(resume, workdir / "adapter.safetensors")
+            adapter = export_adapter(resume, workdir / "adapter.safetensors", plan.config)
             return TrainResult("completed", adapter=adapter, checkpoint=resume, artifacts={"resumed_from": str(resume)})
         args = ["-m", self.worker_module, "train", "--job-dir", str(workdir), "--plan", str(workdir / PLAN_FILE)]
         if resume is not None:
@@ -198,7 +199,7 @@ class MFluxEngine:
             if newest is None:
                 return TrainResult("failed", error="training finished but left no valid checkpoint", artifacts=artifacts)
             checkpoints.prune(ckpt_dir, keep=2)
-            adapter = checkpoints.extract_adapter(newest, workdir / "adapter.safetensors")
+            adapter = export_adapter(newest, workdir / "adapter.safetensors", plan.config)
             return TrainResult("completed", adapter=adapter, checkpoint=newest, artifacts=artifacts)
         if outcome.last("stopped") and outcome.returncode == 0:
             newest, _ = checkpoints.newest_good(ckpt_dir)

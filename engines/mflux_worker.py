@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from engines.pause_hook import hold_at_step
 from engines.worker_common import Reporter, StopFlag, worker_main
 
 
@@ -31,6 +32,7 @@ def _hook_training(reporter: Reporter, stop: StopFlag, overrides: dict) -> None:
         total = self.iterator.total_number_of_steps()
         loss = self.statistics.losses[-1] if self.statistics.losses else None
         reporter.step(step, total, loss)
+        hold_at_step(step, stop)  # tests only: stop exactly at a given step (engines/pause_hook.py)
         if stop.is_set() and step < total:
             raise StopTrainingException(f"stopped at step {step}/{total} ({stop.reason})")
         return original_should_save(self, training_spec)

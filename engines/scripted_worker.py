@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.pause_hook import hold_at_step
 from engines.worker_common import Reporter, StopFlag, worker_main
 
 
@@ -67,6 +68,7 @@ def train(args, reporter: Reporter, stop: StopFlag) -> int:
     for step in range(start + 1, total + 1):
         time.sleep(step_s)
         reporter.step(step, total, loss=1.0 / step)
+        hold_at_step(step, stop)  # tests only: stop exactly at a given step (engines/pause_hook.py)
         if step % every == 0 or step == total:
             path = _save_checkpoint(out, step, config)
             reporter.emit("checkpoint", step=step, path=str(path))

@@ -168,3 +168,18 @@ def daemon_factory(tmp_path):
         except ProcessLookupError:
             pass
     assert not leftovers, f"orphan worker processes: {leftovers}"
+
+
+def hold_training_at(d: DaemonProc, step: int) -> Path:
+    """Make the daemon's training children hold after `step` until stopped (engines/pause_hook.py),
+    so a test's stop or kill lands exactly there on a slow CPU and a fast GPU alike. Takes effect
+    at the daemon's next start; returns the file the child writes when it holds."""
+    pause = d.root / f"held-at-step-{step}.json"
+    d.env.update({"LORADTEST_HOLD_AT_STEP": str(step), "LORADTEST_HOLD_FILE": str(pause)})
+    return pause
+
+
+def wait_held(pause: Path, timeout: float = 240) -> int:
+    """Wait until a training child holds at its step; returns the child's pid."""
+    wait_for(pause.exists, timeout, interval=0.1, message=f"training child holding ({pause.name})")
+    return json.loads(pause.read_text())["pid"]

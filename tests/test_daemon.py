@@ -11,7 +11,7 @@ import json
 import signal
 import time
 
-from conftest import wait_for
+from conftest import hold_training_at, wait_for, wait_held
 
 from daemon.sample import make_dataset
 
@@ -65,9 +65,11 @@ def test_ready_dropped_while_down_is_found_at_start(daemon_factory):
 
 
 def test_kill_9_while_training_then_restart_completes_exactly_once(daemon_factory):
-    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_STEP_S": "0.3"}).start()
+    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_STEP_S": "0.3"})
+    held = hold_training_at(d, 3)
+    d.start()
     folder = drop(d, "ohwx_crash", ready="steps = 12\n")
-    wait_for(lambda: any(j["state"] == "training" and (j["step"] or 0) >= 3 for j in d.jobs()), 60, message="training")
+    wait_held(held, 60)
     d.kill9()
     # The orphaned trainer notices its parent is gone, checkpoints and exits by itself.
     wait_for(lambda: not _workers(d), 30, message="orphan worker exit")
@@ -90,9 +92,11 @@ def _workers(d) -> list[str]:
 
 
 def test_sigterm_interrupts_then_resumes_from_checkpoint(daemon_factory):
-    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_STEP_S": "0.25"}).start()
+    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_STEP_S": "0.25"})
+    held = hold_training_at(d, 5)
+    d.start()
     drop(d, "ohwx_term", ready="steps = 16\n")
-    wait_for(lambda: any((j["step"] or 0) >= 5 for j in d.jobs()), 60, message="step 5")
+    wait_held(held, 60)
     sent = time.monotonic()
     d.signal(signal.SIGTERM)
     assert d.wait(30) == 0
@@ -100,7 +104,7 @@ def test_sigterm_interrupts_then_resumes_from_checkpoint(daemon_factory):
     job = d.jobs()[0]
     assert job["state"] == "interrupted"
     stopped_at = job["step"]
-    assert stopped_at >= 5
+    assert stopped_at == 5
     assert not _workers(d)
     d.start()
     wait_for(lambda: states(d).get("ohwx_term") == "done", 60, message="resumed job done")
@@ -192,9 +196,11 @@ def test_enqueue_writes_ready_with_overrides(daemon_factory):
 def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(daemon_factory):
     from engines import checkpoints
 
-    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_STEP_S": "0.25"}).start()
+    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_STEP_S": "0.25"})
+    held = hold_training_at(d, 7)
+    d.start()
     drop(d, "ohwx_ckpt", ready="steps = 20\n")
-    wait_for(lambda: any((j["step"] or 0) >= 7 for j in d.jobs()), 60, message="step 7")
+    wait_held(held, 60)
     d.signal(signal.SIGTERM)
     assert d.wait(30) == 0
     job = d.jobs()[0]

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import tree_hash, wait_for
+from conftest import hold_training_at, tree_hash, wait_for, wait_held
 
 from daemon.sample import make_dataset
 from engines import checkpoints
@@ -67,10 +67,12 @@ def test_r1_kill9_during_intake(daemon_factory):
 
 
 def test_r1_kill9_while_queued(daemon_factory):
-    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_STEP_S": "0.2"}).start()
+    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_STEP_S": "0.2"})
+    held = hold_training_at(d, 1)  # the first stays in training until the kill
+    d.start()
     first = make_dataset(d.training_data / "ohwx_first", images=1)
     (first / "READY").write_text("steps = 20\n")
-    wait_for(lambda: d.job_states().get("ohwx_first") == "training", 30, message="first training")
+    wait_held(held, 30)
     second = make_dataset(d.training_data / "ohwx_second", images=1, seed=3)
     (second / "READY").write_text("")
     wait_for(lambda: d.job_states().get("ohwx_second") == "queued", 30, message="second queued")
@@ -85,10 +87,12 @@ def test_r1_kill9_while_queued(daemon_factory):
 
 
 def test_r1_kill9_while_training(daemon_factory):
-    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_STEP_S": "0.2"}).start()
+    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_STEP_S": "0.2"})
+    held = hold_training_at(d, 4)
+    d.start()
     folder = make_dataset(d.training_data / "ohwx_train", images=1)
     (folder / "READY").write_text("steps = 20\n")
-    wait_for(lambda: any((j["step"] or 0) >= 4 for j in d.jobs()), 30, message="training")
+    wait_held(held, 30)
     _kill_then_finish(d, "ohwx_train", "train")
 
 
@@ -121,11 +125,12 @@ def test_r1_kill9_while_publishing(daemon_factory):
 
 
 def test_r1_kill9_of_the_training_child_alone(daemon_factory):
-    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_STEP_S": "0.2", "LORAD_RAM_GB": "128"}).start()
+    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_STEP_S": "0.2", "LORAD_RAM_GB": "128"})
+    held = hold_training_at(d, 5)
+    d.start()
     folder = make_dataset(d.training_data / "ohwx_child", images=1)
     (folder / "READY").write_text("steps = 16\n")
-    wait_for(lambda: any((j["step"] or 0) >= 5 for j in d.jobs()), 30, message="training")
-    pid = [e for e in d.events() if e["event"] == "job.child"][-1]["pid"]
+    pid = wait_held(held, 30)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: d.job_states().get("ohwx_child") == "done", 90, message="done after child kill")
     job = assert_exactly_once(d, "ohwx_child", "child")
@@ -138,10 +143,12 @@ def test_r1_kill9_of_the_training_child_alone(daemon_factory):
 
 
 def test_r2_sigterm_exits_0_within_30s_and_resumes(daemon_factory):
-    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_STEP_S": "0.5"}).start()
+    d = daemon_factory(extra_env={"SCRIPTED_ENGINE_STEP_S": "0.5"})
+    held = hold_training_at(d, 3)
+    d.start()
     folder = make_dataset(d.training_data / "ohwx_term", images=1)
     (folder / "READY").write_text("steps = 30\n")
-    wait_for(lambda: any((j["step"] or 0) >= 3 for j in d.jobs()), 30, message="training")
+    wait_held(held, 30)
     import time
 
     sent = time.monotonic()
