@@ -20,7 +20,7 @@ from daemon.jobs import RUNNABLE, JobStore
 from daemon.logs import get_logger
 from daemon.publish import PublishError, provenance, publish, report_sources, write_with_metadata
 from daemon.settings import Settings
-from engines import checkpoints
+from engines.mflux import checkpoints
 from engines.base import JobInput, Machine, PlanError, Progress, StopToken, TrainingPlan
 
 
@@ -46,11 +46,11 @@ def make_engine(name: str, settings: Settings):
         checkpoint_every=settings.checkpoint_every,
     )
     if name == "mflux":
-        from engines.mflux_engine import MFluxEngine
+        from engines.mflux.engine import MFluxEngine
 
         return MFluxEngine(**kwargs)
     if name == "scripted":
-        from engines.scripted import ScriptedEngine
+        from engines.scripted.engine import ScriptedEngine
 
         return ScriptedEngine(**kwargs)
     raise PlanError(f"unknown engine {name!r} (known: mflux, scripted)")

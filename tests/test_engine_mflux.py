@@ -18,8 +18,8 @@ from conftest import wait_for
 
 from daemon.publish import metadata_of, read_header
 from daemon.sample import make_dataset
-from engines import checkpoints
-from engines.memory_plan import TIERS, InsufficientMemory, plan_memory
+from engines.mflux import checkpoints
+from engines.mflux.memory_plan import TIERS, InsufficientMemory, plan_memory
 
 # -- memory plan (pure) --------------------------------------------------------------------
 
@@ -332,7 +332,7 @@ def test_worker_validates_the_config_with_mflux_before_training(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps(config))
     (tmp_path / "plan.json").write_text(json.dumps({"model": "z-image-turbo", "config": config}))
     result = subprocess.run(
-        [sys.executable, "-m", "engines.mflux_worker", "train", "--job-dir", str(tmp_path),
+        [sys.executable, "-m", "engines.mflux.worker", "train", "--job-dir", str(tmp_path),
          "--plan", str(tmp_path / "plan.json"), "--config", str(tmp_path / "train.json")],
         capture_output=True, text=True, timeout=120,
     )

@@ -1,6 +1,6 @@
 """MFluxEngine: plan with the memory tiers, train and render with mflux in a child process.
 
-Daemon side only: nothing here imports mlx or mflux. The child is `engines.mflux_worker`.
+Daemon side only: nothing here imports mlx or mflux. The child is `engines.mflux.worker`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from typing import Callable
 
 from daemon.fsutil import atomic_write_text
 from daemon.logs import get_logger
-from engines import checkpoints
+from engines.mflux import checkpoints
 from engines.base import JobInput, Machine, PlanError, Progress, RenderResult, StopToken, TrainingPlan, TrainResult
-from engines.child import run_child
-from engines.memory_plan import InsufficientMemory, MemoryPlan, plan_memory
-from engines.mflux_config import build_config
+from engines.process.child import run_child
+from engines.mflux.memory_plan import InsufficientMemory, MemoryPlan, plan_memory
+from engines.mflux.config import build_config
 
 TRAIN_DIR = "train"
 PLAN_FILE = "plan.json"
@@ -26,7 +26,7 @@ CONFIG_FILE = "train.json"
 
 class MFluxEngine:
     name = "mflux"
-    worker_module = "engines.mflux_worker"
+    worker_module = "engines.mflux.worker"
 
     def __init__(
         self,
@@ -47,7 +47,7 @@ class MFluxEngine:
 
     def model_path(self, model: str) -> Path | None:
         if model == "tiny-z-image":
-            from engines.tiny_model import model_dir
+            from engines.mflux.tiny_model import model_dir
 
             return model_dir(self.state_dir)
         return None
@@ -127,10 +127,10 @@ class MFluxEngine:
                 import subprocess
 
                 subprocess.run(
-                    [sys.executable, "-c", "import sys; from engines.tiny_model import ensure_model; ensure_model(sys.argv[1])",
+                    [sys.executable, "-c", "import sys; from engines.mflux.tiny_model import ensure_model; ensure_model(sys.argv[1])",
                      str(self.state_dir)],
                     check=True,
-                    cwd=Path(__file__).resolve().parent.parent,
+                    cwd=Path(__file__).resolve().parents[2],
                     capture_output=True,
                 )
 
@@ -175,7 +175,7 @@ class MFluxEngine:
 
         outcome = run_child(
             args,
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=Path(__file__).resolve().parents[2],
             log_path=workdir / "train.log",
             on_event=on_event,
             stop=stop,
@@ -219,7 +219,7 @@ class MFluxEngine:
         ]
         outcome = run_child(
             args,
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=Path(__file__).resolve().parents[2],
             log_path=workdir / "render.log",
             on_event=lambda _e: None,
             stop=stop,

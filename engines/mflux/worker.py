@@ -1,4 +1,4 @@
-"""The training/render child for MFluxEngine: `python -m engines.mflux_worker train|render ...`.
+"""The training/render child for MFluxEngine: `python -m engines.mflux.worker train|render ...`.
 
 Runs mflux's real `TrainingRunner` with CWD = the job's work dir. mflux 0.24 has no signal
 handling, so a stop (SIGTERM/SIGINT, or the daemon gone) raises mflux's own
@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from engines.worker_common import Reporter, StopFlag, worker_main
+from engines.process.worker_common import Reporter, StopFlag, worker_main
 
 
 def _hook_training(reporter: Reporter, stop: StopFlag, overrides: dict) -> None:
@@ -61,7 +61,7 @@ def _hook_training(reporter: Reporter, stop: StopFlag, overrides: dict) -> None:
 
 def _prepare_model(plan: dict) -> None:
     if plan["model"] == "tiny-z-image":
-        from engines import tiny_model
+        from engines.mflux import tiny_model
 
         model_path = plan["config"]["model_path"]
         tiny_model.install_patch(Path(model_path))
@@ -139,7 +139,7 @@ def render(args, reporter: Reporter, stop: StopFlag) -> int:
         images[label] = path
         reporter.emit("rendered", label=label, path=str(path))
         del model
-    from engines.compare import side_by_side
+    from engines.process.compare import side_by_side
 
     side_by_side(images["base"], images["lora"], out_dir / "compare.png", labels=("base", "with LoRA"), title=args.prompt)
     reporter.emit("done", base=str(images["base"]), lora=str(images["lora"]), compare=str(out_dir / "compare.png"))
@@ -147,7 +147,7 @@ def render(args, reporter: Reporter, stop: StopFlag) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return worker_main("engines.mflux_worker", train, render, argv)
+    return worker_main("engines.mflux.worker", train, render, argv)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ training math is replaced by a sleep per step. Select it with `engine = "scripte
 from __future__ import annotations
 
 from engines.base import JobInput, Machine, PlanError, TrainingPlan
-from engines.memory_plan import InsufficientMemory
-from engines.mflux_engine import MFluxEngine
+from engines.mflux.memory_plan import InsufficientMemory
+from engines.mflux.engine import MFluxEngine
 
 
 class ScriptedEngine(MFluxEngine):
     name = "scripted"
-    worker_module = "engines.scripted_worker"
+    worker_module = "engines.scripted.worker"
     step_s = 0.05
 
     def plan(self, job: JobInput, machine: Machine, *, ram_override_gb: float | None = None) -> TrainingPlan:

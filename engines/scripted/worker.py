@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.worker_common import Reporter, StopFlag, worker_main
+from engines.process.worker_common import Reporter, StopFlag, worker_main
 
 
 def _adapter_bytes(step: int, rank: int) -> bytes:
@@ -85,7 +85,7 @@ def train(args, reporter: Reporter, stop: StopFlag) -> int:
 def render(args, reporter: Reporter, stop: StopFlag) -> int:
     from PIL import Image
 
-    from engines.compare import side_by_side
+    from engines.process.compare import side_by_side
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ def render(args, reporter: Reporter, stop: StopFlag) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return worker_main("engines.scripted_worker", train, render, argv)
+    return worker_main("engines.scripted.worker", train, render, argv)
 
 
 if __name__ == "__main__":
