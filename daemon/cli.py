@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     except commands.UsageError as exc:
         print(f"lorad {args.command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except SettingsError as exc:  # e.g. an unknown engine, found when the command builds it
+        print(f"lorad: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

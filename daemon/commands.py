@@ -190,12 +190,11 @@ def cmd_plan(settings: Settings, args) -> int:
         max_side = max((max(i.width, i.height) for i in report.images), default=max_side)
         options = report.options
         model = options.get("model", model)
-    machine = machine_now()
-    engine = make_engine(settings.engine, settings)
+    machine = machine_now(args.ram_gb if args.ram_gb is not None else settings.ram_gb)
+    engine = make_engine(settings)
     job = JobInput("plan", "plan", "x", model, image_count, max_side, options, Path("/tmp/lorad-plan/data"), "")
-    ram = args.ram_gb if args.ram_gb is not None else settings.ram_gb
     try:
-        plan = engine.plan(job, machine, ram_override_gb=ram)
+        plan = engine.plan(job, machine)
     except PlanError as exc:
         print(f"lorad plan: {exc}", file=sys.stderr)
         return 1
@@ -207,14 +206,9 @@ def cmd_plan(settings: Settings, args) -> int:
         print(json.dumps(data, indent=2))
         return 0
     print(f"model        {model} ({image_count} images, max side {max_side})")
-    print(f"machine      {ram or machine.total_gb:.0f} GB" + (" (--ram-gb)" if ram else f", {machine.available_gb:.0f} GB free"))
-    print(f"tier         {plan.tier}")
-    print(f"quantize     {plan.quantize or 'none (bf16)'}")
-    print(f"batch size   {plan.batch_size}")
-    print(f"checkpoint.  {'on' if plan.gradient_checkpointing else 'off'} (gradient checkpointing)")
-    print(f"low_ram      {'on' if plan.low_ram else 'off'}")
-    print(f"resolution   {plan.max_resolution}")
-    print(f"cache limit  {plan.cache_limit_gb or 'MLX default'}")
+    print(f"engine       {plan.engine}")
+    for line in plan.summary:  # the engine's own lines: backend, device, memory, its knobs
+        print(line)
     print(f"steps        {plan.total_steps}")
     print(f"reason       {plan.reason}")
     for warning in plan.warnings:
@@ -231,7 +225,11 @@ def cmd_logs(settings: Settings, args) -> int:
 def cmd_service(settings: Settings, args) -> int:
     from daemon import service
 
-    return service.main(settings, args)
+    code = service.main(settings, args)
+    if args.action == "status" and code == 0:
+        args.json, args.all = False, False
+        return cmd_status(settings, args)  # here, not in service.py: service never imports commands
+    return code
 
 
 def cmd_selftest(settings: Settings, args) -> int:
@@ -246,7 +244,7 @@ def cmd_doctor(settings: Settings, args) -> int:
     checks = run_checks(settings)
     marks = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
     for check in checks:
-        print(f"[{marks[check.status]}] {check.name:<9} {check.detail}")
+        print(f"[{marks[check.status.value]}] {check.name:<9} {check.detail}")
     code = exit_code(checks)
     print("lorad can run here" if code == 0 else "lorad cannot train here until the FAIL lines are fixed")
     return code

@@ -18,9 +18,9 @@ from daemon.fsutil import remove_stale_temps
 from daemon.intake.take import Intake
 from daemon.jobs import ACTIVE, CorruptDatabase, JobStore
 from daemon.lock import AlreadyRunning, InstanceLock
-from daemon.pipeline import Pipeline
+from daemon.pipeline import Pipeline, check_engine_settings
 from daemon.queue import Queue
-from daemon.settings import Settings
+from daemon.settings import Settings, SettingsError
 from daemon.watch import IntakeLoop, Watcher
 
 
@@ -82,6 +82,14 @@ class Daemon:
     def run(self) -> int:
         s = self.settings
         logs.configure(level=s.log_level, log_file=s.log_file, max_bytes=s.log_max_bytes, backups=s.log_backups)
+        try:
+            check_engine_settings(s)  # an unknown engine or a bad [engines.*] value stops the start
+        except SettingsError as exc:
+            print(f"lorad: {exc}", file=sys.stderr)
+            self.log.error("daemon.bad_settings", reason=str(exc))
+            return 2
+        for note in s.deprecations:
+            self.log.warning("settings.deprecated", message=note)
         lock = InstanceLock(s.state)
         try:
             lock.acquire()

@@ -271,11 +271,8 @@ def main(settings: Settings, args) -> int:
             print(svc.render(), end="")
             return 0
         if args.action == "status":
-            print(svc.status())
-            from daemon.commands import cmd_status
-
-            args.json, args.all = False, False
-            return cmd_status(settings, args)
+            print(svc.status())  # the jobs follow from commands.cmd_service
+            return 0
         getattr(svc, args.action)()
     except ServiceError as exc:
         print(f"lorad service {args.action}: {exc}", file=sys.stderr)

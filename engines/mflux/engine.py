@@ -1,6 +1,7 @@
 """MFluxEngine: plan with the memory tiers, train and render with mflux in a child process.
 
-Daemon side only: nothing here imports mlx or mflux. The child is `engines.mflux.worker`.
+Daemon side only: nothing here imports mlx or mflux. The child is `engines.mflux.worker`; the
+device (backend, name, memory) comes from the `engines.mflux.probe` child, once per process.
 """
 
 from __future__ import annotations
@@ -8,42 +9,95 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any, ClassVar
 
 from daemon.fsutil import atomic_write_text
 from daemon.logs import get_logger
+from engines.base import (
+    Check,
+    CheckStatus,
+    EngineContext,
+    Failure,
+    IntakeLimits,
+    JobInput,
+    Machine,
+    Option,
+    PlanError,
+    Progress,
+    RenderFailed,
+    RenderOutcome,
+    RenderResult,
+    RenderStopped,
+    StopToken,
+    TrainingPlan,
+    TrainResult,
+    TrainStatus,
+    coerce_options,
+)
 from engines.mflux import checkpoints
-from engines.base import JobInput, Machine, PlanError, Progress, RenderResult, StopToken, TrainingPlan, TrainResult
-from engines.process.child import run_child
-from engines.mflux.memory_plan import InsufficientMemory, MemoryPlan, plan_memory
 from engines.mflux.config import build_config
+from engines.mflux.device import Device, PlanMemory, planning_memory, probe_device, run_probe
+from engines.mflux.memory_plan import InsufficientMemory, MemoryPlan, plan_memory
+from engines.process.child import run_child
 
 TRAIN_DIR = "train"
 PLAN_FILE = "plan.json"
 CONFIG_FILE = "train.json"
+ROOT = Path(__file__).resolve().parents[2]
+# MLX's CUDA backend has no quantized-matmul kernel for some shapes (mflux issue 563).
+UNSUPPORTED_KERNEL = "No implementation for problem shape"
+
+
+def classify_failure(message: str, *, memory_pressure: bool) -> Failure:
+    """Which failures a lower plan can fix (pure)."""
+    if memory_pressure:
+        return Failure.MEMORY
+    if UNSUPPORTED_KERNEL.lower() in message.lower():
+        return Failure.UNSUPPORTED
+    return Failure.OTHER
+
+
+def summary_lines(memory: MemoryPlan, device: Device, limit: PlanMemory) -> list[str]:
+    """What `lorad plan` and `lorad doctor` print about an mflux plan (pure)."""
+    return [
+        f"backend      {device.backend} ({device.name})",
+        f"memory       {limit.line()}",
+        f"tier         {memory.tier}",
+        f"quantize     {memory.quantize or 'none (bf16)'}",
+        f"batch size   {memory.batch_size}",
+        f"checkpoint.  {'on' if memory.gradient_checkpointing else 'off'} (gradient checkpointing)",
+        f"low_ram      {'on' if memory.low_ram else 'off'}",
+        f"resolution   {memory.max_resolution}",
+        f"cache limit  {memory.cache_limit_gb or 'MLX default'}",
+    ]
 
 
 class MFluxEngine:
-    name = "mflux"
-    worker_module = "engines.mflux.worker"
+    name: ClassVar[str] = "mflux"
+    worker_module: ClassVar[str] = "engines.mflux.worker"
+    options: ClassVar[tuple[Option, ...]] = (
+        Option("metal_timeout_workaround", bool, True,
+               "macOS: AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1 against the Metal watchdog killing long runs (mlx #3267)"),
+        Option("checkpoint_every", int, 0, "training checkpoint interval in steps; 0 = automatic (about 10 a run)", 0),
+    )
 
-    def __init__(
-        self,
-        *,
-        state_dir: Path,
-        stop_timeout_s: float = 60.0,
-        keep_awake: bool = True,
-        metal_timeout_workaround: bool = True,
-        checkpoint_every: int = 0,
-    ):
-        self.state_dir = Path(state_dir)
-        self.checkpoint_every = checkpoint_every
-        self.stop_timeout_s = stop_timeout_s
-        self.keep_awake = keep_awake
-        self.metal_timeout_workaround = metal_timeout_workaround
+    def __init__(self, context: EngineContext):
+        values = coerce_options(MFluxEngine.name, MFluxEngine.options, context.options)
+        self.state_dir = Path(context.state_dir)
+        self.stop_timeout_s = context.stop_timeout_s
+        self.keep_awake = context.keep_awake
+        self.metal_timeout_workaround = bool(values["metal_timeout_workaround"])
+        self.checkpoint_every = int(values["checkpoint_every"])  # type: ignore[call-overload]
+        self.device: Device | None = None  # probed on first use; a test may set it
 
     # -- plan --------------------------------------------------------------------------------
+
+    def _device(self) -> Device:
+        if self.device is None:
+            self.device = probe_device()
+        return self.device
 
     def model_path(self, model: str) -> Path | None:
         if model == "tiny-z-image":
@@ -52,68 +106,141 @@ class MFluxEngine:
             return model_dir(self.state_dir)
         return None
 
-    def _plan_from_memory(self, job: JobInput, memory: MemoryPlan, workdir: Path) -> TrainingPlan:
+    def _plan_from_memory(self, job: JobInput, memory: MemoryPlan, limit: PlanMemory) -> TrainingPlan:
+        device = self._device()
         config, total = build_config(
             model=job.model,
             memory=memory,
             options=job.options,
             image_count=job.image_count,
             data_dir=job.data_dir,
-            output_dir=workdir / TRAIN_DIR,
+            output_dir=job.data_dir.parent / TRAIN_DIR,
             model_path=self.model_path(job.model),
             checkpoint_every=self.checkpoint_every,
         )
+        warnings = list(memory.warnings)
+        if device.error:
+            warnings.append(f"could not probe the MLX device ({device.error}); planned from the system RAM")
         return TrainingPlan(
             engine=self.name,
             model=job.model,
+            backend=device.backend,
             tier=memory.tier,
-            quantize=memory.quantize,
-            batch_size=memory.batch_size,
-            low_ram=memory.low_ram,
-            gradient_checkpointing=memory.gradient_checkpointing,
-            max_resolution=memory.max_resolution,
-            cache_limit_gb=memory.cache_limit_gb,
             reason=memory.reason,
-            warnings=list(memory.warnings),
             total_steps=total,
+            summary=summary_lines(memory, device, limit),
+            warnings=warnings,
             config=config,
         )
 
-    @staticmethod
-    def _memory(job: JobInput, total_gb: float, available_gb: float, start_below: str | None = None) -> MemoryPlan:
+    def _memory(self, job: JobInput, limit: PlanMemory, **kwargs: Any) -> MemoryPlan:
         return plan_memory(
             model=job.model,
-            total_gb=total_gb,
-            available_gb=available_gb,
+            total_gb=limit.total_gb,
+            available_gb=limit.available_gb,
             image_count=job.image_count,
             max_side=job.max_side,
             resolution=job.options.get("resolution"),
-            start_below=start_below,
+            backend=self._device().backend,
+            **kwargs,
         )
 
-    def plan(self, job: JobInput, machine: Machine, *, ram_override_gb: float | None = None) -> TrainingPlan:
-        total = ram_override_gb if ram_override_gb is not None else machine.total_gb
-        available = ram_override_gb if ram_override_gb is not None else machine.available_gb
+    def plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
+        limit = planning_memory(self._device(), machine)
         try:
-            memory = self._memory(job, total, available)
+            memory = self._memory(job, limit)
         except InsufficientMemory as exc:
             raise PlanError(str(exc)) from None
-        return self._plan_from_memory(job, memory, job.data_dir.parent)
+        return self._plan_from_memory(job, memory, limit)
 
-    def step_down(self, plan: TrainingPlan, job: JobInput, machine: Machine, ram_override_gb: float | None = None) -> TrainingPlan | None:
-        """The next lower tier after a memory kill, or None when there is none."""
-        total = ram_override_gb if ram_override_gb is not None else machine.total_gb
+    def step_down(self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult) -> TrainingPlan | None:
+        """After a memory kill: the next lower tier. After a missing quantized kernel (MLX-CUDA):
+        the best unquantized tier that fits the device (its memory is free again: the child died)."""
+        limit = planning_memory(self._device(), machine)
+        whole = PlanMemory(limit.total_gb, limit.total_gb, limit.label)
         try:
-            memory = self._memory(job, total, total, start_below=plan.tier)
-        except InsufficientMemory:
-            return None
-        lower = self._plan_from_memory(job, memory, job.data_dir.parent)
+            if failed.failure is Failure.MEMORY:
+                memory = self._memory(job, whole, start_below=plan.tier)
+                why = "ran out of memory"
+            elif failed.failure is Failure.UNSUPPORTED and plan.config.get("quantize"):
+                memory = self._memory(job, whole, quantized=False)
+                why = f"quantized training is not supported by this MLX backend for this model ({UNSUPPORTED_KERNEL}, mflux issue 563)"
+            else:
+                return None
+        except InsufficientMemory as exc:
+            raise PlanError(f"no lower plan after {plan.tier}: {exc}") from None
+        lower = self._plan_from_memory(job, memory, whole)
         lower.step_downs = plan.step_downs + 1
+        lower.reason = f"{memory.reason}; stepped down from {plan.tier}: {why}"
+        lower.warnings.append(f"stepped down from {plan.tier}: {why}")
         return lower
+
+    # -- what the daemon publishes and checks ---------------------------------------------------
+
+    def report_files(self, workdir: Path) -> list[Path]:
+        """mflux's loss plot and its last preview image."""
+        train_dir = Path(workdir) / TRAIN_DIR
+        out = []
+        loss = train_dir / "loss" / "loss.html"
+        if loss.is_file():
+            out.append(loss)
+        previews = sorted((train_dir / "preview").glob("*.png")) if (train_dir / "preview").is_dir() else []
+        if previews:
+            out.append(previews[-1])
+        return out
+
+    def adapter_metadata(self, plan: TrainingPlan) -> dict[str, str]:
+        targets = plan.config.get("lora_layers", {}).get("targets") or [{}]
+        rank = targets[0].get("rank", "")
+        alpha = targets[0].get("alpha", rank)
+        return {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha)}
+
+    def intake_limits(self) -> IntakeLimits:
+        return IntakeLimits(max_caption_tokens=512)  # mflux pads and truncates prompts at 512 tokens
+
+    def doctor_checks(self, model: str, machine: Machine) -> list[Check]:
+        """Backend/device/plan memory, mlx, mflux (imported in a child), the model's weights."""
+        ml = run_probe(doctor_model="z-image" if model == "tiny-z-image" else model)
+        device = Device.from_json(ml)
+        checks: list[Check] = []
+        if device.error:
+            checks.append(Check("mlx", CheckStatus.FAIL, device.error))
+        else:
+            checks.append(Check("mlx", CheckStatus.OK, f"{device.mlx} on {device.backend}"))
+            checks.append(self._backend_check(model, device, machine))
+        if "mflux_error" in ml:
+            checks.append(Check("mflux", CheckStatus.FAIL, ml["mflux_error"]))
+        else:
+            checks.append(Check("mflux", CheckStatus.OK, str(ml.get("mflux"))))
+        checks.append(self._model_check(model, ml))
+        return checks
+
+    def _backend_check(self, model: str, device: Device, machine: Machine) -> Check:
+        detail = f"{device.backend}: {device.name}"
+        if device.backend == "cpu":
+            return Check("backend", CheckStatus.WARN, detail + " (not Apple Silicon and no CUDA GPU: mlx runs on the CPU, training is slow)")
+        try:
+            limit = planning_memory(device, machine)
+            memory = plan_memory(model=model, total_gb=limit.total_gb, available_gb=limit.available_gb,
+                                 image_count=20, max_side=1024, backend=device.backend)
+        except (PlanError, InsufficientMemory) as exc:
+            return Check("backend", CheckStatus.FAIL, f"{detail}; {exc}")
+        return Check("backend", CheckStatus.OK, f"{detail}; plans from {limit.line()} -> {memory.tier}")
+
+    @staticmethod
+    def _model_check(model: str, ml: dict[str, Any]) -> Check:
+        gb = 1024**3
+        if model == "tiny-z-image":
+            return Check("model", CheckStatus.OK, "tiny-z-image is generated locally on first use")
+        if "model_error" in ml:
+            return Check("model", CheckStatus.WARN, f"{model}: {ml['model_error']}")
+        if ml.get("model_cached"):
+            return Check("model", CheckStatus.OK, f"{ml['model_repo']} in the Hugging Face cache ({ml['model_cache_bytes'] / gb:.1f} GB)")
+        return Check("model", CheckStatus.WARN, f"{ml.get('model_repo', model)} is not in the Hugging Face cache: the first job downloads it")
 
     # -- train -------------------------------------------------------------------------------
 
-    def _env(self) -> dict:
+    def _env(self) -> dict[str, str]:
         env = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_MININTERVAL": "5"}
         if sys.platform == "darwin" and self.metal_timeout_workaround:
             env["AGX_RELAX_CDM_CTXSTORE_TIMEOUT"] = "1"  # mlx issue #3267: Metal watchdog kills long runs
@@ -130,7 +257,7 @@ class MFluxEngine:
                     [sys.executable, "-c", "import sys; from engines.mflux.tiny_model import ensure_model; ensure_model(sys.argv[1])",
                      str(self.state_dir)],
                     check=True,
-                    cwd=Path(__file__).resolve().parents[2],
+                    cwd=ROOT,
                     capture_output=True,
                 )
 
@@ -158,7 +285,8 @@ class MFluxEngine:
         if resume is not None and checkpoints.step_of(resume) >= plan.total_steps:
             # Training had finished (the daemon stopped during render/publish): no child needed.
             adapter = checkpoints.extract_adapter(resume, workdir / "adapter.safetensors")
-            return TrainResult("completed", adapter=adapter, checkpoint=resume, artifacts={"resumed_from": str(resume)})
+            return TrainResult(TrainStatus.COMPLETED, adapter=adapter, step=checkpoints.step_of(resume),
+                               artifacts={"resumed_from": str(resume)})
         args = ["-m", self.worker_module, "train", "--job-dir", str(workdir), "--plan", str(workdir / PLAN_FILE)]
         if resume is not None:
             args += ["--resume", str(resume)]
@@ -167,7 +295,7 @@ class MFluxEngine:
             shutil.rmtree(workdir / TRAIN_DIR, ignore_errors=True)
             args += ["--config", str(workdir / CONFIG_FILE)]
 
-        def on_event(event: dict) -> None:
+        def on_event(event: dict[str, Any]) -> None:
             if event.get("event") == "step":
                 progress(Progress(event["step"], event["total"], event.get("loss"), event.get("eta_s")))
             elif event.get("event") == "checkpoint":
@@ -175,7 +303,7 @@ class MFluxEngine:
 
         outcome = run_child(
             args,
-            cwd=Path(__file__).resolve().parents[2],
+            cwd=ROOT,
             log_path=workdir / "train.log",
             on_event=on_event,
             stop=stop,
@@ -188,15 +316,17 @@ class MFluxEngine:
         if outcome.last("done") and outcome.returncode == 0:
             newest, _ = checkpoints.newest_good(ckpt_dir)
             if newest is None:
-                return TrainResult("failed", error="training finished but left no valid checkpoint", artifacts=artifacts)
+                return TrainResult(TrainStatus.FAILED, error="training finished but left no valid checkpoint",
+                                   failure=Failure.OTHER, artifacts=artifacts)
             checkpoints.prune(ckpt_dir, keep=2)
             adapter = checkpoints.extract_adapter(newest, workdir / "adapter.safetensors")
-            return TrainResult("completed", adapter=adapter, checkpoint=newest, artifacts=artifacts)
+            return TrainResult(TrainStatus.COMPLETED, adapter=adapter, step=checkpoints.step_of(newest), artifacts=artifacts)
         if outcome.last("stopped") and outcome.returncode == 0:
             newest, _ = checkpoints.newest_good(ckpt_dir)
-            return TrainResult("stopped", checkpoint=newest, artifacts=artifacts)
+            step = checkpoints.step_of(newest) if newest is not None else None
+            return TrainResult(TrainStatus.STOPPED, step=step, artifacts=artifacts)
         if outcome.stop_reason is not None:
-            return TrainResult("stopped", error=f"child ended with {outcome.returncode} after stop", artifacts=artifacts)
+            return TrainResult(TrainStatus.STOPPED, error=f"child ended with {outcome.returncode} after stop", artifacts=artifacts)
         error = outcome.last("error")
         message = error["message"] if error else f"training process exited with code {outcome.returncode}"
         if outcome.killed_by_sigkill:
@@ -204,14 +334,15 @@ class MFluxEngine:
         tail = outcome.stderr_tail.strip().splitlines()[-3:]
         if tail and not error:
             message += ": " + " | ".join(tail)
-        return TrainResult("failed", error=message, memory_pressure=outcome.memory_pressure, artifacts=artifacts)
+        failure = classify_failure(message, memory_pressure=outcome.memory_pressure)
+        return TrainResult(TrainStatus.FAILED, error=message, failure=failure, artifacts=artifacts)
 
     # -- render ------------------------------------------------------------------------------
 
     def render(
         self, plan: TrainingPlan, workdir: Path, lora: Path, prompt: str, out_dir: Path, stop: StopToken, seed: int = 42
-    ) -> RenderResult | str:
-        """Render with and without the LoRA; returns the result, or an error message."""
+    ) -> RenderOutcome:
+        """Render with and without the LoRA (same seed), then the comparison."""
         self.prepare(plan)
         args = [
             "-m", self.worker_module, "render", "--job-dir", str(workdir), "--plan", str(workdir / PLAN_FILE),
@@ -219,7 +350,7 @@ class MFluxEngine:
         ]
         outcome = run_child(
             args,
-            cwd=Path(__file__).resolve().parents[2],
+            cwd=ROOT,
             log_path=workdir / "render.log",
             on_event=lambda _e: None,
             stop=stop,
@@ -231,6 +362,6 @@ class MFluxEngine:
         if done and outcome.returncode == 0:
             return RenderResult(with_lora=Path(done["lora"]), base=Path(done["base"]), compare=Path(done["compare"]))
         if outcome.stop_reason is not None or outcome.last("stopped"):
-            return "stopped"
+            return RenderStopped(outcome.stop_reason)
         error = outcome.last("error")
-        return error["message"] if error else f"render process exited with code {outcome.returncode}"
+        return RenderFailed(error["message"] if error else f"render process exited with code {outcome.returncode}")

@@ -75,7 +75,7 @@ def train(args, reporter: Reporter, stop: StopFlag) -> int:
     overrides = {}
     if args.resume:
         overrides = {
-            k: plan[k] for k in ("quantize", "low_ram", "gradient_checkpointing", "cache_limit_gb", "max_resolution")
+            k: plan["config"][k] for k in ("quantize", "low_ram", "gradient_checkpointing", "cache_limit_gb", "max_resolution")
         }
     _hook_training(reporter, stop, overrides)
     from mflux.models.common.training.runner import TrainingRunner

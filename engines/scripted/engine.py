@@ -4,63 +4,94 @@ It is a real child process speaking the same progress protocol, writing checkpoi
 mflux's layout and honouring SIGTERM/parent death exactly like the mflux worker, so everything
 on the daemon side (child runner, checkpoints, resume, publish) runs for real. Only the
 training math is replaced by a sleep per step. Select it with `engine = "scripted"`.
+It plans without probing a device: two tiers ("scripted", then "scripted-low" after a memory kill).
 """
 
 from __future__ import annotations
 
-from engines.base import JobInput, Machine, PlanError, TrainingPlan
-from engines.mflux.memory_plan import InsufficientMemory
+from pathlib import Path
+from typing import ClassVar
+
+from engines.base import (
+    Check,
+    CheckStatus,
+    EngineContext,
+    Failure,
+    IntakeLimits,
+    JobInput,
+    Machine,
+    Option,
+    PlanError,
+    TrainingPlan,
+    TrainResult,
+    coerce_options,
+)
 from engines.mflux.engine import MFluxEngine
+
+TIERS = ("scripted", "scripted-low")
 
 
 class ScriptedEngine(MFluxEngine):
-    name = "scripted"
-    worker_module = "engines.scripted.worker"
-    step_s = 0.05
+    """Reuses MFluxEngine's child handling (train/render/checkpoints); plans on its own."""
 
-    def plan(self, job: JobInput, machine: Machine, *, ram_override_gb: float | None = None) -> TrainingPlan:
-        try:
-            memory = self._memory(job, ram_override_gb or machine.total_gb, ram_override_gb or machine.available_gb)
-        except InsufficientMemory as exc:
-            raise PlanError(str(exc)) from None
+    name: ClassVar[str] = "scripted"
+    worker_module: ClassVar[str] = "engines.scripted.worker"
+    options: ClassVar[tuple[Option, ...]] = (Option("step_s", float, 0.05, "seconds per fake training step", 0),)
+
+    def __init__(self, context: EngineContext):
+        values = coerce_options(self.name, self.options, context.options)
+        MFluxEngine.__init__(self, EngineContext(context.state_dir, context.stop_timeout_s, context.keep_awake))
+        self.step_s = float(values["step_s"])  # type: ignore[arg-type]
+
+    def _plan(self, job: JobInput, tier: str) -> TrainingPlan:
         total = int(job.options.get("steps") or job.options.get("epochs", 0) * job.image_count or 6)
-        workdir = job.data_dir.parent
         return TrainingPlan(
             engine=self.name,
             model=job.model,
-            tier=memory.tier,
-            quantize=memory.quantize,
-            batch_size=1,
-            low_ram=memory.low_ram,
-            gradient_checkpointing=memory.gradient_checkpointing,
-            max_resolution=memory.max_resolution,
-            cache_limit_gb=memory.cache_limit_gb,
-            reason=memory.reason,
+            backend="cpu",
+            tier=tier,
+            reason=f"{tier}: the scripted engine sleeps {self.step_s} s a step",
             total_steps=total,
+            summary=[f"backend      cpu (scripted: no training math)", f"tier         {tier}"],
             config={
                 "step_s": self.step_s,
                 "total": total,
                 "save_frequency": 2,
                 "rank": int(job.options.get("rank", 16)),
+                "alpha": float(job.options.get("alpha", job.options.get("rank", 16))),
                 "data": str(job.data_dir),
-                "output_path": str(workdir / "train"),
+                "output_path": str(job.data_dir.parent / "train"),
                 "model": job.model,
                 "steps": 4,
             },
         )
 
-    def step_down(self, plan: TrainingPlan, job: JobInput, machine: Machine, ram_override_gb: float | None = None) -> TrainingPlan | None:
-        """Same tier logic as mflux; the scripted config is kept (it has no memory knobs)."""
-        total = ram_override_gb or machine.total_gb
-        try:
-            memory = self._memory(job, total, total, start_below=plan.tier)
-        except InsufficientMemory:
+    def plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
+        return self._plan(job, TIERS[0])
+
+    def step_down(self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult) -> TrainingPlan | None:
+        """One lower tier after a memory kill (the config is unchanged: it has no memory knobs)."""
+        if failed.failure is not Failure.MEMORY:
             return None
-        lower = TrainingPlan.from_dict(plan.to_dict())
-        lower.tier, lower.quantize, lower.low_ram = memory.tier, memory.quantize, memory.low_ram
-        lower.gradient_checkpointing, lower.reason = memory.gradient_checkpointing, memory.reason
+        if plan.tier == TIERS[-1]:
+            raise PlanError(f"no lower plan after {plan.tier}")
+        lower = self._plan(job, TIERS[-1])
+        lower.config = dict(plan.config)
         lower.step_downs = plan.step_downs + 1
         return lower
 
     def prepare(self, plan: TrainingPlan) -> None:
         return None
+
+    def report_files(self, workdir: Path) -> list[Path]:
+        loss = Path(workdir) / "train" / "loss" / "loss.html"
+        return [loss] if loss.is_file() else []
+
+    def adapter_metadata(self, plan: TrainingPlan) -> dict[str, str]:
+        return {"ss_network_dim": str(plan.config.get("rank", "")), "ss_network_alpha": str(plan.config.get("alpha", ""))}
+
+    def intake_limits(self) -> IntakeLimits:
+        return IntakeLimits(max_caption_tokens=None)
+
+    def doctor_checks(self, model: str, machine: Machine) -> list[Check]:
+        return [Check("engine", CheckStatus.WARN, "scripted: a stand-in trainer for tests; it trains nothing")]
