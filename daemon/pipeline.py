@@ -213,8 +213,7 @@ class Pipeline:
                     continue
             self.store.transition(job_id, "failed", error=error)
             return
-        self.store.transition(job_id, "rendering")
-        job = self.store.get(job_id)
+        job = self.store.transition(job_id, "rendering")
         lora_file = workdir / f"{job.name}.safetensors"
         if result.adapter is None:
             self.store.transition(job_id, "failed", error=f"the {engine.name} engine finished without an adapter file")

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TextIO
 from pathlib import Path
 
 from daemon.settings import Settings
@@ -126,7 +127,7 @@ class Runner:
 
     dry_run: bool = False
     calls: list[list[str]] = field(default_factory=list)
-    out: object = None
+    out: TextIO | None = None
 
     def __call__(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         args = list(cmd)

@@ -66,6 +66,25 @@ ENGINES_ENV_PREFIX = ENV_PREFIX + "ENGINES_"
 
 class Settings:
     __slots__ = tuple(FIELDS)
+    # For the type checker (strings only, nothing at run time); a test keeps them equal to FIELDS.
+    assets: Path
+    state_dir: Path | None
+    model: str
+    registry: Path
+    log_level: str
+    engine: str
+    observer: str
+    rescan_interval_s: float
+    settle_s: float
+    stop_timeout_s: float
+    marker_refresh_s: float
+    log_max_bytes: int
+    log_backups: int
+    keep_awake: bool
+    ram_gb: float | None
+    queue_wake: bool
+    engines: dict[str, dict[str, object]]
+    deprecations: tuple[str, ...]
 
     def __init__(self, **values):
         unknown = set(values) - set(FIELDS)
@@ -73,7 +92,7 @@ class Settings:
             raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
         for name, (_kind, default) in FIELDS.items():
             object.__setattr__(self, name, values.get(name, default))
-        if self.engines is None:
+        if values.get("engines") is None:
             object.__setattr__(self, "engines", {})
 
     def __setattr__(self, name, value):
@@ -146,7 +165,7 @@ def _coerce(key: str, value: object, source: str, base: Path) -> object:
         if isinstance(value, bool):
             raise SettingsError(f"{where}: expected a number, got {value!r}")
         try:
-            number = int(value) if want_int else float(value)
+            number = int(value) if want_int else float(value)  # type: ignore[call-overload, arg-type]
         except (TypeError, ValueError):
             raise SettingsError(f"{where}: expected {'an integer' if want_int else 'a number'}, got {value!r}") from None
         if number < 0 or (number == 0 and key not in ("settle_s", "log_backups")):
@@ -203,7 +222,7 @@ def resolve(
             continue
         merged[key] = _coerce(key, value, f"command-line flag --{key.replace('_', '-')}", base)
     for key in ("assets", "registry"):
-        merged.setdefault(key, root / FIELDS[key][1])
+        merged.setdefault(key, root / str(FIELDS[key][1]))
     return Settings(**merged)
 
 
@@ -238,9 +257,9 @@ def _engine_sections(
         for key, value in values.items():
             put(engine, key, value)
     for name, value in env.items():
-        key = _alias_of_env(name)
-        if key is not None:
-            engine, new_key = DEPRECATED_ALIASES[key]
+        alias = _alias_of_env(name)
+        if alias is not None:
+            engine, new_key = DEPRECATED_ALIASES[alias]
             put(engine, new_key, value)
             notes.append(f"environment variable {name} is deprecated: use {ENGINES_ENV_PREFIX}{engine.upper()}_{new_key.upper()}")
     for name, value in env.items():

@@ -56,16 +56,16 @@ def _convert(src: Path, dst: Path, expected_sha: str) -> None:
     data = src.read_bytes()
     if hashlib.sha256(data).hexdigest() != expected_sha:
         raise DatasetChanged(f"{src.name} changed while lorad was reading it")
-    with Image.open(io.BytesIO(data)) as im:
-        im = ImageOps.exif_transpose(im)
+    with Image.open(io.BytesIO(data)) as opened:
+        im: Image.Image = ImageOps.exif_transpose(opened)
         if im.mode.startswith("I;16") or im.mode == "I":
             arr = np.asarray(im).astype(np.int64)
             top = 65535 if arr.max() > 255 else 255
             im = Image.fromarray((arr * 255 // top).clip(0, 255).astype(np.uint8), "L")
         elif im.mode == "F":
             arr = np.asarray(im, dtype=np.float64)
-            top = arr.max() if arr.max() > 1.0 else 1.0
-            im = Image.fromarray((arr / top * 255).clip(0, 255).astype(np.uint8), "L")
+            peak = arr.max() if arr.max() > 1.0 else 1.0
+            im = Image.fromarray((arr / peak * 255).clip(0, 255).astype(np.uint8), "L")
         if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
             rgba = im.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -46,7 +46,7 @@ def describe(backend: str, info: Mapping[str, Any], nvml: Mapping[str, int] | No
 
 def _nvml() -> dict[str, int] | None:
     try:
-        import pynvml  # type: ignore[import-not-found]  # optional: only where installed
+        import pynvml  # optional: only where installed
     except ImportError:
         return None
     try:
