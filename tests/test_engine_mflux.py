@@ -267,7 +267,7 @@ def test_memory_kill_steps_down_once_then_fails(daemon_factory):
     job = d.jobs()[0]
     assert "SIGKILL" in job["error"] and "memory" in job["error"]
     assert "memory" in (folder / "FAILED.txt").read_text()
-    assert job["plan"]["tier"] == "q8" and job["plan"]["quantize"] == 8
+    assert job["plan"]["tier"] == "q8" and job["plan"]["config"]["quantize"] == 8
 
 
 @pytest.mark.slow
@@ -280,7 +280,7 @@ def test_quantized_tier_trains(daemon_factory):
     wait_for(lambda: d.job_states().get("ohwx_q4") in ("done", "failed"), 300, interval=0.5, message="q4 job")
     job = d.jobs()[0]
     assert job["state"] == "done", job["error"]
-    assert (job["plan"]["tier"], job["plan"]["quantize"], job["plan"]["low_ram"]) == ("q4-lowram", 4, True)
+    assert (job["plan"]["tier"], job["plan"]["config"]["quantize"], job["plan"]["config"]["low_ram"]) == ("q4-lowram", 4, True)
     # low_ram's encoding cache goes into the snapshot, never into the user's folder.
     assert {p.name for p in folder.iterdir()} == {"img_000.png", "img_000.txt", "DONE"}
 

@@ -216,16 +216,18 @@ class MFluxEngine:
         return checks
 
     def _backend_check(self, model: str, device: Device, machine: Machine) -> Check:
+        """The backend, its device and the memory the plan uses, with the tier it gives."""
         detail = f"{device.backend}: {device.name}"
-        if device.backend == "cpu":
-            return Check("backend", CheckStatus.WARN, detail + " (not Apple Silicon and no CUDA GPU: mlx runs on the CPU, training is slow)")
         try:
             limit = planning_memory(device, machine)
             memory = plan_memory(model=model, total_gb=limit.total_gb, available_gb=limit.available_gb,
                                  image_count=20, max_side=1024, backend=device.backend)
         except (PlanError, InsufficientMemory) as exc:
             return Check("backend", CheckStatus.FAIL, f"{detail}; {exc}")
-        return Check("backend", CheckStatus.OK, f"{detail}; plans from {limit.line()} -> {memory.tier}")
+        detail += f"; plans from {limit.line()} -> {memory.tier}"
+        if device.backend == "cpu":
+            return Check("backend", CheckStatus.WARN, detail + " (not Apple Silicon and no CUDA GPU: mlx runs on the CPU, training is slow)")
+        return Check("backend", CheckStatus.OK, detail)
 
     @staticmethod
     def _model_check(model: str, ml: dict[str, Any]) -> Check:
