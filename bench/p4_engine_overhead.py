@@ -21,7 +21,7 @@ from daemon.sample import make_dataset
 
 DIRECT = (
     "import sys\n"
-    "from engines.tiny_model import install_patch\n"
+    "from engines.mflux.tiny_model import install_patch\n"
     "install_patch(sys.argv[1])\n"
     "sys.argv = ['mflux-train', '--config', sys.argv[2]]\n"
     "from mflux.models.common.cli.train import main\n"

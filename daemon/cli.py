@@ -13,11 +13,11 @@ from pathlib import Path
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-def known_models() -> str:
-    """The model ids lorad can plan for (engines.memory_plan is pure: no mlx/mflux import)."""
-    from engines.memory_plan import PROFILES
+def known_models(engine: str = "mflux") -> str:
+    """The model ids the engine can train (its class is loaded, not its ML stack)."""
+    from engines.base import engine_class
 
-    return ", ".join(PROFILES)
+    return ", ".join(engine_class(engine).models)
 
 
 def _add_globals(parser, *, suppress: bool, model_help: str | None = None) -> None:
@@ -28,7 +28,7 @@ def _add_globals(parser, *, suppress: bool, model_help: str | None = None) -> No
     parser.add_argument("--config", metavar="FILE", default=default, help="settings file (default ./lorad.toml)")
     parser.add_argument("--state-dir", metavar="DIR", default=default, help="state folder (default <assets>/.lorad)")
     parser.add_argument(
-        "--model", default=default, help=model_help or f"model id (default z-image-turbo); known: {known_models()}"
+        "--model", default=default, help=model_help or "model id (default z-image-turbo; `lorad enqueue --help` lists them)"
     )
     parser.add_argument("--registry", metavar="FILE", default=default, help="LoRA registry JSON (default config.json)")
     parser.add_argument("--log-level", default=default, help="DEBUG, INFO, WARNING or ERROR")
@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except commands.UsageError as exc:
         print(f"lorad {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SettingsError as exc:  # e.g. an unknown engine, found when the command builds it
+        print(f"lorad: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
 

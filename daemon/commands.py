@@ -96,17 +96,16 @@ def _ask_int(prompt: str, default: int) -> int:
             print("please enter a whole number")
 
 
-def _enqueue_defaults(settings: Settings, folder: Path) -> tuple[int, int, str]:
-    """(rank, steps, one-line summary) that a plain READY would train with: lora.toml's options,
-    else the engine's plan for this dataset on this machine."""
-    from engines.mflux_config import DEFAULT_RANK, training_length
-
+def _enqueue_defaults(settings: Settings, folder: Path) -> tuple[int, int, str] | str:
+    """(rank, steps, one-line summary) that a plain READY would train with (lora.toml's options,
+    else the engine's plan for this dataset on this machine), or why there is no plan here."""
     model, images, max_side, options, plan = _dataset_plan(settings, folder, ram_gb=settings.ram_gb, read_ready=False)
-    rank = int(options.get("rank", DEFAULT_RANK))
     if isinstance(plan, Exception):
-        steps = training_length(model, options, images, 1)[1]
-        return rank, steps, f"{model}, {images} images; no plan on this machine: {plan}"
-    return rank, plan.total_steps, f"{model}, {images} images (max side {max_side} px), {plan.tier} plan, batch {plan.batch_size}"
+        return f"{model}, {images} images; no plan on this machine: {plan}"
+    from daemon.pipeline import make_engine
+
+    rank = int(options.get("rank") or make_engine(settings).adapter_metadata(plan).get("ss_network_dim") or 16)
+    return rank, plan.total_steps, f"{model}, {images} images (max side {max_side} px), {plan.tier} plan"
 
 
 def cmd_enqueue(settings: Settings, args) -> int:
@@ -119,10 +118,11 @@ def cmd_enqueue(settings: Settings, args) -> int:
     options = {}
     model = getattr(args, "model", None)
     if model is not None:
-        from engines.memory_plan import PROFILES
+        from engines.base import engine_class
 
-        if model not in PROFILES:
-            raise UsageError(f"unknown model {model!r}; known: {', '.join(PROFILES)}")
+        known = engine_class(settings.engine).models
+        if model not in known:
+            raise UsageError(f"unknown model {model!r}; known: {', '.join(known)}")
         options["model"] = model
     for key in ("rank", "alpha", "epochs", "steps", "learning_rate", "resolution", "priority", "name"):
         value = getattr(args, key)
@@ -133,12 +133,16 @@ def cmd_enqueue(settings: Settings, args) -> int:
     if not options and not args.yes and sys.stdin.isatty():
         # Ask with the values a plain READY trains with; keep only what the user changed, so
         # pressing Enter is exactly `touch READY` (same settings, same fingerprint).
-        rank, steps, summary = _enqueue_defaults(settings, folder)
-        print(f"{folder.name}: {summary}\nPress Enter to keep a value.")
-        for key, prompt, default in (("rank", "LoRA rank", rank), ("steps", "training steps", steps)):
-            answer = _ask_int(prompt, default)
-            if answer != default:
-                options[key] = answer
+        defaults = _enqueue_defaults(settings, folder)
+        if isinstance(defaults, str):  # nothing to offer: READY as is fails with the same reason
+            print(f"{folder.name}: {defaults}")
+        else:
+            rank, steps, summary = defaults
+            print(f"{folder.name}: {summary}\nPress Enter to keep a value.")
+            for key, prompt, default in (("rank", "LoRA rank", rank), ("steps", "training steps", steps)):
+                answer = _ask_int(prompt, default)
+                if answer != default:
+                    options[key] = answer
     text = render_ready(options)
     _, problems = parse_options(text, "READY", allow_force=True)
     if problems:
@@ -241,17 +245,17 @@ def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None
         max_side = max((max(i.width, i.height) for i in report.images), default=max_side)
         options = report.options
         model = options.get("model", model)
+    machine = machine_now(ram_gb)
+    engine = make_engine(settings)
     job = JobInput("plan", "plan", "x", model, image_count, max_side, options, Path("/tmp/lorad-plan/data"), "")
     try:
-        plan = make_engine(settings.engine, settings).plan(job, machine_now(), ram_override_gb=ram_gb)
+        plan = engine.plan(job, machine)
     except PlanError as exc:
         plan = exc
     return model, image_count, max_side, options, plan
 
 
 def cmd_plan(settings: Settings, args) -> int:
-    from daemon.pipeline import machine_now
-
     ram = args.ram_gb if args.ram_gb is not None else settings.ram_gb
     model, image_count, max_side, _options, plan = _dataset_plan(settings, args.path, ram_gb=ram)
     if isinstance(plan, Exception):
@@ -264,16 +268,10 @@ def cmd_plan(settings: Settings, args) -> int:
         data.pop("config")
         print(json.dumps(data, indent=2))
         return 0
-    machine = machine_now()
     print(f"model        {model} ({image_count} images, max side {max_side} px)")
-    print(f"machine      {ram or machine.total_gb:.0f} GB" + (" (--ram-gb)" if ram else f", {machine.available_gb:.0f} GB free"))
-    print(f"tier         {plan.tier}")
-    print(f"quantize     {plan.quantize or 'none (bf16)'}" + (" bit" if plan.quantize else ""))
-    print(f"batch size   {plan.batch_size}")
-    print(f"grad ckpt    {'on' if plan.gradient_checkpointing else 'off'} (gradient checkpointing)")
-    print(f"low_ram      {'on' if plan.low_ram else 'off'}")
-    print(f"resolution   {plan.max_resolution} px")
-    print(f"cache limit  {f'{plan.cache_limit_gb:g} GB' if plan.cache_limit_gb else 'MLX default'}")
+    print(f"engine       {plan.engine}")
+    for line in plan.summary:  # the engine's own lines: backend, device, memory, its knobs
+        print(line)
     print(f"steps        {plan.total_steps}")
     print(f"reason       {plan.reason}")
     for warning in plan.warnings:
@@ -290,7 +288,11 @@ def cmd_logs(settings: Settings, args) -> int:
 def cmd_service(settings: Settings, args) -> int:
     from daemon import service
 
-    return service.main(settings, args)
+    code = service.main(settings, args)
+    if args.action == "status" and code == 0:
+        args.json, args.all = False, False
+        return cmd_status(settings, args)  # here, not in service.py: service never imports commands
+    return code
 
 
 def cmd_selftest(settings: Settings, args) -> int:
@@ -305,7 +307,7 @@ def cmd_doctor(settings: Settings, args) -> int:
     checks = run_checks(settings)
     marks = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
     for check in checks:
-        print(f"[{marks[check.status]}] {check.name:<9} {check.detail}")
+        print(f"[{marks[check.status.value]}] {check.name:<9} {check.detail}")
     code = exit_code(checks)
     print("lorad can run here" if code == 0 else "lorad cannot train here until the FAIL lines are fixed")
     return code

@@ -20,9 +20,9 @@ from daemon.fsutil import remove_stale_temps
 from daemon.intake.take import Intake
 from daemon.jobs import ACTIVE, CorruptDatabase, JobStore, move_aside
 from daemon.lock import AlreadyRunning, InstanceLock
-from daemon.pipeline import Pipeline
+from daemon.pipeline import Pipeline, check_engine_settings
 from daemon.queue import Queue
-from daemon.settings import Settings
+from daemon.settings import Settings, SettingsError
 from daemon.watch import IntakeLoop, Watcher
 
 
@@ -41,15 +41,18 @@ def reconcile(store: JobStore, queue: Queue) -> dict:
     return {"interrupted": interrupted, "requeued": missing, "dropped": dropped, "queued": len(runnable)}
 
 
-def _resume_fields(workdir: Path) -> dict:
+def _resume_fields(settings: Settings, workdir: Path, engine_name: str) -> dict:
     """Step and plan of an unfinished work dir: the marker says where it resumes, and the same
-    plan is reused (the engine re-verifies the checkpoint when it resumes)."""
-    from engines import checkpoints
+    plan is reused (the engine re-verifies its saved state when it resumes)."""
+    from daemon.pipeline import make_engine
 
     fields: dict = {}
-    newest = checkpoints.list_checkpoints(workdir / "train" / "checkpoints")
-    if newest:
-        fields["step"] = checkpoints.step_of(newest[0])
+    try:
+        step = make_engine(settings, engine_name).saved_step(workdir)
+    except SettingsError:
+        step = None  # an engine this lorad no longer has: the job fails clearly when it runs
+    if step is not None:
+        fields["step"] = step
     try:
         plan = json.loads((workdir / "plan.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -82,7 +85,7 @@ def recover_work_dirs(settings: Settings, store: JobStore) -> list:
     recovered = []
     for row, path in sorted(found, key=lambda item: (item[0]["created_at"], item[0]["id"])):
         if row["state"] == "interrupted":
-            row.update(_resume_fields(path))
+            row.update(_resume_fields(settings, path, _engine_of(row)))
         job = store.adopt(row)
         recovered.append(job)
         log.info("job.recovered", job_id=job.id, dataset=job.dataset, state=job.state, step=job.step, path=str(path))
@@ -91,6 +94,13 @@ def recover_work_dirs(settings: Settings, store: JobStore) -> list:
         if job.state == "interrupted" and latest is not None and latest.id == job.id:
             store.refresh_marker(job)
     return recovered
+
+
+def _engine_of(row: dict) -> str:
+    try:
+        return str(json.loads(row.get("settings") or "{}").get("engine") or "mflux")
+    except (TypeError, ValueError):
+        return "mflux"
 
 
 def open_jobs_store(settings: Settings) -> tuple[JobStore, Path | None, str | None]:
@@ -147,6 +157,14 @@ class Daemon:
     def run(self) -> int:
         s = self.settings
         logs.configure(level=s.log_level, log_file=s.log_file, max_bytes=s.log_max_bytes, backups=s.log_backups)
+        try:
+            check_engine_settings(s)  # an unknown engine or a bad [engines.*] value stops the start
+        except SettingsError as exc:
+            print(f"lorad: {exc}", file=sys.stderr)
+            self.log.error("daemon.bad_settings", reason=str(exc))
+            return 2
+        for note in s.deprecations:
+            self.log.warning("settings.deprecated", message=note)
         lock = InstanceLock(s.state)
         try:
             lock.acquire()

@@ -66,7 +66,7 @@ def pid_alive(pid: int) -> bool:
 def remove_stale_temps(folder: Path) -> list[str]:
     """Delete lorad temp files/folders in `folder` left by a process that died mid-write.
     Only names of our own pattern, and only when the writing pid is gone."""
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:

@@ -11,6 +11,7 @@ import os
 import sqlite3
 import _thread  # RLock without importing threading: `lorad status` loads this module
 import time
+import builtins  # JobStore.list shadows list in the class body
 from pathlib import Path
 
 from daemon.intake import markers
@@ -293,7 +294,7 @@ class JobStore:
             rows = self._all("SELECT * FROM jobs ORDER BY seq")
         return [_row_to_job(r) for r in rows]
 
-    def runnable_in_order(self) -> list[Job]:
+    def runnable_in_order(self) -> builtins.list[Job]:
         """Queue order: priority first, then FIFO by READY time."""
         rows = self._all(
             "SELECT * FROM jobs WHERE state IN ('queued','interrupted') ORDER BY priority DESC, ready_at, seq"
@@ -322,7 +323,7 @@ class JobStore:
             "SELECT * FROM jobs WHERE dataset_path = ? ORDER BY created_at DESC, seq DESC LIMIT 1", (dataset_path,)
         )
 
-    def active_for_dataset(self, dataset_path: str) -> list[Job]:
+    def active_for_dataset(self, dataset_path: str) -> builtins.list[Job]:
         rows = self._all(
             "SELECT * FROM jobs WHERE dataset_path = ? AND state NOT IN ('done','failed','cancelled') ORDER BY seq",
             (dataset_path,),

@@ -19,21 +19,28 @@ import structlog
 from daemon import space
 from daemon.jobs import FINISHED, RUNNABLE, JobStore, StateChanged
 from daemon.logs import get_logger
-from daemon.publish import (
-    PublishError,
-    complete_registry,
-    provenance,
-    publish,
-    published_by,
-    report_sources,
-    write_with_metadata,
+from daemon.publish import PublishError, complete_registry, provenance, publish, published_by, write_with_metadata
+from daemon.settings import Settings, SettingsError
+from engines.base import (
+    Engine,
+    EngineContext,
+    EngineSettingsError,
+    JobInput,
+    Machine,
+    PlanError,
+    Progress,
+    RenderFailed,
+    RenderStopped,
+    StopToken,
+    TrainingPlan,
+    TrainStatus,
+    coerce_options,
+    engine_class,
+    get_engine,
 )
-from daemon.settings import Settings
-from engines import checkpoints
-from engines.base import JobInput, Machine, PlanError, Progress, StopToken, TrainingPlan
 
 
-def machine_now() -> Machine:
+def machine_now(memory_override_gb: float | None = None) -> Machine:
     import platform
 
     mem = psutil.virtual_memory()
@@ -43,26 +50,29 @@ def machine_now() -> Machine:
         available_gb=mem.available / gb,
         platform=sys.platform,
         apple_silicon=sys.platform == "darwin" and platform.machine() == "arm64",
+        memory_override_gb=memory_override_gb,
     )
 
 
-def make_engine(name: str, settings: Settings):
-    kwargs = dict(
-        state_dir=settings.state,
-        stop_timeout_s=settings.stop_timeout_s,
-        keep_awake=settings.keep_awake,
-        metal_timeout_workaround=settings.metal_timeout_workaround,
-        checkpoint_every=settings.checkpoint_every,
-    )
-    if name == "mflux":
-        from engines.mflux_engine import MFluxEngine
+def make_engine(settings: Settings, name: str | None = None) -> Engine:
+    """The engine `name` (default: the `engine` setting) with its `[engines.<name>]` section;
+    SettingsError when the name is unknown or the section is bad."""
+    name = name or settings.engine
+    context = EngineContext(settings.state, settings.stop_timeout_s, settings.keep_awake, settings.engines.get(name, {}))
+    try:
+        return get_engine(name, context)
+    except EngineSettingsError as exc:
+        raise SettingsError(str(exc)) from None
 
-        return MFluxEngine(**kwargs)
-    if name == "scripted":
-        from engines.scripted import ScriptedEngine
 
-        return ScriptedEngine(**kwargs)
-    raise PlanError(f"unknown engine {name!r} (known: mflux, scripted)")
+def check_engine_settings(settings: Settings) -> None:
+    """At start: the chosen engine and every `[engines.<name>]` section must be known and valid."""
+    try:
+        engine_class(settings.engine)
+        for name, raw in settings.engines.items():
+            coerce_options(name, engine_class(name).options, raw)
+    except EngineSettingsError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def job_input(job, workdir: Path) -> JobInput:
@@ -263,21 +273,25 @@ class Pipeline:
         if not (workdir / "manifest.json").is_file():
             self.store.transition(job_id, "failed", error=f"the job's snapshot is missing ({workdir}); drop READY again")
             return
-        engine = make_engine(job.settings.get("engine", "mflux"), self.settings)
+        try:
+            engine = make_engine(self.settings, job.settings.get("engine", "mflux"))
+        except SettingsError as exc:
+            self.store.transition(job_id, "failed", error=str(exc))
+            return
         spec = job_input(job, workdir)
-        machine = machine_now()
+        machine = machine_now(self.settings.ram_gb)
         plan_path = workdir / "plan.json"
         try:
             if plan_path.is_file() and job.plan:
                 plan = TrainingPlan.from_dict(json.loads(plan_path.read_text()))  # resume: same plan
             else:
-                plan = engine.plan(spec, machine, ram_override_gb=self.settings.ram_gb)
+                plan = engine.plan(spec, machine)
         except PlanError as exc:
             self.store.transition(job_id, "failed", error=str(exc))
             return
         self.store.update(job_id, plan=plan.to_dict(), total_steps=plan.total_steps)
         self.log.info("job.plan", tier=plan.tier, reason=plan.reason, warnings=plan.warnings, total_steps=plan.total_steps)
-        problem = self._training_space_problem(job, spec, workdir)
+        problem = self._training_space_problem(job, engine, plan, workdir)
         if problem is not None:
             self.store.transition(job_id, "failed", error=problem)
             return
@@ -294,39 +308,46 @@ class Pipeline:
                 result = engine.train(plan, workdir, sink, stop, on_spawn=self._on_spawn)
             finally:
                 sink.close()
-            if result.status == "completed":
+            if result.status is TrainStatus.COMPLETED:
                 break
-            if result.status == "stopped":
-                step = checkpoints.step_of(result.checkpoint) if result.checkpoint else None
-                self._stopped(job_id, stop, step)
+            if result.status is TrainStatus.STOPPED:
+                self._stopped(job_id, stop, result.step)
                 return
-            if result.memory_pressure and plan.step_downs == 0:
-                lower = engine.step_down(plan, spec, machine, ram_override_gb=self.settings.ram_gb)
+            error = result.error or "training failed"
+            if plan.step_downs == 0:
+                try:
+                    lower = engine.step_down(plan, spec, machine, result)
+                except PlanError as exc:
+                    lower, error = None, f"{error}; {exc}"
                 if lower is not None:
                     self.log.warning("job.stepdown", from_tier=plan.tier, to_tier=lower.tier, reason=result.error)
                     plan = lower
                     self.store.update(job_id, plan=plan.to_dict(), total_steps=plan.total_steps)
                     continue
-            if space.looks_like_disk_full(result.error):
-                self._fail_disk_full(job_id, result.error, workdir)
+            if space.looks_like_disk_full(error):
+                self._fail_disk_full(job_id, error, workdir)
                 return
-            self.store.transition(job_id, "failed", error=result.error or "training failed")
+            self.store.transition(job_id, "failed", error=error)
             return
         if not self._advance(job_id, "rendering", "training"):
             return
         job = self.store.get(job_id)
         lora_file = workdir / f"{job.name}.safetensors"
+        if result.adapter is None:
+            self.store.transition(job_id, "failed", error=f"the {engine.name} engine finished without an adapter file")
+            return
         write_with_metadata(
             result.adapter,
             lora_file,
-            provenance(job=job, plan=plan.to_dict(), fingerprint=job.fingerprint, image_count=spec.image_count),
+            provenance(job=job, plan=plan.to_dict(), fingerprint=job.fingerprint, image_count=spec.image_count,
+                       engine_keys=engine.adapter_metadata(plan)),
         )
         rendered = engine.render(plan, workdir, lora_file, spec.preview_prompt, workdir / "render", stop)
-        if rendered == "stopped":
+        if isinstance(rendered, RenderStopped):
             self._stopped(job_id, stop)
             return
-        if isinstance(rendered, str):
-            self.store.transition(job_id, "failed", error=f"test render failed: {rendered}")
+        if isinstance(rendered, RenderFailed):
+            self.store.transition(job_id, "failed", error=f"test render failed: {rendered.error}")
             return
         if not self._advance(job_id, "publishing", "rendering"):
             return  # cancelled after the render: nothing is published
@@ -338,7 +359,7 @@ class Pipeline:
                 lora_file=lora_file,
                 render_with=rendered.with_lora,
                 render_compare=rendered.compare,
-                report_files=report_sources(workdir / "train"),
+                report_files=engine.report_files(workdir),
                 plan=plan.to_dict(),
                 lock_timeout_s=self.settings.lock_timeout_s,
             )
@@ -366,14 +387,9 @@ class Pipeline:
             return
         self.store.transition(job.id, "done", outputs=outputs, eta_s=0)
 
-    def _training_space_problem(self, job, spec: JobInput, workdir: Path) -> str | None:
+    def _training_space_problem(self, job, engine: Engine, plan: TrainingPlan, workdir: Path) -> str | None:
         """Refuse before training when its checkpoints cannot fit (needed vs free, which disk)."""
-        ckpt_dir = workdir / "train" / "checkpoints"
-        written = sum(p.stat().st_size for p in checkpoints.list_checkpoints(ckpt_dir))
-        needed = space.space_needed(
-            "train", engine=job.settings.get("engine", "mflux"), model=spec.model,
-            rank=int(spec.options.get("rank", 16)), written=written,
-        )
+        needed = space.space_needed("train", engine_bytes=engine.disk_needed(plan, workdir))
         free = space.free_bytes(workdir)
         problem = space.space_problem("training", workdir, needed, free, f"run: lorad retry {job.id}")
         if problem is not None:

@@ -76,18 +76,14 @@ def write_with_metadata(src: Path, dest: Path, extra: dict[str, str]) -> None:
         os.fsync(fout.fileno())
 
 
-def provenance(*, job, plan: dict, fingerprint: str, image_count: int) -> dict[str, str]:
-    config = plan.get("config", {})
-    targets = config.get("lora_layers", {}).get("targets", [{}])
-    rank = targets[0].get("rank", plan.get("config", {}).get("rank", ""))
-    alpha = targets[0].get("alpha", rank)
+def provenance(*, job, plan: dict, fingerprint: str, image_count: int, engine_keys: dict[str, str] | None = None) -> dict[str, str]:
+    """lorad's metadata keys; `engine_keys` are the engine's own (Engine.adapter_metadata: rank, alpha)."""
     return {
+        **(engine_keys or {}),
         "modelspec.title": job.name,
         "modelspec.architecture": f"{plan.get('model')}/lora",
         "modelspec.trigger_phrase": job.trigger_word,
         "ss_output_name": job.name,
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": str(alpha),
         "ss_steps": str(plan.get("total_steps", "")),
         "ss_num_train_images": str(image_count),
         "lorad.version": __version__,
@@ -131,18 +127,6 @@ def _copy_to_temp(src: Path, dest: Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
-
-
-def report_sources(train_dir: Path) -> list[Path]:
-    """mflux's loss plot and its last preview image."""
-    out = []
-    loss = train_dir / "loss" / "loss.html"
-    if loss.is_file():
-        out.append(loss)
-    previews = sorted((train_dir / "preview").glob("*.png")) if (train_dir / "preview").is_dir() else []
-    if previews:
-        out.append(previews[-1])
-    return out
 
 
 def published_by(loras: Path, job) -> bool:

@@ -40,6 +40,7 @@ class WakeableWorker(Worker):
     """huey Worker whose idle sleep ends the moment a job is enqueued (or the consumer stops)."""
 
     wake: Wake | None = None
+    delay: float  # huey's Worker sets it
 
     def sleep(self) -> None:
         if self.delay > self.max_delay:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import TextIO
 from pathlib import Path
 
 from daemon.settings import Settings
@@ -126,7 +127,7 @@ class Runner:
 
     dry_run: bool = False
     calls: list[list[str]] = field(default_factory=list)
-    out: object = None
+    out: TextIO | None = None
 
     def __call__(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         args = list(cmd)
@@ -271,11 +272,8 @@ def main(settings: Settings, args) -> int:
             print(svc.render(), end="")
             return 0
         if args.action == "status":
-            print(svc.status())
-            from daemon.commands import cmd_status
-
-            args.json, args.all = False, False
-            return cmd_status(settings, args)
+            print(svc.status())  # the jobs follow from commands.cmd_service
+            return 0
         getattr(svc, args.action)()
     except ServiceError as exc:
         print(f"lorad service {args.action}: {exc}", file=sys.stderr)

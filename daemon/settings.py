@@ -44,25 +44,56 @@ FIELDS: dict[str, tuple[str, object]] = {
     "log_backups": ("int", 5),
     # macOS: keep the Mac awake while training (caffeinate -i -w <pid>).
     "keep_awake": ("bool", True),
-    # macOS: AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1 against the Metal watchdog killing long runs (mlx #3267).
-    "metal_timeout_workaround": ("bool", True),
-    # Override the RAM the memory plan sees (GB); None: measure with psutil.
+    # Override the memory the plan sees (GB); None: the engine measures the memory that limits
+    # training (unified RAM on a Mac, GPU memory on CUDA).
     "ram_gb": ("float | None", None),
     # Wake the queue worker on enqueue. false = huey's stock polling consumer (the bench baseline).
     "queue_wake": ("bool", True),
-    # Training checkpoint interval in steps; 0 = automatic (about 10 a run).
-    "checkpoint_every": ("int", 0),
     # Longest wait for the registry lock (held by another program) before the job fails; retry
     # then writes only the registry entry.
     "lock_timeout_s": ("float", 30.0),
     # Intake refuses larger files before reading them (a 40 GB sparse "image" must not be read).
     "max_image_bytes": ("int", 100_000_000),
     "max_caption_bytes": ("int", 64 * 1024),
+    # Each engine's own settings, raw: {"mflux": {"checkpoint_every": 5}} from `[engines.mflux]` or
+    # LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY; the engine validates them when the daemon starts.
+    "engines": ("dict", None),
+    # Messages about deprecated keys that were used (logged when the daemon starts).
+    "deprecations": ("tuple", ()),
 }
+
+# Old top-level keys that moved into an engine's section: key -> (engine, key there).
+DEPRECATED_ALIASES: dict[str, tuple[str, str]] = {
+    "metal_timeout_workaround": ("mflux", "metal_timeout_workaround"),
+    "checkpoint_every": ("mflux", "checkpoint_every"),
+}
+ENGINES_ENV_PREFIX = ENV_PREFIX + "ENGINES_"
 
 
 class Settings:
     __slots__ = tuple(FIELDS)
+    # For the type checker (strings only, nothing at run time); a test keeps them equal to FIELDS.
+    assets: Path
+    state_dir: Path | None
+    model: str
+    registry: Path
+    log_level: str
+    engine: str
+    observer: str
+    rescan_interval_s: float
+    settle_s: float
+    stop_timeout_s: float
+    marker_refresh_s: float
+    log_max_bytes: int
+    log_backups: int
+    keep_awake: bool
+    ram_gb: float | None
+    queue_wake: bool
+    lock_timeout_s: float
+    max_image_bytes: int
+    max_caption_bytes: int
+    engines: dict[str, dict[str, object]]
+    deprecations: tuple[str, ...]
 
     def __init__(self, **values):
         unknown = set(values) - set(FIELDS)
@@ -70,6 +101,8 @@ class Settings:
             raise TypeError(f"unknown settings: {', '.join(sorted(unknown))}")
         for name, (_kind, default) in FIELDS.items():
             object.__setattr__(self, name, values.get(name, default))
+        if values.get("engines") is None:
+            object.__setattr__(self, "engines", {})
 
     def __setattr__(self, name, value):
         raise AttributeError("Settings are read-only")
@@ -109,7 +142,8 @@ class Settings:
         return self.state / "jobs"
 
 
-KEYS = FIELDS
+# What a user sets as a plain key (the engines' sections and the notes are filled by resolve).
+KEYS = {k: v for k, v in FIELDS.items() if k not in ("engines", "deprecations")}
 _PATH_KEYS = {"assets", "state_dir", "registry"}
 _OPTIONAL = {"state_dir", "ram_gb"}
 
@@ -140,10 +174,10 @@ def _coerce(key: str, value: object, source: str, base: Path) -> object:
         if isinstance(value, bool):
             raise SettingsError(f"{where}: expected a number, got {value!r}")
         try:
-            number = int(value) if want_int else float(value)
+            number = int(value) if want_int else float(value)  # type: ignore[call-overload, arg-type]
         except (TypeError, ValueError):
             raise SettingsError(f"{where}: expected {'an integer' if want_int else 'a number'}, got {value!r}") from None
-        if number < 0 or (number == 0 and key not in ("settle_s", "log_backups", "checkpoint_every")):
+        if number < 0 or (number == 0 and key not in ("settle_s", "log_backups")):
             raise SettingsError(f"{where}: must be greater than 0, got {value!r}")
         return number
     if not isinstance(value, str) or not value.strip():
@@ -174,14 +208,16 @@ def resolve(
     """
     root = project_root if project_root is not None else base
     merged: dict[str, object] = {}
-    for key, value in (file_values or {}).items():
+    file_values, engines, deprecations = _engine_sections(file_values or {}, env or {}, file_source)
+    merged["engines"], merged["deprecations"] = engines, deprecations
+    for key, value in file_values.items():
         if key not in KEYS:
             raise SettingsError(
                 f"unknown setting '{key}' in {file_source}; known settings: {', '.join(sorted(KEYS))}"
             )
         merged[key] = _coerce(key, value, file_source, root)
     for name, value in (env or {}).items():
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name.startswith(ENGINES_ENV_PREFIX) or _alias_of_env(name):
             continue
         key = name[len(ENV_PREFIX) :].lower()
         if key not in KEYS:
@@ -195,8 +231,53 @@ def resolve(
             continue
         merged[key] = _coerce(key, value, f"command-line flag --{key.replace('_', '-')}", base)
     for key in ("assets", "registry"):
-        merged.setdefault(key, root / FIELDS[key][1])
+        merged.setdefault(key, root / str(FIELDS[key][1]))
     return Settings(**merged)
+
+
+def _alias_of_env(name: str) -> str | None:
+    key = name[len(ENV_PREFIX) :].lower()
+    return key if name.startswith(ENV_PREFIX) and key in DEPRECATED_ALIASES else None
+
+
+def _engine_sections(
+    file_values: Mapping[str, object], env: Mapping[str, str], file_source: str
+) -> tuple[dict[str, object], dict[str, dict[str, object]], tuple[str, ...]]:
+    """Split the engines' raw sections off: (other file values, {engine: {key: raw}}, deprecation notes).
+
+    Precedence as for every setting: file < environment. Inside each, the engine's own section
+    wins over a deprecated top-level alias. Values stay raw: the engine coerces and validates them.
+    """
+    rest = {k: v for k, v in file_values.items() if k != "engines" and k not in DEPRECATED_ALIASES}
+    sections: dict[str, dict[str, object]] = {}
+    notes: list[str] = []
+
+    def put(engine: str, key: str, value: object) -> None:
+        sections.setdefault(engine, {})[key] = value
+
+    for key, (engine, new_key) in DEPRECATED_ALIASES.items():
+        if key in file_values:
+            put(engine, new_key, file_values[key])
+            notes.append(f"setting '{key}' in {file_source} is deprecated: move it to [engines.{engine}] {new_key}")
+    table = file_values.get("engines", {})
+    if not isinstance(table, Mapping) or not all(isinstance(v, Mapping) for v in table.values()):
+        raise SettingsError(f"'engines' in {file_source} must hold tables like [engines.mflux]")
+    for engine, values in table.items():
+        for key, value in values.items():
+            put(engine, key, value)
+    for name, value in env.items():
+        alias = _alias_of_env(name)
+        if alias is not None:
+            engine, new_key = DEPRECATED_ALIASES[alias]
+            put(engine, new_key, value)
+            notes.append(f"environment variable {name} is deprecated: use {ENGINES_ENV_PREFIX}{engine.upper()}_{new_key.upper()}")
+    for name, value in env.items():
+        if name.startswith(ENGINES_ENV_PREFIX):
+            engine, _, key = name[len(ENGINES_ENV_PREFIX) :].partition("_")
+            if not key:
+                raise SettingsError(f"environment variable {name}: expected {ENGINES_ENV_PREFIX}<ENGINE>_<KEY>")
+            put(engine.lower(), key.lower(), value)
+    return rest, sections, tuple(notes)
 
 
 def find_config_file(start: Path) -> Path | None:

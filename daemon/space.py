@@ -1,7 +1,7 @@
 """Disk space: refuse early when a job cannot fit, and always be able to record that a job failed.
 
-- `space_needed` (pure) estimates the bytes intake (the snapshot) and training (checkpoints,
-  adapter, LoRA file, renders) will write into the state dir; intake and the pipeline compare it
+- `space_needed` (pure) estimates the bytes intake (the snapshot) and training (the engine's own
+  estimate of its checkpoints and adapter, plus a margin) will write into the state dir; intake and the pipeline compare it
   with the free space and fail the job with both numbers before starting.
 - A full state disk can still strike mid-job (another program fills it). The final state write
   must then succeed, or the job looks alive forever: lorad keeps a small reserve file in the state
@@ -22,42 +22,17 @@ RESERVE_BYTES = 2 * MiB  # a failed transition, a job.json and a few log lines n
 INTAKE_MARGIN = 4 * MiB  # manifest, job.json, database pages
 TRAIN_MARGIN = 16 * MiB  # logs, plan, loss plot, test renders, database pages
 
-# LoRA parameters per unit of rank: the sum of (in + out) over the linears the engine targets
-# (engines/mflux_config.py TARGET_MODULES: attention q/k/v/out and feed-forward w1/w2/w3).
-_Z_IMAGE = 30 * (4 * (3840 + 3840) + 3 * (3840 + 10240))  # 30 layers, dim 3840, feed-forward 10240
-_TINY = 2 * (4 * (192 + 192) + 3 * (192 + 512))  # engines/tiny_model.py: 2 layers, dim 192, ff 512
-PARAMS_PER_RANK = {"z-image-turbo": _Z_IMAGE, "z-image": _Z_IMAGE, "tiny-z-image": _TINY}
-SCRIPTED_PARAMS_PER_RANK = 64 + 64  # engines/scripted_worker.py's two 64-wide matrices
-CHECKPOINTS_KEPT = 2  # engines/checkpoints.prune keeps two; a third is being written
-
-
-def lora_bytes(engine: str, model: str, rank: int) -> int:
-    """fp32 adapter size; an unknown model is sized like Z-Image (the largest lorad knows)."""
-    per_rank = SCRIPTED_PARAMS_PER_RANK if engine == "scripted" else PARAMS_PER_RANK.get(model, _Z_IMAGE)
-    return 4 * per_rank * max(1, int(rank))
-
-
-def space_needed(
-    phase: str,
-    *,
-    dataset_bytes: int = 0,
-    engine: str = "mflux",
-    model: str = "z-image-turbo",
-    rank: int = 16,
-    written: int = 0,
-) -> int:
+def space_needed(phase: str, *, dataset_bytes: int = 0, engine_bytes: int = 0) -> int:
     """Bytes the phase will add to the state disk (pure).
 
     intake: the snapshot (dataset_bytes, already sized for conversions) plus a margin.
-    train: (kept + 1) checkpoints of adapter + AdamW's two moments, the extracted adapter and
-    the LoRA file, plus a margin; minus what this job's checkpoints already hold (`written`),
-    so a resumed job is not asked for space it already uses."""
+    train: what the engine says its training will still write (`Engine.disk_needed`: checkpoints,
+    adapter; a resumed job's existing checkpoints already deducted) plus a margin for the LoRA
+    copy, logs, plots, renders and database pages."""
     if phase == "intake":
         return int(dataset_bytes) + INTAKE_MARGIN
     if phase == "train":
-        adapter = lora_bytes(engine, model, rank)
-        total = (CHECKPOINTS_KEPT + 1) * 3 * adapter + 2 * adapter + TRAIN_MARGIN
-        return max(TRAIN_MARGIN, total - int(written))
+        return max(0, int(engine_bytes)) + TRAIN_MARGIN
     raise ValueError(f"unknown phase {phase!r}")
 
 

@@ -1,24 +1,39 @@
-"""The engine interface: the daemon plans, trains and renders through this and nothing else.
+"""The engine contract: the one module of engines/ that daemon/ imports (a test checks this).
 
-An engine for a DGX (ai-toolkit / diffusers / kohya) or a cloud service implements the same
-three calls; the daemon never imports an engine's ML stack (training runs in a child).
+An engine plans a job for this machine, trains it (with stop and resume), renders the test
+images, and owns everything that depends on its trainer: the plan's engine-specific part (an
+opaque `config`), the files of its report, the adapter's metadata keys, its intake limits, its
+`lorad doctor` checks and its settings section (`[engines.<name>]` in lorad.toml). The daemon
+sees only the types below, so a DGX or cloud engine is one new module plus one `register` line.
+
+Engines run their ML stack in a child process: importing an engine module must never import
+mlx, mflux, torch or PIL (the daemon stays lean; a test checks `sys.modules`).
 """
 
 from __future__ import annotations
 
+import enum
+import importlib
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+# -- what the daemon hands an engine ---------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Machine:
+    """What the daemon measures without ML imports (psutil). An engine whose training is limited
+    by other memory (a CUDA GPU) probes that itself, in a child."""
+
     total_gb: float
     available_gb: float
     platform: str  # sys.platform
     apple_silicon: bool
+    memory_override_gb: float | None = None  # `ram_gb` / `lorad plan --ram-gb`: plan as if this much
 
 
 @dataclass(frozen=True)
@@ -31,38 +46,59 @@ class JobInput:
     model: str
     image_count: int
     max_side: int
-    options: dict
+    options: dict[str, Any]
     data_dir: Path
     preview_prompt: str
 
 
+@dataclass(frozen=True)
+class EngineContext:
+    """What every engine gets at construction: lorad's generic settings and its own section."""
+
+    state_dir: Path
+    stop_timeout_s: float = 60.0
+    keep_awake: bool = True
+    options: Mapping[str, object] = field(default_factory=dict)  # raw `[engines.<name>]` values
+
+
+# -- plans -----------------------------------------------------------------------------------
+
+
 @dataclass
 class TrainingPlan:
+    """Generic fields the daemon reads and shows; `config` is the engine's own, opaque to it."""
+
     engine: str
     model: str
-    tier: str
-    quantize: int | None
-    batch_size: int
-    low_ram: bool
-    gradient_checkpointing: bool
-    max_resolution: int
-    cache_limit_gb: float | None
+    backend: str  # where training runs: metal | cuda | cpu | <service>
+    tier: str  # the plan's resource level; step_down goes to a lower one
     reason: str
+    total_steps: int
+    summary: list[str] = field(default_factory=list)  # "label  value" lines for `lorad plan`
     warnings: list[str] = field(default_factory=list)
-    total_steps: int = 0
-    config: dict = field(default_factory=dict)  # the engine's own training config
+    config: dict[str, Any] = field(default_factory=dict)
     step_downs: int = 0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainingPlan":
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingPlan:
+        """Tolerant of plans saved by older versions: unknown keys are dropped, missing ones defaulted."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values.setdefault("backend", "unknown")
+        values.setdefault("tier", "")
+        values.setdefault("reason", "")
+        values.setdefault("total_steps", 0)
+        return cls(**values)
 
 
 class PlanError(Exception):
     """The job cannot run on this machine (e.g. not enough memory); the message says why."""
+
+
+# -- results ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -73,21 +109,73 @@ class Progress:
     eta_s: float | None = None
 
 
+class TrainStatus(enum.Enum):
+    COMPLETED = "completed"
+    STOPPED = "stopped"  # by a StopToken (shutdown or cancel); resumable
+    FAILED = "failed"
+
+
+class Failure(enum.Enum):
+    """Why training failed, as far as a lower plan could help."""
+
+    MEMORY = "memory"  # killed or allocation failed: a lower memory tier may fit
+    UNSUPPORTED = "unsupported"  # the backend lacks a kernel for this plan (e.g. a quantized shape)
+    OTHER = "other"
+
+
 @dataclass
 class TrainResult:
-    status: str  # completed | stopped | failed
+    status: TrainStatus
     error: str | None = None
-    memory_pressure: bool = False
-    adapter: Path | None = None
-    checkpoint: Path | None = None
-    artifacts: dict = field(default_factory=dict)
+    failure: Failure | None = None
+    adapter: Path | None = None  # the trained LoRA (COMPLETED)
+    step: int | None = None  # the step the saved state holds (STOPPED)
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RenderResult:
     with_lora: Path
     base: Path
     compare: Path
+
+
+@dataclass(frozen=True)
+class RenderFailed:
+    error: str
+
+
+@dataclass(frozen=True)
+class RenderStopped:
+    reason: str | None = None
+
+
+RenderOutcome = RenderResult | RenderFailed | RenderStopped
+
+
+class CheckStatus(enum.Enum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One `lorad doctor` line."""
+
+    name: str
+    status: CheckStatus
+    detail: str
+
+
+@dataclass(frozen=True)
+class IntakeLimits:
+    """What the engine's trainer can use of a dataset (intake warns past these)."""
+
+    max_caption_tokens: int | None = None
+
+
+# -- stopping --------------------------------------------------------------------------------
 
 
 class StopToken:
@@ -118,15 +206,163 @@ class StopToken:
         return self._event.wait(timeout) or self.requested()
 
 
-class Engine(Protocol):
+# -- settings of an engine -------------------------------------------------------------------
+
+
+class EngineSettingsError(ValueError):
+    """A bad `[engines.<name>]` value or an unknown engine; the daemon reports it as a settings error."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One key of an engine's settings section."""
+
     name: str
+    kind: type  # bool, int, float or str
+    default: object
+    help: str = ""
+    minimum: float | None = None
 
-    def plan(self, job: JobInput, machine: Machine, *, ram_override_gb: float | None = None) -> TrainingPlan: ...
 
-    def step_down(self, plan: TrainingPlan, job: JobInput) -> TrainingPlan | None: ...
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def coerce_option(engine: str, option: Option, value: object) -> object:
+    """A raw TOML or environment value as the option's type, or EngineSettingsError naming it."""
+    where = f"setting '{option.name}' in [engines.{engine}]"
+    if option.kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise EngineSettingsError(f"{where}: expected true or false, got {value!r}")
+    if option.kind in (int, float):
+        if isinstance(value, bool):
+            raise EngineSettingsError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = int(str(value)) if option.kind is int else float(str(value))
+        except ValueError:
+            raise EngineSettingsError(f"{where}: expected {'an integer' if option.kind is int else 'a number'}, got {value!r}") from None
+        if option.minimum is not None and number < option.minimum:
+            raise EngineSettingsError(f"{where}: must be at least {option.minimum:g}, got {value!r}")
+        return number
+    if not isinstance(value, str) or not value.strip():
+        raise EngineSettingsError(f"{where}: expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def coerce_options(engine: str, options: tuple[Option, ...], raw: Mapping[str, object]) -> dict[str, object]:
+    """The engine's settings: defaults overlaid with `raw`; unknown keys are errors that list the known."""
+    known = {o.name: o for o in options}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        listing = ", ".join(sorted(known)) or "none"
+        raise EngineSettingsError(f"unknown setting '{unknown[0]}' in [engines.{engine}]; known: {listing}")
+    values = {o.name: o.default for o in options}
+    for key, value in raw.items():
+        values[key] = coerce_option(engine, known[key], value)
+    return values
+
+
+# -- the contract ----------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: ClassVar[str]
+    options: ClassVar[tuple[Option, ...]]
+    models: ClassVar[tuple[str, ...]]  # the model ids it can train
+
+    def __init__(self, context: EngineContext) -> None: ...
+
+    def plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
+        """The plan for this job on this machine, or PlanError saying why it cannot run."""
+        ...
+
+    def step_down(self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult) -> TrainingPlan | None:
+        """A lower plan after `failed`; None when no lower plan would help (the job fails with
+        `failed.error`); PlanError when one would but none exists (the message says why)."""
+        ...
 
     def train(
-        self, plan: TrainingPlan, workdir: Path, progress: Callable[[Progress], None], stop: StopToken
-    ) -> TrainResult: ...
+        self,
+        plan: TrainingPlan,
+        workdir: Path,
+        progress: Callable[[Progress], None],
+        stop: StopToken,
+        on_spawn: Callable[[int], None] | None = None,
+    ) -> TrainResult:
+        """Train (or resume from the engine's own saved state in workdir) until done or stopped."""
+        ...
 
-    def render(self, plan: TrainingPlan, workdir: Path, lora: Path, prompt: str, out_dir: Path) -> RenderResult: ...
+    def render(
+        self, plan: TrainingPlan, workdir: Path, lora: Path, prompt: str, out_dir: Path, stop: StopToken, seed: int = 42
+    ) -> RenderOutcome:
+        """The test prompt with and without the LoRA (same seed) and their comparison."""
+        ...
+
+    def report_files(self, workdir: Path) -> list[Path]:
+        """Files of the training report to publish beside the LoRA (loss plot, preview, ...)."""
+        ...
+
+    def adapter_metadata(self, plan: TrainingPlan) -> dict[str, str]:
+        """Engine-specific safetensors metadata keys (e.g. ss_network_dim, ss_network_alpha)."""
+        ...
+
+    def intake_limits(self) -> IntakeLimits: ...
+
+    def doctor_checks(self, model: str, machine: Machine) -> list[Check]:
+        """`lorad doctor` lines for this engine: its stack, its device, the model's weights."""
+        ...
+
+    def saved_step(self, workdir: Path) -> int | None:
+        """The step the engine's newest saved training state in workdir holds (None: nothing
+        saved): where a re-adopted job resumes, for its marker and status."""
+        ...
+
+    def disk_needed(self, plan: TrainingPlan, workdir: Path) -> int:
+        """Bytes training this plan will still write under workdir (checkpoints, adapter), what is
+        already there deducted: the daemon refuses a job early when they do not fit."""
+        ...
+
+    def model_check(self, model: str) -> Check:
+        """Fast (no ML imports, no download): can this engine train `model` here? `lorad run`
+        says it at start, so a missing model is known before the first job fails on it."""
+        ...
+
+
+# -- the registry ----------------------------------------------------------------------------
+
+# name -> "module:Class". Modules are imported only when the engine is used, so `lorad status`
+# and the daemon never load an engine they do not run.
+_REGISTRY: dict[str, str] = {}
+
+
+def register(name: str, target: str) -> None:
+    """Make an engine selectable as `engine = "<name>"`; target is "package.module:ClassName"."""
+    if ":" not in target:
+        raise ValueError(f"engine target {target!r} must look like 'package.module:ClassName'")
+    _REGISTRY[name] = target
+
+
+def known_engines() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def engine_class(name: str) -> type[Engine]:
+    target = _REGISTRY.get(name)
+    if target is None:
+        raise EngineSettingsError(f"unknown engine {name!r}; known engines: {', '.join(known_engines())}")
+    module_name, _, class_name = target.partition(":")
+    cls: type[Engine] = getattr(importlib.import_module(module_name), class_name)
+    return cls
+
+
+def get_engine(name: str, context: EngineContext) -> Engine:
+    """The engine named `name`, built with its settings section; EngineSettingsError if either is bad."""
+    return engine_class(name)(context)
+
+
+register("mflux", "engines.mflux.engine:MFluxEngine")
+register("scripted", "engines.scripted.engine:ScriptedEngine")

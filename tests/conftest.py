@@ -171,7 +171,7 @@ def daemon_factory(tmp_path):
 
 
 def hold_training_at(d: DaemonProc, step: int) -> Path:
-    """Make the daemon's training children hold after `step` until stopped (engines/pause_hook.py),
+    """Make the daemon's training children hold after `step` until stopped (engines/process/pause_hook.py),
     so a test's stop or kill lands exactly there on a slow CPU and a fast GPU alike. Takes effect
     at the daemon's next start; returns the file the child writes when it holds."""
     pause = d.root / f"held-at-step-{step}.json"

@@ -194,7 +194,7 @@ def test_enqueue_writes_ready_with_overrides(daemon_factory):
 
 
 def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(daemon_factory):
-    from engines import checkpoints
+    from engines.mflux import checkpoints
 
     d = daemon_factory(extra_env={"SCRIPTED_ENGINE_STEP_S": "0.25"})
     held = hold_training_at(d, 7)

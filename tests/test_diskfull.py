@@ -31,19 +31,31 @@ MiB = 1 << 20
     [
         ("intake", {"dataset_bytes": 0}, 4 * MiB, 4 * MiB),
         ("intake", {"dataset_bytes": 300 * MiB}, 304 * MiB, 304 * MiB),
-        # z-image-turbo rank 16: a 140 MB fp32 adapter, 420 MB checkpoints, three at once.
-        ("train", {"engine": "mflux", "model": "z-image-turbo", "rank": 16}, 1400 * MiB, 1700 * MiB),
-        ("train", {"engine": "mflux", "model": "z-image-turbo", "rank": 32}, 2800 * MiB, 3400 * MiB),
-        ("train", {"engine": "mflux", "model": "unknown-model", "rank": 16}, 1400 * MiB, 1700 * MiB),
-        ("train", {"engine": "mflux", "model": "tiny-z-image", "rank": 16}, 20 * MiB, 22 * MiB),
-        ("train", {"engine": "scripted", "model": "z-image-turbo", "rank": 16}, 16 * MiB, 17 * MiB),
-        # A resumed job already holds most of its checkpoints: it is not asked for them again.
-        ("train", {"engine": "mflux", "model": "z-image-turbo", "rank": 16, "written": 1000 * MiB}, 400 * MiB, 700 * MiB),
-        ("train", {"engine": "mflux", "model": "tiny-z-image", "written": 10**12}, 16 * MiB, 16 * MiB),
+        ("train", {"engine_bytes": 0}, 16 * MiB, 16 * MiB),
+        ("train", {"engine_bytes": 1500 * MiB}, 1516 * MiB, 1516 * MiB),
     ],
 )
 def test_space_needed(phase, kwargs, low, high):
     assert low <= space.space_needed(phase, **kwargs) <= high
+
+
+@pytest.mark.parametrize(
+    "model, rank, written, low, high",
+    [
+        # z-image-turbo rank 16: a 140 MB fp32 adapter, 420 MB checkpoints, three at once.
+        ("z-image-turbo", 16, 0, 1400 * MiB, 1700 * MiB),
+        ("z-image-turbo", 32, 0, 2800 * MiB, 3400 * MiB),
+        ("unknown-model", 16, 0, 1400 * MiB, 1700 * MiB),
+        ("tiny-z-image", 16, 0, 4 * MiB, 6 * MiB),
+        # A resumed job already holds most of its checkpoints: it is not asked for them again.
+        ("z-image-turbo", 16, 1000 * MiB, 400 * MiB, 700 * MiB),
+        ("tiny-z-image", 16, 10**12, 0, 0),
+    ],
+)
+def test_mflux_training_bytes(model, rank, written, low, high):
+    from engines.mflux import disk
+
+    assert low <= disk.training_bytes(disk.params_per_rank(model), rank, written) <= high
 
 
 def test_space_problem_names_the_numbers_and_the_disk():

@@ -18,8 +18,8 @@ from conftest import hold_training_at, wait_for, wait_held
 
 from daemon.publish import metadata_of, read_header
 from daemon.sample import make_dataset
-from engines import checkpoints
-from engines.memory_plan import TIERS, InsufficientMemory, plan_memory
+from engines.mflux import checkpoints
+from engines.mflux.memory_plan import TIERS, InsufficientMemory, plan_memory
 
 # -- memory plan (pure) --------------------------------------------------------------------
 
@@ -168,7 +168,7 @@ def test_end_to_end_tiny_model_publishes_everything(daemon_factory):
     assert tensors_bytes(lora)[: len(trained)] == trained  # the trained tensors untouched...
     from safetensors import safe_open
 
-    with safe_open(str(lora), "np") as fh:  # ...and each pair's alpha beside it (engines/mflux_lora_export.py)
+    with safe_open(str(lora), "np") as fh:  # ...and each pair's alpha beside it (engines/mflux/lora_export.py)
         pairs = [k.removesuffix(".lora_A.weight") for k in fh.keys() if k.endswith(".lora_A.weight")]
         assert pairs and all(float(fh.get_tensor(f"{p}.alpha")) == 8.0 for p in pairs)
     assert meta["ss_network_alpha"] == "8.0" and meta["ss_network_dim"] == "16"
@@ -277,7 +277,7 @@ def test_memory_kill_steps_down_once_then_fails(daemon_factory):
     job = d.jobs()[0]
     assert "SIGKILL" in job["error"] and "memory" in job["error"]
     assert "memory" in (folder / "FAILED.txt").read_text()
-    assert job["plan"]["tier"] == "q8" and job["plan"]["quantize"] == 8
+    assert job["plan"]["tier"] == "q8" and job["plan"]["config"]["quantize"] == 8
 
 
 @pytest.mark.slow
@@ -290,7 +290,7 @@ def test_quantized_tier_trains(daemon_factory):
     wait_for(lambda: d.job_states().get("ohwx_q4") in ("done", "failed"), 300, interval=0.5, message="q4 job")
     job = d.jobs()[0]
     assert job["state"] == "done", job["error"]
-    assert (job["plan"]["tier"], job["plan"]["quantize"], job["plan"]["low_ram"]) == ("q4-lowram", 4, True)
+    assert (job["plan"]["tier"], job["plan"]["config"]["quantize"], job["plan"]["config"]["low_ram"]) == ("q4-lowram", 4, True)
     # low_ram's encoding cache goes into the snapshot, never into the user's folder.
     assert {p.name for p in folder.iterdir()} == {"img_000.png", "img_000.txt", "DONE"}
 
@@ -342,7 +342,7 @@ def test_worker_validates_the_config_with_mflux_before_training(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps(config))
     (tmp_path / "plan.json").write_text(json.dumps({"model": "z-image-turbo", "config": config}))
     result = subprocess.run(
-        [sys.executable, "-m", "engines.mflux_worker", "train", "--job-dir", str(tmp_path),
+        [sys.executable, "-m", "engines.mflux.worker", "train", "--job-dir", str(tmp_path),
          "--plan", str(tmp_path / "plan.json"), "--config", str(tmp_path / "train.json")],
         capture_output=True, text=True, timeout=120,
     )

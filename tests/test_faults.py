@@ -17,7 +17,7 @@ import pytest
 from conftest import hold_training_at, tree_hash, wait_for, wait_held
 
 from daemon.sample import make_dataset
-from engines import checkpoints
+from engines.mflux import checkpoints
 
 pytestmark = pytest.mark.slow
 

@@ -277,8 +277,8 @@ def test_snapshot_passes_mflux_config_validation(tmp_path):
     """Every valid snapshot resolves with mflux's own TrainingSpec (the --dry-run path)."""
     from mflux.models.common.training.state.training_spec import TrainingSpec
 
-    from engines.memory_plan import plan_memory
-    from engines.mflux_config import build_config
+    from engines.mflux.memory_plan import plan_memory
+    from engines.mflux.config import build_config
 
     for index, (name, files) in enumerate(GOOD_CASES):
         folder = build(tmp_path / "td", name, files)

@@ -1,7 +1,7 @@
 """The published LoRA applies the delta it was trained with, in mflux and in diffusers.
 
 mflux trains `W x + (alpha/rank) B A x` and saves only A and B; loaders apply alpha/rank only
-when a `<module>.alpha` tensor is in the file (engines/mflux_lora_export.py). These tests train
+when a `<module>.alpha` tensor is in the file (engines/mflux/lora_export.py). These tests train
 at alpha = rank/2, where a missing alpha shows as a delta twice too large.
 """
 
@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import pytest
 
 from daemon.publish import read_header
-from engines.memory_plan import plan_memory
-from engines.mflux_config import build_config
-from engines.mflux_lora_export import append_scalars, module_alphas
+from engines.mflux.memory_plan import plan_memory
+from engines.mflux.config import build_config
+from engines.mflux.lora_export import append_scalars, module_alphas
 
 RANK, ALPHA = 8, 4.0  # alpha = rank / 2
 
@@ -94,7 +94,7 @@ def test_mflux_loads_the_delta_it_trained_with_alpha_half_the_rank(tmp_path):
     from mflux.models.z_image.weights.z_image_lora_mapping import ZImageLoRAMapping
 
     from engines import tiny_model
-    from engines.mflux_lora_export import _read_header
+    from engines.mflux.lora_export import _read_header
 
     config = _lorad_config(tmp_path)
     targets = [

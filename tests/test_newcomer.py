@@ -192,7 +192,7 @@ def test_selftest_line_before_the_first_step():
 
 
 def test_plan_warning_names_the_planned_resolution():
-    from engines.memory_plan import plan_memory
+    from engines.mflux.memory_plan import plan_memory
 
     tiny = plan_memory(model="tiny-z-image", total_gb=16, available_gb=12, image_count=3, max_side=256)
     assert tiny.max_resolution == 64
@@ -315,7 +315,7 @@ def test_enqueue_writes_only_what_changed(dataset):
 
 def test_enqueue_flags_all_have_help_and_model_lists_models(tmp_path):
     from daemon.cli import build_parser
-    from engines.memory_plan import PROFILES
+    from engines.mflux.memory_plan import PROFILES
 
     parser = build_parser(only="enqueue")
     sub = next(a for a in parser._actions if a.dest == "command").choices["enqueue"]
@@ -356,7 +356,7 @@ def _fake_snapshot(cache: Path, repo: str, revision: str, *, complete: bool = Tr
 
 
 def test_weights_check_finds_the_hf_cache_like_mflux(tmp_path):
-    from daemon.doctor import hf_hub_cache, weights_check
+    from engines.mflux.weights import hf_hub_cache, weights_check
 
     home = tmp_path / "hf"
     env = {"HF_HOME": str(home)}
@@ -365,25 +365,25 @@ def test_weights_check_finds_the_hf_cache_like_mflux(tmp_path):
     assert hf_hub_cache({"XDG_CACHE_HOME": str(tmp_path / "x")}) == tmp_path / "x" / "huggingface" / "hub"
 
     missing = weights_check("z-image-turbo", env)
-    assert missing.status == "warn"
+    assert missing.status.value == "warn"
     for words in ("not on this machine", "about 31 GB", f"hf download Tongyi-MAI/Z-Image-Turbo --revision {TURBO_PIN}",
                   "LORAD_MODEL=tiny-z-image"):
         assert words in missing.detail, missing.detail
     _fake_snapshot(home / "hub", "Tongyi-MAI/Z-Image-Turbo", "0" * 40)  # another revision: mflux would not use it
-    assert weights_check("z-image-turbo", env).status == "warn"
+    assert weights_check("z-image-turbo", env).status.value == "warn"
     _fake_snapshot(home / "hub", "Tongyi-MAI/Z-Image-Turbo", TURBO_PIN, complete=False)  # a shard missing
-    assert weights_check("z-image-turbo", env).status == "warn"
+    assert weights_check("z-image-turbo", env).status.value == "warn"
     shutil.rmtree(home / "hub" / "models--Tongyi-MAI--Z-Image-Turbo" / "snapshots" / TURBO_PIN)
     _fake_snapshot(home / "hub", "Tongyi-MAI/Z-Image-Turbo", TURBO_PIN)
-    assert weights_check("z-image-turbo", env).status == "ok"
-    assert weights_check("tiny-z-image", env).status == "ok"
-    assert weights_check("sdxl", env).status == "fail"
+    assert weights_check("z-image-turbo", env).status.value == "ok"
+    assert weights_check("tiny-z-image", env).status.value == "ok"
+    assert weights_check("sdxl", env).status.value == "fail"
 
 
 def test_weights_table_matches_mflux():
     """The repos and pins lorad checks are the ones mflux loads (guards an mflux upgrade)."""
-    from daemon.doctor import MODEL_WEIGHTS, pinned_revisions
-    from engines.memory_plan import PROFILES
+    from engines.mflux.weights import MODEL_WEIGHTS, pinned_revisions
+    from engines.mflux.memory_plan import PROFILES
 
     code = (
         "import json, sys\n"
@@ -438,7 +438,7 @@ def test_training_child_writes_bytecode_even_when_the_parent_says_not_to(tmp_pat
     """With uv's compile-bytecode off, the child's imports (mflux, transformers: seconds) stay fast
     only if the first child may write .pyc files; PYTHONDONTWRITEBYTECODE must not reach it."""
     from engines.base import StopToken
-    from engines.child import run_child
+    from engines.process.child import run_child
 
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
     code = (

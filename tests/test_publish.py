@@ -38,7 +38,8 @@ def _inputs(tmp_path: Path, tag: str, value: float = 1.0):
     save_file({"diffusion_model.layers.0.attention.to_q.lora_A.weight": np.full((8, 64), value, np.float32)}, str(adapter),
               metadata={"mflux_version": "0.24.0", "model": "z-image"})
     lora = src / "lora.safetensors"
-    write_with_metadata(adapter, lora, provenance(job=FakeJob(tag), plan=PLAN, fingerprint="fp" + tag, image_count=3))
+    write_with_metadata(adapter, lora, provenance(job=FakeJob(tag), plan=PLAN, fingerprint="fp" + tag, image_count=3,
+                                                 engine_keys={"ss_network_dim": "8", "ss_network_alpha": "8.0"}))
     Image.new("RGB", (32, 32), (int(value * 10) % 255, 0, 0)).save(src / "with.png")
     Image.new("RGB", (64, 40)).save(src / "compare.png")
     (src / "loss.html").write_text("loss")

@@ -68,21 +68,21 @@ def _convert(src: Path, dst: Path, expected_sha: str) -> None:
         os.fsync(fh.fileno())
 
 
-def _convert_open(im, dst: Path) -> None:
+def _convert_open(opened, dst: Path) -> None:
     """Decode from the open file (never the whole file in memory) and save an 8-bit RGB PNG."""
     import numpy as np
     from PIL import Image, ImageOps
 
-    with im:
-        im = ImageOps.exif_transpose(im)
+    with opened:
+        im: Image.Image = ImageOps.exif_transpose(opened)
         if im.mode.startswith("I;16") or im.mode == "I":
             arr = np.asarray(im).astype(np.int64)
             top = 65535 if arr.max() > 255 else 255
             im = Image.fromarray((arr * 255 // top).clip(0, 255).astype(np.uint8), "L")
         elif im.mode == "F":
             arr = np.asarray(im, dtype=np.float64)
-            top = arr.max() if arr.max() > 1.0 else 1.0
-            im = Image.fromarray((arr / top * 255).clip(0, 255).astype(np.uint8), "L")
+            peak = arr.max() if arr.max() > 1.0 else 1.0
+            im = Image.fromarray((arr / peak * 255).clip(0, 255).astype(np.uint8), "L")
         if im.mode in ("P", "PA", "LA", "RGBA") or "transparency" in im.info:
             rgba = im.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from typing import Any
 from pathlib import Path
 
 TINY_MODEL_ID = "tiny-z-image"
@@ -110,6 +111,11 @@ def _train_tokenizer(path: Path) -> None:
 
 class _TinyModel:
     """Holder with the attributes ModelSaver looks for."""
+
+    vae: Any
+    transformer: Any
+    text_encoder: Any
+    tokenizers: Any
 
 
 def build_modules(spec: dict):

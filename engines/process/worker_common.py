@@ -97,7 +97,7 @@ def worker_main(prog: str, train, render, argv: list[str] | None = None) -> int:
     import argparse
     import traceback
 
-    from engines.child import EXIT_MEMORY
+    from engines.process.child import EXIT_MEMORY
 
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("mode", choices=["train", "render"])

@@ -22,7 +22,7 @@ import struct
 from pathlib import Path
 
 from daemon.fsutil import temp_beside
-from engines import checkpoints
+from engines.mflux import checkpoints
 
 LORA_A = ".lora_A.weight"
 MODEL_PREFIX = "diffusion_model."

@@ -1,8 +1,13 @@
-"""Memory plan: quantization, batch size and memory savers from the machine's RAM (pure).
+"""Memory plan: quantization, batch size and memory savers from the memory that limits training (pure).
 
-Tiers are chosen by total RAM (unified memory on Apple Silicon), then stepped down while the
-tier's estimated need for the model exceeds the RAM available now. Below the last tier the
-job fails with "needs at least N GB free, have M".
+On Metal (unified memory) and the CPU backend, tiers are chosen by total RAM, then stepped down
+while the tier's estimated need for the model exceeds the RAM available now. On CUDA the memory
+is the GPU's, and the plan prefers bf16 whenever it fits: the first tier of `CUDA_ORDER` whose
+need fits the free GPU memory, whatever the total (the totals are Mac rules of thumb for memory
+shared with the OS). MLX's CUDA backend lacks quantized-matmul kernels for some shapes (mflux
+issue 563, "No implementation for problem shape"), so a quantized tier is a last resort there,
+and `quantized=False` asks for the best unquantized tier after such a failure.
+Below the last tier the job fails with "needs at least N GB free, have M".
 
 Sources for the numbers:
 - mflux's own `TrainingSpec.gradient_checkpointing` comment: checkpointing trades ~30 % step
@@ -75,6 +80,14 @@ PROFILES: dict[str, ModelProfile] = {
 }
 
 
+# CUDA only (an estimate, not yet measured): bf16 weights (~20 GB) with the peak of two
+# checkpointed blocks, for GPUs of 40-80 GB that would otherwise need the quantized kernels.
+BF16_CHECKPOINTED = Tier("bf16-checkpointed", 48, None, True, False, 1024, None, 36)
+# The tiers CUDA tries, best first: unquantized while it fits, quantized only below that
+# (q8 without checkpointing needs more than bf16-checkpointed, so CUDA never picks it).
+CUDA_ORDER = ("bf16", "bf16-checkpointed", "q8-checkpointed", "q4-lowram", "q4-minimal")
+
+
 class InsufficientMemory(Exception):
     pass
 
@@ -98,8 +111,16 @@ def profile_for(model: str) -> ModelProfile:
     return PROFILES[model]
 
 
-def _tier_index_for_total(total_gb: float) -> int | None:
-    for index, tier in enumerate(TIERS):
+def tiers_for(backend: str) -> tuple[Tier, ...]:
+    """The tiers a backend tries, best first."""
+    if backend == "cuda":
+        by_name = {t.name: t for t in (*TIERS, BF16_CHECKPOINTED)}
+        return tuple(by_name[name] for name in CUDA_ORDER)
+    return TIERS
+
+
+def _tier_index_for_total(tiers: tuple[Tier, ...], total_gb: float) -> int | None:
+    for index, tier in enumerate(tiers):
         if total_gb >= tier.min_total_gb:
             return index
     return None
@@ -114,31 +135,48 @@ def plan_memory(
     max_side: int,
     resolution: int | None = None,
     start_below: str | None = None,
+    backend: str = "metal",
+    quantized: bool = True,
 ) -> MemoryPlan:
-    """Pick the tier for this machine and dataset; `start_below` forces the tier under a failed one."""
+    """Pick the tier for this machine and dataset; `start_below` forces the tier under a failed one,
+    `quantized=False` allows only unquantized tiers (after a missing quantized kernel)."""
     profile = profile_for(model)
-    index = _tier_index_for_total(total_gb)
-    floor_need = TIERS[-1].need_gb * profile.scale
+    tiers = tiers_for(backend)
+    floor_need = tiers[-1].need_gb * profile.scale
+    memory_name = "GPU memory" if backend == "cuda" else "RAM"
+    if backend == "cuda":
+        index: int | None = 0  # by need alone: bf16 whenever it fits
+    else:
+        index = _tier_index_for_total(tiers, total_gb)
     if index is None:
         raise InsufficientMemory(
-            f"{model} needs a machine with at least {TIERS[-1].min_total_gb:.0f} GB of RAM; this one has {total_gb:.0f} GB"
+            f"{model} needs a machine with at least {tiers[-1].min_total_gb:.0f} GB of {memory_name}; this one has {total_gb:.0f} GB"
         )
     if start_below is not None:
-        names = [t.name for t in TIERS]
+        names = [t.name for t in tiers]
         if start_below in names:
             index = max(index, names.index(start_below) + 1)
-    if not profile.allow_bf16 and TIERS[index].quantize is None:
-        index += 1
     notes: list[str] = []
-    while index < len(TIERS) and TIERS[index].need_gb * profile.scale > available_gb:
-        notes.append(f"{TIERS[index].name} needs ~{TIERS[index].need_gb * profile.scale:.0f} GB free")
-        index += 1
-    if index >= len(TIERS):
+    chosen: Tier | None = None
+    for tier in tiers[index:]:
+        if (tier.quantize is None and not profile.allow_bf16) or (tier.quantize is not None and not quantized):
+            continue
+        if tier.need_gb * profile.scale <= available_gb:
+            chosen = tier
+            break
+        notes.append(f"{tier.name} needs ~{tier.need_gb * profile.scale:.0f} GB free")
+    if chosen is None:
+        if not quantized:
+            need = min((t.need_gb for t in tiers if t.quantize is None), default=floor_need) * profile.scale
+            raise InsufficientMemory(
+                f"{model} without quantization needs at least {math.ceil(need)} GB free, have {available_gb:.0f} "
+                f"(of {total_gb:.0f} GB {memory_name})"
+            )
         raise InsufficientMemory(
             f"{model} needs at least {math.ceil(floor_need)} GB free, have {available_gb:.0f} "
             f"(of {total_gb:.0f} GB total); close other apps and retry"
         )
-    tier = TIERS[index]
+    tier = chosen
     max_resolution = tier.max_resolution
     warnings: list[str] = []
     if profile.fixed_resolution is not None:  # the miniature model: the resolution option does not apply
@@ -150,7 +188,7 @@ def plan_memory(
             max_resolution = resolution
     if tier.warning:
         warnings.insert(0, tier.warning.format(resolution=max_resolution))
-    batch = 2 if tier.quantize is None and image_count <= 20 and max_side <= 1024 else 1
+    batch = 2 if tier.quantize is None and not tier.gradient_checkpointing and image_count <= 20 and max_side <= 1024 else 1
     reason = (
         f"{tier.name}: {total_gb:.0f} GB total, {available_gb:.0f} GB free, {image_count} images (max side {max_side}) -> "
         f"quantize={tier.quantize or 'bf16'}, batch={batch}, checkpointing={'on' if tier.gradient_checkpointing else 'off'}, "

@@ -98,7 +98,7 @@ def run_child(
     os.close(write_fd)
     if on_spawn:
         on_spawn(proc.pid)
-    caffeinate = None
+    caffeinate: subprocess.Popen[bytes] | None = None
     if keep_awake and sys.platform == "darwin":
         try:
             caffeinate = subprocess.Popen(["caffeinate", "-i", "-w", str(proc.pid)], start_new_session=True)

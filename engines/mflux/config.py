@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from engines.memory_plan import MemoryPlan, profile_for
+from engines.mflux.memory_plan import MemoryPlan, profile_for
 
 DEFAULT_RANK = 16
 DEFAULT_LR = 1e-4

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.pause_hook import hold_at_step
-from engines.worker_common import Reporter, StopFlag, worker_main
+from engines.process.pause_hook import hold_at_step
+from engines.process.worker_common import Reporter, StopFlag, worker_main
 
 
 def _adapter_bytes(step: int, rank: int) -> bytes:
@@ -68,7 +68,7 @@ def train(args, reporter: Reporter, stop: StopFlag) -> int:
     for step in range(start + 1, total + 1):
         time.sleep(step_s)
         reporter.step(step, total, loss=1.0 / step)
-        hold_at_step(step, stop)  # tests only: stop exactly at a given step (engines/pause_hook.py)
+        hold_at_step(step, stop)  # tests only: stop exactly at a given step (engines/process/pause_hook.py)
         if step % every == 0 or step == total:
             path = _save_checkpoint(out, step, config)
             reporter.emit("checkpoint", step=step, path=str(path))
@@ -87,7 +87,7 @@ def train(args, reporter: Reporter, stop: StopFlag) -> int:
 def render(args, reporter: Reporter, stop: StopFlag) -> int:
     from PIL import Image
 
-    from engines.compare import side_by_side
+    from engines.process.compare import side_by_side
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,7 @@ def render(args, reporter: Reporter, stop: StopFlag) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return worker_main("engines.scripted_worker", train, render, argv)
+    return worker_main("engines.scripted.worker", train, render, argv)
 
 
 if __name__ == "__main__":

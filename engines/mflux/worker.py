@@ -1,4 +1,4 @@
-"""The training/render child for MFluxEngine: `python -m engines.mflux_worker train|render ...`.
+"""The training/render child for MFluxEngine: `python -m engines.mflux.worker train|render ...`.
 
 Runs mflux's real `TrainingRunner` with CWD = the job's work dir. mflux 0.24 has no signal
 handling, so a stop (SIGTERM/SIGINT, or the daemon gone) raises mflux's own
@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from engines.pause_hook import hold_at_step
-from engines.worker_common import Reporter, StopFlag, worker_main
+from engines.process.pause_hook import hold_at_step
+from engines.process.worker_common import Reporter, StopFlag, worker_main
 
 
 def _hook_training(reporter: Reporter, stop: StopFlag, overrides: dict) -> None:
@@ -32,7 +32,7 @@ def _hook_training(reporter: Reporter, stop: StopFlag, overrides: dict) -> None:
         total = self.iterator.total_number_of_steps()
         loss = self.statistics.losses[-1] if self.statistics.losses else None
         reporter.step(step, total, loss)
-        hold_at_step(step, stop)  # tests only: stop exactly at a given step (engines/pause_hook.py)
+        hold_at_step(step, stop)  # tests only: stop exactly at a given step (engines/process/pause_hook.py)
         if stop.is_set() and step < total:
             raise StopTrainingException(f"stopped at step {step}/{total} ({stop.reason})")
         return original_should_save(self, training_spec)
@@ -63,7 +63,7 @@ def _hook_training(reporter: Reporter, stop: StopFlag, overrides: dict) -> None:
 
 def _prepare_model(plan: dict) -> None:
     if plan["model"] == "tiny-z-image":
-        from engines import tiny_model
+        from engines.mflux import tiny_model
 
         model_path = plan["config"]["model_path"]
         tiny_model.install_patch(Path(model_path))
@@ -77,7 +77,7 @@ def train(args, reporter: Reporter, stop: StopFlag) -> int:
     overrides = {}
     if args.resume:
         overrides = {
-            k: plan[k] for k in ("quantize", "low_ram", "gradient_checkpointing", "cache_limit_gb", "max_resolution")
+            k: plan["config"][k] for k in ("quantize", "low_ram", "gradient_checkpointing", "cache_limit_gb", "max_resolution")
         }
     _hook_training(reporter, stop, overrides)
     from mflux.models.common.training.runner import TrainingRunner
@@ -141,7 +141,7 @@ def render(args, reporter: Reporter, stop: StopFlag) -> int:
         images[label] = path
         reporter.emit("rendered", label=label, path=str(path))
         del model
-    from engines.compare import side_by_side
+    from engines.process.compare import side_by_side
 
     side_by_side(images["base"], images["lora"], out_dir / "compare.png", labels=("base", "with LoRA"), title=args.prompt)
     reporter.emit("done", base=str(images["base"]), lora=str(images["lora"]), compare=str(out_dir / "compare.png"))
@@ -149,7 +149,7 @@ def render(args, reporter: Reporter, stop: StopFlag) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return worker_main("engines.mflux_worker", train, render, argv)
+    return worker_main("engines.mflux.worker", train, render, argv)
 
 
 if __name__ == "__main__":

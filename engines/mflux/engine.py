@@ -1,0 +1,392 @@
+"""MFluxEngine: plan with the memory tiers, train and render with mflux in a child process.
+
+Daemon side only: nothing here imports mlx or mflux. The child is `engines.mflux.worker`; the
+device (backend, name, memory) comes from the `engines.mflux.probe` child, once per process.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from daemon.fsutil import atomic_write_text
+from daemon.logs import get_logger
+from engines.base import (
+    Check,
+    CheckStatus,
+    EngineContext,
+    Failure,
+    IntakeLimits,
+    JobInput,
+    Machine,
+    Option,
+    PlanError,
+    Progress,
+    RenderFailed,
+    RenderOutcome,
+    RenderResult,
+    RenderStopped,
+    StopToken,
+    TrainingPlan,
+    TrainResult,
+    TrainStatus,
+    coerce_options,
+)
+from engines.mflux import checkpoints
+from engines.mflux import disk
+from engines.mflux.config import build_config
+from engines.mflux.lora_export import export_adapter
+from engines.mflux.device import Device, PlanMemory, planning_memory, probe_device, run_probe
+from engines.mflux.memory_plan import PROFILES, InsufficientMemory, MemoryPlan, plan_memory
+from engines.mflux.weights import weights_check
+from engines.process.child import run_child
+
+TRAIN_DIR = "train"
+PLAN_FILE = "plan.json"
+CONFIG_FILE = "train.json"
+ROOT = Path(__file__).resolve().parents[2]
+# MLX's CUDA backend has no quantized-matmul kernel for some shapes (mflux issue 563).
+UNSUPPORTED_KERNEL = "No implementation for problem shape"
+
+
+def classify_failure(message: str, *, memory_pressure: bool) -> Failure:
+    """Which failures a lower plan can fix (pure)."""
+    if memory_pressure:
+        return Failure.MEMORY
+    if UNSUPPORTED_KERNEL.lower() in message.lower():
+        return Failure.UNSUPPORTED
+    return Failure.OTHER
+
+
+def summary_lines(memory: MemoryPlan, device: Device, limit: PlanMemory) -> list[str]:
+    """What `lorad plan` and `lorad doctor` print about an mflux plan (pure)."""
+    return [
+        f"backend      {device.backend} ({device.name})",
+        f"memory       {limit.line()}",
+        f"tier         {memory.tier}",
+        f"quantize     {memory.quantize or 'none (bf16)'}" + (" bit" if memory.quantize else ""),
+        f"batch size   {memory.batch_size}",
+        f"grad ckpt    {'on' if memory.gradient_checkpointing else 'off'} (gradient checkpointing)",
+        f"low_ram      {'on' if memory.low_ram else 'off'}",
+        f"resolution   {memory.max_resolution} px",
+        f"cache limit  {f'{memory.cache_limit_gb:g} GB' if memory.cache_limit_gb else 'MLX default'}",
+    ]
+
+
+class MFluxEngine:
+    name: ClassVar[str] = "mflux"
+    worker_module: ClassVar[str] = "engines.mflux.worker"
+    models: ClassVar[tuple[str, ...]] = tuple(PROFILES)
+    options: ClassVar[tuple[Option, ...]] = (
+        Option("metal_timeout_workaround", bool, True,
+               "macOS: AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1 against the Metal watchdog killing long runs (mlx #3267)"),
+        Option("checkpoint_every", int, 0, "training checkpoint interval in steps; 0 = automatic (about 10 a run)", 0),
+    )
+
+    def __init__(self, context: EngineContext):
+        values = coerce_options(MFluxEngine.name, MFluxEngine.options, context.options)
+        self.state_dir = Path(context.state_dir)
+        self.stop_timeout_s = context.stop_timeout_s
+        self.keep_awake = context.keep_awake
+        self.metal_timeout_workaround = bool(values["metal_timeout_workaround"])
+        self.checkpoint_every = int(values["checkpoint_every"])  # type: ignore[call-overload]
+        self.device: Device | None = None  # probed on first use; a test may set it
+
+    # -- plan --------------------------------------------------------------------------------
+
+    def _device(self) -> Device:
+        if self.device is None:
+            self.device = probe_device()
+        return self.device
+
+    def model_path(self, model: str) -> Path | None:
+        if model == "tiny-z-image":
+            from engines.mflux.tiny_model import model_dir
+
+            return model_dir(self.state_dir)
+        return None
+
+    def _plan_from_memory(self, job: JobInput, memory: MemoryPlan, limit: PlanMemory) -> TrainingPlan:
+        device = self._device()
+        config, total = build_config(
+            model=job.model,
+            memory=memory,
+            options=job.options,
+            image_count=job.image_count,
+            data_dir=job.data_dir,
+            output_dir=job.data_dir.parent / TRAIN_DIR,
+            model_path=self.model_path(job.model),
+            checkpoint_every=self.checkpoint_every,
+        )
+        warnings = list(memory.warnings)
+        if device.error:
+            warnings.append(f"could not probe the MLX device ({device.error}); planned from the system RAM")
+        return TrainingPlan(
+            engine=self.name,
+            model=job.model,
+            backend=device.backend,
+            tier=memory.tier,
+            reason=memory.reason,
+            total_steps=total,
+            summary=summary_lines(memory, device, limit),
+            warnings=warnings,
+            config=config,
+        )
+
+    def _memory(self, job: JobInput, limit: PlanMemory, **kwargs: Any) -> MemoryPlan:
+        return plan_memory(
+            model=job.model,
+            total_gb=limit.total_gb,
+            available_gb=limit.available_gb,
+            image_count=job.image_count,
+            max_side=job.max_side,
+            resolution=job.options.get("resolution"),
+            backend=self._device().backend,
+            **kwargs,
+        )
+
+    def plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
+        limit = planning_memory(self._device(), machine)
+        try:
+            memory = self._memory(job, limit)
+        except InsufficientMemory as exc:
+            raise PlanError(str(exc)) from None
+        return self._plan_from_memory(job, memory, limit)
+
+    def step_down(self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult) -> TrainingPlan | None:
+        """After a memory kill: the next lower tier. After a missing quantized kernel (MLX-CUDA):
+        the best unquantized tier that fits the device (its memory is free again: the child died)."""
+        limit = planning_memory(self._device(), machine)
+        whole = PlanMemory(limit.total_gb, limit.total_gb, limit.label)
+        try:
+            if failed.failure is Failure.MEMORY:
+                memory = self._memory(job, whole, start_below=plan.tier)
+                why = "ran out of memory"
+            elif failed.failure is Failure.UNSUPPORTED and plan.config.get("quantize"):
+                memory = self._memory(job, whole, quantized=False)
+                why = f"quantized training is not supported by this MLX backend for this model ({UNSUPPORTED_KERNEL}, mflux issue 563)"
+            else:
+                return None
+        except InsufficientMemory as exc:
+            raise PlanError(f"no lower plan after {plan.tier}: {exc}") from None
+        lower = self._plan_from_memory(job, memory, whole)
+        lower.step_downs = plan.step_downs + 1
+        lower.reason = f"{memory.reason}; stepped down from {plan.tier}: {why}"
+        lower.warnings.append(f"stepped down from {plan.tier}: {why}")
+        return lower
+
+    # -- what the daemon publishes and checks ---------------------------------------------------
+
+    def report_files(self, workdir: Path) -> list[Path]:
+        """mflux's loss plot and its last preview image."""
+        train_dir = Path(workdir) / TRAIN_DIR
+        out = []
+        loss = train_dir / "loss" / "loss.html"
+        if loss.is_file():
+            out.append(loss)
+        previews = sorted((train_dir / "preview").glob("*.png")) if (train_dir / "preview").is_dir() else []
+        if previews:
+            out.append(previews[-1])
+        return out
+
+    def adapter_metadata(self, plan: TrainingPlan) -> dict[str, str]:
+        targets = plan.config.get("lora_layers", {}).get("targets") or [{}]
+        rank = targets[0].get("rank", "")
+        alpha = targets[0].get("alpha", rank)
+        return {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha)}
+
+    def intake_limits(self) -> IntakeLimits:
+        return IntakeLimits(max_caption_tokens=512)  # mflux pads and truncates prompts at 512 tokens
+
+    def doctor_checks(self, model: str, machine: Machine) -> list[Check]:
+        """Backend/device/plan memory, mlx, mflux (imported in a child), the model's weights."""
+        ml = run_probe(doctor_model="z-image" if model == "tiny-z-image" else model)
+        device = Device.from_json(ml)
+        checks: list[Check] = []
+        if device.error:
+            checks.append(Check("mlx", CheckStatus.FAIL, device.error))
+        else:
+            checks.append(Check("mlx", CheckStatus.OK, f"{device.mlx} on {device.backend}"))
+            checks.append(self._backend_check(model, device, machine))
+        if "mflux_error" in ml:
+            checks.append(Check("mflux", CheckStatus.FAIL, ml["mflux_error"]))
+        else:
+            checks.append(Check("mflux", CheckStatus.OK, str(ml.get("mflux"))))
+        checks.append(self.model_check(model))
+        return checks
+
+    def _backend_check(self, model: str, device: Device, machine: Machine) -> Check:
+        """The backend, its device and the memory the plan uses, with the tier it gives."""
+        detail = f"{device.backend}: {device.name}"
+        try:
+            limit = planning_memory(device, machine)
+            memory = plan_memory(model=model, total_gb=limit.total_gb, available_gb=limit.available_gb,
+                                 image_count=20, max_side=1024, backend=device.backend)
+        except (PlanError, InsufficientMemory) as exc:
+            return Check("backend", CheckStatus.FAIL, f"{detail}; {exc}")
+        detail += f"; plans from {limit.line()} -> {memory.tier}"
+        if device.backend == "cpu":
+            return Check("backend", CheckStatus.WARN, detail + " (not Apple Silicon and no CUDA GPU: mlx runs on the CPU, training is slow)")
+        return Check("backend", CheckStatus.OK, detail)
+
+    def saved_step(self, workdir: Path) -> int | None:
+        newest = checkpoints.list_checkpoints(Path(workdir) / TRAIN_DIR / "checkpoints")
+        return checkpoints.step_of(newest[0]) if newest else None
+
+    def disk_needed(self, plan: TrainingPlan, workdir: Path) -> int:
+        ckpt_dir = Path(workdir) / TRAIN_DIR / "checkpoints"
+        written = sum(p.stat().st_size for p in checkpoints.list_checkpoints(ckpt_dir))
+        return disk.training_bytes(self._params_per_rank(plan), self._rank(plan), written)
+
+    @staticmethod
+    def _params_per_rank(plan: TrainingPlan) -> int:
+        return disk.params_per_rank(plan.model)
+
+    @staticmethod
+    def _rank(plan: TrainingPlan) -> int:
+        targets = plan.config.get("lora_layers", {}).get("targets") or [{}]
+        return int(targets[0].get("rank") or plan.config.get("rank") or 16)
+
+    def model_check(self, model: str) -> Check:
+        """Fast (file look-ups only): are the model's weights here, and if not, what to do."""
+        return weights_check(model)
+
+    # -- train -------------------------------------------------------------------------------
+
+    def _env(self) -> dict[str, str]:
+        env = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_MININTERVAL": "5"}
+        if sys.platform == "darwin" and self.metal_timeout_workaround:
+            env["AGX_RELAX_CDM_CTXSTORE_TIMEOUT"] = "1"  # mlx issue #3267: Metal watchdog kills long runs
+        return env
+
+    def prepare(self, plan: TrainingPlan) -> str | None:
+        """Create what the model needs before the child starts (the miniature model, once);
+        a problem that stops the job (the model's weights are missing) is returned as text."""
+        if plan.model == "tiny-z-image":
+            path = self.model_path(plan.model)
+            if path is not None and not (path / "tiny.json").is_file():
+                import subprocess
+
+                subprocess.run(
+                    [sys.executable, "-c", "import sys; from engines.mflux.tiny_model import ensure_model; ensure_model(sys.argv[1])",
+                     str(self.state_dir)],
+                    check=True,
+                    cwd=ROOT,
+                    capture_output=True,
+                )
+            return None
+        check = self.model_check(plan.model)  # the same words as `lorad run` and `doctor`
+        return None if check.status is CheckStatus.OK else check.detail
+
+    def train(
+        self,
+        plan: TrainingPlan,
+        workdir: Path,
+        progress: Callable[[Progress], None],
+        stop: StopToken,
+        on_spawn: Callable[[int], None] | None = None,
+    ) -> TrainResult:
+        workdir = Path(workdir)
+        problem = self.prepare(plan)
+        if problem:
+            return TrainResult(TrainStatus.FAILED, error=problem, failure=Failure.OTHER)
+        atomic_write_text(workdir / PLAN_FILE, json.dumps(plan.to_dict(), indent=2))
+        atomic_write_text(workdir / CONFIG_FILE, json.dumps(plan.config, indent=2))
+        ckpt_dir = workdir / TRAIN_DIR / "checkpoints"
+        resume, corrupt = checkpoints.newest_good(ckpt_dir)
+        for path, _why in corrupt:
+            path.rename(path.with_name(path.name + ".corrupt"))
+        log = get_logger()
+        for path, why in corrupt:
+            log.warning("train.checkpoint_corrupt", checkpoint=path.name, problem=why)
+        if resume is not None:
+            log.info("train.resume", step=checkpoints.step_of(resume), checkpoint=resume.name)
+        if resume is not None and checkpoints.step_of(resume) >= plan.total_steps:
+            # Training had finished (the daemon stopped during render/publish): no child needed.
+            adapter = export_adapter(resume, workdir / "adapter.safetensors", plan.config)
+            return TrainResult(TrainStatus.COMPLETED, adapter=adapter, step=checkpoints.step_of(resume),
+                               artifacts={"resumed_from": str(resume)})
+        args = ["-m", self.worker_module, "train", "--job-dir", str(workdir), "--plan", str(workdir / PLAN_FILE)]
+        if resume is not None:
+            args += ["--resume", str(resume)]
+        else:
+            # mflux makes a new timestamped folder when output_path exists on a fresh start.
+            shutil.rmtree(workdir / TRAIN_DIR, ignore_errors=True)
+            args += ["--config", str(workdir / CONFIG_FILE)]
+
+        def on_event(event: dict[str, Any]) -> None:
+            if event.get("event") == "step":
+                progress(Progress(event["step"], event["total"], event.get("loss"), event.get("eta_s")))
+            elif event.get("event") == "checkpoint":
+                checkpoints.prune(ckpt_dir, keep=2, protect=resume)
+
+        outcome = run_child(
+            args,
+            cwd=ROOT,
+            log_path=workdir / "train.log",
+            on_event=on_event,
+            stop=stop,
+            stop_timeout_s=self.stop_timeout_s,
+            env=self._env(),
+            keep_awake=self.keep_awake,
+            on_spawn=on_spawn,
+        )
+        artifacts = {"resumed_from": str(resume) if resume else None, "corrupt_skipped": [str(p) for p, _ in corrupt]}
+        if outcome.last("done") and outcome.returncode == 0:
+            newest, _ = checkpoints.newest_good(ckpt_dir)
+            if newest is None:
+                return TrainResult(TrainStatus.FAILED, error="training finished but left no valid checkpoint",
+                                   failure=Failure.OTHER, artifacts=artifacts)
+            checkpoints.prune(ckpt_dir, keep=2)
+            adapter = export_adapter(newest, workdir / "adapter.safetensors", plan.config)
+            return TrainResult(TrainStatus.COMPLETED, adapter=adapter, step=checkpoints.step_of(newest), artifacts=artifacts)
+        if outcome.last("stopped") and outcome.returncode == 0:
+            newest, _ = checkpoints.newest_good(ckpt_dir)
+            step = checkpoints.step_of(newest) if newest is not None else None
+            return TrainResult(TrainStatus.STOPPED, step=step, artifacts=artifacts)
+        if outcome.stop_reason is not None:
+            return TrainResult(TrainStatus.STOPPED, error=f"child ended with {outcome.returncode} after stop", artifacts=artifacts)
+        error = outcome.last("error")
+        message = error["message"] if error else f"training process exited with code {outcome.returncode}"
+        if outcome.killed_by_sigkill:
+            message = "training process was killed (SIGKILL), most likely by memory pressure"
+        tail = outcome.stderr_tail.strip().splitlines()[-3:]
+        if tail and not error:
+            message += ": " + " | ".join(tail)
+        failure = classify_failure(message, memory_pressure=outcome.memory_pressure)
+        return TrainResult(TrainStatus.FAILED, error=message, failure=failure, artifacts=artifacts)
+
+    # -- render ------------------------------------------------------------------------------
+
+    def render(
+        self, plan: TrainingPlan, workdir: Path, lora: Path, prompt: str, out_dir: Path, stop: StopToken, seed: int = 42
+    ) -> RenderOutcome:
+        """Render with and without the LoRA (same seed), then the comparison."""
+        problem = self.prepare(plan)
+        if problem:
+            return RenderFailed(problem)
+        args = [
+            "-m", self.worker_module, "render", "--job-dir", str(workdir), "--plan", str(workdir / PLAN_FILE),
+            "--lora", str(lora), "--prompt", prompt, "--seed", str(seed), "--out-dir", str(out_dir),
+        ]
+        outcome = run_child(
+            args,
+            cwd=ROOT,
+            log_path=workdir / "render.log",
+            on_event=lambda _e: None,
+            stop=stop,
+            stop_timeout_s=self.stop_timeout_s,
+            env=self._env(),
+            keep_awake=self.keep_awake,
+        )
+        done = outcome.last("done")
+        if done and outcome.returncode == 0:
+            return RenderResult(with_lora=Path(done["lora"]), base=Path(done["base"]), compare=Path(done["compare"]))
+        if outcome.stop_reason is not None or outcome.last("stopped"):
+            return RenderStopped(outcome.stop_reason)
+        error = outcome.last("error")
+        return RenderFailed(error["message"] if error else f"render process exited with code {outcome.returncode}")

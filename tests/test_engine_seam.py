@@ -1,0 +1,331 @@
+"""The engine seam: what daemon/ may import, the registry, engine settings, and the pure
+planning rules for the memory that limits training (Metal, CUDA, CPU)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.settings import SettingsError, resolve
+from engines.base import (
+    EngineContext,
+    EngineSettingsError,
+    Failure,
+    JobInput,
+    Machine,
+    PlanError,
+    TrainResult,
+    TrainStatus,
+    engine_class,
+    get_engine,
+    known_engines,
+)
+from engines.mflux.device import Device, planning_memory
+from engines.mflux.engine import MFluxEngine, classify_failure
+from engines.mflux.memory_plan import InsufficientMemory, plan_memory
+from engines.mflux.probe import backend_name, describe
+
+ROOT = Path(__file__).resolve().parent.parent
+GB = 1024**3
+
+# -- the seam ------------------------------------------------------------------------------
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a file imports (absolute names), at any depth (function-level imports too)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_daemon_imports_only_the_engine_contract():
+    offenders = {}
+    for path in sorted((ROOT / "daemon").rglob("*.py")):
+        bad = {
+            name for name in _imports(path)
+            if (name == "engines" or name.startswith("engines.")) and not name.startswith("engines.base")
+        }
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = sorted(bad)
+    assert offenders == {}
+
+
+def test_the_seam_test_sees_function_level_imports(tmp_path):
+    source = tmp_path / "x.py"
+    source.write_text("def f():\n    from engines.mflux import checkpoints\n    import engines.scripted.engine\n")
+    assert {"engines.mflux", "engines.scripted.engine"} <= _imports(source)
+
+
+def test_status_and_daemon_import_no_engine_and_no_ml(tmp_path):
+    code = (
+        "import sys\n"
+        "from daemon import cli\n"
+        f"cli.main(['--assets', {str(tmp_path)!r}, 'status'])\n"
+        "status = sorted(m for m in sys.modules if m == 'engines' or m.startswith('engines.'))\n"
+        "import daemon.daemon, daemon.pipeline\n"
+        "from daemon.pipeline import make_engine\n"
+        "from daemon.settings import Settings\n"
+        f"make_engine(Settings(assets=__import__('pathlib').Path({str(tmp_path)!r})))\n"
+        "heavy = sorted(m for m in ('mlx', 'mflux', 'PIL', 'torch', 'transformers') if m in sys.modules)\n"
+        "print(status, heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip().splitlines()[-1] == "[] []"
+
+
+# -- the registry and engine settings ------------------------------------------------------
+
+
+def test_registry_knows_the_builtin_engines():
+    assert {"mflux", "scripted"} <= set(known_engines())
+    assert engine_class("mflux") is MFluxEngine
+
+
+def test_unknown_engine_lists_the_known_ones():
+    with pytest.raises(EngineSettingsError, match=r"unknown engine 'nope'; known engines: .*mflux.*scripted"):
+        get_engine("nope", EngineContext(state_dir=Path("/tmp")))
+
+
+@pytest.mark.parametrize(
+    "options, error",
+    [
+        ({"checkpoint_every": "x"}, "checkpoint_every' in \\[engines.mflux\\]: expected an integer"),
+        ({"checkpoint_every": -1}, "must be at least 0"),
+        ({"metal_timeout_workaround": "maybe"}, "expected true or false"),
+        ({"keep_everything": True}, "unknown setting 'keep_everything' in \\[engines.mflux\\]; known: checkpoint_every"),
+    ],
+)
+def test_engine_section_errors_name_the_key(options, error):
+    with pytest.raises(EngineSettingsError, match=error):
+        MFluxEngine(EngineContext(state_dir=Path("/tmp"), options=options))
+
+
+def test_engine_section_values_reach_the_engine():
+    engine = MFluxEngine(EngineContext(state_dir=Path("/tmp"), options={"checkpoint_every": "7", "metal_timeout_workaround": "false"}))
+    assert engine.checkpoint_every == 7 and engine.metal_timeout_workaround is False
+
+
+@pytest.mark.parametrize(
+    "file_values, env, engines, deprecated",
+    [
+        ({"engines": {"mflux": {"checkpoint_every": 5}}}, {}, {"mflux": {"checkpoint_every": 5}}, 0),
+        ({}, {"LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY": "9"}, {"mflux": {"checkpoint_every": "9"}}, 0),
+        ({"engines": {"mflux": {"checkpoint_every": 5}}}, {"LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY": "9"},
+         {"mflux": {"checkpoint_every": "9"}}, 0),  # env beats the file, as for every setting
+        ({"checkpoint_every": 3}, {}, {"mflux": {"checkpoint_every": 3}}, 1),  # deprecated alias still works
+        ({"checkpoint_every": 3, "engines": {"mflux": {"checkpoint_every": 4}}}, {}, {"mflux": {"checkpoint_every": 4}}, 1),
+        ({}, {"LORAD_METAL_TIMEOUT_WORKAROUND": "0"}, {"mflux": {"metal_timeout_workaround": "0"}}, 1),
+    ],
+)
+def test_engine_sections_in_settings(file_values, env, engines, deprecated):
+    settings = resolve(file_values=file_values, env=env)
+    assert settings.engines == engines and len(settings.deprecations) == deprecated
+
+
+def test_engines_must_be_tables():
+    with pytest.raises(SettingsError, match=r"\[engines.mflux\]"):
+        resolve(file_values={"engines": {"mflux": 3}})
+
+
+def _run_cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LORAD_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "daemon.cli", "--assets", str(tmp_path), *args],
+                          capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=120)
+
+
+def test_unknown_engine_stops_the_daemon_at_start_with_exit_2(tmp_path):
+    result = _run_cli(tmp_path, "run", env={"LORAD_ENGINE": "dgx"})
+    assert result.returncode == 2
+    assert "unknown engine 'dgx'" in result.stderr and "mflux" in result.stderr and "scripted" in result.stderr
+
+
+def test_bad_engine_section_stops_the_daemon_and_plan_with_exit_2(tmp_path):
+    env = {"LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY": "often"}
+    for command in ("run", "plan"):
+        result = _run_cli(tmp_path, command, env=env)
+        assert result.returncode == 2, result.stderr
+        assert "checkpoint_every' in [engines.mflux]" in result.stderr
+
+
+# -- the probe (pure part, and for real on this CPU machine) -------------------------------
+
+
+@pytest.mark.parametrize(
+    "metal, cuda, backend", [(True, False, "metal"), (False, True, "cuda"), (False, False, "cpu"), (True, True, "metal")]
+)
+def test_backend_name(metal, cuda, backend):
+    assert backend_name(metal, cuda) == backend
+
+
+@pytest.mark.parametrize(
+    "backend, info, nvml, total, free, source",
+    [
+        ("cuda", {"device_name": "NVIDIA H100 80GB HBM3", "total_memory": 80 * GB, "free_memory": 79 * GB}, None, 80, 79, "mlx device_info"),
+        ("cuda", {"device_name": "NVIDIA GB10", "total_memory": 128 * GB}, {"total": 128 * GB, "free": 100 * GB}, 128, 100,
+         "mlx device_info + NVML"),
+        ("cuda", {"device_name": "x"}, {"total": 24 * GB, "free": 20 * GB}, 24, 20, "mlx device_info + NVML"),
+        ("cuda", {"device_name": "x"}, None, None, None, "mlx device_info"),
+        ("metal", {"device_name": "Apple M4 Max", "memory_size": 128 * GB}, None, 128, None, "mlx device_info"),
+        ("cpu", {"device_name": "Xeon", "architecture": "x86_64"}, None, None, None, "system RAM"),
+    ],
+)
+def test_probe_describes_the_device(backend, info, nvml, total, free, source):
+    out = describe(backend, info, nvml)
+    assert (out["backend"], out["total_gb"], out["free_gb"], out["source"]) == (backend, total, free, source)
+
+
+def test_probe_runs_here_and_says_cpu():
+    out = subprocess.run([sys.executable, "-m", "engines.mflux.probe"], capture_output=True, text=True, cwd=ROOT,
+                         check=True, timeout=120).stdout
+    data = json.loads(out.strip().splitlines()[-1])
+    assert data["backend"] == "cpu" and data["device"] and data["mlx"]
+    assert Device.from_json(data).backend == "cpu"
+
+
+# -- the memory that limits training (pure) ------------------------------------------------
+
+MAC = Machine(total_gb=64, available_gb=40, platform="darwin", apple_silicon=True)
+LINUX = Machine(total_gb=512, available_gb=500, platform="linux", apple_silicon=False)
+H100 = Device("cuda", "NVIDIA H100 80GB HBM3", total_gb=80, free_gb=79, source="mlx device_info")
+
+
+@pytest.mark.parametrize(
+    "device, machine, total, available, label",
+    [
+        (Device("metal", "Apple M4 Max", total_gb=64), MAC, 64, 40, "unified memory"),
+        (Device("cpu", "Xeon"), LINUX, 512, 500, "system RAM"),
+        (H100, LINUX, 80, 79, "GPU memory"),  # never the 512 GB of system RAM
+        (Device("cuda", "NVIDIA GB10", total_gb=119, free_gb=None, source="mlx device_info"), LINUX, 119, 119, "GPU memory"),
+        (H100, Machine(512, 500, "linux", False, memory_override_gb=24), 24, 24, "ram_gb"),
+    ],
+)
+def test_planning_memory(device, machine, total, available, label):
+    limit = planning_memory(device, machine)
+    assert (limit.total_gb, limit.available_gb) == (total, available) and label in limit.label
+
+
+def test_cuda_without_a_readable_memory_is_a_plan_error():
+    with pytest.raises(PlanError, match="ram_gb"):
+        planning_memory(Device("cuda", "mystery"), LINUX)
+
+
+CUDA_TABLE = [
+    # total, free -> tier, quantize: bf16 whenever it fits, whatever the total
+    (80, 79, "bf16", None),  # H100: the Mac rule (96 GB total for bf16) would pick q8
+    (141, 139, "bf16", None),  # H200
+    (128, 110, "bf16", None),  # GB10 unified memory
+    (80, 50, "bf16-checkpointed", None),  # busy GPU: unquantized with checkpointing still fits
+    (48, 46, "bf16-checkpointed", None),  # L40S / A6000
+    (40, 39, "bf16-checkpointed", None),  # A100 40 GB
+    (24, 23, "q8-checkpointed", 8),  # RTX 4090: only quantized fits
+    (24, 20, "q4-lowram", 4),
+    (32, 31, "q8-checkpointed", 8),  # RTX 5090
+]
+
+
+@pytest.mark.parametrize("total, free, tier, quantize", CUDA_TABLE)
+def test_cuda_prefers_bf16_whenever_it_fits(total, free, tier, quantize):
+    plan = plan_memory(model="z-image-turbo", total_gb=total, available_gb=free, image_count=15, max_side=1024, backend="cuda")
+    assert (plan.tier, plan.quantize) == (tier, quantize)
+
+
+@pytest.mark.parametrize("total", [40, 48, 64, 80, 96, 128, 141, 192])
+def test_cuda_with_enough_memory_never_gets_a_quantized_tier(total):
+    plan = plan_memory(model="z-image-turbo", total_gb=total, available_gb=total, image_count=15, max_side=1024, backend="cuda")
+    assert plan.quantize is None
+
+
+@pytest.mark.parametrize(
+    "total, tier", [(80, "bf16"), (48, "bf16-checkpointed"), (36, "bf16-checkpointed")]
+)
+def test_unquantized_only_after_a_missing_quantized_kernel(total, tier):
+    plan = plan_memory(model="z-image-turbo", total_gb=total, available_gb=total, image_count=15, max_side=1024,
+                       backend="cuda", quantized=False)
+    assert (plan.tier, plan.quantize) == (tier, None)
+
+
+def test_unquantized_only_fails_clearly_when_bf16_does_not_fit():
+    with pytest.raises(InsufficientMemory, match="without quantization needs at least 36 GB free, have 24 .*GPU memory"):
+        plan_memory(model="z-image-turbo", total_gb=24, available_gb=24, image_count=15, max_side=1024, backend="cuda", quantized=False)
+
+
+@pytest.mark.parametrize(
+    "message, memory_pressure, failure",
+    [
+        ("RuntimeError: [quantized_matmul] No implementation for problem shape", False, Failure.UNSUPPORTED),
+        ("training process was killed (SIGKILL), most likely by memory pressure", True, Failure.MEMORY),
+        ("ValueError: bad caption", False, Failure.OTHER),
+    ],
+)
+def test_classify_failure(message, memory_pressure, failure):
+    assert classify_failure(message, memory_pressure=memory_pressure) is failure
+
+
+# -- mflux step-down on CUDA ---------------------------------------------------------------
+
+
+def _engine_on(device: Device, tmp_path: Path) -> MFluxEngine:
+    engine = MFluxEngine(EngineContext(state_dir=tmp_path))
+    engine.device = device  # the probe's answer on a CUDA machine (this one has none)
+    return engine
+
+
+def _job(tmp_path: Path) -> JobInput:
+    return JobInput("j", "alice", "ohwx", "z-image-turbo", 15, 1024, {}, tmp_path / "data", "ohwx")
+
+
+def _failed(failure: Failure) -> TrainResult:
+    return TrainResult(TrainStatus.FAILED, error="RuntimeError: No implementation for problem shape", failure=failure)
+
+
+def test_quantized_kernel_failure_steps_up_to_bf16_when_it_fits(tmp_path):
+    engine = _engine_on(Device("cuda", "NVIDIA RTX 6000", total_gb=48, free_gb=30, source="mlx device_info"), tmp_path)
+    plan = engine.plan(_job(tmp_path), LINUX)
+    assert plan.backend == "cuda" and plan.config["quantize"] == 8  # 30 GB free at plan time: q8
+    lower = engine.step_down(plan, _job(tmp_path), LINUX, _failed(Failure.UNSUPPORTED))
+    assert lower is not None and lower.config["quantize"] is None and lower.tier == "bf16-checkpointed"
+    assert lower.step_downs == 1 and "mflux issue 563" in lower.reason and any("563" in w for w in lower.warnings)
+
+
+def test_quantized_kernel_failure_without_room_for_bf16_fails_clearly(tmp_path):
+    engine = _engine_on(Device("cuda", "NVIDIA RTX 4090", total_gb=24, free_gb=23, source="mlx device_info"), tmp_path)
+    plan = engine.plan(_job(tmp_path), LINUX)
+    assert plan.config["quantize"] == 8
+    with pytest.raises(PlanError, match="without quantization needs at least 36 GB free, have 24"):
+        engine.step_down(plan, _job(tmp_path), LINUX, _failed(Failure.UNSUPPORTED))
+
+
+def test_other_failures_do_not_step_down(tmp_path):
+    engine = _engine_on(H100, tmp_path)
+    plan = engine.plan(_job(tmp_path), LINUX)
+    assert engine.step_down(plan, _job(tmp_path), LINUX, _failed(Failure.OTHER)) is None
+    assert engine.step_down(plan, _job(tmp_path), LINUX, _failed(Failure.UNSUPPORTED)) is None  # bf16 has no quantized kernel
+
+
+def test_plan_summary_shows_backend_device_and_memory(tmp_path):
+    plan = _engine_on(H100, tmp_path).plan(_job(tmp_path), LINUX)
+    text = "\n".join(plan.summary)
+    assert "cuda (NVIDIA H100 80GB HBM3)" in text and "80 GB GPU memory" in text and "79 GB free" in text
+    assert plan.tier == "bf16"
+
+
+def test_doctor_and_plan_show_backend_device_and_plan_memory(tmp_path):
+    doctor = _run_cli(tmp_path, "doctor")
+    line = next(ln for ln in doctor.stdout.splitlines() if " backend " in ln)
+    assert "cpu:" in line and "plans from" in line and "GB system RAM" in line
+    plan = _run_cli(tmp_path, "plan")
+    assert plan.returncode == 0, plan.stderr
+    assert "backend      cpu (" in plan.stdout and "GB system RAM" in plan.stdout
