@@ -233,7 +233,7 @@ def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None
     """(model, image count, max side, options, plan or PlanError) for a dataset folder, as the
     daemon would plan it on this machine (the engine's own plan: pure, no mlx/mflux import)."""
     from daemon.pipeline import machine_now, make_engine
-    from engines.base import JobInput, PlanError
+    from engines.base import JobInput, PlanError, TrainingPlan
 
     image_count, max_side, options = 20, 1024, {}
     model = settings.model
@@ -248,6 +248,7 @@ def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None
     machine = machine_now(ram_gb)
     engine = make_engine(settings)
     job = JobInput("plan", "plan", "x", model, image_count, max_side, options, Path("/tmp/lorad-plan/data"), "")
+    plan: TrainingPlan | PlanError
     try:
         plan = engine.plan(job, machine)
     except PlanError as exc:

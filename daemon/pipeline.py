@@ -17,7 +17,7 @@ import psutil
 import structlog
 
 from daemon import space
-from daemon.jobs import FINISHED, RUNNABLE, JobStore, StateChanged
+from daemon.jobs import FINISHED, RUNNABLE, Job, JobStore, StateChanged
 from daemon.logs import get_logger
 from daemon.publish import PublishError, complete_registry, provenance, publish, published_by, write_with_metadata
 from daemon.settings import Settings, SettingsError
@@ -248,8 +248,10 @@ class Pipeline:
         if stop.reason == "cancel":
             self.store.transition(job_id, "cancelled")
         else:
-            fields = {"step": step} if step is not None else {}
-            self.store.transition(job_id, "interrupted", **fields)
+            if step is not None:
+                self.store.transition(job_id, "interrupted", step=step)
+            else:
+                self.store.transition(job_id, "interrupted")
 
     def _advance(self, job_id: str, new: str, expect) -> bool:
         """Move to the next phase as a compare-and-set. False when the job does not go on: it was
@@ -262,10 +264,16 @@ class Pipeline:
             return False
         return job.state == new
 
+    def _job(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        if job is None:
+            raise KeyError(f"job {job_id} is not in the jobs table")
+        return job
+
     def _run(self, job_id: str, stop: StopToken) -> None:
         if not self._advance(job_id, "preparing", RUNNABLE):
             return
-        job = self.store.get(job_id)
+        job = self._job(job_id)
         if published_by(self.settings.loras, job):
             self._complete_registry(job)
             return
@@ -331,7 +339,7 @@ class Pipeline:
             return
         if not self._advance(job_id, "rendering", "training"):
             return
-        job = self.store.get(job_id)
+        job = self._job(job_id)
         lora_file = workdir / f"{job.name}.safetensors"
         if result.adapter is None:
             self.store.transition(job_id, "failed", error=f"the {engine.name} engine finished without an adapter file")

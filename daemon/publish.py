@@ -212,8 +212,11 @@ def _register(*, loras: Path, registry_path: Path, job, lock_timeout_s: float | 
     return outputs
 
 
-def _registry_failed(exc: Exception, job, lora: Path, registry_path: Path) -> PublishError:
-    reason = str(exc) if isinstance(exc, registry.RegistryError) else f"{exc.strerror or exc} ({exc.filename or registry_path})"
+def _registry_failed(exc: registry.RegistryError | OSError, job, lora: Path, registry_path: Path) -> PublishError:
+    if isinstance(exc, registry.RegistryError):
+        reason = str(exc)
+    else:
+        reason = f"{exc.strerror or exc} ({exc.filename or registry_path})"
     return PublishError(
         f"{lora} is published, but its registry entry in {registry_path} was not written: {reason}. "
         f"When that is resolved, run: lorad retry {job.id} (only the registry entry is written; nothing is retrained)"

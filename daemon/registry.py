@@ -160,7 +160,7 @@ def plan_entries(
             plan.removals.add(key)  # our own entry: listed again below, under its current key
             del view[key]
             continue
-        stem = versions.get(old.get("job_id")) or moved
+        stem = versions.get(str(old.get("job_id"))) or moved
         if stem is None:
             continue  # its file is gone: the entry is replaced if it holds our key
         plan.removals.add(key)
@@ -229,6 +229,7 @@ class Transaction:
 
     def _acquire(self) -> None:
         """flock, waiting at most timeout_s and saying so while it waits."""
+        assert self.lock_fd is not None
         start = time.monotonic()
         next_log = start
         while True:

@@ -77,14 +77,16 @@ def free_bytes(path: Path) -> int:
 def is_disk_full(exc: BaseException) -> bool:
     """SQLite's SQLITE_FULL or an OSError ENOSPC/EDQUOT, anywhere in the exception's chain."""
     seen = 0
-    while exc is not None and seen < 10:
+    current: BaseException | None = exc
+    while current is not None and seen < 10:
+        exc = current
         if isinstance(exc, sqlite3.OperationalError) and (
             getattr(exc, "sqlite_errorcode", None) == 13 or "disk is full" in str(exc)  # SQLITE_FULL
         ):
             return True
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+        current, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
 
 
@@ -93,7 +95,7 @@ DISK_FULL_TEXTS = ("No space left on device", "database or disk is full", "Disk 
 
 def looks_like_disk_full(text: str | None) -> bool:
     """A child's error message (we only get its text) that says the disk was full (pure)."""
-    return bool(text) and any(t in text for t in DISK_FULL_TEXTS)
+    return text is not None and any(t in text for t in DISK_FULL_TEXTS)
 
 
 def ensure_reserve(state: Path, size: int = RESERVE_BYTES) -> bool:

@@ -263,7 +263,8 @@ class _Handler(FileSystemEventHandler):
             return  # not a READY
         if event.event_type == "created" and not _is_regular(str(path)):
             return  # a FIFO, symlink or device named READY is refused by intake, never waited for
-        self.ready_event(found[0], event.event_type)
+        if self.ready_event is not None:
+            self.ready_event(found[0], event.event_type)
 
 
 class Watcher:

@@ -14,6 +14,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from daemon import jobrecord
 from daemon.fsutil import file_kind
@@ -221,11 +222,11 @@ class Intake:
         job_id = new_job_id()
         jobs_dir = self.settings.jobs_dir
         jobs_dir.mkdir(parents=True, exist_ok=True)
-        problem = self._space_problem(report, jobs_dir, log)
-        if problem is not None:
-            job = self._record_refusal(folder, token, ready_st.st_mtime, [problem], report.name, report.trigger)
+        no_space = self._space_problem(report, jobs_dir, log)
+        if no_space is not None:
+            job = self._record_refusal(folder, token, ready_st.st_mtime, [no_space], report.name, report.trigger)
             self._consume_ready(ready, token)
-            return Outcome("no_space", job.id, detail=problem)
+            return Outcome("no_space", job.id, detail=no_space)
         staging = jobs_dir / f".intake-{job_id}"
         try:
             manifest = take_snapshot(report, staging, preview_prompt=choose_preview_prompt(report), effective=effective)
@@ -240,7 +241,7 @@ class Intake:
             shutil.rmtree(staging, ignore_errors=True)
             log.info("dataset.changed", detail="READY changed during intake")
             return Outcome("changed", detail="READY changed during intake")
-        row = dict(
+        row: dict[str, Any] = dict(
             job_id=job_id,
             dataset_path=folder,
             name=report.name or folder.name,

@@ -20,8 +20,8 @@ from daemon.intake.findings import Finding
 from daemon.intake.options import merge, parse_options
 from daemon.settings import FIELDS as _SETTINGS
 
-DEFAULT_MAX_IMAGE_BYTES = _SETTINGS["max_image_bytes"][1]
-DEFAULT_MAX_CAPTION_BYTES = _SETTINGS["max_caption_bytes"][1]
+DEFAULT_MAX_IMAGE_BYTES = int(_SETTINGS["max_image_bytes"][1])  # type: ignore[call-overload]
+DEFAULT_MAX_CAPTION_BYTES = int(_SETTINGS["max_caption_bytes"][1])  # type: ignore[call-overload]
 
 # Above this many pixels an image is refused before decoding (a 1-bit 40000x40000 PNG is tiny
 # on disk and 1.6 G pixels in memory).

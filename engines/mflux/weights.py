@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,7 +30,7 @@ MODEL_WEIGHTS: dict[str, tuple[str, int]] = {
 WEIGHT_FOLDERS = ("transformer", "text_encoder", "vae")
 
 
-def hf_hub_cache(env: dict | None = None) -> Path:
+def hf_hub_cache(env: Mapping[str, str] | None = None) -> Path:
     """Where huggingface_hub (and so mflux) keeps downloaded repos; same rules as its constants
     module, without importing it: HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME/hub, XDG_CACHE_HOME."""
     env = os.environ if env is None else env
@@ -60,7 +61,7 @@ def pinned_revisions() -> dict[str, str]:
                         target = node.target
                     else:
                         continue
-                    if getattr(target, "id", None) == "PINNED":
+                    if getattr(target, "id", None) == "PINNED" and node.value is not None:
                         return dict(ast.literal_eval(node.value))
     except (OSError, ValueError, SyntaxError, ImportError):
         pass
@@ -83,7 +84,7 @@ def _snapshot_complete(snapshot: Path) -> bool:
     return True
 
 
-def weights_check(model: str, env: dict | None = None) -> Check:
+def weights_check(model: str, env: Mapping[str, str] | None = None) -> Check:
     """Are this model's weights on this machine? Looks in the Hugging Face cache the way mflux
     does (the pinned snapshot, weight folders complete); never downloads. The detail of a
     missing model says what to do; `lorad run`, `lorad doctor` and a job all show it."""
