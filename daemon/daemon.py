@@ -125,7 +125,9 @@ def clean_work_dirs(settings: Settings, store: JobStore) -> list[str]:
                 removed.append(path.name)
             elif path.is_dir() and not path.is_symlink():
                 removed += remove_stale_temps(path)
-    folders = [settings.loras, settings.registry.parent, settings.state]
+    # The registry is written through a symlink, temp file beside its target: look there too.
+    registry_dir = Path(os.path.realpath(settings.registry)).parent
+    folders = [settings.loras, settings.registry.parent, registry_dir, settings.state]
     if settings.training_data.is_dir():
         folders += [p for p in settings.training_data.iterdir() if p.is_dir() and not p.is_symlink()]
     for folder in folders:

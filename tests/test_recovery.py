@@ -196,3 +196,26 @@ def test_store_keeps_the_record_in_step_and_never_fails_for_it(tmp_path):
     (jobs_dir / "j1" / "job.json").unlink()
     (jobs_dir / "j1" / "job.json").mkdir()
     assert store.transition("j1", "cancelled").state == "cancelled"
+
+
+def test_stale_registry_temp_beside_a_symlinked_registrys_target_is_removed(tmp_path):
+    """A kill -9 mid-publish leaves the registry's temp beside its *target* (writes go through the
+    link): start-up cleaning must look there, not only beside the link."""
+    from daemon.daemon import clean_work_dirs
+    from daemon.jobs import JobStore
+    from daemon.settings import Settings
+
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "config.json").write_text("{}")
+    link = tmp_path / "project" / "config.json"
+    link.parent.mkdir()
+    link.symlink_to(app / "config.json")
+    dead_pid = 2**22 + 1  # above pid_max's default: no such process
+    stale = app / f".config.json.{dead_pid}.0123abcd.tmp"
+    stale.write_text("{half")
+    settings = Settings(assets=tmp_path / "assets", registry=link)
+    store = JobStore(settings.jobs_db)
+    removed = clean_work_dirs(settings, store)
+    assert not stale.exists(), removed
+    assert (app / "config.json").read_text() == "{}" and link.is_symlink()
