@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.settings import SettingsError, resolve
+from daemon.settings import Settings, SettingsError, resolve
 from engines.base import (
     EngineContext,
     EngineSettingsError,
@@ -329,3 +329,25 @@ def test_doctor_and_plan_show_backend_device_and_plan_memory(tmp_path):
     plan = _run_cli(tmp_path, "plan")
     assert plan.returncode == 0, plan.stderr
     assert "backend      cpu (" in plan.stdout and "GB system RAM" in plan.stdout
+
+
+@pytest.mark.parametrize(
+    "engine, chars, long_warning",
+    [
+        ("mflux", 1000, False),
+        ("mflux", 2000, True),  # past mflux's 512 tokens (~1792 characters)
+        ("scripted", 20000, False),  # an engine without a prompt limit warns about none
+    ],
+)
+def test_caption_length_limit_comes_from_the_engine(tmp_path, engine, chars, long_warning):
+    """Intake's long-caption warning uses the training engine's own limit (Engine.intake_limits)."""
+    from daemon.intake.validate import limits, validate_dataset
+    from daemon.sample import make_dataset
+
+    settings = Settings(assets=tmp_path / "assets", engine=engine)
+    folder = make_dataset(tmp_path / "ohwx_long", images=1)
+    caption = next(folder.glob("*.txt"))
+    caption.write_text("ohwx " + "x" * chars)
+    report = validate_dataset(folder, read_ready=False, **limits(settings))
+    codes = {f.code for f in report.findings}
+    assert ("caption.long" in codes) is long_warning, report.findings

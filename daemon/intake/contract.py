@@ -19,8 +19,10 @@ UNSUPPORTED_IMAGE_FORMATS = {
 MARKER_FILES = frozenset({"READY", "QUEUED", "TRAINING", "DONE", "FAILED.txt", "CANCELLED"})
 OPTIONS_FILE = "lora.toml"
 READY = "READY"
-# mflux pads prompts to 512 tokens; roughly 4 characters a token for English captions.
-LONG_CAPTION_CHARS = 1800
+# An engine's tokenizer limit (Engine.intake_limits; mflux pads prompts to 512 tokens) in characters:
+# English captions run about 3.5 characters a token.
+CHARS_PER_TOKEN = 3.5
+DEFAULT_CAPTION_TOKENS = 512
 MAX_CAPTION_BYTES = 64 * 1024
 # READY and lora.toml hold a few options; anything larger is not an options file.
 MAX_OPTIONS_BYTES = 64 * 1024
@@ -159,17 +161,24 @@ def _size_text(n: int) -> str:
 
 
 def check_caption(
-    rel: str, raw: bytes, trigger: str, policy: str, size: int | None = None, max_bytes: int = MAX_CAPTION_BYTES
+    rel: str,
+    raw: bytes,
+    trigger: str,
+    policy: str,
+    size: int | None = None,
+    max_bytes: int = MAX_CAPTION_BYTES,
+    max_tokens: int | None = DEFAULT_CAPTION_TOKENS,
 ) -> tuple[str | None, list[Finding]]:
     """Decode and normalise one caption; returns (text for the snapshot, findings).
-    `size` is the file's real size when only its first bytes were read."""
+    `size` is the file's real size when only its first bytes were read; `max_tokens` is the
+    training engine's prompt limit (None: it has none)."""
     size = len(raw) if size is None else size
     if size > max_bytes:
         return None, [
             Finding.error(
                 rel,
                 f"caption is {_size_text(size)} (limit {_size_text(max_bytes)}, setting max_caption_bytes); "
-                "mflux reads at most 512 tokens (a few KB)",
+                "a caption needs a few hundred bytes",
                 "shorten the caption to a sentence or two",
                 code="caption.huge",
             )
@@ -214,11 +223,12 @@ def check_caption(
                 code="caption.prepended",
             )
         )
-    if len(text) > LONG_CAPTION_CHARS:
+    if max_tokens is not None and len(text) > max_tokens * CHARS_PER_TOKEN:
         findings.append(
             Finding.warning(
                 rel,
-                f"caption is {len(text)} characters; mflux truncates prompts at 512 tokens",
+                f"caption is {len(text)} characters; the training engine reads at most {max_tokens} tokens "
+                f"(about {int(max_tokens * CHARS_PER_TOKEN)} characters)",
                 "shorten it: text past the limit is ignored",
                 code="caption.long",
             )

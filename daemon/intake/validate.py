@@ -101,8 +101,20 @@ def _conversion_reason(im) -> str | None:
 
 
 def limits(settings) -> dict:
-    """validate_dataset's size caps from the settings."""
-    return {"max_image_bytes": settings.max_image_bytes, "max_caption_bytes": settings.max_caption_bytes}
+    """validate_dataset's caps: sizes from the settings, the caption length from the engine that
+    will train (its `intake_limits`; a bad engine setting is reported elsewhere, the default used)."""
+    from daemon.pipeline import make_engine
+    from daemon.settings import SettingsError
+
+    try:
+        tokens = make_engine(settings).intake_limits().max_caption_tokens
+    except SettingsError:
+        tokens = contract.DEFAULT_CAPTION_TOKENS
+    return {
+        "max_image_bytes": settings.max_image_bytes,
+        "max_caption_bytes": settings.max_caption_bytes,
+        "max_caption_tokens": tokens,
+    }
 
 
 def hash_file(fh, chunk: int = 1 << 20) -> str:
@@ -258,6 +270,7 @@ def validate_dataset(
     default_policy: str = "prepend",
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
+    max_caption_tokens: int | None = contract.DEFAULT_CAPTION_TOKENS,
 ) -> Report:
     """Check a dataset folder against the contract. Never writes into it."""
     folder = Path(folder)
@@ -470,7 +483,9 @@ def validate_dataset(
             except OSError as exc:
                 add(Finding.error(rel, f"cannot be read: {exc.strerror}", "check its permissions", code="caption.unreadable"))
                 continue
-            text, problems = contract.check_caption(rel, raw, trigger, policy, size=size, max_bytes=max_caption_bytes)
+            text, problems = contract.check_caption(
+                rel, raw, trigger, policy, size=size, max_bytes=max_caption_bytes, max_tokens=max_caption_tokens
+            )
             report.findings.extend(problems)
             if text is not None:
                 report.captions[name] = text
