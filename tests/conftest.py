@@ -150,10 +150,14 @@ class DaemonProc:
 
 @pytest.fixture
 def daemon_factory(tmp_path):
+    """make(**kwargs) -> a daemon on tmp_path; make("sub", ...) -> one on tmp_path/sub (several
+    daemons with their own assets folders in one test)."""
     made: list[DaemonProc] = []
 
-    def make(**kwargs) -> DaemonProc:
-        d = DaemonProc(tmp_path, **kwargs)
+    def make(sub: str | None = None, **kwargs) -> DaemonProc:
+        root = tmp_path / sub if sub else tmp_path
+        root.mkdir(parents=True, exist_ok=True)
+        d = DaemonProc(root, **kwargs)
         made.append(d)
         return d
 

@@ -130,21 +130,9 @@ def test_too_long_names_are_refused_at_validation(tmp_path):
 
 
 @pytest.fixture
-def daemons(tmp_path):
-    made: list[DaemonProc] = []
-
-    def make(sub: str, **kwargs) -> DaemonProc:
-        root = tmp_path / sub
-        root.mkdir(parents=True, exist_ok=True)
-        d = DaemonProc(root, **kwargs)
-        made.append(d)
-        return d
-
-    yield make
-    for d in made:
-        d.stop()
-    leftovers = subprocess.run(["pgrep", "-f", f"--job-dir {tmp_path}"], capture_output=True, text=True).stdout.split()
-    assert not leftovers, f"orphan worker processes: {leftovers}"
+def daemons(daemon_factory):
+    """Daemons with their own assets folders under one tmp_path (conftest's daemon_factory)."""
+    return daemon_factory
 
 
 def test_refused_names_never_train_and_leave_other_loras_alone(daemons):
