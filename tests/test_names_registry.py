@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProc, wait_for
+from conftest import wait_for
 
 from daemon import registry
 from daemon.intake import contract
