@@ -471,6 +471,7 @@ class ArtifactStore:
                 for start in range(done, ref.chunks, self.window):
                     indexes = list(range(start, min(ref.chunks, start + self.window)))
                     self._receive(ref, sums, indexes, fh, whole)
+                    fh.flush()  # what progress reports is in the file (a crash keeps it for the resume)
                     if progress is not None:
                         progress(indexes[-1] + 1, ref.chunks)
                 if whole.hexdigest() != ref.sha256:
