@@ -728,3 +728,21 @@ def test_a_hung_redis_is_a_transfer_error_after_the_socket_timeout(redis_server,
     assert time.monotonic() - started < 20
     store.get_file(ref, tmp_path / "out.bin")  # and it resumes once Redis answers again
     assert store.stats.chunks_reused >= 4
+
+
+def test_redis_out_of_memory_is_named_and_the_upload_resumes_after(redis_server, tmp_path):
+    client = redis_server.client()
+    used = int(client.info("memory")["used_memory"])
+    client.config_set("maxmemory", str(used + 5 * MIB))  # noeviction (the default): writes fail
+    src = tmp_path / "a.bin"
+    sha = write_random(src, 8 * MIB)
+    with pytest.raises(TransferError, match="out of memory") as err:
+        ArtifactStore(client, window=1).put_file("job:22:a", src)
+    assert "maxmemory" in str(err.value) and len(str(err.value)) < 400  # no chunk bytes quoted
+    stored = len([k for k in all_keys(client) if b":~c:" in k])
+    assert 1 <= stored < 8
+    client.config_set("maxmemory", "0")
+    store = ArtifactStore(client, window=1)
+    ref = store.put_file("job:22:a", src)
+    assert (store.stats.chunks_skipped, store.stats.chunks_sent) == (stored, 8 - stored)
+    assert sha_of(store.get_file(ref, tmp_path / "b.bin")) == sha

@@ -311,8 +311,13 @@ class ArtifactStore:
             return fn()
         except redis.AuthenticationError as exc:
             raise TransferError(f"{what}: Redis refused the credentials ({exc}); check the password in the queue URL") from exc
+        except redis.OutOfMemoryError as exc:
+            raise TransferError(
+                f"{what}: Redis is out of memory (its maxmemory is reached): free memory on the Redis machine or "
+                f"raise maxmemory (redis.conf / CONFIG SET maxmemory); the transfer resumes where it stopped"
+            ) from exc
         except redis.RedisError as exc:
-            raise TransferError(f"{what}: Redis {type(exc).__name__}: {exc}") from exc
+            raise TransferError(f"{what}: Redis {type(exc).__name__}: {_redis_message(exc)}") from exc
 
     # ---- files: upload -----------------------------------------------------------------------
     def put_file(self, key: str, path: Path | str, *, progress: Progress | None = None) -> FileRef:
@@ -717,6 +722,15 @@ def _mkdirs_inside(root: Path, folder: Path) -> None:
             st = os.lstat(current)
             if not stat.S_ISDIR(st.st_mode):
                 raise HostileEntry(str(rel), f"{current} is {file_kind(st.st_mode)}, not a folder") from None
+
+
+def _redis_message(exc: Exception) -> str:
+    """redis-py's message without the command it quotes (a pipeline error quotes the chunk bytes)."""
+    text = str(exc)
+    marker = "of pipeline caused error: "
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def _unlink(path: Path) -> None:
