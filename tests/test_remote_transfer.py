@@ -554,6 +554,17 @@ def test_put_tree_refuses_links_and_special_files_before_sending_anything(redis_
     assert all_keys(client) == []  # nothing uploaded
 
 
+def test_put_tree_refuses_a_name_that_is_not_utf8(redis_server, tmp_path):
+    client = redis_server.client()
+    src = tmp_path / "src"
+    make_tree(src)
+    fd = os.open(os.fsencode(src) + b"/caf\xe9.png", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.close(fd)
+    with pytest.raises(HostileEntry, match="not UTF-8"):
+        ArtifactStore(client).put_tree("job:23:snapshot", src)
+    assert all_keys(client) == []
+
+
 def test_put_file_refuses_a_fifo_without_blocking_and_a_symlink(redis_server, tmp_path):
     store = ArtifactStore(redis_server.client())
     os.mkfifo(tmp_path / "pipe")  # opening it for reading would block forever without a writer

@@ -246,8 +246,9 @@ def check_tree_entries(entries: Any, tree_key: str) -> list[tuple[str, str, File
                 raise HostileEntry(path, f"its data key {ref.key!r} is outside the tree {tree_key!r}")
         seen[path] = kind
         out.append((path, kind, ref))
-    for path, kind in seen.items():  # a folder listed after a file of the same name's children
-        if kind == "file" and any(other.startswith(path + "/") for other in seen):
+    used_as_folder = {"/".join(p.split("/")[:depth]) for p in seen for depth in range(1, p.count("/") + 1)}
+    for path, kind in seen.items():  # a file listed after entries below it
+        if kind == "file" and path in used_as_folder:
             raise HostileEntry(path, "a file that other entries use as a folder")
     return out
 
@@ -696,7 +697,10 @@ def _walk(root: Path) -> Iterator[tuple[str, str, Path]]:
             except UnicodeEncodeError:
                 raise HostileEntry(rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "the name is not UTF-8") from None
             check_entry_path(rel)
-            mode = item.stat(follow_symlinks=False).st_mode
+            try:
+                mode = item.stat(follow_symlinks=False).st_mode
+            except OSError as exc:
+                raise TransferError(f"{item.path}: cannot read ({exc.strerror})") from exc
             if stat.S_ISLNK(mode):
                 raise HostileEntry(rel, f"a symlink (to {os.readlink(item.path)!r}); only regular files and folders are sent")
             if stat.S_ISDIR(mode):
