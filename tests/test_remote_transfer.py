@@ -704,6 +704,7 @@ def test_redis_killed_mid_transfer_is_a_prompt_transfer_error(redis_factory, tmp
         else:
             store.get_file(ref, tmp_path / "out.bin", progress=kill_at_10)
     elapsed = time.monotonic() - started
+    print(f"redis killed mid-{direction}: TransferError after {elapsed:.2f} s: {err.value}")
     assert elapsed < 30, elapsed  # bounded (connect refused + 2 retries); never a hang
     assert "Redis" in str(err.value) and "job:20:a" in str(err.value)
     assert not isinstance(err.value, IntegrityError)
@@ -736,6 +737,7 @@ def test_a_hung_redis_is_a_transfer_error_after_the_socket_timeout(redis_server,
             store.get_file(ref, tmp_path / "out.bin", progress=stop_at_4)
     finally:
         redis_server.resume()
+    print(f"redis stopped mid-get: TransferError after {time.monotonic() - started:.2f} s")
     assert time.monotonic() - started < 20
     store.get_file(ref, tmp_path / "out.bin")  # and it resumes once Redis answers again
     assert store.stats.chunks_reused >= 4
