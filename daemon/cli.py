@@ -34,7 +34,7 @@ def _add_globals(parser, *, suppress: bool, model_help: str | None = None) -> No
     parser.add_argument("--log-level", default=default, help="DEBUG, INFO, WARNING or ERROR")
 
 
-COMMANDS = ("run", "status", "validate", "enqueue", "cancel", "retry", "plan", "logs", "service", "selftest", "doctor")
+COMMANDS = ("run", "status", "validate", "enqueue", "cancel", "retry", "plan", "logs", "service", "selftest", "doctor", "notify")
 _GLOBAL_WITH_VALUE = {"--assets", "--config", "--state-dir", "--model", "--registry", "--log-level"}
 
 
@@ -129,6 +129,9 @@ def build_parser(only: str | None = None):
     p.add_argument("--clean", action="store_true", help="remove the temp folder afterwards (default: keep it)")
 
     add("doctor", "check this machine: Python, RAM, disk, mflux/mlx, model weights")
+
+    p = add("notify", "notifications: `lorad notify test` sends a test message to every `notify` target")
+    p.add_argument("action", choices=["test"])
     return parser
 
 

@@ -312,3 +312,24 @@ def cmd_doctor(settings: Settings, args) -> int:
     code = exit_code(checks)
     print("lorad can run here" if code == 0 else "lorad cannot train here until the FAIL lines are fixed")
     return code
+
+
+def cmd_notify(settings: Settings, args) -> int:
+    """`lorad notify test`: one test message to every target, one line each (URLs masked)."""
+    if not settings.notify:
+        print(
+            "lorad notify: no notification targets: set notify = [\"ntfy://...\"] in lorad.toml or LORAD_NOTIFY",
+            file=sys.stderr,
+        )
+        return 2
+    from daemon import notify
+
+    print(f"sending a test message to {len(settings.notify)} target(s), {settings.notify_timeout_s:g}s each at most")
+    outcomes = []
+    for url in settings.notify:
+        outcome = notify.deliver_one(url, notify.test_message(), settings.notify_timeout_s)
+        outcomes.append(outcome)
+        print(f"[{'ok  ' if outcome.ok else 'FAIL'}] {outcome.target}" + ("" if outcome.ok else f": {outcome.reason}"), flush=True)
+    failed = sum(not o.ok for o in outcomes)
+    print("every target answered" if not failed else f"{failed} of {len(outcomes)} target(s) failed")
+    return 1 if failed else 0

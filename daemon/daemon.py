@@ -197,6 +197,7 @@ class Daemon:
             return 1
         s.training_data.mkdir(parents=True, exist_ok=True)
         s.loras.mkdir(parents=True, exist_ok=True)
+        notifier = self._start_notifier(store)
         recovered = recover_work_dirs(s, store)
         if jobs_moved is not None:
             self.log.warning(
@@ -234,6 +235,8 @@ class Daemon:
             engine=s.engine,
             observer=s.observer,
             ready_found=found,
+            notify_targets=len(s.notify),  # a count: the URLs hold secrets (daemon/notify.py masks them)
+            notify_on=list(s.notify_on),
         )
         while not self.shutdown.wait(s.rescan_interval_s):
             loop.rescan(s.training_data)
@@ -249,6 +252,8 @@ class Daemon:
         for _name, thread in consumer.worker_threads:
             thread.join(max(0.1, deadline - time.monotonic()))
         still_running = any(t.is_alive() for _n, t in consumer.worker_threads)
+        if notifier is not None:
+            notifier.stop()  # the interrupted job's message goes out; a few seconds at most
         if not still_running:
             store.close()
         self.log.info(
@@ -258,6 +263,19 @@ class Daemon:
         )
         logging_flush()
         return 0
+
+    def _start_notifier(self, store: JobStore):
+        """The job-end notifier (daemon/notify.py), watching every transition; None without targets.
+        Imported only when targets are set; apprise itself loads only in its delivery child."""
+        if not self.settings.notify:
+            return None
+        from daemon.notify import make_notifier
+
+        notifier = make_notifier(self.settings, self.log)
+        if notifier is not None:
+            store.observers.append(notifier.on_transition)
+            notifier.start()
+        return notifier
 
 
 def logging_flush() -> None:

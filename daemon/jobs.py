@@ -233,6 +233,9 @@ class JobStore:
         self.jobs_dir = Path(jobs_dir) if jobs_dir is not None else None
         # One connection shared by the daemon's threads: calls are serialised here.
         self._lock = _thread.RLock()
+        # Called as f(job, old, new) after every transition is recorded (the daemon's notifier);
+        # each must return at once and never raise into the job.
+        self.observers: builtins.list = []
         try:
             self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             self.conn.row_factory = sqlite3.Row
@@ -534,6 +537,11 @@ class JobStore:
         from daemon.logs import get_logger  # here, not at import: `lorad status` never loads structlog
 
         getattr(get_logger(), level)(event, attempt=job.attempt, **fields)
+        for observer in self.observers:
+            try:
+                observer(job, old, new)
+            except Exception as exc:  # an observer's bug must not fail the job
+                get_logger().error("job.observer_failed", job_id=job.id, error=f"{type(exc).__name__}: {exc}")
 
 
 class _Transaction:

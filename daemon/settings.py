@@ -58,6 +58,13 @@ FIELDS: dict[str, tuple[str, object]] = {
     # Each engine's own settings, raw: {"mflux": {"checkpoint_every": 5}} from `[engines.mflux]` or
     # LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY; the engine validates them when the daemon starts.
     "engines": ("dict", None),
+    # Notification targets, one apprise URL each (ntfy://, macosx://, json://, slack://, ...);
+    # LORAD_NOTIFY: comma-separated. Delivered off the job path (daemon/notify.py).
+    "notify": ("list", ()),
+    # The job states that send a notification (validated against the job states).
+    "notify_on": ("list", ("done", "failed", "interrupted")),
+    # Longest wait for one delivery attempt to one target.
+    "notify_timeout_s": ("float", 10.0),
     # Messages about deprecated keys that were used (logged when the daemon starts).
     "deprecations": ("tuple", ()),
 }
@@ -93,6 +100,9 @@ class Settings:
     max_image_bytes: int
     max_caption_bytes: int
     engines: dict[str, dict[str, object]]
+    notify: tuple[str, ...]
+    notify_on: tuple[str, ...]
+    notify_timeout_s: float
     deprecations: tuple[str, ...]
 
     def __init__(self, **values):
@@ -161,6 +171,8 @@ def _coerce(key: str, value: object, source: str, base: Path) -> object:
             raise SettingsError(f"{where}: expected a path, got {value!r}")
         path = Path(os.path.expanduser(str(value)))
         return path if path.is_absolute() else (base / path)
+    if kind == "list":
+        return _coerce_list(key, value, where)
     if "bool" in str(kind):
         if isinstance(value, bool):
             return value
@@ -190,6 +202,38 @@ def _coerce(key: str, value: object, source: str, base: Path) -> object:
     if key == "observer" and value not in OBSERVERS:
         raise SettingsError(f"{where}: must be one of {', '.join(OBSERVERS)}, got {value!r}")
     return value
+
+
+# An apprise URL may hold commas (mailto://...?to=a@x,b@y): LORAD_NOTIFY splits only at a comma
+# that starts the next URL (`scheme://`).
+_URL_SPLIT = r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)"
+
+
+def split_list(key: str, text: str) -> list[str]:
+    """A comma-separated setting (an environment variable) -> its items (pure)."""
+    import re
+
+    parts = re.split(_URL_SPLIT, text) if key == "notify" else text.split(",")
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _coerce_list(key: str, value: object, where: str) -> tuple[str, ...]:
+    """A TOML list of strings, or a comma-separated string (environment) -> a tuple of strings."""
+    if isinstance(value, str):
+        items = split_list(key, value)
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = [v.strip() for v in value if v.strip()]
+    else:
+        raise SettingsError(f"{where}: expected a list of strings like [\"a\", \"b\"], got {value!r}")
+    if key == "notify_on":
+        from daemon.jobs import TRANSITIONS  # the job states; jobs.py is on `lorad status`'s path anyway
+
+        bad = [v for v in items if v not in TRANSITIONS]
+        if bad:
+            raise SettingsError(
+                f"{where}: unknown job state {', '.join(map(repr, bad))}; known: {', '.join(TRANSITIONS)}"
+            )
+    return tuple(dict.fromkeys(items))
 
 
 def resolve(
