@@ -22,6 +22,8 @@ from typing import NamedTuple
 # apprise URL schemes of the generic webhooks: their path is the user's own, often a token.
 WEBHOOK_SCHEMES = ("json", "jsons", "xml", "xmls", "form", "forms")
 MASK = "****"
+# ...and those whose path is a topic anyone who knows it can read (ntfy): shown as `t...c`.
+TOPIC_SCHEMES = ("ntfy", "ntfys")
 # Seconds between delivery attempts of one notification (the retry count is len + 1 attempts).
 BACKOFF_S = (2.0, 8.0)
 QUEUE_SIZE = 100
@@ -151,7 +153,8 @@ def mask_plain(url: str) -> str:
 def mask(url: str) -> str:
     """The URL as logs, status and `lorad notify test` show it: apprise's own privacy rendering
     (`URLBase.url(privacy=True)`: passwords `****`, tokens `a...z`), without its query of options;
-    the path of a generic webhook (json://, form://, xml://) hidden too, as it is often a token.
+    the path of a generic webhook (json://, form://, xml://) hidden too, as it is often a token,
+    and ntfy topics shortened to `t...c` (on a public server the topic is the secret).
     Imports apprise: call it where apprise is loaded anyway (the delivery child, the CLI)."""
     import apprise
 
@@ -167,6 +170,11 @@ def mask(url: str) -> str:
         head, _, path = shown.partition("://")
         host, _, rest = path.partition("/")
         shown = f"{head}://{host}/" + (MASK if rest.strip("/") else "")
+    elif scheme in TOPIC_SCHEMES:
+        head, _, path = shown.partition("://")
+        host, _, rest = path.partition("/")
+        topics = [apprise.URLBase.pprint(t, privacy=True) if t else t for t in rest.split("/")]
+        shown = f"{head}://{host}/" + "/".join(topics)
     return shown
 
 
