@@ -186,7 +186,7 @@ def secrets_in(url: str) -> list[str]:
     parts = _split(url)
     if parts is None:
         return []
-    found = set()
+    found: set[str] = set()
     if "@" in parts.netloc:
         userinfo = parts.netloc.rsplit("@", 1)[0]
         found.update(unquote(p) for p in userinfo.split(":"))
