@@ -237,6 +237,12 @@ class MFluxEngine:
         newest = checkpoints.list_checkpoints(Path(workdir) / TRAIN_DIR / "checkpoints")
         return checkpoints.step_of(newest[0]) if newest else None
 
+    def saved_state(self, workdir: Path) -> list[Path]:
+        """The newest checkpoint zip that verifies: copied to the same place under another
+        machine's work dir (with the snapshot), training resumes there."""
+        newest, _corrupt = checkpoints.newest_good(Path(workdir) / TRAIN_DIR / "checkpoints")
+        return [newest] if newest is not None else []
+
     def disk_needed(self, plan: TrainingPlan, workdir: Path) -> int:
         ckpt_dir = Path(workdir) / TRAIN_DIR / "checkpoints"
         written = sum(p.stat().st_size for p in checkpoints.list_checkpoints(ckpt_dir))
