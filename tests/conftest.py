@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# Real redis-server fixtures (scale-out tests): redis_server, redis_factory.
+from redis_fixture import redis_factory, redis_server  # noqa: F401
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # The first-run kernel compile costs 10+ s per process; tests run many short trainings.
