@@ -300,11 +300,11 @@ class Coordinator:
             return
         spec = job_input(job, workdir)
         base = lease.files_key(job.id)
-        snapshot = self.files.put_tree(f"{base}/snapshot", workdir / "data")
-        manifest = self.files.put_file(f"{base}/manifest", workdir / "manifest.json")
+        snapshot = self.files.put_tree(f"{base}:snapshot", workdir / "data")
+        manifest = self.files.put_file(f"{base}:manifest", workdir / "manifest.json")
         state = []
         for i, rel in enumerate(self._state_files(job)):
-            state.append({"rel": rel, "ref": self.files.put_file(f"{base}/resume/{i}", workdir / rel).to_dict()})
+            state.append({"rel": rel, "ref": self.files.put_file(f"{base}:resume:{i}", workdir / rel).to_dict()})
         token = lease.new_token(job.attempt)
         offer = {
             "job_id": job.id, "token": token, "attempt": job.attempt, "name": job.name, "trigger": job.trigger_word,
@@ -401,7 +401,7 @@ class Coordinator:
             safe = safe_relative(rel)
             if rel not in kept and safe is not None:
                 (workdir / safe).unlink(missing_ok=True)
-        self.files.delete_prefix(f"{lease.files_key(job.id, token)}/state")
+        self.files.delete_prefix(f"{lease.files_key(job.id, token)}:state")
         self.store.update(job.id, step=data.get("step"))
         self.log.info("job.checkpoint_received", job_id=job.id, step=data.get("step"), files=len(kept))
 

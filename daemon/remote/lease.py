@@ -43,7 +43,7 @@ def declined_key(job_id: str) -> str:
 
 def files_key(job_id: str, token: str = "") -> str:
     """Where a job's transfers live (snapshot, checkpoints, results): deleted when it ends."""
-    return f"job/{job_id}" + (f"/{token}" if token else "")
+    return f"job:{job_id}" + (f":{token}" if token else "")
 
 
 def new_token(attempt: int) -> str:

@@ -83,7 +83,8 @@ def decode_offer(huey, member: bytes) -> dict | None:
         message = huey.serializer.deserialize(member[8:])  # huey prefixes an 8-byte timestamp
     except (ValueError, TypeError):
         return None
-    if getattr(message, "name", None) != TASK_NAME or not message.args:
+    name = str(getattr(message, "name", ""))
+    if not (name == TASK_NAME or name.endswith("." + TASK_NAME)) or not message.args:  # huey qualifies it
         return None
     offer = message.args[0]
     return offer if isinstance(offer, dict) and offer.get("job_id") else None

@@ -388,14 +388,14 @@ class RemoteWorker:
         if isinstance(rendered, RenderFailed):
             self.emit_retrying(current, "failed", error=f"test render failed on worker {self.id}: {rendered.error}")
             return
-        prefix = lease.files_key(offer["job_id"], offer["token"]) + "/result"
+        prefix = lease.files_key(offer["job_id"], offer["token"]) + ":result"
         refs = {
-            "adapter": self.files.put_file(f"{prefix}/adapter", result.adapter).to_dict(),
-            "render": self.files.put_file(f"{prefix}/render", rendered.with_lora).to_dict(),
-            "compare": self.files.put_file(f"{prefix}/compare", rendered.compare).to_dict(),
+            "adapter": self.files.put_file(f"{prefix}:adapter", result.adapter).to_dict(),
+            "render": self.files.put_file(f"{prefix}:render", rendered.with_lora).to_dict(),
+            "compare": self.files.put_file(f"{prefix}:compare", rendered.compare).to_dict(),
         }
         report = [
-            {"name": path.name, "ref": self.files.put_file(f"{prefix}/report/{i}", path).to_dict()}
+            {"name": path.name, "ref": self.files.put_file(f"{prefix}:report:{i}", path).to_dict()}
             for i, path in enumerate(engine.report_files(workdir))
         ]
         if not self.emit_retrying(current, "done", files=refs, report=report, plan=plan.to_dict(), step=result.step):
@@ -471,7 +471,7 @@ class CheckpointUploader:
                 items: list[dict] = []
                 for path in files:
                     rel = path.relative_to(self.workdir).as_posix()
-                    ref = self.worker.files.put_file(f"{lease.files_key(job_id, token)}/state/{step}/{len(items)}", path)
+                    ref = self.worker.files.put_file(f"{lease.files_key(job_id, token)}:state:{step}:{len(items)}", path)
                     items.append({"rel": rel, "ref": ref.to_dict()})
                 if self.worker.emit(self.current, "checkpoint", step=step, files=items):
                     self.sent_step = step
