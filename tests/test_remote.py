@@ -248,10 +248,13 @@ def test_redis_killed_mid_job_and_restarted_loses_and_duplicates_nothing(cluster
     redis.kill9()
     wait_for(lambda: d.log_has("coordinator.redis_unreachable"), 30, message="coordinator notices")
     redis.restart(keep_data=keep_data)
-    # Let the held child go on (SIGTERM to the child only would stop it: release by a stop is not
-    # what we want here, so the hold is bounded and we simply wait for it to finish).
     wait_for(lambda: d.log_has("coordinator.redis_back"), 60, message="coordinator reconnects")
-    os.kill(json.loads(held.read_text())["pid"], signal.SIGTERM)  # the worker's child checkpoints and stops
+    if not keep_data:  # Redis forgot the token: the worker is fenced out and stops its child
+        wait_for(lambda: a.log_has("worker.fenced_stop"), 60, message="worker fenced out")
+    try:  # with its data, the job goes on: end the hold (the child checkpoints at step 3 and stops;
+        os.kill(json.loads(held.read_text())["pid"], signal.SIGTERM)  # the job is resumed from it)
+    except ProcessLookupError:
+        pass
     wait_for(lambda: set(d.job_states().values()) == {"done"}, 120, message="both jobs done")
     jobs = d.jobs()
     assert len(jobs) == 2
@@ -288,3 +291,154 @@ def test_coordinator_restart_while_two_remote_jobs_run_publishes_each_once(clust
         assert count_events(d, "job.done", job_id=job["id"]) == 1
         assert sum(count_events(w, "worker.claimed", job_id=job["id"]) for w in workers) == 1  # never trained twice
     assert published(d, "one") == ["one.safetensors"] and published(d, "two") == ["two.safetensors"]
+
+
+# -- the coordinator refuses what does not check out -------------------------------------------
+
+
+def _result_parts(tmp_path: Path) -> dict[str, Path]:
+    import numpy as np
+    from PIL import Image
+    from safetensors.numpy import save_file
+
+    adapter = tmp_path / "adapter.safetensors"
+    save_file({"x.lora_A.weight": np.ones((4, 8), dtype=np.float32)}, str(adapter))
+    png = tmp_path / "render.png"
+    Image.new("RGB", (8, 8)).save(png)
+    return {"adapter": adapter, "render": png, "compare": png}
+
+
+def _coordinator(tmp_path: Path, url: str):
+    import threading
+
+    from daemon.jobs import JobStore
+    from daemon.remote.coordinator import Coordinator
+    from daemon.settings import resolve
+
+    settings = resolve(flags={"assets": tmp_path / "assets", "queue": url, "engine": "scripted"})
+    store = JobStore(settings.jobs_db, write_markers=False)
+    return Coordinator(settings, store, threading.Event())
+
+
+def _upload(store, parts: dict[str, Path], case: str = "t") -> dict:
+    return {name: store.put_file(f"job:j1:{case}:result:{name}", path).to_dict() for name, path in parts.items()}
+
+
+def test_coordinator_refuses_a_tampered_or_malformed_result(tmp_path, redis_server):
+    from daemon.jobs import Job
+    from daemon.remote.coordinator import ResultRefused
+
+    c = _coordinator(tmp_path, redis_server.url)
+    job = Job(id="j1", plan={})
+    parts = _result_parts(tmp_path)
+    refs = _upload(c.files, parts)
+    assert c.collect_result(job, {"files": refs, "report": []}).is_dir()  # the intact one passes
+
+    client = redis_server.client()
+    chunk = f"lorad:xfer:job:j1:t:result:adapter:~c:0"
+    data = bytearray(client.get(chunk))
+    data[-1] ^= 0xFF
+    client.set(chunk, bytes(data))  # one flipped bit in Redis
+    with pytest.raises(ResultRefused, match="(?i)sha256|integrity|hash"):
+        c.collect_result(job, {"files": refs, "report": []})
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b" " * 14 + b"abcd")  # hashes fine, holds nothing
+    refs = _upload(c.files, {**parts, "adapter": junk}, "junk")
+    with pytest.raises(ResultRefused, match="not a valid safetensors"):
+        c.collect_result(job, {"files": refs, "report": []})
+
+    refs = _upload(c.files, {**parts, "compare": junk}, "png")
+    with pytest.raises(ResultRefused, match="not a PNG"):
+        c.collect_result(job, {"files": refs, "report": []})
+
+    good = _upload(c.files, parts, "good")
+    for hostile in ("../x", "/etc/passwd", "a/b"):
+        report = [{"name": hostile, "ref": good["render"]}]
+        with pytest.raises(ResultRefused, match="plain file name"):
+            c.collect_result(job, {"files": good, "report": report})
+    assert not (tmp_path / "x").exists() and not (tmp_path / "assets" / "loras").exists()
+
+
+def test_a_refused_result_fails_the_job_and_publishes_nothing(cluster, redis_server, tmp_path):
+    """End to end: the adapter is damaged on the worker after training (its upload then hashes
+    fine, but it is no safetensors file any more): the coordinator refuses to publish it."""
+    make_coordinator, make_worker = cluster
+    d = make_coordinator(redis_server).start()
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    (holds / "rendered.hold").write_text("")
+    w = make_worker(redis_server, "a", {"SCRIPTED_ENGINE_HOLD_DIR": str(holds)}).start()
+    drop(d, "ohwx_tamper", ready="steps = 2\n")
+    wait_for((holds / "rendered.reached").exists, 60, message="worker holding after its render")
+    job_id = d.jobs()[0]["id"]
+    (w.state / "work" / job_id / "adapter.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"not a header....")
+    (holds / "rendered.hold").unlink()
+    wait_for(lambda: d.job_states().get("ohwx_tamper") == "failed", 90, message="job failed")
+    error = d.jobs()[0]["error"]
+    assert "was refused" in error and "not a valid safetensors" in error and "Nothing was published" in error
+    assert d.log_has("job.artifact_refused", job_id=job_id)
+    assert not list((d.assets / "loras").glob("*")) and not d.registry.exists()
+
+
+def test_safetensors_problem_table():
+    import struct as st
+
+    from daemon.remote.coordinator import safetensors_problem
+
+    def blob(header: dict, data: bytes) -> bytes:
+        raw = json.dumps(header).encode()
+        return st.pack("<Q", len(raw)) + raw + data
+
+    good = {"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    cases = [
+        (blob(good, b"\0" * 8), None),
+        (blob(good, b"\0" * 4), "data section"),
+        (blob({"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8), "do not match"),
+        (blob({"t": {"dtype": "X9", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "bad dtype"),
+        (blob({"__metadata__": {}}, b""), "no tensors"),
+        (b"\xff" * 4, "not a safetensors"),
+    ]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        for i, (data, expected) in enumerate(cases):
+            path = Path(folder) / f"{i}.safetensors"
+            path.write_bytes(data)
+            problem = safetensors_problem(path)
+            assert (problem is None) if expected is None else (expected in (problem or "")), (i, problem)
+
+
+def test_local_worker_is_the_default_with_a_redis_queue(cluster, redis_server):
+    make_coordinator, _ = cluster
+    d = make_coordinator(redis_server, local_worker=True).start()
+    drop(d, "ohwx_local")
+    wait_for(lambda: d.job_states().get("ohwx_local") == "done", 90, message="job done on the local worker")
+    assert d.jobs()[0]["worker"] and published(d, "local") == ["local.safetensors"]
+    assert d.log_has("worker.claimed") and (d.state / "worker" / "worker.id").is_file()
+
+
+@pytest.mark.slow
+def test_miniature_model_trains_on_a_remote_worker_and_is_published(cluster, redis_server):
+    from daemon.publish import metadata_of, read_header
+
+    make_coordinator, make_worker = cluster
+    d = make_coordinator(redis_server, extra_env={"LORAD_ENGINE": "mflux", "LORAD_MODEL": "tiny-z-image"})
+    d.env["LORAD_ENGINE"] = "mflux"
+    d.start()
+    make_worker(redis_server, "gpu", {"LORAD_ENGINE": "mflux", "LORAD_MODEL": "tiny-z-image", "LORAD_RAM_GB": "128",
+                                       "LORAD_LEASE_TTL_S": "10"}).start()  # fmt: skip
+    folder = make_dataset(d.training_data / "ohwx_alice", images=3)
+    (folder / "READY").write_text("steps = 6\n")
+    wait_for(lambda: d.job_states().get("ohwx_alice") in ("done", "failed"), 300, interval=0.5, message="job end")
+    job = d.jobs()[0]
+    assert job["state"] == "done", job["error"]
+    lora = d.assets / "loras" / "alice.safetensors"
+    meta = metadata_of(lora)
+    assert meta["lorad.job_id"] == job["id"] and meta["modelspec.trigger_phrase"] == "ohwx"
+    assert meta["ss_network_dim"] == "16" and json.loads(meta["lorad.plan"])["engine"] == "mflux"
+    header, _ = read_header(lora)
+    assert any(k.endswith(".lora_A.weight") for k in header) and any(k.endswith(".alpha") for k in header)
+    assert (d.assets / "loras" / "alice.compare.png").is_file() and (folder / "DONE").exists()
+    # The final checkpoint reached the coordinator too (a lost result never means training again).
+    assert list((d.state / "jobs" / job["id"] / "train" / "checkpoints").glob("*_checkpoint.zip"))
