@@ -375,7 +375,7 @@ def cmd_workers(settings: Settings, args) -> int:
     try:
         workers = []
         for key in client.scan_iter(match=lease.worker_key("*"), count=100):
-            values = {k.decode(): v.decode() for k, v in client.hgetall(key).items()}
+            values = {_str(k): _str(v) for k, v in client.hgetall(key).items()}
             if values.get("id"):
                 workers.append(values)
     except Exception as exc:
@@ -389,3 +389,7 @@ def cmd_workers(settings: Settings, args) -> int:
     print(f"queue: {mask(url)}")
     print("\n".join(worker_rows(workers, time.time())))
     return 0
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
