@@ -93,3 +93,39 @@ def test_worker_rows_table():
     rows = worker_rows([{"id": "dgx-1a2b3c", "host": "dgx", "backend": "cuda", "platform": "Linux x86_64",
                          "memory_gb": "80.0", "job": "20260101-000000-abcd", "beat": "95"}], 100)  # fmt: skip
     assert "dgx-1a2b3c" in rows[1] and "cuda" in rows[1] and "80.0 GB" in rows[1] and "5s" in rows[1]
+
+
+def test_service_install_worker_renders_a_worker_unit_and_agent_without_showing_the_password(tmp_path):
+    import os
+    import plistlib
+
+    from daemon import service
+
+    settings = resolve(flags={"assets": tmp_path / "assets"})
+    url = "redis://:s3cret@mac.local:6379/0"
+    paths = service.paths_for(settings, home=tmp_path, worker=True, queue=url)
+    unit = service.render_systemd(settings, paths)
+    assert f"worker --state-dir {paths.state}" in unit and "s3cret" not in unit
+    assert f"EnvironmentFile=-{tmp_path}/.config/lorad/worker.env" in unit
+    plist = service.render_launchd(settings, paths)
+    assert plist["Label"] == "com.lorad.worker" and plist["ProgramArguments"][1:3] == ["worker", "--state-dir"]
+    assert plist["EnvironmentVariables"]["LORAD_QUEUE"] == url  # in the 0600 file only
+    shown = service.Launchd(settings, paths, service.Runner(dry_run=True), uid=501).render()
+    assert "s3cret" not in shown and "***" in shown
+    class Recorder:  # writes files (not a dry run) but records the systemctl calls instead of running them
+        dry_run = False
+
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, *cmd, check=True):
+            self.calls.append(cmd)
+
+    recorder = Recorder()
+    calls = recorder.calls
+    systemd = service.Systemd(settings, paths, recorder)  # type: ignore[arg-type]
+    systemd.install()
+    env = tmp_path / ".config" / "lorad" / "worker.env"
+    assert env.read_text() == f"LORAD_QUEUE={url}\n" and oct(os.stat(env).st_mode & 0o777) == "0o600"
+    assert ("systemctl", "--user", "enable", "--now", "lorad-worker.service") in calls
+    assert (tmp_path / ".config" / "systemd" / "user" / "lorad-worker.service").is_file()
