@@ -442,3 +442,19 @@ def test_miniature_model_trains_on_a_remote_worker_and_is_published(cluster, red
     assert (d.assets / "loras" / "alice.compare.png").is_file() and (folder / "DONE").exists()
     # The final checkpoint reached the coordinator too (a lost result never means training again).
     assert list((d.state / "jobs" / job["id"] / "train" / "checkpoints").glob("*_checkpoint.zip"))
+
+
+def test_password_url_works_and_the_secret_never_reaches_logs_status_or_markers(cluster, redis_factory):
+    make_coordinator, make_worker = cluster
+    redis = redis_factory(password="s3cret-pw")
+    assert "s3cret-pw" in redis.url
+    d = make_coordinator(redis).start()
+    w = make_worker(redis, "a").start()
+    folder = drop(d, "ohwx_secret")
+    wait_for(lambda: d.job_states().get("ohwx_secret") == "done", 90, message="job done")
+    seen = [d.cli("status", "--json", "--all").stdout, d.cli("status").stdout, d.cli("workers").stdout,
+            d.cli("workers", "--json").stdout, (folder / "DONE").read_text()]  # fmt: skip
+    for path in [*d.state.rglob("*.jsonl"), *w.state.rglob("*.jsonl"), *d.root.glob("*.out")]:
+        seen.append(path.read_text(errors="replace"))
+    assert all("s3cret-pw" not in text for text in seen)
+    assert "***" in d.cli("workers").stdout and d.log_has("daemon.started")
