@@ -458,3 +458,21 @@ def test_password_url_works_and_the_secret_never_reaches_logs_status_or_markers(
         seen.append(path.read_text(errors="replace"))
     assert all("s3cret-pw" not in text for text in seen)
     assert "***" in d.cli("workers").stdout and d.log_has("daemon.started")
+
+
+def test_cancel_of_a_remote_job_stops_its_worker_and_publishes_nothing(cluster, redis_server, tmp_path):
+    make_coordinator, make_worker = cluster
+    d = make_coordinator(redis_server).start()
+    env, held = hold_env(tmp_path, "a", 3)
+    w = make_worker(redis_server, "a", env).start()
+    drop(d, "ohwx_stop", ready="steps = 8\n")
+    wait_for(held.exists, 60, message="worker holding at step 3")
+    job_id = d.jobs()[0]["id"]
+    assert "on worker" in d.cli("status").stdout
+    assert d.cli("cancel", job_id).returncode == 0
+    wait_for(lambda: d.job_states().get("ohwx_stop") == "cancelled", 30, message="job cancelled")
+    wait_for(lambda: w.log_has("worker.fenced_stop", job_id=job_id), 30, message="worker stopped the job")
+    assert not list((d.assets / "loras").glob("*")) if (d.assets / "loras").exists() else True
+    # The worker is free again: the next job runs on it.
+    drop(d, "ohwx_next", ready="steps = 2\n", seed=2)
+    wait_for(lambda: d.job_states().get("ohwx_next") == "done", 60, message="next job done")
