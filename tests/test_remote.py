@@ -476,3 +476,35 @@ def test_cancel_of_a_remote_job_stops_its_worker_and_publishes_nothing(cluster, 
     # The worker is free again: the next job runs on it.
     drop(d, "ohwx_next", ready="steps = 2\n", seed=2)
     wait_for(lambda: d.job_states().get("ohwx_next") == "done", 60, message="next job done")
+
+
+@pytest.mark.slow
+def test_miniature_model_resumes_on_another_worker_from_the_checkpoint_that_reached_the_coordinator(
+    cluster, redis_server, tmp_path
+):
+    """mflux keeps absolute paths in its checkpoints: the next worker's state dir differs, so the
+    checkpoint is relocated there (engines/mflux/checkpoints.py relocate) and training resumes."""
+    make_coordinator, make_worker = cluster
+    env = {"LORAD_ENGINE": "mflux", "LORAD_MODEL": "tiny-z-image", "LORAD_RAM_GB": "128", "LORAD_LEASE_TTL_S": "4",
+           "LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY": "2"}  # fmt: skip
+    d = make_coordinator(redis_server, extra_env=env)
+    d.env["LORAD_ENGINE"] = "mflux"
+    d.start()
+    hold, held = hold_env(tmp_path, "a", 3)
+    a = make_worker(redis_server, "a", {**env, **hold}).start()
+    folder = make_dataset(d.training_data / "ohwx_move", images=3)
+    (folder / "READY").write_text("steps = 6\n")
+    wait_for(held.exists, 300, interval=0.5, message="worker a holding at step 3")
+    wait_for(lambda: d.log_has("job.checkpoint_received", step=2), 60, message="checkpoint 2 at the coordinator")
+    a.kill9()
+    b = make_worker(redis_server, "b", env).start()
+    wait_for(lambda: d.job_states().get("ohwx_move") in ("done", "failed"), 300, interval=0.5, message="job end")
+    job = d.jobs()[0]
+    assert job["state"] == "done", job["error"]
+    # Worker b wrote its checkpoints in its own work dir (not in a's, which its kill left behind),
+    # and the final one (step 6, not the resumed step 2) reached the coordinator.
+    a_ckpts = sorted(p.name for p in (a.state / "work" / job["id"]).rglob("*_checkpoint.zip"))
+    assert all(not name.startswith(("0000004", "0000006")) for name in a_ckpts), a_ckpts
+    assert (d.state / "jobs" / job["id"] / "train" / "checkpoints" / "0000006_checkpoint.zip").is_file()
+    assert b.log_has("train.checkpoint_relocated") and b.log_has("train.resume", step=2)
+    assert published(d, "move") == ["move.safetensors"] and count_events(d, "job.done", job_id=job["id"]) == 1

@@ -129,3 +129,16 @@ def test_service_install_worker_renders_a_worker_unit_and_agent_without_showing_
     assert env.read_text() == f"LORAD_QUEUE={url}\n" and oct(os.stat(env).st_mode & 0o777) == "0o600"
     assert ("systemctl", "--user", "enable", "--now", "lorad-worker.service") in calls
     assert (tmp_path / ".config" / "systemd" / "user" / "lorad-worker.service").is_file()
+
+
+def test_relocated_config_points_a_foreign_checkpoint_at_this_work_dir():
+    from engines.mflux.checkpoints import relocated_config
+
+    saved = {"data": "/Users/me/.lorad/worker/work/j/data", "model_path": "/Users/me/m", "rank": 16,
+             "checkpoint": {"save_frequency": 2, "output_path": "/Users/me/.lorad/worker/work/j/train"}}  # fmt: skip
+    plan = {"data": "/srv/w/work/j/data", "model_path": "/srv/m", "rank": 8,
+            "checkpoint": {"save_frequency": 5, "output_path": "/srv/w/work/j/train"}}  # fmt: skip
+    moved = relocated_config(saved, plan)
+    assert moved == {"data": "/srv/w/work/j/data", "model_path": "/srv/m", "rank": 16,
+                     "checkpoint": {"save_frequency": 2, "output_path": "/srv/w/work/j/train"}}  # fmt: skip
+    assert relocated_config(moved, plan) == moved  # already here: unchanged (no rewrite)

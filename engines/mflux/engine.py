@@ -310,6 +310,8 @@ class MFluxEngine:
         for path, why in corrupt:
             log.warning("train.checkpoint_corrupt", checkpoint=path.name, problem=why)
         if resume is not None:
+            if checkpoints.relocate(resume, plan.config):  # written on another machine (scale-out)
+                log.info("train.checkpoint_relocated", checkpoint=resume.name, data=plan.config.get("data"))
             log.info("train.resume", step=checkpoints.step_of(resume), checkpoint=resume.name)
         if resume is not None and checkpoints.step_of(resume) >= plan.total_steps:
             # Training had finished (the daemon stopped during render/publish): no child needed.
