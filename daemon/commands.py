@@ -352,7 +352,7 @@ def worker_rows(workers: list[dict], now: float) -> list[str]:
 
     if not workers:
         return ["no live workers (start one: lorad worker --queue <url>)"]
-    lines = [f"{'WORKER':<22} {'HOST':<18} {'BACKEND':<8} {'PLATFORM':<16} {'MEMORY':>8} {'JOB':<22} {'BEAT':>6}"]
+    lines = [f"{'WORKER':<22} {'HOST':<18} {'BACKEND':<8} {'DEVICE':<24} {'PLATFORM':<16} {'MEMORY':>8} {'JOB':<22} {'BEAT':>6}"]
     for w in sorted(workers, key=lambda w: w.get("id", "")):
         try:
             age = duration(now - float(w.get("beat") or now))
@@ -360,7 +360,7 @@ def worker_rows(workers: list[dict], now: float) -> list[str]:
             age = "-"
         memory = f"{w.get('memory_gb', '-')} GB"
         lines.append(
-            f"{w.get('id', '-'):<22} {w.get('host', '-')[:18]:<18} {w.get('backend', '-'):<8} "
+            f"{w.get('id', '-'):<22} {w.get('host', '-')[:18]:<18} {w.get('backend', '-'):<8} {w.get('device', '-')[:24]:<24} "
             f"{w.get('platform', '-')[:16]:<16} {memory:>8} {w.get('job') or 'idle':<22} {age:>6}"
         )
     return lines

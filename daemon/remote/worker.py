@@ -97,6 +97,7 @@ class RemoteWorker:
         self._lock = threading.Lock()
         self.engines: dict[str, Engine] = {}
         self.backend = "-"
+        self.device = "-"
         self.jobs_dir = self.state / "work"
 
     # -- heartbeat, lease ----------------------------------------------------------------------
@@ -122,6 +123,7 @@ class RemoteWorker:
             "host": socket.gethostname(),
             "platform": f"{platform.system()} {platform.machine()}",
             "backend": self.backend,
+            "device": self.device,
             "memory_gb": f"{memory:.1f}",
             "engine": self.settings.engine,
             "models": ",".join(self._models_cache),
@@ -198,11 +200,27 @@ class RemoteWorker:
 
     # -- the loop ------------------------------------------------------------------------------
 
+    def _probe_device(self) -> None:
+        """Backend and device for `lorad workers`, from the engine's own doctor check (its probe
+        runs in a child: no ML import here). Best effort, once, off the main loop."""
+        try:
+            engine = self._engine(self.settings.engine)
+            checks = engine.doctor_checks(self.settings.model, machine_now(self.settings.ram_gb))
+        except Exception as exc:
+            self.log.warning("worker.probe_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        detail = next((c.detail for c in checks if c.name == "backend"), "")
+        backend, _, rest = detail.partition(":")
+        if rest:
+            self.backend, self.device = backend.strip(), rest.split(";")[0].strip()
+            self._wake_beat.set()
+
     def run(self) -> int:
         self._models_cache = self._models()
         self._wake_beat = threading.Event()
         beat = threading.Thread(target=self._beat_loop, name="lorad-worker-beat", daemon=True)
         beat.start()
+        threading.Thread(target=self._probe_device, name="lorad-worker-probe", daemon=True).start()
         self.log.info("worker.started", host=socket.gethostname(), queue=_masked(self.url), state=str(self.state),
                       engine=self.settings.engine, models=self._models_cache, pid=os.getpid())  # fmt: skip
         pubsub = None
