@@ -508,3 +508,31 @@ def test_miniature_model_resumes_on_another_worker_from_the_checkpoint_that_reac
     assert (d.state / "jobs" / job["id"] / "train" / "checkpoints" / "0000006_checkpoint.zip").is_file()
     assert b.log_has("train.checkpoint_relocated") and b.log_has("train.resume", step=2)
     assert published(d, "move") == ["move.safetensors"] and count_events(d, "job.done", job_id=job["id"]) == 1
+
+
+def test_worker_stopped_gracefully_sends_its_stop_checkpoint_and_another_resumes_there(cluster, redis_server, tmp_path):
+    make_coordinator, make_worker = cluster
+    d = make_coordinator(redis_server).start()
+    env, held = hold_env(tmp_path, "a", 3)
+    a = make_worker(redis_server, "a", env).start()
+    drop(d, "ohwx_term", ready="steps = 10\n")
+    wait_for(held.exists, 60, message="worker a holding at step 3")
+    job_id = d.jobs()[0]["id"]
+    a.stop()  # SIGTERM: the child checkpoints at step 3 (not a multiple of 2), it travels, then `stopped`
+    assert a.proc.returncode == 0
+    wait_for(lambda: d.log_has("job.checkpoint_received", step=3), 30, message="the stop checkpoint arrived")
+    wait_for(lambda: d.job_states().get("ohwx_term") == "interrupted", 30, message="job interrupted")
+    b = make_worker(redis_server, "b").start()
+    wait_for(lambda: d.job_states().get("ohwx_term") == "done", 60, message="job done on b")
+    assert b.log_has("train.resume", step=3) and count_events(d, "job.done", job_id=job_id) == 1
+
+
+def test_tls_queue_url_works_end_to_end(cluster, redis_factory):
+    make_coordinator, make_worker = cluster
+    redis = redis_factory(tls=True, password="tls-s3cret")
+    assert redis.url.startswith("rediss://")
+    d = make_coordinator(redis).start()
+    make_worker(redis, "a").start()
+    drop(d, "ohwx_tls", ready="steps = 2\n")
+    wait_for(lambda: d.job_states().get("ohwx_tls") == "done", 90, message="job done over TLS")
+    assert published(d, "tls") == ["tls.safetensors"]
