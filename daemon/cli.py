@@ -34,7 +34,10 @@ def _add_globals(parser, *, suppress: bool, model_help: str | None = None) -> No
     parser.add_argument("--log-level", default=default, help="DEBUG, INFO, WARNING or ERROR")
 
 
-COMMANDS = ("run", "status", "validate", "enqueue", "cancel", "retry", "plan", "logs", "service", "selftest", "doctor", "notify")
+COMMANDS = (
+    "run", "status", "validate", "enqueue", "cancel", "retry", "plan", "logs", "service", "selftest", "doctor", "notify",
+    "worker", "workers",
+)
 _GLOBAL_WITH_VALUE = {"--assets", "--config", "--state-dir", "--model", "--registry", "--log-level"}
 
 
@@ -124,6 +127,15 @@ def build_parser(only: str | None = None):
     p.add_argument("action", choices=["install", "uninstall", "start", "stop", "restart", "status", "print"])
     p.add_argument("--platform", choices=["launchd", "systemd"])
     p.add_argument("--dry-run", action="store_true", help="print the launchctl/systemctl commands only")
+    p.add_argument("--worker", action="store_true", help="the service runs `lorad worker` (needs the queue setting or --queue)")
+    p.add_argument("--queue", metavar="URL", help="with --worker: the coordinator's redis:// or rediss:// URL")
+
+    p = add("worker", "train jobs from a coordinator's Redis queue on this machine (scale-out)")
+    p.add_argument("--queue", metavar="URL", help="redis:// or rediss:// URL (default: the queue setting / LORAD_QUEUE)")
+
+    p = add("workers", "list the live workers of the Redis queue: host, backend, memory, job, last heartbeat")
+    p.add_argument("--queue", metavar="URL", help="redis:// or rediss:// URL (default: the queue setting / LORAD_QUEUE)")
+    p.add_argument("--json", action="store_true")
 
     p = add("selftest", "train a miniature model end to end in a temp folder and print the outputs")
     p.add_argument("--clean", action="store_true", help="remove the temp folder afterwards (default: keep it)")

@@ -223,7 +223,8 @@ def cmd_retry(settings: Settings, args) -> int:
     except StateChanged as exc:
         print(f"lorad retry: {retry_lost_message(job.id, exc.current)}", file=sys.stderr)
         return 1
-    Queue(settings.queue_db).enqueue(job.id, job.priority, job.ready_at)
+    if not settings.scale_out:  # with a Redis queue the coordinator dispatches from the table
+        Queue(settings.queue_db).enqueue(job.id, job.priority, job.ready_at)
     pid = _wake_daemon(settings)
     print(f"queued {job.id} again (attempt {job.attempt})" + ("" if pid else "; it runs when lorad runs"))
     return 0
@@ -333,3 +334,82 @@ def cmd_notify(settings: Settings, args) -> int:
     failed = sum(not o.ok for o in outcomes)
     print("every target answered" if not failed else f"{failed} of {len(outcomes)} target(s) failed")
     return 1 if failed else 0
+
+def _queue_url(settings: Settings, args) -> str:
+    url = getattr(args, "queue", None) or settings.queue
+    if not url or not url.startswith(("redis://", "rediss://")):
+        raise UsageError("needs a Redis queue: --queue redis://host:6379/0 (or the queue setting / LORAD_QUEUE)")
+    from daemon.remote.redisurl import InvalidRedisURL, parse
+
+    try:
+        parse(url)
+    except InvalidRedisURL as exc:
+        raise UsageError(str(exc)) from None
+    return url
+
+
+def worker_settings(settings: Settings) -> Settings:
+    """A worker's own state dir: --state-dir / LORAD_STATE_DIR, else <state>/remote-worker."""
+    if settings.state_dir is not None:
+        return settings
+    from daemon.settings import FIELDS
+
+    values = {name: getattr(settings, name) for name in FIELDS}
+    values["state_dir"] = settings.state / "remote-worker"
+    return Settings(**values)
+
+
+def cmd_worker(settings: Settings, args) -> int:
+    from daemon.remote.worker import run_worker
+
+    url = _queue_url(settings, args)
+    return run_worker(worker_settings(settings), url)
+
+
+def worker_rows(workers: list[dict], now: float) -> list[str]:
+    """`lorad workers` as a table (pure)."""
+    from daemon.status import duration
+
+    if not workers:
+        return ["no live workers (start one: lorad worker --queue <url>)"]
+    lines = [f"{'WORKER':<22} {'HOST':<18} {'BACKEND':<8} {'DEVICE':<24} {'PLATFORM':<16} {'MEMORY':>8} {'JOB':<22} {'BEAT':>6}"]
+    for w in sorted(workers, key=lambda w: w.get("id", "")):
+        try:
+            age = duration(now - float(w.get("beat") or now))
+        except ValueError:
+            age = "-"
+        memory = f"{w.get('memory_gb', '-')} GB"
+        lines.append(
+            f"{w.get('id', '-'):<22} {w.get('host', '-')[:18]:<18} {w.get('backend', '-'):<8} {w.get('device', '-')[:24]:<24} "
+            f"{w.get('platform', '-')[:16]:<16} {memory:>8} {w.get('job') or 'idle':<22} {age:>6}"
+        )
+    return lines
+
+
+def cmd_workers(settings: Settings, args) -> int:
+    from daemon.remote import lease
+    from daemon.remote.redisurl import make_client, mask
+
+    url = _queue_url(settings, args)
+    client = make_client(url, socket_timeout=5.0)
+    try:
+        workers = []
+        for key in client.scan_iter(match=lease.worker_key("*"), count=100):
+            values = {_str(k): _str(v) for k, v in client.hgetall(key).items()}
+            if values.get("id"):
+                workers.append(values)
+    except Exception as exc:
+        print(f"lorad workers: cannot read {mask(url)}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        import json
+
+        print(json.dumps({"queue": mask(url), "workers": workers}, indent=2))
+        return 0
+    print(f"queue: {mask(url)}")
+    print("\n".join(worker_rows(workers, time.time())))
+    return 0
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daemon import jobrecord, logs, space
 from daemon.fsutil import remove_stale_temps
@@ -24,6 +25,9 @@ from daemon.pipeline import Pipeline, check_engine_settings
 from daemon.queue import Queue
 from daemon.settings import Settings, SettingsError
 from daemon.watch import IntakeLoop, Watcher
+
+if TYPE_CHECKING:
+    from daemon.remote.coordinator import Coordinator
 
 
 def reconcile(store: JobStore, queue: Queue) -> dict:
@@ -141,6 +145,7 @@ class Daemon:
         self.shutdown = threading.Event()
         self.signals = 0
         self.log = logs.get_logger()
+        self.coordinator: Coordinator | None = None  # scale-out (queue = redis URL): daemon/remote/coordinator.py
 
     def _on_stop_signal(self, signum, _frame) -> None:
         self.signals += 1
@@ -154,7 +159,10 @@ class Daemon:
         self.shutdown.set()
 
     def _on_wake(self, _signum, _frame) -> None:
-        self.queue.wake.set()
+        if self.coordinator is not None:
+            self.coordinator.wake()
+        else:
+            self.queue.wake.set()
 
     def run(self) -> int:
         s = self.settings
@@ -180,6 +188,8 @@ class Daemon:
             lock.release()
 
     def _run_locked(self) -> int:
+        if self.settings.scale_out:
+            return self._run_coordinator()
         s = self.settings
         try:
             store, jobs_moved, jobs_problem = open_jobs_store(s)
@@ -276,6 +286,98 @@ class Daemon:
             store.observers.append(notifier.on_transition)
             notifier.start()
         return notifier
+
+
+    def _start_intake(self, store: JobStore, enqueue) -> tuple[IntakeLoop, Watcher, int]:
+        s = self.settings
+        intake = Intake(s, store, enqueue)
+        loop = IntakeLoop(intake.take, settle_s=s.settle_s)
+        loop.start()
+        watcher = Watcher(s.training_data, loop.schedule, polling=s.observer == "polling", ready_event=loop.ready_event)
+        watcher.start()
+        return loop, watcher, loop.rescan(s.training_data)
+
+    def _run_coordinator(self) -> int:
+        """`lorad run` with a Redis queue: the same watcher, intake and jobs table; jobs go to
+        workers through the coordinator (and to a worker in this process unless local_worker is
+        false). The SQLite queue is not used."""
+        from daemon.remote.coordinator import Coordinator
+        from daemon.remote.redisurl import mask
+
+        s = self.settings
+        try:
+            store, jobs_moved, jobs_problem = open_jobs_store(s)
+        except (CorruptDatabase, OSError) as exc:
+            print(f"lorad: {exc}", file=sys.stderr)
+            self.log.error("daemon.corrupt_db", reason=str(exc))
+            return 1
+        s.training_data.mkdir(parents=True, exist_ok=True)
+        s.loras.mkdir(parents=True, exist_ok=True)
+        recovered = recover_work_dirs(s, store)
+        if jobs_moved is not None:
+            self.log.warning("jobs.db_rebuilt", moved_to=str(jobs_moved), recovered=len(recovered), reason=jobs_problem)
+        removed = clean_work_dirs(s, store)
+        space.ensure_reserve(s.state)
+        self.log.info("queue.reconciled", removed_dirs=removed, recovered=[j.id for j in recovered], queue=mask(s.queue))
+        coordinator = Coordinator(s, store, self.shutdown)
+        self.coordinator = coordinator
+        coordinator.start()
+        worker_stop = threading.Event()
+        worker_thread = None
+        if s.local_worker:
+            worker_thread = threading.Thread(target=self._local_worker, args=(worker_stop,), name="lorad-local-worker", daemon=True)
+            worker_thread.start()
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGUSR1, self._on_wake)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        loop, watcher, found = self._start_intake(store, coordinator.wake)
+        from daemon.doctor import announce_weights
+
+        announce_weights(s, self.log)
+        self.log.info("daemon.started", pid=os.getpid(), assets=str(s.assets), state=str(s.state), model=s.model,
+                      engine=s.engine, observer=s.observer, ready_found=found, queue=mask(s.queue),
+                      local_worker=s.local_worker)  # fmt: skip
+        while not self.shutdown.wait(s.rescan_interval_s):
+            loop.rescan(s.training_data)
+        started = time.monotonic()
+        watcher.stop()
+        loop.stop()
+        worker_stop.set()  # the local worker's job checkpoints; its state reaches Redis first
+        clean = True
+        if worker_thread is not None:
+            worker_thread.join(s.stop_timeout_s + 5)
+            clean = not worker_thread.is_alive()
+        clean = coordinator.join(15) and clean
+        if clean:
+            store.close()
+        self.log.info("daemon.stopped", seconds=round(time.monotonic() - started, 2), clean=clean)
+        logging_flush()
+        return 0
+
+    def _local_worker(self, stop: threading.Event) -> None:
+        """The coordinator's own worker: the same code as `lorad worker`, own state dir."""
+        from daemon.remote.worker import RemoteWorker
+        from daemon.settings import resolve
+
+        s = self.settings
+        values = {name: getattr(s, name) for name in ("assets", "model", "engine", "ram_gb", "keep_awake", "stop_timeout_s",
+                                                       "lease_ttl_s", "download_models", "log_level")}  # fmt: skip
+        worker_settings = resolve(flags={**values, "state_dir": s.state / "worker"})
+        worker_settings = _with_engines(worker_settings, s.engines)
+        try:
+            RemoteWorker(worker_settings, s.queue, shutdown=stop, name=None).run()
+        except Exception:
+            self.log.exception("worker.crashed")
+
+
+def _with_engines(settings: Settings, engines: dict) -> Settings:
+    from daemon.settings import FIELDS
+
+    values = {name: getattr(settings, name) for name in FIELDS}
+    values["engines"] = engines
+    return Settings(**values)
 
 
 def logging_flush() -> None:

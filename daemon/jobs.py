@@ -130,6 +130,8 @@ MIGRATIONS = [
     """,
     # 2: the memory/training plan chosen for the job.
     "ALTER TABLE jobs ADD COLUMN plan TEXT NOT NULL DEFAULT '{}';",
+    # 3: scale-out: the worker that runs the job, and why a queued job waits (no worker fits it).
+    "ALTER TABLE jobs ADD COLUMN worker TEXT; ALTER TABLE jobs ADD COLUMN waiting TEXT;",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

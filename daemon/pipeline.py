@@ -30,6 +30,7 @@ from engines.base import (
     PlanError,
     Progress,
     RenderFailed,
+    RenderResult,
     RenderStopped,
     StopToken,
     TrainingPlan,
@@ -88,6 +89,33 @@ def job_input(job, workdir: Path) -> JobInput:
         options=manifest.get("options", {}),
         data_dir=workdir / "data",
         preview_prompt=manifest.get("preview_prompt") or f"{job.trigger_word}, portrait photo",
+    )
+
+
+def stamp_adapter(engine: Engine, job: Job, plan: TrainingPlan, adapter: Path, lora_file: Path, image_count: int) -> None:
+    """The trained adapter with lorad's provenance header and the engine's metadata keys."""
+    write_with_metadata(
+        adapter,
+        lora_file,
+        provenance(job=job, plan=plan.to_dict(), fingerprint=job.fingerprint, image_count=image_count,
+                   engine_keys=engine.adapter_metadata(plan)),
+    )
+
+
+def publish_job(
+    settings: Settings, job: Job, plan: TrainingPlan, lora_file: Path, rendered: RenderResult, report_files: list[Path]
+) -> dict:
+    """The normal publish path (daemon/publish.py) for a job trained here or on a worker."""
+    return publish(
+        loras=settings.loras,
+        registry_path=settings.registry,
+        job=job,
+        lora_file=lora_file,
+        render_with=rendered.with_lora,
+        render_compare=rendered.compare,
+        report_files=report_files,
+        plan=plan.to_dict(),
+        lock_timeout_s=settings.lock_timeout_s,
     )
 
 
@@ -344,12 +372,7 @@ class Pipeline:
         if result.adapter is None:
             self.store.transition(job_id, "failed", error=f"the {engine.name} engine finished without an adapter file")
             return
-        write_with_metadata(
-            result.adapter,
-            lora_file,
-            provenance(job=job, plan=plan.to_dict(), fingerprint=job.fingerprint, image_count=spec.image_count,
-                       engine_keys=engine.adapter_metadata(plan)),
-        )
+        stamp_adapter(engine, job, plan, result.adapter, lora_file, spec.image_count)
         rendered = engine.render(plan, workdir, lora_file, spec.preview_prompt, workdir / "render", stop)
         if isinstance(rendered, RenderStopped):
             self._stopped(job_id, stop)
@@ -360,17 +383,7 @@ class Pipeline:
         if not self._advance(job_id, "publishing", "rendering"):
             return  # cancelled after the render: nothing is published
         try:
-            outputs = publish(
-                loras=self.settings.loras,
-                registry_path=self.settings.registry,
-                job=job,
-                lora_file=lora_file,
-                render_with=rendered.with_lora,
-                render_compare=rendered.compare,
-                report_files=engine.report_files(workdir),
-                plan=plan.to_dict(),
-                lock_timeout_s=self.settings.lock_timeout_s,
-            )
+            outputs = publish_job(self.settings, job, plan, lora_file, rendered, engine.report_files(workdir))
         except PublishError as exc:
             self.store.transition(job_id, "failed", error=str(exc))
             return

@@ -22,6 +22,9 @@ from daemon.settings import Settings
 
 LABEL = "com.lorad.daemon"
 UNIT = "lorad.service"
+# `lorad service install --worker`: a scale-out worker (`lorad worker`) beside or instead of the daemon.
+WORKER_LABEL = "com.lorad.worker"
+WORKER_UNIT = "lorad-worker.service"
 TEMPLATE = Path(__file__).resolve().parent.parent / "launchd" / f"{LABEL}.plist"
 # Homebrew (Apple Silicon and Intel) first: caffeinate and friends live in /usr/bin anyway.
 LAUNCHD_PATH = "/opt/homebrew/bin:/opt/homebrew/sbin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
@@ -48,9 +51,17 @@ class Paths:
     workdir: Path
     logs: Path
     home: Path
+    worker: bool = False  # the service runs `lorad worker` (its own state dir)
+    state: Path | None = None
+    queue: str | None = None  # the worker's queue URL (secret: files written 0600, printed masked)
 
 
-def paths_for(settings: Settings, home: Path | None = None) -> Paths:
+def paths_for(settings: Settings, home: Path | None = None, *, worker: bool = False, queue: str | None = None) -> Paths:
+    if worker:
+        state = (settings.state_dir or settings.state / "remote-worker").absolute()
+        return Paths(lorad=lorad_executable(), assets=settings.assets.absolute(), workdir=Path.cwd().absolute(),
+                     logs=state / "logs", home=(home or Path.home()).absolute(), worker=True, state=state,
+                     queue=queue)  # fmt: skip
     return Paths(
         lorad=lorad_executable(),
         assets=settings.assets.absolute(),
@@ -84,11 +95,55 @@ def render_launchd(settings: Settings, paths: Paths, template: Path = TEMPLATE) 
     }
     plist = _fill(plist, values)
     plist["ExitTimeOut"] = exit_timeout(settings)
+    if paths.worker:
+        plist["Label"] = WORKER_LABEL
+        plist["ProgramArguments"] = [str(paths.lorad), "worker", "--state-dir", str(paths.state)]
+        if paths.queue:
+            plist["EnvironmentVariables"]["LORAD_QUEUE"] = paths.queue
     return plist
+
+
+def worker_env_file(paths: Paths) -> Path:
+    """systemd: the worker's LORAD_QUEUE (with its password) lives here, mode 0600, not in the unit."""
+    return paths.home / ".config" / "lorad" / "worker.env"
+
+
+def _masked(text: str, paths: Paths) -> str:
+    if paths.queue:
+        from daemon.remote.redisurl import mask
+
+        return text.replace(paths.queue, mask(paths.queue))
+    return text
 
 
 def render_systemd(settings: Settings, paths: Paths) -> str:
     timeout = exit_timeout(settings)
+    if paths.worker:
+        return f"""[Unit]
+Description=lorad worker - trains jobs from a lorad coordinator's Redis queue
+Documentation=file://{paths.workdir / "README.md"}
+After=network-online.target
+Wants=network-online.target
+StartLimitIntervalSec=600
+StartLimitBurst=5
+
+[Service]
+Type=simple
+ExecStart={paths.lorad} worker --state-dir {paths.state}
+WorkingDirectory={paths.workdir}
+Environment=PYTHONUNBUFFERED=1
+# LORAD_QUEUE=redis://... (mode 0600; `lorad service install --worker --queue URL` writes it)
+EnvironmentFile=-{worker_env_file(paths)}
+Restart=on-failure
+RestartSec=30
+# SIGTERM: the job checkpoints, its state goes to the coordinator, then the worker exits.
+KillSignal=SIGTERM
+KillMode=mixed
+TimeoutStopSec={timeout}
+
+[Install]
+WantedBy=default.target
+"""
     return f"""[Unit]
 Description=lorad - hands-off LoRA training daemon
 Documentation=file://{paths.workdir / "README.md"}
@@ -114,11 +169,11 @@ WantedBy=default.target
 
 
 def launchd_plist_path(paths: Paths) -> Path:
-    return paths.home / "Library" / "LaunchAgents" / f"{LABEL}.plist"
+    return paths.home / "Library" / "LaunchAgents" / f"{WORKER_LABEL if paths.worker else LABEL}.plist"
 
 
 def systemd_unit_path(paths: Paths) -> Path:
-    return paths.home / ".config" / "systemd" / "user" / UNIT
+    return paths.home / ".config" / "systemd" / "user" / (WORKER_UNIT if paths.worker else UNIT)
 
 
 @dataclass
@@ -160,10 +215,11 @@ class Launchd:
         self.settings, self.paths, self.run = settings, paths, run
         self.uid = os.getuid() if uid is None else uid
         self.domain = f"gui/{self.uid}"
-        self.target = f"{self.domain}/{LABEL}"
+        self.label = WORKER_LABEL if paths.worker else LABEL
+        self.target = f"{self.domain}/{self.label}"
 
     def render(self) -> str:
-        return plistlib.dumps(render_launchd(self.settings, self.paths)).decode()
+        return _masked(plistlib.dumps(render_launchd(self.settings, self.paths)).decode(), self.paths)
 
     def install(self) -> None:
         plist = launchd_plist_path(self.paths)
@@ -175,6 +231,8 @@ class Launchd:
             plist.parent.mkdir(parents=True, exist_ok=True)
             (self.paths.logs).mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(plist, data)
+            if self.paths.queue:
+                os.chmod(plist, 0o600)  # it holds the queue URL (password)
         self.run("launchctl", "bootstrap", self.domain, str(plist))
         self.run("launchctl", "enable", self.target)
 
@@ -204,14 +262,15 @@ class Launchd:
     def status(self) -> str:
         result = self.run("launchctl", "print", self.target, check=False)
         if result.returncode != 0:
-            return f"{LABEL}: not loaded (lorad service install)"
+            return f"{self.label}: not loaded (lorad service install)"
         info = parse_launchctl_print(result.stdout)
-        return f"{LABEL}: {info.get('state', '?')}, pid {info.get('pid', '-')}, last exit {info.get('last_exit', '-')}"
+        return f"{self.label}: {info.get('state', '?')}, pid {info.get('pid', '-')}, last exit {info.get('last_exit', '-')}"
 
 
 class Systemd:
     def __init__(self, settings: Settings, paths: Paths, run: Runner):
         self.settings, self.paths, self.run = settings, paths, run
+        self.unit = WORKER_UNIT if paths.worker else UNIT
 
     def render(self) -> str:
         return render_systemd(self.settings, self.paths)
@@ -223,33 +282,40 @@ class Systemd:
             unit = systemd_unit_path(self.paths)
             unit.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(unit, self.render())
+            if self.paths.worker and self.paths.queue:
+                env = worker_env_file(self.paths)
+                env.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(env, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(f"LORAD_QUEUE={self.paths.queue}\n")
+                os.chmod(env, 0o600)
         self.run("systemctl", "--user", "daemon-reload")
-        self.run("systemctl", "--user", "enable", "--now", UNIT)
+        self.run("systemctl", "--user", "enable", "--now", self.unit)
 
     def uninstall(self) -> None:
-        self.run("systemctl", "--user", "disable", "--now", UNIT, check=False)
+        self.run("systemctl", "--user", "disable", "--now", self.unit, check=False)
         if not self.run.dry_run:
             systemd_unit_path(self.paths).unlink(missing_ok=True)
         self.run("systemctl", "--user", "daemon-reload")
 
     def start(self) -> None:
-        self.run("systemctl", "--user", "start", UNIT)
+        self.run("systemctl", "--user", "start", self.unit)
 
     def stop(self) -> None:
-        self.run("systemctl", "--user", "stop", UNIT)  # waits up to TimeoutStopSec
+        self.run("systemctl", "--user", "stop", self.unit)  # waits up to TimeoutStopSec
 
     def restart(self) -> None:
-        self.run("systemctl", "--user", "restart", UNIT)
+        self.run("systemctl", "--user", "restart", self.unit)
 
     def status(self) -> str:
         result = self.run(
-            "systemctl", "--user", "show", UNIT, "-p", "ActiveState,SubState,MainPID,ExecMainStatus", check=False
+            "systemctl", "--user", "show", self.unit, "-p", "ActiveState,SubState,MainPID,ExecMainStatus", check=False
         )
         if result.returncode != 0:
-            return f"{UNIT}: unknown ({result.stderr.strip()})"
+            return f"{self.unit}: unknown ({result.stderr.strip()})"
         fields = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
         return (
-            f"{UNIT}: {fields.get('ActiveState', '?')}/{fields.get('SubState', '?')}, pid {fields.get('MainPID', '-')}, "
+            f"{self.unit}: {fields.get('ActiveState', '?')}/{fields.get('SubState', '?')}, pid {fields.get('MainPID', '-')}, "
             f"last exit {fields.get('ExecMainStatus', '-')}"
         )
 
@@ -266,7 +332,13 @@ def manager(settings: Settings, platform: str, run: Runner, paths: Paths | None 
 def main(settings: Settings, args) -> int:
     platform = args.platform or default_platform()
     run = Runner(dry_run=args.dry_run)
-    svc = manager(settings, platform, run)
+    worker = bool(getattr(args, "worker", False))
+    queue = getattr(args, "queue", None) or (settings.queue if settings.scale_out else None)
+    if worker and args.action == "install" and not queue:
+        print("lorad service install --worker: needs the queue URL: --queue redis://host:6379/0 "
+              "(or the queue setting / LORAD_QUEUE)", file=sys.stderr)  # fmt: skip
+        return 2
+    svc = manager(settings, platform, run, paths_for(settings, worker=worker, queue=queue) if worker else None)
     try:
         if args.action == "print":
             print(svc.render(), end="")

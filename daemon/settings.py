@@ -55,6 +55,17 @@ FIELDS: dict[str, tuple[str, object]] = {
     # Intake refuses larger files before reading them (a 40 GB sparse "image" must not be read).
     "max_image_bytes": ("int", 100_000_000),
     "max_caption_bytes": ("int", 64 * 1024),
+    # Scale-out (docs/ARCHITECTURE.md "Several machines"): "sqlite" = the embedded queue (one
+    # process); a redis:// or rediss:// URL makes `lorad run` the coordinator of remote workers.
+    "queue": ("str", "sqlite"),
+    # With a Redis queue: also train on this machine (false: the coordinator only dispatches).
+    "local_worker": ("bool", True),
+    # A worker holds its job by a heartbeat with this TTL; when it lapses the job is re-queued.
+    "lease_ttl_s": ("float", 30.0),
+    # A job no live worker can fit waits this long (with the reason in `lorad status`), then fails.
+    "wait_timeout_s": ("float", 86400.0),
+    # A worker never starts a model download unasked; true lets its engine fetch missing weights.
+    "download_models": ("bool", False),
     # Each engine's own settings, raw: {"mflux": {"checkpoint_every": 5}} from `[engines.mflux]` or
     # LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY; the engine validates them when the daemon starts.
     "engines": ("dict", None),
@@ -99,6 +110,11 @@ class Settings:
     lock_timeout_s: float
     max_image_bytes: int
     max_caption_bytes: int
+    queue: str
+    local_worker: bool
+    lease_ttl_s: float
+    wait_timeout_s: float
+    download_models: bool
     engines: dict[str, dict[str, object]]
     notify: tuple[str, ...]
     notify_on: tuple[str, ...]
@@ -151,6 +167,11 @@ class Settings:
     def jobs_dir(self) -> Path:
         return self.state / "jobs"
 
+    @property
+    def scale_out(self) -> bool:
+        """True when jobs go through a Redis queue to workers (`queue` is a redis URL)."""
+        return self.queue != "sqlite"
+
 
 # What a user sets as a plain key (the engines' sections and the notes are filled by resolve).
 KEYS = {k: v for k, v in FIELDS.items() if k not in ("engines", "deprecations")}
@@ -201,6 +222,9 @@ def _coerce(key: str, value: object, source: str, base: Path) -> object:
         return value.upper()
     if key == "observer" and value not in OBSERVERS:
         raise SettingsError(f"{where}: must be one of {', '.join(OBSERVERS)}, got {value!r}")
+    if key == "queue" and value != "sqlite" and not value.startswith(("redis://", "rediss://")):
+        shown = value.split("@", 1)[-1] if "@" in value else value  # never echo a password
+        raise SettingsError(f"{where}: expected \"sqlite\" or a redis:// / rediss:// URL, got {shown!r}")
     return value
 
 

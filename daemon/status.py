@@ -48,6 +48,16 @@ def error_lines(error: str, indent: str, width: int = 100) -> list[str]:
     return lines
 
 
+def remote_lines(job, indent: str) -> list[str]:
+    """Scale-out: the worker a running job is on, or why a queued job waits (no worker fits)."""
+    worker, waiting = getattr(job, "worker", None), getattr(job, "waiting", None)
+    if worker and job.state in ("preparing", "training", "rendering"):
+        return [f"{indent}on worker {worker}"]
+    if waiting and job.state in ("queued", "interrupted"):
+        return [f"{indent}{waiting}"]
+    return []
+
+
 def visible(jobs: list, *, show_all: bool, now: float) -> list:
     if show_all:
         return jobs
@@ -79,4 +89,5 @@ def render_status(jobs: list, *, show_all: bool, as_json: bool, daemon_pid: int 
         )
         if job.state == "failed" and job.error:
             lines += error_lines(job.error, f"{'':<22} ")
+        lines += remote_lines(job, f"{'':<22} ")
     return "\n".join(lines)

@@ -95,7 +95,12 @@ class TrainingPlan:
 
 
 class PlanError(Exception):
-    """The job cannot run on this machine (e.g. not enough memory); the message says why."""
+    """The job cannot run on this machine (e.g. not enough memory); the message says why.
+    `needs_gb`/`has_gb`, when the engine knows them, let a coordinator say which worker would fit."""
+
+    def __init__(self, message: str, *, needs_gb: float | None = None, has_gb: float | None = None):
+        super().__init__(message)
+        self.needs_gb, self.has_gb = needs_gb, has_gb
 
 
 # -- results ---------------------------------------------------------------------------------
@@ -319,6 +324,12 @@ class Engine(Protocol):
     def saved_step(self, workdir: Path) -> int | None:
         """The step the engine's newest saved training state in workdir holds (None: nothing
         saved): where a re-adopted job resumes, for its marker and status."""
+        ...
+
+    def saved_state(self, workdir: Path) -> list[Path]:
+        """The files under workdir that hold the newest good saved training state (empty: none).
+        Copied to the same relative paths under another work dir holding the same snapshot,
+        `train` resumes from them: how a checkpoint travels between machines (scale-out)."""
         ...
 
     def disk_needed(self, plan: TrainingPlan, workdir: Path) -> int:

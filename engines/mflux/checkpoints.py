@@ -100,3 +100,51 @@ def read_member(path: Path, basename: str) -> bytes:
     with zipfile.ZipFile(path) as zf:
         name = next(n for n in zf.namelist() if Path(n).name == basename)
         return zf.read(name)
+
+
+def relocated_config(saved: dict, plan_config: dict) -> dict:
+    """A checkpoint's saved mflux config with this work dir's absolute paths (pure): the data
+    folder, the model path and the checkpoint output folder come from the plan; everything the
+    run trained with stays. What makes a checkpoint from another machine resumable here."""
+    want = dict(saved)
+    for key in ("data", "model_path"):
+        if key in plan_config and key in saved:
+            want[key] = plan_config[key]
+    if isinstance(saved.get("checkpoint"), dict) and isinstance(plan_config.get("checkpoint"), dict):
+        want["checkpoint"] = {**saved["checkpoint"], "output_path": plan_config["checkpoint"].get("output_path")}
+    return want
+
+
+def relocate(path: Path, plan_config: dict) -> bool:
+    """Rewrite a checkpoint zip whose saved config or run.json points at another work dir
+    (it was written on another machine, scale-out) so that mflux resumes it here; members are
+    streamed, the zip replaced atomically. False when nothing needed changing (the usual case)."""
+    import os
+    import shutil
+
+    with zipfile.ZipFile(path) as zf:
+        meta = json.loads(zf.read("checkpoint.json"))
+        config_name = next(n for n in zf.namelist() if Path(n).name == meta["files"]["config"])
+        run_name = next(n for n in zf.namelist() if Path(n).name == "run.json")
+        saved = json.loads(zf.read(config_name))
+        run = json.loads(zf.read(run_name))
+        config = relocated_config(saved, plan_config)
+        new_run = dict(run)
+        if run.get("data_root") and "data" in plan_config:
+            new_run["data_root"] = plan_config["data"]
+        if config == saved and new_run == run:
+            return False
+        tmp = path.with_name(f".{path.name}.relocate")
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as out:
+            for info in zf.infolist():
+                if info.filename == config_name:
+                    out.writestr(info, json.dumps(config))
+                elif info.filename == run_name:
+                    out.writestr(info, json.dumps(new_run))
+                else:
+                    with zf.open(info) as src, out.open(info, "w") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return True

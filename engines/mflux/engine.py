@@ -237,6 +237,12 @@ class MFluxEngine:
         newest = checkpoints.list_checkpoints(Path(workdir) / TRAIN_DIR / "checkpoints")
         return checkpoints.step_of(newest[0]) if newest else None
 
+    def saved_state(self, workdir: Path) -> list[Path]:
+        """The newest checkpoint zip that verifies: copied to the same place under another
+        machine's work dir (with the snapshot), training resumes there."""
+        newest, _corrupt = checkpoints.newest_good(Path(workdir) / TRAIN_DIR / "checkpoints")
+        return [newest] if newest is not None else []
+
     def disk_needed(self, plan: TrainingPlan, workdir: Path) -> int:
         ckpt_dir = Path(workdir) / TRAIN_DIR / "checkpoints"
         written = sum(p.stat().st_size for p in checkpoints.list_checkpoints(ckpt_dir))
@@ -304,6 +310,8 @@ class MFluxEngine:
         for path, why in corrupt:
             log.warning("train.checkpoint_corrupt", checkpoint=path.name, problem=why)
         if resume is not None:
+            if checkpoints.relocate(resume, plan.config):  # written on another machine (scale-out)
+                log.info("train.checkpoint_relocated", checkpoint=resume.name, data=plan.config.get("data"))
             log.info("train.resume", step=checkpoints.step_of(resume), checkpoint=resume.name)
         if resume is not None and checkpoints.step_of(resume) >= plan.total_steps:
             # Training had finished (the daemon stopped during render/publish): no child needed.

@@ -64,12 +64,18 @@ class ScriptedEngine(MFluxEngine):
 
     name: ClassVar[str] = "scripted"
     worker_module: ClassVar[str] = "engines.scripted.worker"
-    options: ClassVar[tuple[Option, ...]] = (Option("step_s", float, 0.05, "seconds per fake training step", 0),)
+    options: ClassVar[tuple[Option, ...]] = (
+        Option("step_s", float, 0.05, "seconds per fake training step", 0),
+        # Memory a job "needs" (GB); more than the machine has (or `ram_gb`) makes plan refuse it:
+        # how the scale-out tests stand in for a worker too small for a job.
+        Option("needs_gb", float, 0.0, "memory a scripted job needs (GB); 0 = none", 0),
+    )
 
     def __init__(self, context: EngineContext):
         values = coerce_options(self.name, self.options, context.options)
         MFluxEngine.__init__(self, EngineContext(context.state_dir, context.stop_timeout_s, context.keep_awake))
         self.step_s = float(values["step_s"])  # type: ignore[arg-type]
+        self.needs_gb = float(values["needs_gb"])  # type: ignore[arg-type]
 
     def _plan(self, job: JobInput, tier: str) -> TrainingPlan:
         total = int(job.options.get("steps") or job.options.get("epochs", 0) * job.image_count or 6)
@@ -96,6 +102,11 @@ class ScriptedEngine(MFluxEngine):
 
     def plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
         hold("plan", job.job_id)
+        has = machine.memory_override_gb if machine.memory_override_gb is not None else machine.total_gb
+        if self.needs_gb and has < self.needs_gb:
+            raise PlanError(
+                f"needs {self.needs_gb:g} GB, this machine has {has:.0f} GB", needs_gb=self.needs_gb, has_gb=has
+            )
         return self._plan(job, TIERS[0])
 
     def train(self, plan: TrainingPlan, workdir: Path, progress, stop: StopToken, on_spawn=None) -> TrainResult:

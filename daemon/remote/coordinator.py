@@ -1,0 +1,595 @@
+"""The coordinator: `lorad run` with `queue = "redis://…"`.
+
+The jobs table stays the only truth. One thread runs a loop that (1) reads worker events from
+the `lorad:events` stream (a consumer group: an event is acknowledged only once handled, so a
+coordinator killed mid-publish sees it again), (2) every tick checks leases, cancel requests and
+waiting jobs, and dispatches runnable jobs: snapshot and newest checkpoint into Redis, a fresh
+fencing token, an offer on the PriorityRedisHuey queue. A lapsed lease makes the job
+`interrupted` and dispatches it again with the newest checkpoint that reached us; Redis that
+forgot everything (restarted without its data) is the same case. Final artifacts are verified
+(sha256 by the transfer, then the LoRA's safetensors structure and the renders' PNG signature)
+before the normal publish path (daemon/pipeline.py publish_job). Workers never publish.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from daemon.fsutil import atomic_write_text
+from daemon.jobs import ACTIVE, RUNNABLE, Job, JobStore, StateChanged
+from daemon.logs import get_logger
+from daemon.pipeline import ProgressSink, job_input, make_engine, publish_job, stamp_adapter
+from daemon.publish import PublishError, complete_registry, published_by, read_header
+from daemon.remote import lease
+from daemon.remote.worker import safe_relative
+from daemon.settings import Settings, SettingsError
+from engines.base import Progress, RenderResult, TrainingPlan
+
+RESULT_DIR = "result"
+RESULT_FILE = "result.json"
+STATE_FILE = "remote-state.json"  # which saved-state files came from workers (for pruning)
+REMOTE_ACTIVE = ("preparing", "training", "rendering")
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}  # fmt: skip
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ResultRefused(Exception):
+    """An artifact from a worker that does not check out: never published."""
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """None when the file is a well-formed safetensors file holding at least one tensor whose
+    offsets, shapes and dtypes agree with the file's size; else what is wrong (no ML imports)."""
+    try:
+        header, offset = read_header(path)
+        size = path.stat().st_size
+    except (OSError, ValueError, struct.error) as exc:
+        return f"not a safetensors file: {exc}"
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if not tensors:
+        return "holds no tensors"
+    end = 0
+    for name, info in tensors.items():
+        if not isinstance(info, dict):
+            return f"tensor {name!r}: bad entry"
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _DTYPE_BYTES or not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            return f"tensor {name!r}: bad dtype or shape"
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)):
+            return f"tensor {name!r}: bad data offsets"
+        begin, stop = offsets
+        if not 0 <= begin <= stop or stop - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            return f"tensor {name!r}: {stop - begin} bytes do not match shape {shape} of {dtype}"
+        end = max(end, stop)
+    if offset + end != size:
+        return f"data section is {size - offset} bytes, the tensors need {end}"
+    return None
+
+
+def png_problem(path: Path) -> str | None:
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        return str(exc)
+    return None if head == PNG_SIGNATURE else "not a PNG image"
+
+
+class Coordinator:
+    """Dispatch, events, leases and publishing for remote jobs (one thread: `start`/`join`)."""
+
+    def __init__(self, settings: Settings, store: JobStore, shutdown: threading.Event):
+        from daemon.remote.redisqueue import RedisQueue, client_pair
+        from daemon.remote.transfer import ArtifactStore
+
+        self.settings, self.store, self.shutdown = settings, store, shutdown
+        self.log = get_logger()
+        self.block_ms = 1000
+        self.client, pool = client_pair(settings.queue, name="lorad-coordinator", socket_timeout=15.0)
+        self.queue = RedisQueue(pool, self.client)
+        self.files = ArtifactStore(self.client)
+        self.scripts = lease.Scripts(self.client)
+        self.tokens: dict[str, str] = {}  # job id -> the token of its current dispatch
+        self.sinks: dict[str, ProgressSink] = {}
+        self.waiting_since: dict[str, float] = {}
+        self.workers: dict[str, dict[str, str]] = {}
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.tick_s = min(5.0, lease.beat_interval(settings.lease_ttl_s))
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def wake(self, *_args: object) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="lorad-coordinator", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def _loop(self) -> None:
+        attached = False
+        delay = 0.5
+        next_tick = 0.0
+        failing = False
+        while not self.shutdown.is_set():
+            try:
+                if not attached:
+                    self._ensure_group()
+                    self.attach()
+                    self._drain(pending=True)
+                    attached = True
+                block = 0 if self._wake.is_set() else self.block_ms
+                self._drain(pending=False, block=block)
+                if self._wake.is_set() or time.monotonic() >= next_tick:
+                    self._wake.clear()
+                    self.tick()
+                    next_tick = time.monotonic() + self.tick_s
+                if failing:
+                    self.log.info("coordinator.redis_back")
+                failing, delay = False, 0.5
+            except Exception as exc:
+                if _is_redis_error(exc):
+                    if not failing:
+                        self.log.warning("coordinator.redis_unreachable", error=f"{type(exc).__name__}: {exc}")
+                    failing = True
+                    attached = False  # Redis may have lost everything: re-attach from the table
+                else:
+                    self.log.exception("coordinator.error")
+                self.shutdown.wait(delay)
+                delay = min(10.0, delay * 2)
+        for sink in self.sinks.values():
+            sink.close()
+
+    def _ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(lease.EVENTS, lease.EVENTS_GROUP, id="0", mkstream=True)
+        except Exception as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _drain(self, *, pending: bool, block: int | None = None) -> None:
+        """Handle events: at attach the ones delivered before a restart and never acknowledged."""
+        start = "0" if pending else ">"
+        while True:
+            reply = self.client.xreadgroup(
+                lease.EVENTS_GROUP, "coordinator", {lease.EVENTS: start}, count=50, block=None if pending else block
+            )
+            entries = reply[0][1] if reply else []
+            if not entries:
+                return
+            for entry_id, fields in entries:
+                try:
+                    self.handle(_decode(fields))
+                finally:
+                    self.client.xack(lease.EVENTS, lease.EVENTS_GROUP, entry_id)
+                    self.client.xdel(lease.EVENTS, entry_id)
+            if not pending:
+                return
+            start = entries[-1][0]
+
+    # -- attach (start, and after Redis came back) ---------------------------------------------
+
+    def attach(self) -> dict:
+        """Re-attach to what workers run (token and lease still in Redis); everything else the
+        table says is running becomes `interrupted` and is dispatched again."""
+        attached, interrupted, published = [], [], []
+        self.tokens.clear()
+        for job in self.store.list((*RUNNABLE, *ACTIVE)):
+            token = _text(self.client.get(lease.token_key(job.id)))
+            if job.state == "publishing" or (job.state in REMOTE_ACTIVE and self._result_ready(job)):
+                self._publish_verified(job)
+                published.append(job.id)
+                continue
+            if token is not None:
+                self.tokens[job.id] = token
+            if job.state in REMOTE_ACTIVE:
+                if token is not None and self.client.exists(lease.lease_key(job.id)):
+                    attached.append(job.id)
+                    continue
+                self._interrupt(job, "its worker's lease is gone")
+                interrupted.append(job.id)
+        self.log.info("coordinator.attached", attached=attached, interrupted=interrupted, published=published,
+                      queue=_masked(self.settings.queue))  # fmt: skip
+        return {"attached": attached, "interrupted": interrupted}
+
+    # -- the tick ------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        self.workers = self.live_workers()
+        queued = {q.offer["job_id"]: q for q in self.queue.entries()}
+        for job in self.store.list(ACTIVE):
+            if job.state in REMOTE_ACTIVE and job.id in self.tokens:
+                self._check_running(job)
+        for job_id in list(self.tokens):
+            row = self.store.get(job_id)
+            if row is None or row.state not in (*RUNNABLE, *REMOTE_ACTIVE):
+                self._forget(job_id, queued.get(job_id))  # cancelled, failed or done meanwhile
+        for job in self.store.runnable_in_order():
+            if job.cancel_requested:
+                continue
+            token = self.tokens.get(job.id)
+            if token is not None:
+                held = bool(self.client.exists(lease.lease_key(job.id)))
+                if lease.lease_action(lease_held=held, task_queued=job.id in queued) == "keep":
+                    self._check_waiting(job, token)
+                    continue
+                if self.scripts.reclaim(keys=[lease.token_key(job.id), lease.lease_key(job.id)], args=[token]) == 0:
+                    continue  # claimed just now
+                self.log.warning("job.redispatch", job_id=job.id, reason="offer lost (Redis forgot it or its worker died)")
+                self.tokens.pop(job.id, None)
+            self.dispatch(job)
+
+    def live_workers(self) -> dict[str, dict[str, str]]:
+        found = {}
+        for key in self.client.scan_iter(match=lease.worker_key("*"), count=100):
+            values = {_text(k) or "": _text(v) or "" for k, v in self.client.hgetall(key).items()}
+            if values.get("id"):
+                found[values["id"]] = values
+        return found
+
+    def _check_running(self, job: Job) -> None:
+        token = self.tokens[job.id]
+        if job.cancel_requested:
+            self._fence(job.id, token)
+            self._transition(job.id, "cancelled", expect=REMOTE_ACTIVE)
+            return
+        if self.client.exists(lease.lease_key(job.id)):
+            return
+        if self.scripts.reclaim(keys=[lease.token_key(job.id), lease.lease_key(job.id)], args=[token]) == 0:
+            return
+        self.tokens.pop(job.id, None)
+        self._interrupt(job, f"the lease of worker {job.worker or '?'} lapsed")
+
+    def _interrupt(self, job: Job, why: str) -> None:
+        self._close_sink(job.id)
+        fields: dict[str, Any] = {"worker": None}
+        step = self._saved_step(job)
+        if step is not None:
+            fields["step"] = step
+        self.log.warning("job.lease_lapsed", job_id=job.id, worker=job.worker, reason=why, resume_step=step)
+        self._transition(job.id, "interrupted", expect=REMOTE_ACTIVE, **fields)
+
+    def _check_waiting(self, job: Job, token: str) -> None:
+        declines = []
+        for worker, raw in self.client.hgetall(lease.declined_key(job.id)).items():
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if record.get("token") == token:
+                declines.append(lease.Decline(_text(worker) or "", record.get("reason", ""), record.get("needs_gb"), record.get("has_gb")))
+        verdict = lease.waiting_verdict(set(self.workers), declines)
+        if verdict != job.waiting:
+            self.store.update(job.id, waiting=verdict, updated_at=job.updated_at)
+            if verdict:
+                self.log.info("job.waiting", job_id=job.id, reason=verdict)
+        if verdict is None:
+            self.waiting_since.pop(job.id, None)
+            return
+        since = self.waiting_since.setdefault(job.id, time.time())
+        if time.time() - since >= self.settings.wait_timeout_s:
+            self._fence(job.id, token)
+            self._transition(job.id, "failed", expect=RUNNABLE,
+                             error=f"no worker could train this job for {self.settings.wait_timeout_s:.0f} s "
+                                   f"({verdict}); start a bigger worker, then run: lorad retry {job.id}")  # fmt: skip
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    def dispatch(self, job: Job) -> None:
+        workdir = self.settings.jobs_dir / job.id
+        if not (workdir / "manifest.json").is_file():
+            self._transition(job.id, "failed", expect=RUNNABLE, error=f"the job's snapshot is missing ({workdir}); drop READY again")
+            return
+        if published_by(self.settings.loras, job) or self._result_ready(job):
+            self._publish_verified(job)
+            return
+        spec = job_input(job, workdir)
+        base = lease.files_key(job.id)
+        snapshot = self.files.put_tree(f"{base}:snapshot", workdir / "data")
+        manifest = self.files.put_file(f"{base}:manifest", workdir / "manifest.json")
+        state = []
+        for i, rel in enumerate(self._state_files(job)):
+            state.append({"rel": rel, "ref": self.files.put_file(f"{base}:resume:{i}", workdir / rel).to_dict()})
+        token = lease.new_token(job.attempt)
+        offer = {
+            "job_id": job.id, "token": token, "attempt": job.attempt, "name": job.name, "trigger": job.trigger_word,
+            "model": spec.model, "engine": job.settings.get("engine", "mflux"), "image_count": spec.image_count,
+            "max_side": spec.max_side, "options": spec.options, "preview_prompt": spec.preview_prompt,
+            "snapshot": snapshot.to_dict(), "manifest": manifest.to_dict(), "state": state,
+        }  # fmt: skip
+        self.client.set(lease.token_key(job.id), token)
+        self.tokens[job.id] = token
+        self.queue.enqueue(offer, job.priority, job.ready_at)
+        self.log.info("job.dispatched", job_id=job.id, token=token, resume_files=len(state))
+
+    def _state_files(self, job: Job) -> list[str]:
+        """The saved state that reached us (relative paths), verified again before it travels."""
+        workdir = self.settings.jobs_dir / job.id
+        try:
+            engine = make_engine(self.settings, job.settings.get("engine", "mflux"))
+        except SettingsError:
+            return []
+        return [p.relative_to(workdir).as_posix() for p in engine.saved_state(workdir)]
+
+    def _saved_step(self, job: Job) -> int | None:
+        try:
+            return make_engine(self.settings, job.settings.get("engine", "mflux")).saved_step(self.settings.jobs_dir / job.id)
+        except SettingsError:
+            return None
+
+    # -- events --------------------------------------------------------------------------------
+
+    def handle(self, event: dict) -> None:
+        job_id, kind = event.get("job", ""), event.get("kind", "")
+        job = self.store.get(job_id)
+        if job is None:
+            return
+        if not lease.event_is_current(self.tokens.get(job_id), event.get("token")):
+            self.log.info("coordinator.stale_event", job_id=job_id, kind=kind, worker=event.get("worker"))
+            return
+        data, worker = event.get("data") or {}, event.get("worker")
+        if kind == "declined":
+            self.wake()
+        elif kind == "accepted":
+            self._accepted(job, worker, data)
+        elif kind == "plan" and job.state in REMOTE_ACTIVE:
+            plan = data.get("plan") or {}
+            self.store.update(job.id, plan=plan, total_steps=plan.get("total_steps"))
+        elif kind == "progress" and job.state == "training":
+            self._sink(job.id)(Progress(int(data["step"]), int(data["total"]), data.get("loss"), data.get("eta_s")))
+        elif kind == "checkpoint":
+            self._checkpoint(job, event["token"], data)
+        elif kind == "rendering" and job.state == "training":
+            self._close_sink(job.id)
+            self._transition(job.id, "rendering", expect="training")
+        elif kind == "stopped":
+            self._fence(job.id, event["token"])
+            if job.state in REMOTE_ACTIVE:
+                self._interrupt(job, f"worker {worker} stopped ({data.get('reason')})")
+        elif kind == "failed":
+            self._fence(job.id, event["token"])
+            self._close_sink(job.id)
+            if job.state in (*REMOTE_ACTIVE, *RUNNABLE):
+                self._transition(job.id, "failed", error=data.get("error") or "failed on a worker")
+            self._cleanup(job.id)
+        elif kind == "done":
+            self._done(job, event["token"], worker, data)
+
+    def _accepted(self, job: Job, worker: str | None, data: dict) -> None:
+        plan = data.get("plan") or {}
+        moved = self._transition(job.id, "preparing", expect=RUNNABLE, worker=worker, waiting=None, plan=plan,
+                                 total_steps=plan.get("total_steps"))  # fmt: skip
+        self.waiting_since.pop(job.id, None)
+        if moved is None or moved.state != "preparing":  # cancelled meanwhile: the worker is fenced out
+            self._fence(job.id, self.tokens.get(job.id, ""))
+            return
+        self.log.info("job.remote", job_id=job.id, worker=worker, host=data.get("host"), tier=plan.get("tier"))
+        self._transition(job.id, "training", expect="preparing")
+
+    def _checkpoint(self, job: Job, token: str, data: dict) -> None:
+        from daemon.remote.transfer import FileRef
+
+        workdir = self.settings.jobs_dir / job.id
+        kept = []
+        for item in data.get("files") or []:
+            rel = safe_relative(str(item.get("rel", "")))
+            if rel is None:
+                self.log.warning("coordinator.refused", job_id=job.id, what="checkpoint path", path=str(item.get("rel")))
+                return
+            dest = workdir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self.files.get_file(FileRef.from_dict(item["ref"]), dest)
+            kept.append(rel.as_posix())
+        previous = _read_json(workdir / STATE_FILE).get("files") or []
+        atomic_write_text(workdir / STATE_FILE, json.dumps({"step": data.get("step"), "files": kept}))
+        for rel in previous:
+            safe = safe_relative(rel)
+            if rel not in kept and safe is not None:
+                (workdir / safe).unlink(missing_ok=True)
+        self.files.delete_prefix(f"{lease.files_key(job.id, token)}:state")
+        self.store.update(job.id, step=data.get("step"))
+        self.log.info("job.checkpoint_received", job_id=job.id, step=data.get("step"), files=len(kept))
+
+    def _done(self, job: Job, token: str, worker: str | None, data: dict) -> None:
+        self._close_sink(job.id)
+        if job.state == "training":
+            job = self._transition(job.id, "rendering", expect="training") or job
+        if job.state != "rendering":
+            return
+        try:
+            self.collect_result(job, data)
+        except ResultRefused as exc:
+            self.log.error("job.artifact_refused", job_id=job.id, worker=worker, reason=str(exc))
+            self._fence(job.id, token)
+            self._transition(job.id, "failed", expect="rendering",
+                             error=f"the result from worker {worker} was refused: {exc}. Nothing was published; "
+                                   f"run: lorad retry {job.id}")  # fmt: skip
+            self._cleanup(job.id)
+            return
+        self._fence(job.id, token)
+        current = self.store.get(job.id)
+        if current is not None:
+            self._publish_verified(current)
+
+    def collect_result(self, job: Job, data: dict) -> Path:
+        """Download and verify every artifact of a finished remote job into <work>/result;
+        result.json (written last) records what was verified. ResultRefused on any problem."""
+        from daemon.remote.transfer import FileRef
+
+        workdir = self.settings.jobs_dir / job.id
+        folder = workdir / RESULT_DIR
+        shutil.rmtree(folder, ignore_errors=True)
+        (folder / "report").mkdir(parents=True)
+        files = data.get("files") or {}
+        names = {"adapter": "adapter.safetensors", "render": "render.png", "compare": "compare.png"}
+        try:
+            for key, name in names.items():
+                if key not in files:
+                    raise ResultRefused(f"the {key} is missing")
+                self.files.get_file(FileRef.from_dict(files[key]), folder / name)
+            report = []
+            for item in data.get("report") or []:
+                name = str(item.get("name", ""))
+                rel = safe_relative(name)
+                if rel is None or len(rel.parts) != 1:
+                    raise ResultRefused(f"report file name {name!r} is not a plain file name")
+                self.files.get_file(FileRef.from_dict(item["ref"]), folder / "report" / name)
+                report.append(name)
+        except ResultRefused:
+            raise
+        except Exception as exc:
+            raise ResultRefused(f"{type(exc).__name__}: {exc}") from None
+        problem = safetensors_problem(folder / "adapter.safetensors")
+        if problem:
+            raise ResultRefused(f"the LoRA is not a valid safetensors file ({problem})")
+        for name in ("render.png", "compare.png"):
+            problem = png_problem(folder / name)
+            if problem:
+                raise ResultRefused(f"{name}: {problem}")
+        atomic_write_text(folder / RESULT_FILE, json.dumps({"plan": data.get("plan") or job.plan, "report": report,
+                                                            "step": data.get("step")}))  # fmt: skip
+        return folder
+
+    def _result_ready(self, job: Job) -> bool:
+        return (self.settings.jobs_dir / job.id / RESULT_DIR / RESULT_FILE).is_file()
+
+    def _publish_verified(self, job: Job) -> None:
+        """The normal publish path for a verified result (also after a restart mid-publish)."""
+        workdir = self.settings.jobs_dir / job.id
+        if job.state in RUNNABLE:
+            job = self._transition(job.id, "preparing", expect=RUNNABLE) or job
+        if job.state == "preparing" and published_by(self.settings.loras, job):
+            job = self._transition(job.id, "publishing", expect="preparing") or job
+            try:
+                outputs = complete_registry(loras=self.settings.loras, registry_path=self.settings.registry, job=job,
+                                            lock_timeout_s=self.settings.lock_timeout_s)  # fmt: skip
+            except PublishError as exc:
+                self._transition(job.id, "failed", error=str(exc))
+                return
+            self._finish(job, outputs)
+            return
+        if job.state == "preparing":
+            job = self._transition(job.id, "training", expect="preparing") or job
+        if job.state == "training":
+            job = self._transition(job.id, "rendering", expect="training") or job
+        if job.state == "rendering":
+            job = self._transition(job.id, "publishing", expect="rendering") or job
+        if job.state != "publishing":
+            return
+        folder = workdir / RESULT_DIR
+        record = _read_json(folder / RESULT_FILE)
+        if not record:
+            self._interrupt_publishing(job)
+            return
+        plan = TrainingPlan.from_dict(record.get("plan") or job.plan)
+        try:
+            engine = make_engine(self.settings, job.settings.get("engine", "mflux"))
+            lora_file = workdir / f"{job.name}.safetensors"
+            stamp_adapter(engine, job, plan, folder / "adapter.safetensors", lora_file, job_input(job, workdir).image_count)
+            rendered = RenderResult(with_lora=folder / "render.png", base=folder / "render.png", compare=folder / "compare.png")
+            report = [folder / "report" / name for name in record.get("report") or []]
+            outputs = publish_job(self.settings, job, plan, lora_file, rendered, report)
+        except (PublishError, SettingsError) as exc:
+            self._transition(job.id, "failed", error=str(exc))
+            return
+        self._finish(job, outputs)
+
+    def _interrupt_publishing(self, job: Job) -> None:
+        self._transition(job.id, "interrupted", expect="publishing", worker=None)
+
+    def _finish(self, job: Job, outputs: dict) -> None:
+        self._transition(job.id, "done", outputs=outputs, eta_s=0)
+        self._cleanup(job.id)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _fence(self, job_id: str, token: str) -> None:
+        """End a dispatch: the token goes (its worker is fenced out) and so does the lease."""
+        self.client.delete(lease.token_key(job_id), lease.lease_key(job_id))
+        if self.tokens.get(job_id) == token or not token:
+            self.tokens.pop(job_id, None)
+
+    def _forget(self, job_id: str, queued) -> None:
+        self._fence(job_id, self.tokens.get(job_id, ""))
+        if queued is not None:
+            self.queue.remove(queued.member)
+        self._close_sink(job_id)
+        self._cleanup(job_id)
+
+    def _cleanup(self, job_id: str) -> None:
+        """A finished job's transfers and records leave Redis."""
+        try:
+            self.files.delete_prefix(lease.files_key(job_id))
+            self.client.delete(lease.declined_key(job_id))
+        except Exception as exc:
+            self.log.warning("coordinator.cleanup_failed", job_id=job_id, error=str(exc))
+        self.waiting_since.pop(job_id, None)
+
+    def _sink(self, job_id: str) -> ProgressSink:
+        if job_id not in self.sinks:
+            self.sinks[job_id] = ProgressSink(self.store, job_id, self.settings.marker_refresh_s)
+        return self.sinks[job_id]
+
+    def _close_sink(self, job_id: str) -> None:
+        sink = self.sinks.pop(job_id, None)
+        if sink is not None:
+            sink.close()
+
+    def _transition(self, job_id: str, new: str, *, expect=None, **fields: Any) -> Job | None:
+        try:
+            return self.store.transition(job_id, new, expect=expect, **fields)
+        except StateChanged as exc:
+            self.log.info("queue.stale", job_id=job_id, state=exc.current, wanted=new)
+            return None
+
+
+def _decode(fields: dict) -> dict:
+    event: dict[str, Any] = {(_text(k) or ""): _text(v) for k, v in fields.items()}
+    try:
+        event["data"] = json.loads(event.get("data") or "{}")
+    except ValueError:
+        event["data"] = {}
+    return event
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _is_redis_error(exc: Exception) -> bool:
+    import redis
+
+    from daemon.remote.transfer import TransferError
+
+    return isinstance(exc, (redis.RedisError, OSError, TransferError))
+
+
+def _masked(url: str) -> str:
+    from daemon.remote.redisurl import mask
+
+    return mask(url)
