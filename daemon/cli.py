@@ -34,7 +34,7 @@ def _add_globals(parser, *, suppress: bool, model_help: str | None = None) -> No
     parser.add_argument("--log-level", default=default, help="DEBUG, INFO, WARNING or ERROR")
 
 
-COMMANDS = ("run", "status", "validate", "enqueue", "cancel", "retry", "plan", "logs", "service", "selftest", "doctor")
+COMMANDS = ("run", "status", "validate", "enqueue", "cancel", "retry", "plan", "logs", "service", "selftest", "doctor", "ui")
 _GLOBAL_WITH_VALUE = {"--assets", "--config", "--state-dir", "--model", "--registry", "--log-level"}
 
 
@@ -129,6 +129,9 @@ def build_parser(only: str | None = None):
     p.add_argument("--clean", action="store_true", help="remove the temp folder afterwards (default: keep it)")
 
     add("doctor", "check this machine: Python, RAM, disk, mflux/mlx, model weights")
+
+    p = add("ui", "open the dashboard (served by `lorad run`, setting ui) in the browser")
+    p.add_argument("--print", action="store_true", dest="print_only", help="only print its URL")
     return parser
 
 
