@@ -39,6 +39,26 @@ def url_of(host: str, port: int) -> str:
     return f"http://{shown}:{port}/"
 
 
+def _quiet_server_class():
+    """uvicorn's Server with a 1 s housekeeping tick instead of 0.1 s: the idle daemon's only
+    wake-ups (bench P3). The tick only checks for exit (stop() then takes up to a second) and
+    refreshes the Date header; `counter` advances by ten so that happens every tick."""
+    import asyncio
+
+    import uvicorn
+
+    class QuietServer(uvicorn.Server):
+        async def main_loop(self) -> None:
+            counter = 0
+            should_exit = await self.on_tick(counter)
+            while not should_exit:
+                counter = (counter + 10) % 864000
+                await asyncio.sleep(1.0)
+                should_exit = await self.on_tick(counter)
+
+    return QuietServer
+
+
 class UIServer:
     def __init__(self, settings: Settings, stopping: threading.Event, log):
         self.settings, self.stopping, self.log = settings, stopping, log
@@ -71,12 +91,14 @@ class UIServer:
 
         from daemon.ui.app import create_app
 
+        _QuietServer = _quiet_server_class()
+
         app = create_app(s, token=s.ui_token, port=port, stopping=self.stopping)
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=2, ws="none",
             server_header=False,
         )  # fmt: skip
-        self.server = uvicorn.Server(config)
+        self.server = _QuietServer(config)
         self.url = url_of(host, port)
         self.thread = threading.Thread(target=self._serve, args=(sock,), name="lorad-ui", daemon=True)
         self.thread.start()
