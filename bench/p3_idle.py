@@ -53,8 +53,9 @@ def measure(pid: int, idle_s: float) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--idle", type=float, default=60.0)
+    parser.add_argument("--ui", default="127.0.0.1:0", help="the dashboard's address (on by default, as in lorad); false: off")
     args = parser.parse_args()
-    d = Daemon(LORAD_ENGINE="mflux")
+    d = Daemon(LORAD_ENGINE="mflux", LORAD_UI=args.ui)
     d.state.mkdir(parents=True, exist_ok=True)
     seed_jobs(d.state, 50)
     d.start()
@@ -68,6 +69,7 @@ def main() -> None:
     time.sleep(1)
     bare_rss, bare_cpu = measure(bare.pid, args.idle)
     bare.kill()
+    print(f"dashboard: {args.ui}")
     print(f"daemon: peak RSS {rss:.1f} MB, {cpu:.3f} CPU-s in {args.idle:.0f}s idle; mlx/mflux mappings: {modules}")
     print(f"bare python: peak RSS {bare_rss:.1f} MB, {bare_cpu:.3f} CPU-s")
     result("P3-rss", rss, "MB", bare_rss, "<=80", rss <= 80)

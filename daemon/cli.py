@@ -36,7 +36,7 @@ def _add_globals(parser, *, suppress: bool, model_help: str | None = None) -> No
 
 COMMANDS = (
     "run", "status", "validate", "enqueue", "cancel", "retry", "plan", "logs", "service", "selftest", "doctor", "notify",
-    "worker", "workers",
+    "worker", "workers", "ui",
 )
 _GLOBAL_WITH_VALUE = {"--assets", "--config", "--state-dir", "--model", "--registry", "--log-level"}
 
@@ -144,6 +144,9 @@ def build_parser(only: str | None = None):
 
     p = add("notify", "notifications: `lorad notify test` sends a test message to every `notify` target")
     p.add_argument("action", choices=["test"])
+
+    p = add("ui", "open the dashboard (served by `lorad run`, setting ui) in the browser")
+    p.add_argument("--print", action="store_true", dest="print_only", help="only print its URL")
     return parser
 
 

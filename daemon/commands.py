@@ -109,9 +109,6 @@ def _enqueue_defaults(settings: Settings, folder: Path) -> tuple[int, int, str] 
 
 
 def cmd_enqueue(settings: Settings, args) -> int:
-    from daemon.fsutil import atomic_write_text
-    from daemon.intake.options import parse_options, render_ready
-
     folder = args.path
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a dataset folder")
@@ -143,13 +140,22 @@ def cmd_enqueue(settings: Settings, args) -> int:
                 answer = _ask_int(prompt, default)
                 if answer != default:
                     options[key] = answer
+    print(write_ready(folder, options))
+    return 0
+
+
+def write_ready(folder: Path, options: dict) -> str:
+    """Write READY with these options into a dataset folder (the user's own drop, done for them):
+    `lorad enqueue` and the dashboard's "re-train with force" both come here. Returns what to say."""
+    from daemon.fsutil import atomic_write_text
+    from daemon.intake.options import parse_options, render_ready
+
     text = render_ready(options)
     _, problems = parse_options(text, "READY", allow_force=True)
     if problems:
         raise UsageError("; ".join(p.message for p in problems))
     atomic_write_text(folder / "READY", text)
-    print(f"READY written to {folder / 'READY'}" + (f" ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else ""))
-    return 0
+    return f"READY written to {folder / 'READY'}" + (f" ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else "")
 
 
 def _find_job(store, ref: str):
@@ -165,32 +171,35 @@ def _find_job(store, ref: str):
 
 
 def cmd_cancel(settings: Settings, args) -> int:
-    """Decided in one transaction against the job's state at that moment, so a cancel that
-    says so is honoured: a running job stops at its next step or phase boundary and publishes
-    nothing. A job already publishing is too late to cancel (non-zero exit)."""
     _log_to_file(settings)
     store = _store(settings)
     job = _find_job(store, args.job)
+    code, message = cancel_job(settings, store, job)
+    print(message if code == 0 else f"lorad cancel: {message}", file=sys.stdout if code == 0 else sys.stderr)
+    return code
+
+
+def cancel_job(settings: Settings, store, job) -> tuple[int, str]:
+    """(exit code, what to say) of cancelling `job`; `lorad cancel` and the dashboard both call it.
+
+    Decided in one transaction against the job's state at that moment, so a cancel that
+    says so is honoured: a running job stops at its next step or phase boundary and publishes
+    nothing. A job already publishing is too late to cancel (non-zero exit)."""
     action, job = store.cancel(job.id)
     if action == "finished":
-        print(f"lorad cancel: job {job.id} is already {job.state}; nothing to cancel", file=sys.stderr)
-        return 1
+        return 1, f"job {job.id} is already {job.state}; nothing to cancel"
     if action == "too_late":
-        print(
-            f"lorad cancel: too late, job {job.id} ({job.name}) is publishing its LoRA; it will be done in a moment "
-            f"(remove the LoRA from {settings.loras} afterwards if you do not want it)",
-            file=sys.stderr,
+        return 1, (
+            f"too late, job {job.id} ({job.name}) is publishing its LoRA; it will be done in a moment "
+            f"(remove the LoRA from {settings.loras} afterwards if you do not want it)"
         )
-        return 1
     if action == "cancel":
-        print(f"cancelled {job.id} ({job.name})")
-        return 0
+        return 0, f"cancelled {job.id} ({job.name})"
     pid = _wake_daemon(settings)
-    print(
+    return 0, (
         f"cancelling {job.id} ({job.name}, {job.state}): it stops at its next step and publishes nothing"
         + ("" if pid else "; lorad is not running, so it is cancelled when lorad next starts")
     )
-    return 0
 
 
 def retry_lost_message(job_id: str, current: str | None) -> str:
@@ -205,12 +214,20 @@ def retry_lost_message(job_id: str, current: str | None) -> str:
 
 
 def cmd_retry(settings: Settings, args) -> int:
-    from daemon.jobs import StateChanged
-    from daemon.queue import Queue
-
     _log_to_file(settings)
     store = _store(settings)
     job = _find_job(store, args.job)
+    code, message = retry_job(settings, store, job)
+    print(message if code == 0 else f"lorad retry: {message}", file=sys.stdout if code == 0 else sys.stderr)
+    return code
+
+
+def retry_job(settings: Settings, store, job) -> tuple[int, str]:
+    """(exit code, what to say) of queueing `job` again; `lorad retry` and the dashboard both
+    call it. UsageError when the job cannot be retried (its state, or refused at intake)."""
+    from daemon.jobs import StateChanged
+    from daemon.queue import Queue
+
     if job.state not in ("failed", "cancelled", "interrupted"):
         raise UsageError(f"job {job.id} is {job.state}; only failed, cancelled or interrupted jobs can be retried")
     if job.settings.get("intake") == "refused":
@@ -221,13 +238,11 @@ def cmd_retry(settings: Settings, args) -> int:
     try:  # compare-and-set: only the retry that finds the job still in the state read above wins
         job = store.transition(job.id, "queued", expect=job.state, attempt=job.attempt + 1, error=None)
     except StateChanged as exc:
-        print(f"lorad retry: {retry_lost_message(job.id, exc.current)}", file=sys.stderr)
-        return 1
+        return 1, retry_lost_message(job.id, exc.current)
     if not settings.scale_out:  # with a Redis queue the coordinator dispatches from the table
         Queue(settings.queue_db).enqueue(job.id, job.priority, job.ready_at)
     pid = _wake_daemon(settings)
-    print(f"queued {job.id} again (attempt {job.attempt})" + ("" if pid else "; it runs when lorad runs"))
-    return 0
+    return 0, f"queued {job.id} again (attempt {job.attempt})" + ("" if pid else "; it runs when lorad runs")
 
 
 def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None, read_ready: bool = True):
@@ -335,6 +350,7 @@ def cmd_notify(settings: Settings, args) -> int:
     print("every target answered" if not failed else f"{failed} of {len(outcomes)} target(s) failed")
     return 1 if failed else 0
 
+
 def _queue_url(settings: Settings, args) -> str:
     url = getattr(args, "queue", None) or settings.queue
     if not url or not url.startswith(("redis://", "rediss://")):
@@ -413,3 +429,26 @@ def cmd_workers(settings: Settings, args) -> int:
 
 def _str(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def cmd_ui(settings: Settings, args) -> int:
+    """Open the dashboard the running daemon serves (python's webbrowser); print its URL."""
+    from daemon.lock import running_daemon_pid
+
+    if settings.ui is None:
+        raise UsageError("the dashboard is off (ui = false); set ui = \"127.0.0.1:8765\" and restart lorad")
+    from daemon.settings import parse_ui_address
+
+    host, port = parse_ui_address(settings.ui)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}/"
+    opened = url + (f"?token={settings.ui_token}" if settings.ui_token else "")
+    print(url + ("?token=***" if settings.ui_token else ""))
+    if not running_daemon_pid(settings.state):
+        print("lorad is not running: start it (lorad run, or lorad service start) to serve the dashboard", file=sys.stderr)
+    if not getattr(args, "print_only", False):
+        import webbrowser
+
+        if not webbrowser.open(opened):
+            print("no browser found here: open the URL above", file=sys.stderr)
+    return 0

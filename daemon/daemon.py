@@ -236,6 +236,7 @@ class Daemon:
         from daemon.doctor import announce_weights
 
         announce_weights(s, self.log)  # missing weights: said now, not after a job fails
+        ui = self._start_ui()
         self.log.info(
             "daemon.started",
             pid=os.getpid(),
@@ -247,12 +248,15 @@ class Daemon:
             ready_found=found,
             notify_targets=len(s.notify),  # a count: the URLs hold secrets (daemon/notify.py masks them)
             notify_on=list(s.notify_on),
+            ui=ui.url if ui is not None else None,
         )
         while not self.shutdown.wait(s.rescan_interval_s):
             loop.rescan(s.training_data)
 
         # Graceful stop: no new intakes or jobs; the running job checkpoints and is marked interrupted.
         started = time.monotonic()
+        if ui is not None:
+            ui.stop()
         watcher.stop()
         loop.stop()
         consumer.stop_flag.set()
@@ -378,6 +382,17 @@ def _with_engines(settings: Settings, engines: dict) -> Settings:
     values = {name: getattr(settings, name) for name in FIELDS}
     values["engines"] = engines
     return Settings(**values)
+
+
+    def _start_ui(self):
+        """The dashboard in a thread (daemon/ui/); None when `ui = false` or it cannot listen
+        (one log line: the daemon runs on without it)."""
+        if self.settings.ui is None:
+            return None
+        from daemon.ui.server import UIServer
+
+        server = UIServer(self.settings, self.shutdown, self.log)
+        return server if server.start() else None
 
 
 def logging_flush() -> None:

@@ -128,8 +128,9 @@ class ProgressSink:
     more than marker_refresh_s behind the table. `close()` (training over) cancels that timer
     before the job's next state writes its own marker."""
 
-    def __init__(self, store: JobStore, job_id: str, marker_refresh_s: float):
+    def __init__(self, store: JobStore, job_id: str, marker_refresh_s: float, series: Path | None = None):
         self.store, self.job_id = store, job_id
+        self.series = series  # progress.jsonl: the (step, loss) points the dashboard's loss curve draws
         self.marker_refresh_s = marker_refresh_s
         self._last_db = self._last_marker = self._last_log = float("-inf")
         self.log = get_logger()
@@ -169,6 +170,7 @@ class ProgressSink:
                 fields["eta_s"] = p.eta_s
             job = self.store.update(self.job_id, **fields)
             self._marker_stale = True
+            self._append_point(p)
         if self._marker_stale and (final or now - self._last_marker >= self.marker_refresh_s):
             job = job or self.store.get(self.job_id)
             if job is not None and job.state == "training":
@@ -184,6 +186,17 @@ class ProgressSink:
             self._timer = threading.Timer(max(0.0, due - now), self._on_timer)
             self._timer.daemon = True
             self._timer.start()
+
+    def _append_point(self, p: Progress) -> None:
+        """One line per db write (at most one a second): cheap, and a torn last line is skipped
+        by the reader. Best effort: the curve is a view, never a reason to stop training."""
+        if self.series is None or p.loss is None:
+            return
+        try:
+            with self.series.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"step": p.step, "loss": p.loss, "t": round(time.time(), 2)}) + "\n")
+        except OSError:
+            pass
 
     def _on_timer(self) -> None:
         with self._lock:
@@ -338,7 +351,7 @@ class Pipeline:
 
         if not self._advance(job_id, "training", "preparing"):
             return
-        sink = ProgressSink(self.store, job_id, self.settings.marker_refresh_s)
+        sink = ProgressSink(self.store, job_id, self.settings.marker_refresh_s, series=workdir / "progress.jsonl")
         while True:
             try:
                 result = engine.train(plan, workdir, sink, stop, on_spawn=self._on_spawn)

@@ -66,6 +66,10 @@ FIELDS: dict[str, tuple[str, object]] = {
     "wait_timeout_s": ("float", 86400.0),
     # A worker never starts a model download unasked; true lets its engine fetch missing weights.
     "download_models": ("bool", False),
+    # The dashboard (daemon/ui/): "host:port" it listens on; None (`ui = false`) turns it off.
+    "ui": ("str | None", "127.0.0.1:8765"),
+    # Required to bind the dashboard to a non-loopback address; checked on every request.
+    "ui_token": ("str | None", None),
     # Each engine's own settings, raw: {"mflux": {"checkpoint_every": 5}} from `[engines.mflux]` or
     # LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY; the engine validates them when the daemon starts.
     "engines": ("dict", None),
@@ -115,6 +119,8 @@ class Settings:
     lease_ttl_s: float
     wait_timeout_s: float
     download_models: bool
+    ui: str | None
+    ui_token: str | None
     engines: dict[str, dict[str, object]]
     notify: tuple[str, ...]
     notify_on: tuple[str, ...]
@@ -176,13 +182,41 @@ class Settings:
 # What a user sets as a plain key (the engines' sections and the notes are filled by resolve).
 KEYS = {k: v for k, v in FIELDS.items() if k not in ("engines", "deprecations")}
 _PATH_KEYS = {"assets", "state_dir", "registry"}
-_OPTIONAL = {"state_dir", "ram_gb"}
+_OPTIONAL = {"state_dir", "ram_gb", "ui_token"}
+_OFF = ("0", "false", "no", "off")
+
+
+def parse_ui_address(value: str) -> tuple[str, int]:
+    """("host", port) of a `ui` setting like "127.0.0.1:8765" or "[::1]:8765" (pure); ValueError
+    says what is wrong."""
+    host, sep, port_text = value.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"expected host:port (e.g. 127.0.0.1:8765) or false, got {value!r}")
+    return host, int(port_text)
+
+
+def _coerce_ui(value: object, where: str) -> str | None:
+    """`ui`: false/"off" turns the dashboard off, true means the default address."""
+    if value is False or (isinstance(value, str) and value.strip().lower() in _OFF):
+        return None
+    if value is True:
+        return str(FIELDS["ui"][1])
+    if not isinstance(value, str):
+        raise SettingsError(f"{where}: expected \"host:port\" or false, got {value!r}")
+    try:
+        parse_ui_address(value)
+    except ValueError as exc:
+        raise SettingsError(f"{where}: {exc}") from None
+    return value.strip()
 
 
 def _coerce(key: str, value: object, source: str, base: Path) -> object:
     """Turn a raw value (TOML value or env string) into the typed setting, or raise SettingsError."""
     where = f"setting '{key}' from {source}"
     kind = KEYS[key][0]
+    if key == "ui":
+        return _coerce_ui(value, where)
     if value is None or (isinstance(value, str) and value == "" and key in _OPTIONAL):
         if key in _OPTIONAL:
             return None

@@ -78,6 +78,9 @@ class DaemonProc:
             "LORAD_LOG_LEVEL": "DEBUG",
             "LORAD_STOP_TIMEOUT_S": "30",
             "LORAD_MARKER_REFRESH_S": "1",
+            # Tests run many daemons at once: the dashboard only where a test asks for it
+            # (LORAD_UI=127.0.0.1:0 picks a free port; `ui.started` logs the URL).
+            "LORAD_UI": "false",
             **(extra_env or {}),
         }
         self.proc: subprocess.Popen | None = None
@@ -126,6 +129,14 @@ class DaemonProc:
 
     def log_has(self, event: str, **fields) -> bool:
         return any(e.get("event") == event and all(e.get(k) == v for k, v in fields.items()) for e in self.events())
+
+    def ui_url(self) -> str:
+        """The dashboard's URL (the daemon was started with LORAD_UI set)."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        started = [e for e in self.events() if e.get("event") == "daemon.started" and e.get("pid") == pid]
+        assert started and started[-1].get("ui"), "the dashboard is not running (LORAD_UI unset or ui.unavailable)"
+        return started[-1]["ui"]
 
     def jobs(self) -> list[dict]:
         result = self.cli("status", "--json", "--all")

@@ -1,0 +1,120 @@
+"""The dashboard in a real headless browser (Debian's chromium + chromium-driver, Selenium)
+while a real daemon trains the miniature model: live progress, the job page with its
+comparison image, a cancel from the page that changes the dataset's marker, the LoRA library.
+Screenshots of each page land in the test's temp dir."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import hold_training_at, wait_for, wait_held
+
+from daemon.sample import make_dataset
+
+CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (CHROMIUM.exists() and DRIVER.exists()) or shutil.which("chromedriver") is None,
+        reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
+    ),
+]
+
+
+@pytest.fixture
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(str(DRIVER)), options=options)  # no driver download: the Debian one
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def _text(driver, selector: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    found = driver.find_elements(By.CSS_SELECTOR, selector)
+    return found[0].text if found else ""
+
+
+def test_dashboard_in_a_browser_while_the_tiny_model_trains(daemon_factory, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    d = daemon_factory(engine="mflux", model="tiny-z-image", extra_env={"LORAD_RAM_GB": "128", "LORAD_UI": "127.0.0.1:0"})
+    held = hold_training_at(d, 2)  # the first job holds after step 2 until it is stopped (cancelled here)
+    d.start()
+    url = d.ui_url()
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+
+    browser.get(url)
+    wait_for(lambda: "live" in _text(browser, "#live"), 30, message="the page's event stream connected")
+    browser.execute_script("window.__loaded_once = true")  # gone if the page reloads
+
+    first = make_dataset(d.training_data / "ohwx_bob", images=2)
+    (first / "READY").write_text("")
+    wait_held(held)
+    job_id = wait_for(lambda: d.job_states().get("ohwx_bob") == "training" and d.jobs()[0]["id"], 30, message="job row")
+    row = f'tr[data-id="{job_id}"]'
+    # The row appeared and its progress moved to the held step without a reload.
+    wait_for(lambda: _text(browser, f"{row} .steps").startswith("2/"), 10, message="progress 2/N on the queue page")
+    assert "training" in _text(browser, f"{row} .state")
+    assert int(browser.find_element(By.CSS_SELECTOR, f"{row} progress").get_attribute("value")) > 0
+    assert browser.execute_script("return window.__loaded_once === true")
+    second = make_dataset(d.training_data / "ohwx_carol", images=2)  # waits behind the first
+    (second / "READY").write_text("")
+    wait_for(lambda: "ohwx_carol" in browser.find_element(By.ID, "queue").text, 30, message="second job listed live")
+    browser.save_screenshot(str(shots / "queue.png"))
+
+    # The job page, then cancel from it (confirm step), and the dataset's marker changes.
+    browser.find_element(By.CSS_SELECTOR, f"{row} .id a").click()
+    wait_for(lambda: browser.find_elements(By.ID, "steps"), 20, message="the job page")
+    wait_for(lambda: _text(browser, "#steps").startswith("2/"), 10, message="job page progress")
+    browser.save_screenshot(str(shots / "job-training.png"))
+    assert (first / "TRAINING").is_file()
+    browser.find_element(By.ID, "action-cancel").click()
+    wait_for(lambda: browser.find_elements(By.ID, "confirm"), 20, message="the confirmation page")
+    assert "Cancel" in browser.find_element(By.TAG_NAME, "h1").text
+    browser.save_screenshot(str(shots / "confirm-cancel.png"))
+    browser.find_element(By.ID, "confirm").click()
+    wait_for(lambda: "cancelling" in _text(browser, "#flash"), 20, message="the page says what the cancel did")
+    wait_for(lambda: (first / "CANCELLED").is_file(), 60, message="CANCELLED marker in the dataset folder")
+    assert not (first / "TRAINING").exists()
+    wait_for(lambda: _text(browser, "#state") == "cancelled", 10, message="cancelled shown live")
+
+    # The second job trains to the end; its page shows the base-vs-LoRA comparison.
+    browser.get(url)
+    second_id = wait_for(lambda: next((j["id"] for j in d.jobs() if j["dataset"] == "ohwx_carol"), None), 30)
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, f'tr[data-id="{second_id}"] .id a'), 20)
+    browser.find_element(By.CSS_SELECTOR, f'tr[data-id="{second_id}"] .id a').click()
+    wait_for(lambda: browser.find_elements(By.ID, "state"), 20, message="the second job's page")
+    wait_for(lambda: _text(browser, "#state") == "done", 300, interval=0.5, message="second job done, shown live")
+    compare = browser.find_element(By.ID, "compare")
+    wait_for(lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", compare), 20,
+             message="comparison image loaded")  # fmt: skip
+    assert browser.execute_script("return arguments[0].naturalWidth", compare) > 0  # shown live, no reload
+    browser.refresh()  # the page as rendered for a finished job: its log lines up to job.done
+    assert "job.done" in browser.find_element(By.CSS_SELECTOR, "pre.log").text
+    compare = browser.find_element(By.ID, "compare")
+    wait_for(lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", compare), 20)
+    assert "carol.safetensors" in browser.page_source  # the output paths
+    assert browser.find_elements(By.CSS_SELECTOR, "#losschart polyline")  # the loss curve has points
+    browser.save_screenshot(str(shots / "job-done.png"))
+
+    browser.find_element(By.LINK_TEXT, "LoRA library").click()
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#lora-carol img"), 20, message="the library page")
+    image = browser.find_element(By.CSS_SELECTOR, "#lora-carol img")
+    wait_for(lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image), 20)
+    assert "lorad.job_id" in browser.page_source
+    browser.save_screenshot(str(shots / "loras.png"))
+    for name in ("queue", "job-training", "confirm-cancel", "job-done", "loras"):
+        assert (shots / f"{name}.png").stat().st_size > 1000
+    print(f"screenshots: {shots}")

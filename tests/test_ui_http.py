@@ -1,0 +1,353 @@
+"""The dashboard over real HTTP (uvicorn in a thread, stdlib http.client sending raw paths):
+files only from lorad's folders, the token off loopback, the Host check on loopback, CSRF and
+Origin on every action, and the pure rules behind them."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+
+from daemon.jobs import JobStore
+from daemon.settings import SettingsError, parse_ui_address, resolve
+from daemon.ui import views
+from daemon.ui.server import UIProblem, UIServer, check_binding
+
+SECRET = "root:x:0:0 secret outside lorad"
+
+
+class Log:
+    """Collects the server's log calls (the real daemon logs them through structlog)."""
+
+    def __init__(self):
+        self.lines: list[tuple[str, str, dict]] = []
+
+    def __getattr__(self, level):
+        return lambda event, **kw: self.lines.append((level, event, kw))
+
+
+def _settings(tmp_path: Path, **env: str):
+    return resolve(env={"LORAD_ASSETS": str(tmp_path / "assets"), "LORAD_REGISTRY": str(tmp_path / "config.json"), **env})
+
+
+@pytest.fixture
+def served(tmp_path):
+    """start(**env) -> (settings, port, store): a real dashboard on a free port of this machine."""
+    servers: list[UIServer] = []
+
+    def start(**env: str):
+        env.setdefault("LORAD_UI", "127.0.0.1:0")
+        s = _settings(tmp_path, **env)
+        s.training_data.mkdir(parents=True, exist_ok=True)
+        s.loras.mkdir(parents=True, exist_ok=True)
+        store = JobStore(s.jobs_db, jobs_dir=s.jobs_dir)
+        server = UIServer(s, threading.Event(), Log())
+        assert server.start(), server.log.lines
+        servers.append(server)
+        wait_for(lambda: server.server is not None and server.server.started, 10, message="uvicorn started")
+        port = server.server.servers[0].sockets[0].getsockname()[1]
+        return s, port, store
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def get(port: int, path: str, headers: dict | None = None, method: str = "GET", body: str | None = None):
+    """One raw request to 127.0.0.1 (the path is sent exactly as given)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body, headers={"Host": f"127.0.0.1:{port}", **(headers or {})})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def _job(store: JobStore, s, name: str = "alice", state: str = "training"):
+    folder = s.training_data / f"ohwx_{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    job = store.create(job_id=f"20260101-000000-{name[:4]}", dataset_path=folder, name=name, trigger="ohwx",
+                       fingerprint=f"fp-{name}", ready_token=None, settings={"engine": "scripted"})  # fmt: skip
+    if state != "queued":
+        for step in ("preparing", "training"):
+            store.transition(job.id, step)
+    return store.get(job.id)
+
+
+# -- files ----------------------------------------------------------------------------------
+
+TRAVERSALS = [
+    "/files/../../etc/passwd",
+    "/files/loras/../../../../etc/passwd",
+    "/files/loras/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    "/files/loras/%2e%2e%2f%2e%2e%2f%2e%2e%2fsecret.txt",
+    "/files/loras/..%2f..%2fsecret.txt",
+    "/files/loras/%252e%252e%252fsecret.txt",  # double-encoded: decoded once, then taken literally
+    "/files/loras/%2fetc%2fpasswd",
+    "/files/loras//etc/passwd",
+    "/files/loras/..\\..\\secret.txt",
+    "/files/loras/a.png%00.png",
+    "/files/loras/escape.png",  # a symlink out of the loras folder
+    "/files/loras/sub/escape.png",  # a symlinked folder out of it
+    "/files/jobs/20260101-000000-alic/render/../../../../secret.txt",
+    "/files/jobs/20260101-000000-alic/data/0001.png",  # work dir, but not its render folder
+    "/files/jobs/20260101-000000-alic/render/snapshot.png",  # a link from render/ into data/
+    "/files/jobs/../../secret.txt",
+    "/files/state/jobs.db",
+    "/files/loras",
+]
+
+
+def test_files_are_served_only_from_lorads_folders(served, tmp_path):
+    s, port, store = served()
+    job = _job(store, s)
+    secret = tmp_path / "assets" / "secret.txt"  # beside the loras folder, not in it
+    secret.write_text(SECRET)
+    (s.loras / "a.png").write_bytes(b"\x89PNG lora render")
+    (s.loras / "escape.png").symlink_to(secret)
+    (s.loras / "sub").symlink_to(tmp_path / "assets")
+    render = s.jobs_dir / job.id / "render"
+    render.mkdir(parents=True)
+    (render / "compare.png").write_bytes(b"\x89PNG compare")
+    (s.jobs_dir / job.id / "data").mkdir()
+    (s.jobs_dir / job.id / "data" / "0001.png").write_bytes(b"\x89PNG user image")
+    (render / "snapshot.png").symlink_to(s.jobs_dir / job.id / "data" / "0001.png")
+
+    assert get(port, "/files/loras/a.png")[2] == b"\x89PNG lora render"
+    status, headers, body = get(port, f"/files/jobs/{job.id}/render/compare.png")
+    assert (status, body) == (200, b"\x89PNG compare")
+    assert headers["content-security-policy"] == "sandbox"
+    for path in TRAVERSALS:
+        status, _headers, body = get(port, path)
+        assert status in (307, 400, 404), (path, status)  # 307: /files/loras -> /files/loras/ (404)
+        assert b"secret" not in body and b"root:" not in body and b"user image" not in body, path
+
+
+@pytest.mark.parametrize(
+    "relative, ok",
+    [("a.png", True), ("sub/b.png", True), ("../a.png", False), ("sub/../a.png", False), ("./a.png", False),
+     ("", False), ("/etc/passwd", False), ("a.png/", False), ("sub\\b.png", False), ("a\x00.png", False),
+     ("missing.png", False), ("sub", False), ("link.png", False), ("inner.png", True)],
+)  # fmt: skip
+def test_inside_table(tmp_path, relative, ok):
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.png").write_bytes(b"a")
+    (root / "sub" / "b.png").write_bytes(b"b")
+    (tmp_path / "outside.png").write_bytes(b"o")
+    (root / "link.png").symlink_to(tmp_path / "outside.png")
+    (root / "inner.png").symlink_to(root / "a.png")  # a link that stays inside is fine
+    assert (views.inside(root, relative) is not None) is ok
+
+
+# -- token and Host ---------------------------------------------------------------------------
+
+
+def test_non_loopback_address_without_token_is_refused(tmp_path):
+    with pytest.raises(UIProblem, match="ui_token"):
+        check_binding("0.0.0.0", None)
+    check_binding("0.0.0.0", "t0ken")
+    check_binding("127.0.0.1", None)
+    check_binding("::1", None)
+    s = _settings(tmp_path, LORAD_UI="0.0.0.0:0")
+    log = Log()
+    assert UIServer(s, threading.Event(), log).start() is False
+    assert [(lvl, ev) for lvl, ev, _ in log.lines] == [("error", "ui.unavailable")]
+    assert "ui_token" in log.lines[0][2]["reason"]
+
+
+def test_token_checked_on_every_request_when_bound_to_all_addresses(served):
+    token = "t0ken-" + os.urandom(8).hex()
+    s, port, store = served(LORAD_UI="0.0.0.0:0", LORAD_UI_TOKEN=token)  # the client only talks to 127.0.0.1
+    job = _job(store, s)
+    (s.loras / "a.png").write_bytes(b"png")
+    for path in ("/", f"/jobs/{job.id}", "/loras", "/events", "/files/loras/a.png", "/static/app.js",
+                 f"/jobs/{job.id}/confirm/cancel", "/nothing-here"):  # fmt: skip
+        assert get(port, path)[0] == 401, path
+        assert get(port, path, {"Authorization": "Bearer wrong"})[0] == 401, path
+        assert get(port, path, {"Cookie": "lorad_token=wrong"})[0] == 401, path
+    assert get(port, "/?token=wrong")[0] == 401
+    assert get(port, f"/jobs/{job.id}/cancel", method="POST", body="")[0] == 401
+    assert get(port, "/", {"Authorization": f"Bearer {token}", "Host": "lorad.lan:8765"})[0] == 200
+    status, headers, _ = get(port, f"/jobs/{job.id}?token={token}&x=1")
+    assert status == 303 and headers["location"] == f"/jobs/{job.id}?x=1"  # the token leaves the URL...
+    cookie = headers["set-cookie"]
+    assert f"lorad_token={token}" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    assert get(port, "/loras", {"Cookie": f"lorad_token={token}"})[0] == 200  # ...for a cookie
+    assert store.get(job.id).state == "training" and not store.get(job.id).cancel_requested
+
+
+def test_loopback_dashboard_answers_only_to_loopback_host_names(served):
+    _s, port, _store = served()
+    assert get(port, "/")[0] == 200
+    assert get(port, "/", {"Host": f"localhost:{port}"})[0] == 200
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", f"127.0.0.1:{port + 1}"):
+        assert get(port, "/", {"Host": host})[0] == 403, host
+
+
+@pytest.mark.parametrize(
+    "host, port, ok",
+    [("127.0.0.1:8765", 8765, True), ("localhost:8765", 8765, True), ("[::1]:8765", 8765, True),
+     ("localhost", 8765, True), ("127.0.0.1:8766", 8765, False), ("evil.com:8765", 8765, False),
+     ("10.0.0.1:8765", 8765, False), (None, 8765, False), ("", 8765, False)],
+)  # fmt: skip
+def test_host_allowed_table(host, port, ok):
+    assert views.host_allowed(host, port) is ok
+
+
+# -- CSRF and Origin on actions ---------------------------------------------------------------
+
+
+def _csrf(port: int, job_id: str, action: str) -> tuple[str, str]:
+    status, headers, body = get(port, f"/jobs/{job_id}/confirm/{action}")
+    assert status == 200
+    cookie = re.search(r"lorad_csrf=([^;]+)", headers["set-cookie"]).group(1)
+    field = re.search(rb'name="csrf" value="([^"]+)"', body).group(1).decode()
+    assert field == cookie
+    return cookie, field
+
+
+def test_actions_need_the_csrf_token_and_the_dashboards_origin(served):
+    s, port, store = served()
+    job = _job(store, s, state="queued")
+    cookie, field = _csrf(port, job.id, "cancel")
+    own = f"http://127.0.0.1:{port}"
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    refused = [
+        ({**form, "Origin": own}, ""),  # no token at all
+        ({**form, "Origin": own, "Cookie": f"lorad_csrf={cookie}"}, ""),  # cookie without the field
+        ({**form, "Origin": own}, f"csrf={field}"),  # field without the cookie
+        ({**form, "Origin": own, "Cookie": f"lorad_csrf={cookie}"}, "csrf=wrong"),
+        ({**form, "Origin": own, "Cookie": "lorad_csrf=other"}, f"csrf={field}"),
+        ({**form, "Origin": "http://evil.example", "Cookie": f"lorad_csrf={cookie}"}, f"csrf={field}"),
+        ({**form, "Origin": "null", "Cookie": f"lorad_csrf={cookie}"}, f"csrf={field}"),
+        ({**form, "Referer": "http://evil.example/x", "Cookie": f"lorad_csrf={cookie}"}, f"csrf={field}"),
+        ({**form, "Cookie": f"lorad_csrf={cookie}"}, f"csrf={field}"),  # neither Origin nor Referer
+    ]
+    for headers, body in refused:
+        status, _h, text = get(port, f"/jobs/{job.id}/cancel", headers, method="POST", body=body)
+        assert status == 403, (headers, body, status)
+        assert store.get(job.id).state == "queued"
+    assert get(port, f"/jobs/{job.id}/cancel")[0] == 405  # a GET never acts
+    status, headers, _ = get(port, f"/jobs/{job.id}/cancel", {**form, "Origin": own, "Cookie": f"lorad_csrf={cookie}"},
+                             method="POST", body=f"csrf={field}")  # fmt: skip
+    assert status == 303 and headers["location"].startswith(f"/jobs/{job.id}?msg=cancelled")
+    assert store.get(job.id).state == "cancelled"
+    assert (Path(job.dataset_path) / "CANCELLED").is_file()
+
+
+def test_retry_and_retrain_go_through_the_cli_code(served):
+    s, port, store = served()
+    job = _job(store, s, state="queued")
+    store.cancel(job.id)
+    own = {"Origin": f"http://127.0.0.1:{port}", "Content-Type": "application/x-www-form-urlencoded"}
+    cookie, field = _csrf(port, job.id, "retry")
+    status, headers, _ = get(port, f"/jobs/{job.id}/retry", {**own, "Cookie": f"lorad_csrf={cookie}"}, "POST", f"csrf={field}")
+    assert status == 303 and "queued" in headers["location"]
+    assert store.get(job.id).state == "queued" and store.get(job.id).attempt == 2
+    # Retrying a queued job is refused with the CLI's words.
+    status, headers, _ = get(port, f"/jobs/{job.id}/retry", {**own, "Cookie": f"lorad_csrf={cookie}"}, "POST", f"csrf={field}")
+    assert status == 303 and "only+failed%2C+cancelled+or+interrupted" in headers["location"]
+    status, _h, _ = get(port, f"/jobs/{job.id}/retrain", {**own, "Cookie": f"lorad_csrf={cookie}"}, "POST", f"csrf={field}")
+    assert status == 303
+    assert (Path(job.dataset_path) / "READY").read_text() == "force = true\n"
+
+
+def test_same_origin_table():
+    assert views.same_origin("http://127.0.0.1:8765", None, "127.0.0.1:8765", "http")
+    assert not views.same_origin("http://127.0.0.1:8766", None, "127.0.0.1:8765", "http")
+    assert not views.same_origin("https://127.0.0.1:8765", None, "127.0.0.1:8765", "http")
+    assert views.same_origin(None, "http://127.0.0.1:8765/jobs/x", "127.0.0.1:8765", "http")
+    assert not views.same_origin(None, "http://127.0.0.1:8765.evil.example/", "127.0.0.1:8765", "http")
+    assert not views.same_origin(None, None, "127.0.0.1:8765", "http")
+    assert not views.same_origin("http://127.0.0.1:8765", None, None, "http")
+
+
+# -- pages, live stream, settings -------------------------------------------------------------
+
+
+def test_pages_show_the_job_and_the_stream_sends_progress(served):
+    s, port, store = served()
+    job = _job(store, s)
+    store.update(job.id, step=3, total_steps=10, loss=0.25, eta_s=40)
+    workdir = s.jobs_dir / job.id
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "progress.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 3, "loss": 0.25}\n{"step": 4, "lo')
+    status, _h, body = get(port, "/")
+    assert status == 200 and job.id.encode() in body and b"3/10" in body
+    status, _h, body = get(port, f"/jobs/{job.id}")
+    assert status == 200 and b"[[1, 0.5], [3, 0.25]]" in body  # the torn last line is skipped
+    assert get(port, "/jobs/nope")[0] == 404
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn.sendall(f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    reader = conn.makefile("rb")
+
+    def next_event() -> dict:
+        while True:
+            line = reader.readline()
+            if line.startswith(b"data: "):
+                return json.loads(line[6:])
+
+    first = next_event()
+    assert first["full"] and first["rows"][0]["step"] == 3
+    store.update(job.id, step=4, loss=0.2)
+    update = next_event()
+    assert not update["full"] and [(r["id"], r["step"], r["pct"]) for r in update["rows"]] == [(job.id, 4, 40)]
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("127.0.0.1:8765", "127.0.0.1:8765"), ("false", None), ("off", None), ("0.0.0.0:9000", "0.0.0.0:9000"),
+     ("[::1]:8765", "[::1]:8765")],
+)  # fmt: skip
+def test_ui_setting(value, expected):
+    assert resolve(env={"LORAD_UI": value}).ui == expected
+
+
+def test_ui_setting_from_the_file_and_bad_values():
+    assert resolve().ui == "127.0.0.1:8765" and resolve().ui_token is None
+    assert resolve(file_values={"ui": False}).ui is None
+    assert resolve(file_values={"ui": True}).ui == "127.0.0.1:8765"
+    for bad in ("8765", "localhost", "host:port", "127.0.0.1:70000", ""):
+        with pytest.raises(SettingsError, match="setting 'ui'"):
+            resolve(env={"LORAD_UI": bad})
+    assert parse_ui_address("[::1]:8765") == ("::1", 8765)
+
+
+def test_series_is_thinned_to_its_limit(tmp_path):
+    path = tmp_path / "progress.jsonl"
+    path.write_text("".join(json.dumps({"step": i, "loss": 1 / i}) + "\n" for i in range(1, 1001)))
+    points = views.read_series(path, limit=100)
+    assert len(points) == 100 and points[0] == [1, 1.0] and points[-1][0] == 1000
+
+
+def test_lora_groups_collect_versions(tmp_path):
+    for name in ("alice.safetensors", "alice.v1.safetensors", "alice.v2.safetensors", "alice.png", "bob.v1.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    assert views.lora_groups(tmp_path) == [
+        {"name": "alice", "current": "alice", "versions": ["alice.v2", "alice.v1"]},
+        {"name": "bob", "current": None, "versions": ["bob.v1"]},
+    ]
+
+
+def test_port_in_use_is_one_log_line_and_the_daemon_runs_on(daemon_factory):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        d = daemon_factory(extra_env={"LORAD_UI": f"127.0.0.1:{port}"}).start()
+        lines = [e for e in d.events() if e.get("event", "").startswith("ui.")]
+        assert [e["event"] for e in lines] == ["ui.unavailable"] and "in use" in lines[0]["reason"]
+        assert d.log_has("daemon.started", ui=None) and d.proc.poll() is None
+    finally:
+        busy.close()
