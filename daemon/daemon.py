@@ -278,6 +278,16 @@ class Daemon:
         logging_flush()
         return 0
 
+    def _start_ui(self):
+        """The dashboard in a thread (daemon/ui/); None when `ui = false` or it cannot listen
+        (one log line: the daemon runs on without it)."""
+        if self.settings.ui is None:
+            return None
+        from daemon.ui.server import UIServer
+
+        server = UIServer(self.settings, self.shutdown, self.log)
+        return server if server.start() else None
+
     def _start_notifier(self, store: JobStore):
         """The job-end notifier (daemon/notify.py), watching every transition; None without targets.
         Imported only when targets are set; apprise itself loads only in its delivery child."""
@@ -290,7 +300,6 @@ class Daemon:
             store.observers.append(notifier.on_transition)
             notifier.start()
         return notifier
-
 
     def _start_intake(self, store: JobStore, enqueue) -> tuple[IntakeLoop, Watcher, int]:
         s = self.settings
@@ -317,6 +326,7 @@ class Daemon:
             return 1
         s.training_data.mkdir(parents=True, exist_ok=True)
         s.loras.mkdir(parents=True, exist_ok=True)
+        notifier = self._start_notifier(store)
         recovered = recover_work_dirs(s, store)
         if jobs_moved is not None:
             self.log.warning("jobs.db_rebuilt", moved_to=str(jobs_moved), recovered=len(recovered), reason=jobs_problem)
@@ -340,12 +350,16 @@ class Daemon:
         from daemon.doctor import announce_weights
 
         announce_weights(s, self.log)
+        ui = self._start_ui()
         self.log.info("daemon.started", pid=os.getpid(), assets=str(s.assets), state=str(s.state), model=s.model,
                       engine=s.engine, observer=s.observer, ready_found=found, queue=mask(s.queue),
-                      local_worker=s.local_worker)  # fmt: skip
+                      local_worker=s.local_worker, notify_targets=len(s.notify), notify_on=list(s.notify_on),
+                      ui=ui.url if ui is not None else None)  # fmt: skip
         while not self.shutdown.wait(s.rescan_interval_s):
             loop.rescan(s.training_data)
         started = time.monotonic()
+        if ui is not None:
+            ui.stop()
         watcher.stop()
         loop.stop()
         worker_stop.set()  # the local worker's job checkpoints; its state reaches Redis first
@@ -354,6 +368,8 @@ class Daemon:
             worker_thread.join(s.stop_timeout_s + 5)
             clean = not worker_thread.is_alive()
         clean = coordinator.join(15) and clean
+        if notifier is not None:
+            notifier.stop()
         if clean:
             store.close()
         self.log.info("daemon.stopped", seconds=round(time.monotonic() - started, 2), clean=clean)
@@ -382,17 +398,6 @@ def _with_engines(settings: Settings, engines: dict) -> Settings:
     values = {name: getattr(settings, name) for name in FIELDS}
     values["engines"] = engines
     return Settings(**values)
-
-
-    def _start_ui(self):
-        """The dashboard in a thread (daemon/ui/); None when `ui = false` or it cannot listen
-        (one log line: the daemon runs on without it)."""
-        if self.settings.ui is None:
-            return None
-        from daemon.ui.server import UIServer
-
-        server = UIServer(self.settings, self.shutdown, self.log)
-        return server if server.start() else None
 
 
 def logging_flush() -> None:
