@@ -130,11 +130,14 @@ MIGRATIONS = [
     """,
     # 2: the memory/training plan chosen for the job.
     "ALTER TABLE jobs ADD COLUMN plan TEXT NOT NULL DEFAULT '{}';",
+    # 3: a remote engine's request ({"engine", "endpoint", "request_id", ...}) and its latest word
+    # on the job ("fal.ai queue, position 3"), from Progress.remote / Progress.note.
+    "ALTER TABLE jobs ADD COLUMN remote TEXT NOT NULL DEFAULT '{}'; ALTER TABLE jobs ADD COLUMN note TEXT;",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-_JSON_COLUMNS = ("settings", "outputs", "plan")
+_JSON_COLUMNS = ("settings", "outputs", "plan", "remote")
 
 
 class Job:
@@ -207,6 +210,8 @@ def marker_text(job: Job) -> str:
             lines.append(f"ETA {int(job.eta_s // 3600):02d}:{int(job.eta_s % 3600 // 60):02d}:{int(job.eta_s % 60):02d}")
         if job.loss is not None:
             lines.append(f"loss {job.loss:.4f}")
+        if getattr(job, "note", None):
+            lines.append(job.note)
         lines.append(f"updated {iso(job.updated_at)}")
         return "\n".join(lines) + "\n"
     if job.state == "done":

@@ -55,6 +55,10 @@ FIELDS: dict[str, tuple[str, object]] = {
     # Intake refuses larger files before reading them (a 40 GB sparse "image" must not be read).
     "max_image_bytes": ("int", 100_000_000),
     "max_caption_bytes": ("int", 64 * 1024),
+    # A job whose local plan fails for memory goes to the cloud engine (fal) instead of failing.
+    "cloud_fallback": ("bool", False),
+    # At most this many jobs sent to a paid cloud engine in any 24 hours (0: no limit).
+    "cloud_daily_jobs": ("int", 10),
     # Each engine's own settings, raw: {"mflux": {"checkpoint_every": 5}} from `[engines.mflux]` or
     # LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY; the engine validates them when the daemon starts.
     "engines": ("dict", None),
@@ -92,6 +96,8 @@ class Settings:
     lock_timeout_s: float
     max_image_bytes: int
     max_caption_bytes: int
+    cloud_fallback: bool
+    cloud_daily_jobs: int
     engines: dict[str, dict[str, object]]
     deprecations: tuple[str, ...]
 
