@@ -269,9 +269,7 @@ class FalEngine:
         if record.is_file():
             saved = json.loads(record.read_text(encoding="utf-8"))
             self.log.info("fal.reattach", request_id=saved["request_id"], endpoint=saved["endpoint"])
-            note("re-attached to the fal.ai request", {"engine": self.name, "endpoint": saved["endpoint"],
-                                                       "request_id": saved["request_id"]})
-            return str(saved["request_id"])
+            return str(saved["request_id"])  # its first status poll reports it (with the step fal is at)
         problem = pricing.daily_problem(self._submitted_last_day(), self.daily_jobs)
         if problem:
             self._refusal = problem
@@ -304,7 +302,7 @@ class FalEngine:
             if status.state == "COMPLETED":
                 return status.error
             if status.state == "IN_QUEUE":
-                note(f"fal.ai queue, position {status.position}", {**remote, "state": "IN_QUEUE", "position": status.position})
+                note(f"fal.ai queue, position {status.position}", {**remote, "state": "IN_QUEUE"})
             else:
                 step = step_from_logs(status.logs, total)
                 if step is not None:

@@ -90,6 +90,8 @@ class FalService:
         for name, env in (("REST_URL", "FAL_REST_URL"), ("CDN_URL", "FAL_CDN_URL")):
             if os.environ.get(env):
                 setattr(fc, name, os.environ[env].rstrip("/"))
+        if os.environ.get("FAL_QUEUE_RUN_HOST"):  # read by fal_client at import; again here, for a process that imported it earlier
+            fc.QUEUE_URL_FORMAT = f"https://{os.environ['FAL_QUEUE_RUN_HOST']}/"
         self.timeout_s = timeout_s
         self.client = fc.SyncClient(key=key, default_timeout=timeout_s)
 
