@@ -317,3 +317,38 @@ def test_no_key_fails_the_job_with_a_reason_naming_fal_key(daemon_factory, fal, 
     wait_for(lambda: d.job_states().get("ohwx_dave") == "failed", 120, message="failed without a key")
     assert "FAL_KEY" in d.jobs()[0]["error"] and "FAL_KEY" in (folder / "FAILED.txt").read_text()
     assert fal.submissions == [] and d.proc.poll() is None  # the daemon keeps running
+
+
+@pytest.mark.slow
+def test_cloud_fallback_sends_a_job_no_local_plan_fits_to_fal(daemon_factory, fal):
+    d = daemon_factory(engine="mflux", extra_env={**fal.env(KEY), "LORAD_RAM_GB": "0.01", "LORAD_CLOUD_FALLBACK": "true",
+                                                   "LORAD_ENGINES_FAL_POLL_S": "0.05"}).start()
+    folder = make_dataset(d.training_data / "ohwx_erin", images=2, trigger="ohwx")
+    (folder / "READY").write_text("steps = 20\n")
+    wait_for(lambda: d.job_states().get("ohwx_erin") in ("done", "failed"), 300, message="fallback job finished")
+    job = d.jobs()[0]
+    assert job["state"] == "done", job["error"]
+    assert job["settings"]["engine"] == "fal" and job["settings"]["fallback_from"] == "mflux"
+    assert d.log_has("job.cloud_fallback", from_engine="mflux", to_engine="fal") and len(fal.submissions) == 1
+
+
+@pytest.mark.slow
+def test_without_cloud_fallback_the_memory_refusal_stands(daemon_factory, fal):
+    d = daemon_factory(engine="mflux", extra_env={**fal.env(KEY), "LORAD_RAM_GB": "0.01"}).start()
+    folder = make_dataset(d.training_data / "ohwx_fay", images=2, trigger="ohwx")
+    (folder / "READY").write_text("steps = 20\n")
+    wait_for(lambda: d.job_states().get("ohwx_fay") == "failed", 120, message="memory refusal")
+    assert fal.submissions == []
+
+
+def test_engine_option_per_job_is_checked_against_the_known_engines():
+    from daemon.intake.options import parse_options
+    from daemon.intake.take import effective_settings
+    from daemon.settings import Settings
+
+    options, findings = parse_options('engine = "fal"\nmax_cost_usd = 2.5\n', "lora.toml", allow_force=False)
+    assert findings == [] and options == {"engine": "fal", "max_cost_usd": 2.5}
+    assert effective_settings(options, Settings())["engine"] == "fal"
+    assert effective_settings({}, Settings())["engine"] == "mflux"
+    _, findings = parse_options('engine = "cloudy"\n', "READY", allow_force=True)
+    assert len(findings) == 1 and "fal" in findings[0].hint and "mflux" in findings[0].hint
