@@ -132,11 +132,14 @@ MIGRATIONS = [
     "ALTER TABLE jobs ADD COLUMN plan TEXT NOT NULL DEFAULT '{}';",
     # 3: scale-out: the worker that runs the job, and why a queued job waits (no worker fits it).
     "ALTER TABLE jobs ADD COLUMN worker TEXT; ALTER TABLE jobs ADD COLUMN waiting TEXT;",
+    # 4: a remote engine's request ({"engine", "endpoint", "request_id", ...}) and its latest word
+    # on the job ("fal.ai queue, position 3"), from Progress.remote / Progress.note.
+    "ALTER TABLE jobs ADD COLUMN remote TEXT NOT NULL DEFAULT '{}'; ALTER TABLE jobs ADD COLUMN note TEXT;",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-_JSON_COLUMNS = ("settings", "outputs", "plan")
+_JSON_COLUMNS = ("settings", "outputs", "plan", "remote")
 
 
 class Job:
@@ -209,6 +212,8 @@ def marker_text(job: Job) -> str:
             lines.append(f"ETA {int(job.eta_s // 3600):02d}:{int(job.eta_s % 3600 // 60):02d}:{int(job.eta_s % 60):02d}")
         if job.loss is not None:
             lines.append(f"loss {job.loss:.4f}")
+        if getattr(job, "note", None):
+            lines.append(job.note)
         lines.append(f"updated {iso(job.updated_at)}")
         return "\n".join(lines) + "\n"
     if job.state == "done":

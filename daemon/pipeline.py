@@ -27,6 +27,7 @@ from engines.base import (
     EngineSettingsError,
     JobInput,
     Machine,
+    MemoryPlanError,
     PlanError,
     Progress,
     RenderFailed,
@@ -39,6 +40,9 @@ from engines.base import (
     engine_class,
     get_engine,
 )
+
+
+CLOUD_ENGINE = "fal"  # where `cloud_fallback` sends a job no local plan fits
 
 
 def machine_now(memory_override_gb: float | None = None) -> Machine:
@@ -59,7 +63,8 @@ def make_engine(settings: Settings, name: str | None = None) -> Engine:
     """The engine `name` (default: the `engine` setting) with its `[engines.<name>]` section;
     SettingsError when the name is unknown or the section is bad."""
     name = name or settings.engine
-    context = EngineContext(settings.state, settings.stop_timeout_s, settings.keep_awake, settings.engines.get(name, {}))
+    context = EngineContext(settings.state, settings.stop_timeout_s, settings.keep_awake, settings.engines.get(name, {}),
+                            cloud_daily_jobs=settings.cloud_daily_jobs)
     try:
         return get_engine(name, context)
     except EngineSettingsError as exc:
@@ -139,10 +144,17 @@ class ProgressSink:
         self._marker_stale = False  # the db is ahead of the marker
         self._timer: threading.Timer | None = None
         self._closed = False
+        self._remote: dict | None = None
 
     def __call__(self, p: Progress) -> None:
         now = time.monotonic()
         final = p.step >= p.total
+        if p.remote is not None and p.remote != self._remote:
+            # A remote request's identity is stored at once, never throttled: it is what
+            # `lorad status` shows of a paid request (the engine's workdir copy is what re-attaches).
+            self._remote = dict(p.remote)
+            self.store.update(self.job_id, remote=self._remote, note=p.note)
+            self.log.info("job.remote", **{k: v for k, v in self._remote.items() if k in ("engine", "endpoint", "request_id", "state")})
         with self._lock:
             self._closed = False
             self._pending = p
@@ -165,7 +177,9 @@ class ProgressSink:
         if self._pending is not None and (final or now - self._last_db >= 1.0):
             p, self._pending = self._pending, None
             self._last_db = now
-            fields = dict(step=p.step, total_steps=p.total, loss=p.loss)
+            fields: dict[str, object] = dict(step=p.step, total_steps=p.total, loss=p.loss)
+            if p.note is not None:
+                fields["note"] = p.note
             if p.eta_s is not None or p.step <= 1:  # a resumed run's first step has no rate yet: keep the last ETA
                 fields["eta_s"] = p.eta_s
             job = self.store.update(self.job_id, **fields)
@@ -335,6 +349,11 @@ class Pipeline:
                 plan = TrainingPlan.from_dict(json.loads(plan_path.read_text()))  # resume: same plan
             else:
                 plan = engine.plan(spec, machine)
+        except MemoryPlanError as exc:
+            fallback = self._cloud_fallback(job, engine, spec, machine, exc)
+            if fallback is None:
+                return
+            engine, plan = fallback
         except PlanError as exc:
             self.store.transition(job_id, "failed", error=str(exc))
             return
@@ -401,6 +420,22 @@ class Pipeline:
             self.store.transition(job_id, "failed", error=str(exc))
             return
         self.store.transition(job_id, "done", outputs=outputs, eta_s=0)
+
+    def _cloud_fallback(self, job, engine: Engine, spec: JobInput, machine: Machine, exc: PlanError):
+        """`cloud_fallback = true`: a job no local plan fits (memory) goes to the cloud engine;
+        the job's settings record the switch, so a restart resumes it there. None: the job failed."""
+        if not self.settings.cloud_fallback or engine.name == CLOUD_ENGINE:
+            self.store.transition(job.id, "failed", error=str(exc))
+            return None
+        try:
+            cloud = make_engine(self.settings, CLOUD_ENGINE)
+            plan = cloud.plan(spec, machine)
+        except (SettingsError, PlanError) as cloud_exc:
+            self.store.transition(job.id, "failed", error=f"{exc}; cloud_fallback to {CLOUD_ENGINE} failed too: {cloud_exc}")
+            return None
+        self.log.warning("job.cloud_fallback", from_engine=engine.name, to_engine=CLOUD_ENGINE, reason=str(exc))
+        self.store.update(job.id, settings={**job.settings, "engine": CLOUD_ENGINE, "fallback_from": engine.name})
+        return cloud, plan
 
     def _complete_registry(self, job) -> None:
         """The job's LoRA is already published (its header names this job): only its registry

@@ -70,6 +70,10 @@ FIELDS: dict[str, tuple[str, object]] = {
     "ui": ("str | None", "127.0.0.1:8765"),
     # Required to bind the dashboard to a non-loopback address; checked on every request.
     "ui_token": ("str | None", None),
+    # A job whose local plan fails for memory goes to the cloud engine (fal) instead of failing.
+    "cloud_fallback": ("bool", False),
+    # At most this many jobs sent to a paid cloud engine in any 24 hours (0: no limit).
+    "cloud_daily_jobs": ("int", 10),
     # Each engine's own settings, raw: {"mflux": {"checkpoint_every": 5}} from `[engines.mflux]` or
     # LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY; the engine validates them when the daemon starts.
     "engines": ("dict", None),
@@ -121,6 +125,8 @@ class Settings:
     download_models: bool
     ui: str | None
     ui_token: str | None
+    cloud_fallback: bool
+    cloud_daily_jobs: int
     engines: dict[str, dict[str, object]]
     notify: tuple[str, ...]
     notify_on: tuple[str, ...]

@@ -89,5 +89,7 @@ def render_status(jobs: list, *, show_all: bool, as_json: bool, daemon_pid: int 
         )
         if job.state == "failed" and job.error:
             lines += error_lines(job.error, f"{'':<22} ")
+        elif job.state not in FINISHED and getattr(job, "note", None):
+            lines.append(f"{'':<22} {job.note}")
         lines += remote_lines(job, f"{'':<22} ")
     return "\n".join(lines)

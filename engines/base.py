@@ -59,6 +59,7 @@ class EngineContext:
     stop_timeout_s: float = 60.0
     keep_awake: bool = True
     options: Mapping[str, object] = field(default_factory=dict)  # raw `[engines.<name>]` values
+    cloud_daily_jobs: int = 0  # engines that pay per job (fal): at most this many sent a day; 0 = no limit
 
 
 # -- plans -----------------------------------------------------------------------------------
@@ -103,6 +104,10 @@ class PlanError(Exception):
         self.needs_gb, self.has_gb = needs_gb, has_gb
 
 
+class MemoryPlanError(PlanError):
+    """No plan fits this machine's memory: another machine (`cloud_fallback`: the cloud) could train it."""
+
+
 # -- results ---------------------------------------------------------------------------------
 
 
@@ -112,6 +117,13 @@ class Progress:
     total: int
     loss: float | None = None
     eta_s: float | None = None
+    # A remote engine's word on where the job is ("fal.ai queue, position 3", "waiting: fal.ai
+    # unreachable ..."): the daemon shows it in status and the marker.
+    note: str | None = None
+    # Where the job runs remotely ({"engine", "endpoint", "request_id", ...}): stored in the job row
+    # as soon as it is reported (the engine has already written it to its workdir, which is what a
+    # restart re-attaches from); never a secret.
+    remote: dict[str, Any] | None = None
 
 
 class TrainStatus(enum.Enum):
@@ -377,3 +389,4 @@ def get_engine(name: str, context: EngineContext) -> Engine:
 
 register("mflux", "engines.mflux.engine:MFluxEngine")
 register("scripted", "engines.scripted.engine:ScriptedEngine")
+register("fal", "engines.fal.engine:FalEngine")

@@ -1,7 +1,7 @@
 """Conformance: every registered engine goes through the same contract, for real.
 
 mflux trains the miniature model `tiny-z-image` in its child process; the scripted engine runs
-its stand-in child. Each: plan, train stopped at a step (by a StopToken, as the daemon does),
+its stand-in child; the fal engine talks to the local stand-in of fal.ai (tests/fal_standin.py). Each: plan, train stopped at a step (by a StopToken, as the daemon does),
 resume to completion, render (and a stopped render), report files, adapter metadata, intake
 limits, doctor checks, step-down. A new engine is covered by registering it.
 """
@@ -45,8 +45,18 @@ def _job(workdir: Path, rank: int = 8) -> JobInput:
 
 
 @pytest.fixture(params=known_engines())
-def engine(request, tmp_path) -> Engine:
-    return get_engine(request.param, EngineContext(state_dir=tmp_path / "state", stop_timeout_s=60))
+def engine(request, tmp_path, monkeypatch) -> Engine:
+    options: dict = {}
+    if request.param == "fal":  # the cloud engine runs against the local stand-in of fal.ai
+        from fal_standin import FalStandIn, diffusers_lora
+
+        standin = FalStandIn(tmp_path / "fal")
+        standin.lora = diffusers_lora(tmp_path / "fal" / "rank8.safetensors", rank=8)
+        request.addfinalizer(standin.close)
+        for name, value in standin.env().items():
+            monkeypatch.setenv(name, value)
+        options = {"poll_s": 0.02, "retry_base_s": 0.02}
+    return get_engine(request.param, EngineContext(state_dir=tmp_path / "state", stop_timeout_s=60, options=options))
 
 
 @pytest.mark.slow

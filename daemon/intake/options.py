@@ -26,6 +26,8 @@ OPTION_SPECS: dict[str, tuple[type, Any, Any]] = {
     "priority": (int, -1000, 1000),
     "preview_prompt": (str, 1, 2000),
     "caption_policy": (str, None, None),
+    "engine": (str, 1, 50),  # one of engines.base.known_engines(): "mflux", "fal", ...
+    "max_cost_usd": (float, 0.0, 100_000.0),  # a cloud engine refuses the job above this estimate
 }
 READY_ONLY = {"force": (bool, None, None)}
 
@@ -54,6 +56,16 @@ def _check_value(key: str, value: Any, spec: tuple[type, Any, Any], filename: st
             'write caption_policy = "prepend" (default) or "require"',
             code="option.value",
         )
+    if key == "engine":
+        from engines.base import known_engines
+
+        if value.strip() not in known_engines():
+            return None, Finding.error(
+                filename,
+                f"key 'engine' = {value!r} is not an engine lorad has",
+                f"known engines: {', '.join(known_engines())}",
+                code="option.value",
+            )
     if kind is str:
         text = value.strip()
         if low is not None and not (low <= len(text) <= high):
@@ -97,6 +109,8 @@ def _example(key: str) -> str:
         "preview_prompt": '"ohwx, portrait photo"',
         "caption_policy": '"prepend"',
         "force": "true",
+        "engine": '"fal"',
+        "max_cost_usd": "5.0",
     }.get(key, "...")
 
 

@@ -25,7 +25,7 @@ from daemon.jobs import JobStore, iso, marker_text, new_job_id
 from daemon.logs import get_logger
 from daemon.settings import Settings
 
-TRAINING_KEYS = ("rank", "alpha", "epochs", "steps", "learning_rate", "resolution", "caption_policy")
+TRAINING_KEYS = ("rank", "alpha", "epochs", "steps", "learning_rate", "resolution", "caption_policy", "max_cost_usd")
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Outcome:
 
 def effective_settings(options: dict, settings: Settings) -> dict:
     """What decides the trained result: the model, the engine and the training options (pure)."""
-    effective = {"model": options.get("model", settings.model), "engine": settings.engine}
+    effective = {"model": options.get("model", settings.model), "engine": options.get("engine", settings.engine)}
     for key in TRAINING_KEYS:
         if key in options:
             effective[key] = options[key]

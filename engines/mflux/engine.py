@@ -23,6 +23,7 @@ from engines.base import (
     IntakeLimits,
     JobInput,
     Machine,
+    MemoryPlanError,
     Option,
     PlanError,
     Progress,
@@ -154,7 +155,7 @@ class MFluxEngine:
         try:
             memory = self._memory(job, limit)
         except InsufficientMemory as exc:
-            raise PlanError(str(exc)) from None
+            raise MemoryPlanError(str(exc)) from None
         return self._plan_from_memory(job, memory, limit)
 
     def step_down(self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult) -> TrainingPlan | None:

@@ -1,0 +1,477 @@
+"""FalEngine: train on fal.ai behind the engine contract (daemon side: no ML imports).
+
+Training is one request to a fal trainer endpoint (`pricing.ENDPOINTS`, overridable):
+zip the snapshot (images + captions), upload it, submit, and write the request id to
+`<workdir>/fal/request.json` atomically **before** waiting. Whoever calls `train` again on this
+workdir (a restart, a retry) re-attaches to that request instead of paying for a second
+training. A shutdown stops waiting but leaves the request running (re-attached next start); a
+cancel cancels it remotely. The result's LoRA is downloaded (streamed, size-checked), converted
+from fal's diffusers/PEFT layout to lorad's (`convert.py`), and checked to load in mflux with
+every key matched (`loadcheck.py`, a child process). The test render is made locally by the mflux
+engine (the same child as a local job).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from daemon.fsutil import atomic_write_text, temp_beside
+from daemon.logs import get_logger
+from engines.base import (
+    Check,
+    CheckStatus,
+    EngineContext,
+    EngineSettingsError,
+    Failure,
+    IntakeLimits,
+    JobInput,
+    Machine,
+    Option,
+    PlanError,
+    Progress,
+    RenderFailed,
+    RenderOutcome,
+    StopToken,
+    TrainingPlan,
+    TrainResult,
+    TrainStatus,
+    coerce_options,
+)
+from engines.fal import pricing
+
+ROOT = Path(__file__).resolve().parents[2]
+FAL_DIR = "fal"
+REQUEST_FILE = "request.json"
+RESULT_FILE = "result.json"
+LEDGER = "submitted.jsonl"  # <state>/fal/: one line per paid submission (cloud_daily_jobs)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+T = TypeVar("T")
+
+
+class _Stopped(Exception):
+    pass
+
+
+def request_arguments(endpoint: str, archive_url: str, config: dict) -> dict:
+    """The JSON a trainer endpoint takes (pure): its own name for the archive, steps, trigger."""
+    args: dict[str, Any] = {"steps": int(config["steps"])}
+    if "flux" in endpoint:
+        args.update(images_data_url=archive_url, trigger_word=config["trigger"])
+    else:
+        args.update(image_data_url=archive_url, default_caption=config["trigger"])
+    if config.get("learning_rate"):
+        args["learning_rate"] = float(config["learning_rate"])
+    return args
+
+
+_STEP_PATTERNS = (
+    re.compile(r"(?i)\bstep\D{0,3}(\d+)\s*(?:/|of)\s*(\d+)"),
+    re.compile(r"(\d+)\s*/\s*(\d+)\s*\["),  # tqdm: " 120/1000 [00:10<...]"
+)
+
+
+def step_from_logs(logs: list[dict], total: int) -> int | None:
+    """The newest training step the logs mention (pure); None when none does."""
+    for entry in reversed(logs):
+        message = str(entry.get("message", "")) if isinstance(entry, dict) else str(entry)
+        for pattern in _STEP_PATTERNS:
+            found = pattern.findall(message)
+            if found:
+                step, of = (int(x) for x in found[-1])
+                if of > 0:
+                    return min(total, round(step * total / of)) if of != total else min(step, total)
+    return None
+
+
+def zip_snapshot(data_dir: Path, dest: Path) -> int:
+    """Images and their captions from the snapshot, flat, into a zip (atomically); file count."""
+    files = sorted(p for p in Path(data_dir).iterdir() if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or p.suffix == ".txt")
+                   and p.name != "preview.txt")
+    fd, tmp = temp_beside(dest)
+    import os
+
+    try:
+        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED) as archive:
+            for path in files:
+                archive.write(path, arcname=path.name)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(files)
+
+
+class FalEngine:
+    name: ClassVar[str] = "fal"
+    models: ClassVar[tuple[str, ...]] = tuple(pricing.ENDPOINTS)
+    options: ClassVar[tuple[Option, ...]] = (
+        Option("endpoints", str, "-", "model=owner/app pairs, comma-separated, over the built-in table"),
+        Option("max_cost_usd", float, 5.0, "refuse a job whose estimate is above this (a job's lora.toml may set its own)", 0),
+        Option("price_per_step_usd", float, 0.0, "override the price table (0: use it)", 0),
+        Option("poll_s", float, 5.0, "seconds between status polls", 0.01),
+        Option("retry_base_s", float, 2.0, "first backoff after a failed call (doubles up to 60 s)", 0.01),
+        Option("unreachable_timeout_s", float, 6 * 3600.0, "fail the job when fal.ai stays unreachable this long", 1),
+        Option("timeout_s", float, 120.0, "HTTP timeout of one call", 1),
+    )
+
+    def __init__(self, context: EngineContext):
+        values = coerce_options(self.name, self.options, context.options)
+        self.context = context
+        self.state_dir = Path(context.state_dir)
+        try:
+            self.endpoints = {} if values["endpoints"] == "-" else pricing.parse_endpoints(str(values["endpoints"]))
+        except ValueError as exc:
+            raise EngineSettingsError(f"setting 'endpoints' in [engines.fal]: {exc}") from None
+        self.max_cost_usd = float(values["max_cost_usd"])  # type: ignore[arg-type]
+        self.price_override = float(values["price_per_step_usd"])  # type: ignore[arg-type]
+        self.poll_s = float(values["poll_s"])  # type: ignore[arg-type]
+        self.retry_base_s = float(values["retry_base_s"])  # type: ignore[arg-type]
+        self.unreachable_timeout_s = float(values["unreachable_timeout_s"])  # type: ignore[arg-type]
+        self.timeout_s = float(values["timeout_s"])  # type: ignore[arg-type]
+        self.daily_jobs = int(context.cloud_daily_jobs)
+        self.log = get_logger()
+
+    # -- plan --------------------------------------------------------------------------------
+
+    def plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
+        endpoint = pricing.endpoint_for(job.model, self.endpoints)
+        if endpoint is None:
+            raise PlanError(f"fal: no trainer endpoint for model {job.model!r}; known: {', '.join(sorted(pricing.ENDPOINTS))} "
+                            f"(or add one: [engines.fal] endpoints = \"{job.model}=owner/app\")")
+        default_steps = pricing.PRICES.get(endpoint, pricing.UNKNOWN_PRICE).default_steps
+        steps = int(job.options.get("steps") or job.options.get("epochs", 0) * job.image_count or default_steps)
+        cost, price = pricing.estimate_usd(endpoint, steps, self.price_override)
+        max_cost = float(job.options.get("max_cost_usd", self.max_cost_usd))
+        problem = pricing.cost_problem(cost, max_cost, steps, price, endpoint)
+        if problem:
+            raise PlanError(problem)
+        warnings = [] if endpoint in pricing.PRICES or self.price_override else [
+            f"no published price for {endpoint} in lorad's table; estimated at ${price.usd_per_step}/step"]
+        return TrainingPlan(
+            engine=self.name,
+            model=job.model,
+            backend="fal.ai",
+            tier="cloud",
+            reason=f"trains on fal.ai ({endpoint}), about ${cost:.2f}",
+            total_steps=steps,
+            summary=[f"backend      fal.ai ({endpoint})", f"steps        {steps}",
+                     f"cost         about ${cost:.2f} (${price.usd_per_step:g}/step; guard ${max_cost:.2f})"],
+            warnings=warnings,
+            config={
+                "endpoint": endpoint, "steps": steps, "cost_usd": cost, "max_cost_usd": max_cost,
+                "trigger": job.trigger, "learning_rate": job.options.get("learning_rate"),
+                "rank": int(job.options.get("rank", 16)), "job_id": job.job_id, "name": job.name,
+                "image_count": job.image_count, "max_side": job.max_side, "options": dict(job.options),
+                "data": str(job.data_dir), "workdir": str(job.data_dir.parent), "preview_prompt": job.preview_prompt,
+            },
+        )
+
+    def step_down(self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult) -> TrainingPlan | None:
+        return None  # the service sizes its own machines
+
+    # -- train -------------------------------------------------------------------------------
+
+    def _service(self):
+        from engines.fal.service import HOW_TO_SET_KEY, FalService, find_key
+
+        key = find_key()
+        if not key:
+            raise PlanError(f"no fal.ai API key: {HOW_TO_SET_KEY}")
+        return FalService(key, self.timeout_s)
+
+    def _call(self, what: str, fn: Callable[[], T], stop: StopToken, note: Callable[[str], None]) -> T:
+        """fn(), retried with backoff while fal.ai is unreachable (bounded by unreachable_timeout_s);
+        `Rejected` goes up at once; a stop request ends the wait (_Stopped)."""
+        from engines.fal.service import Unreachable
+
+        delay, since = self.retry_base_s, None
+        while True:
+            if stop.requested():
+                raise _Stopped()
+            try:
+                result = fn()
+                if since is not None:
+                    self.log.info("fal.reachable", call=what, after_s=round(time.monotonic() - since, 1))
+                return result
+            except Unreachable as exc:
+                now = time.monotonic()
+                since = since if since is not None else now
+                waited = now - since
+                if waited >= self.unreachable_timeout_s:
+                    raise Unreachable(f"fal.ai unreachable for {waited:.0f} s ({what}: {exc}); "
+                                      f"gave up after unreachable_timeout_s = {self.unreachable_timeout_s:g}") from None
+                self.log.warning("fal.retry", call=what, error=str(exc), retry_in_s=delay, waited_s=round(waited, 1))
+                note(f"waiting: fal.ai unreachable ({what}: {exc}); retrying in {delay:g} s")
+                if stop.wait(delay):
+                    raise _Stopped() from None
+                delay = min(60.0, delay * 2)
+
+    def train(
+        self,
+        plan: TrainingPlan,
+        workdir: Path,
+        progress: Callable[[Progress], None],
+        stop: StopToken,
+        on_spawn: Callable[[int], None] | None = None,
+    ) -> TrainResult:
+        from engines.fal.service import Rejected, Unreachable
+
+        workdir = Path(workdir)
+        fal_dir = workdir / FAL_DIR
+        fal_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(workdir / "plan.json", json.dumps(plan.to_dict(), indent=2))
+        config, total = plan.config, plan.total_steps
+        endpoint = str(config["endpoint"])
+        last = {"step": 0}
+
+        def note(text: str, remote: dict | None = None) -> None:
+            progress(Progress(last["step"], total, note=text, remote=remote))
+
+        try:
+            service = self._service()
+        except PlanError as exc:
+            return TrainResult(TrainStatus.FAILED, error=str(exc), failure=Failure.OTHER)
+        try:
+            request_id = self._attach_or_submit(service, plan, fal_dir, stop, note)
+            if request_id is None:
+                return TrainResult(TrainStatus.FAILED, error=self._refusal or "not sent", failure=Failure.OTHER)
+            remote = {"engine": self.name, "endpoint": endpoint, "request_id": request_id}
+            error = self._wait(service, endpoint, request_id, total, stop, note, remote, last)
+            if error is not None:
+                return TrainResult(TrainStatus.FAILED, error=f"fal.ai ({endpoint}, request {request_id}) failed: {error}",
+                                   failure=Failure.OTHER)
+            note("downloading the LoRA", remote)
+            adapter = self._fetch_result(service, endpoint, request_id, plan, workdir, stop, note)
+        except _Stopped:
+            return self._stopped(stop, fal_dir, last["step"])
+        except Rejected as exc:
+            return TrainResult(TrainStatus.FAILED, error=f"fal.ai ({endpoint}): {exc}", failure=Failure.OTHER)
+        except Unreachable as exc:
+            return TrainResult(TrainStatus.FAILED, error=str(exc), failure=Failure.OTHER)
+        progress(Progress(total, total, note="LoRA downloaded and checked", remote=remote))
+        return TrainResult(TrainStatus.COMPLETED, adapter=adapter, step=total, artifacts={"request_id": request_id})
+
+    _refusal: str | None = None
+
+    def _attach_or_submit(self, service, plan: TrainingPlan, fal_dir: Path, stop: StopToken, note) -> str | None:
+        """The request of this workdir: the one on record (re-attach), else a new submission,
+        recorded before anything waits on it."""
+        record = fal_dir / REQUEST_FILE
+        endpoint = str(plan.config["endpoint"])
+        if record.is_file():
+            saved = json.loads(record.read_text(encoding="utf-8"))
+            self.log.info("fal.reattach", request_id=saved["request_id"], endpoint=saved["endpoint"])
+            return str(saved["request_id"])  # its first status poll reports it (with the step fal is at)
+        problem = pricing.daily_problem(self._submitted_last_day(), self.daily_jobs)
+        if problem:
+            self._refusal = problem
+            return None
+        archive = fal_dir / "dataset.zip"
+        count = zip_snapshot(Path(plan.config["data"]), archive)
+        note(f"uploading the dataset ({count} files)")
+        url = self._call("upload", lambda: service.upload(archive), stop, note)
+        self.log.info("fal.uploaded", files=count, bytes=archive.stat().st_size)
+        arguments = request_arguments(endpoint, url, plan.config)
+        if stop.requested():
+            raise _Stopped()
+        request_id = self._call("submit", lambda: service.submit(endpoint, arguments), stop, note)
+        atomic_write_text(record, json.dumps({"request_id": request_id, "endpoint": endpoint, "submitted_at": time.time(),
+                                              "job_id": plan.config.get("job_id"), "cost_usd": plan.config.get("cost_usd")}))
+        self._ledger_append(request_id, plan)
+        self.log.info("fal.submitted", request_id=request_id, endpoint=endpoint, steps=plan.total_steps,
+                      cost_usd=plan.config.get("cost_usd"))
+        note("submitted to fal.ai", {"engine": self.name, "endpoint": endpoint, "request_id": request_id})
+        return request_id
+
+    def _wait(self, service, endpoint: str, request_id: str, total: int, stop: StopToken, note, remote: dict, last: dict) -> str | None:
+        """Poll until COMPLETED; fal's error text when the request failed, None when it succeeded."""
+        seen_state = None
+        while True:
+            status = self._call("status", lambda: service.status(endpoint, request_id), stop, note)
+            if status.state != seen_state:
+                self.log.info("fal.status", request_id=request_id, state=status.state, position=status.position)
+                seen_state = status.state
+            if status.state == "COMPLETED":
+                return status.error
+            if status.state == "IN_QUEUE":
+                note(f"fal.ai queue, position {status.position}", {**remote, "state": "IN_QUEUE"})
+            else:
+                step = step_from_logs(status.logs, total)
+                if step is not None:
+                    last["step"] = step
+                note(f"training on fal.ai{f' (step {step}/{total})' if step is not None else ''}", {**remote, "state": "IN_PROGRESS"})
+            if stop.wait(self.poll_s):
+                raise _Stopped()
+
+    def _stopped(self, stop: StopToken, fal_dir: Path, step: int) -> TrainResult:
+        """Shutdown: the request keeps running (re-attached at the next start). Cancel: cancel it remotely."""
+        record = fal_dir / REQUEST_FILE
+        if stop.reason == "cancel" and record.is_file():
+            saved = json.loads(record.read_text(encoding="utf-8"))
+            try:
+                self._service().cancel(saved["endpoint"], saved["request_id"])
+                self.log.info("fal.cancelled", request_id=saved["request_id"])
+            except Exception as exc:  # told, not fatal: the job is cancelled either way
+                self.log.warning("fal.cancel_failed", request_id=saved["request_id"], error=str(exc))
+        elif record.is_file():
+            self.log.info("fal.detached", request_id=json.loads(record.read_text(encoding="utf-8"))["request_id"])
+        return TrainResult(TrainStatus.STOPPED, step=step or None)
+
+    def _fetch_result(self, service, endpoint: str, request_id: str, plan: TrainingPlan, workdir: Path, stop, note) -> Path:
+        from engines.fal.convert import BadLoRA, convert
+        from engines.fal.service import Rejected
+
+        result = self._call("result", lambda: service.result(endpoint, request_id), stop, note)
+        atomic_write_text(workdir / FAL_DIR / RESULT_FILE, json.dumps(result, indent=2, default=str))
+        lora = result.get("diffusers_lora_file") if isinstance(result, dict) else None
+        if not isinstance(lora, dict) or not lora.get("url"):
+            raise Rejected(f"the result has no diffusers_lora_file (keys: {sorted(result) if isinstance(result, dict) else result!r})")
+        download = workdir / FAL_DIR / "download.safetensors"
+        size = lora.get("file_size")
+        nbytes, sha = self._call("download", lambda: service.download(str(lora["url"]), download, int(size) if size else None), stop, note)
+        self.log.info("fal.downloaded", bytes=nbytes, sha256=sha)
+        adapter = workdir / "adapter.safetensors"
+        prefix = "transformer." if "flux" in endpoint else "diffusion_model."
+        try:
+            converted = convert(download, adapter, prefix)
+        except BadLoRA as exc:
+            adapter.unlink(missing_ok=True)
+            raise Rejected(f"the LoRA fal returned is not usable: {exc}") from None
+        problem = self._load_check(adapter, plan.model)
+        if problem:
+            adapter.unlink(missing_ok=True)
+            raise Rejected(f"the LoRA fal returned does not load in mflux: {problem}")
+        atomic_write_text(workdir / FAL_DIR / "adapter.json", json.dumps(
+            {"sha256_download": sha, "rank": converted.rank, "alpha": converted.alpha, "modules": converted.modules}))
+        self.log.info("fal.converted", modules=converted.modules, rank=converted.rank, alpha=converted.alpha)
+        return adapter
+
+    def _load_check(self, adapter: Path, model: str) -> str | None:
+        """None when mflux matches every key (and, for the miniature model, applies them all)."""
+        import os
+
+        args = [sys.executable, "-m", "engines.fal.loadcheck", "--lora", str(adapter), "--model", model]
+        if model == "tiny-z-image":
+            args += ["--tiny-dir", str(self.state_dir / "models" / "tiny-z-image")]
+        env = {k: v for k, v in os.environ.items() if k != "FAL_KEY"}
+        try:
+            done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            return "the mflux load check took over 600 s"
+        lines = done.stdout.strip().splitlines()
+        try:
+            answer = json.loads(lines[-1])
+        except (IndexError, ValueError):
+            return f"the mflux load check ended with code {done.returncode}: {done.stderr.strip()[-300:]}"
+        if "error" in answer:
+            return answer["error"]
+        if answer["matched"] != answer["total"]:
+            return f"{answer['total'] - answer['matched']} of {answer['total']} keys match no layer (e.g. {answer['unmatched'][:3]})"
+        return None
+
+    def _submitted_last_day(self) -> int:
+        ledger = self.state_dir / FAL_DIR / LEDGER
+        if not ledger.is_file():
+            return 0
+        since = time.time() - 86400
+        count = 0
+        for line in ledger.read_text(encoding="utf-8").splitlines():
+            try:
+                count += json.loads(line)["ts"] >= since
+            except (ValueError, KeyError, TypeError):
+                continue
+        return count
+
+    def _ledger_append(self, request_id: str, plan: TrainingPlan) -> None:
+        ledger = self.state_dir / FAL_DIR / LEDGER
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        with ledger.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"ts": time.time(), "request_id": request_id, "job_id": plan.config.get("job_id"),
+                                 "cost_usd": plan.config.get("cost_usd")}) + "\n")
+
+    # -- render and publish ------------------------------------------------------------------
+
+    def _local(self):
+        from engines.mflux.engine import MFluxEngine
+
+        return MFluxEngine(EngineContext(self.state_dir, self.context.stop_timeout_s, self.context.keep_awake))
+
+    def render(
+        self, plan: TrainingPlan, workdir: Path, lora: Path, prompt: str, out_dir: Path, stop: StopToken, seed: int = 42
+    ) -> RenderOutcome:
+        """The test render, made here by the mflux engine when the model is on this machine."""
+        local = self._local()
+        check = local.model_check(plan.model)
+        if check.status is not CheckStatus.OK and plan.model != "tiny-z-image":
+            return RenderFailed(f"the LoRA trained on fal.ai is ready in {lora}, but the local test render needs the model "
+                                f"here: {check.detail}")
+        from daemon.pipeline import machine_now  # a render plan for this machine, as a local job gets
+
+        c = plan.config
+        job = JobInput(str(c["job_id"]), str(c["name"]), str(c["trigger"]), plan.model, int(c["image_count"]),
+                       int(c["max_side"]), dict(c.get("options") or {}), Path(c["data"]), prompt)
+        try:
+            local_plan = local.plan(job, machine_now())
+        except PlanError as exc:
+            return RenderFailed(f"the LoRA trained on fal.ai is ready in {lora}, but this machine cannot render it: {exc}")
+        render_dir = Path(workdir) / FAL_DIR / "local"
+        render_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(render_dir / "plan.json", json.dumps(local_plan.to_dict(), indent=2))
+        return local.render(local_plan, render_dir, lora, prompt, out_dir, stop, seed)
+
+    def report_files(self, workdir: Path) -> list[Path]:
+        result = Path(workdir) / FAL_DIR / RESULT_FILE
+        return [result] if result.is_file() else []
+
+    def adapter_metadata(self, plan: TrainingPlan) -> dict[str, str]:
+        fal_dir = Path(plan.config.get("workdir", ".")) / FAL_DIR
+        keys = {"lorad.engine": self.name, "lorad.fal_endpoint": str(plan.config.get("endpoint", ""))}
+        try:
+            keys["lorad.fal_request_id"] = str(json.loads((fal_dir / REQUEST_FILE).read_text())["request_id"])
+        except (OSError, ValueError, KeyError):
+            pass
+        try:
+            adapter = json.loads((fal_dir / "adapter.json").read_text())
+            keys["ss_network_dim"], keys["ss_network_alpha"] = str(adapter["rank"]), f"{adapter['alpha']:g}"
+        except (OSError, ValueError, KeyError):
+            keys["ss_network_dim"] = str(plan.config.get("rank", ""))
+        return keys
+
+    def intake_limits(self) -> IntakeLimits:
+        return IntakeLimits(max_caption_tokens=None)
+
+    def doctor_checks(self, model: str, machine: Machine) -> list[Check]:
+        checks = [self.model_check(model)]
+        try:
+            import fal_client
+
+            checks.append(Check("fal-client", CheckStatus.OK, f"fal-client {fal_client.__version__}"))
+        except Exception as exc:
+            checks.append(Check("fal-client", CheckStatus.FAIL, f"cannot import fal_client: {exc}"))
+        return checks
+
+    def model_check(self, model: str) -> Check:
+        from engines.fal.service import HOW_TO_SET_KEY, find_key
+
+        endpoint = pricing.endpoint_for(model, self.endpoints)
+        if endpoint is None:
+            return Check("model", CheckStatus.FAIL, f"fal: no trainer endpoint for {model!r}; add one in [engines.fal] endpoints")
+        if not find_key():
+            return Check("model", CheckStatus.FAIL, f"{model} trains on fal.ai ({endpoint}) but there is no API key: {HOW_TO_SET_KEY}")
+        return Check("model", CheckStatus.OK, f"{model} trains on fal.ai ({endpoint}); FAL_KEY is set")
+
+    def saved_step(self, workdir: Path) -> int | None:
+        return None  # the step lives on fal's side; the re-attached request reports it
+
+    def disk_needed(self, plan: TrainingPlan, workdir: Path) -> int:
+        data = Path(plan.config.get("data", Path(workdir) / "data"))
+        snapshot = sum(p.stat().st_size for p in data.iterdir() if p.is_file()) if data.is_dir() else 0
+        return snapshot + 3 * 512 * 1024 * 1024  # the zip, the download and the converted LoRA
