@@ -126,3 +126,14 @@ def test_engine_doctor_checks(engine):
     checks = engine.doctor_checks("tiny-z-image", MACHINE)
     assert checks and all(isinstance(c, Check) and isinstance(c.status, CheckStatus) for c in checks)
     assert not [c for c in checks if c.status is CheckStatus.FAIL]
+
+
+@pytest.mark.parametrize("name", known_engines())
+def test_every_engine_implements_every_contract_member(name):
+    """A member added to the contract (e.g. saved_state for scale-out) must reach every engine:
+    a missing one only shows when that path runs (a coordinator error loop, not a test failure)."""
+    from engines.base import Engine, engine_class
+
+    members = sorted({n for n in dir(Engine) if not n.startswith("_")} | {"name", "options", "models"})
+    cls = engine_class(name)
+    assert [m for m in members if not hasattr(cls, m)] == []

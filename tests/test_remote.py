@@ -536,3 +536,28 @@ def test_tls_queue_url_works_end_to_end(cluster, redis_factory):
     drop(d, "ohwx_tls", ready="steps = 2\n")
     wait_for(lambda: d.job_states().get("ohwx_tls") == "done", 90, message="job done over TLS")
     assert published(d, "tls") == ["tls.safetensors"]
+
+
+@pytest.mark.slow
+def test_cloud_fallback_sends_a_job_no_worker_fits_to_the_cloud_engine(cluster, redis_server, tmp_path):
+    """`cloud_fallback = true` with workers: the job every live worker declines goes to fal (against
+    the local stand-in of the service) instead of waiting, and is published once."""
+    from fal_standin import FalStandIn
+
+    fal = FalStandIn(tmp_path / "fal")
+    try:
+        make_coordinator, make_worker = cluster
+        d = make_coordinator(redis_server, extra_env={"LORAD_CLOUD_FALLBACK": "true"}).start()
+        small = {"LORAD_RAM_GB": "8", "LORAD_ENGINES_SCRIPTED_NEEDS_GB": "64", "LORAD_ENGINES_FAL_POLL_S": "0.05",
+                 **fal.env()}  # fmt: skip
+        w = make_worker(redis_server, "small", small).start()
+        drop(d, "ohwx_cloud", ready="steps = 20\n")
+        wait_for(lambda: d.job_states().get("ohwx_cloud") in ("done", "failed"), 300, message="fallback job finished")
+        job = d.jobs()[0]
+        assert job["state"] == "done", job["error"]
+        assert job["settings"]["engine"] == "fal" and job["settings"]["fallback_from"] == "scripted"
+        assert d.log_has("job.cloud_fallback", job_id=job["id"], to_engine="fal") and len(fal.submissions) == 1
+        assert w.log_has("worker.claimed", job_id=job["id"])
+        assert (d.assets / "loras" / "cloud.safetensors").is_file()
+    finally:
+        fal.close()

@@ -25,7 +25,7 @@ from typing import Any
 from daemon.fsutil import atomic_write_text
 from daemon.jobs import ACTIVE, RUNNABLE, Job, JobStore, StateChanged
 from daemon.logs import get_logger
-from daemon.pipeline import ProgressSink, job_input, make_engine, publish_job, stamp_adapter
+from daemon.pipeline import CLOUD_ENGINE, ProgressSink, job_input, make_engine, publish_job, stamp_adapter
 from daemon.publish import PublishError, complete_registry, published_by, read_header
 from daemon.remote import lease
 from daemon.remote.worker import safe_relative
@@ -226,7 +226,7 @@ class Coordinator:
             if token is not None:
                 held = bool(self.client.exists(lease.lease_key(job.id)))
                 if lease.lease_action(lease_held=held, task_queued=job.id in queued) == "keep":
-                    self._check_waiting(job, token)
+                    self._check_waiting(job, token, queued.get(job.id))
                     continue
                 if self.scripts.reclaim(keys=[lease.token_key(job.id), lease.lease_key(job.id)], args=[token]) == 0:
                     continue  # claimed just now
@@ -264,7 +264,7 @@ class Coordinator:
         self.log.warning("job.lease_lapsed", job_id=job.id, worker=job.worker, reason=why, resume_step=step)
         self._transition(job.id, "interrupted", expect=REMOTE_ACTIVE, **fields)
 
-    def _check_waiting(self, job: Job, token: str) -> None:
+    def _check_waiting(self, job: Job, token: str, queued=None) -> None:
         declines = []
         for worker, raw in self.client.hgetall(lease.declined_key(job.id)).items():
             try:
@@ -274,6 +274,8 @@ class Coordinator:
             if record.get("token") == token:
                 declines.append(lease.Decline(_text(worker) or "", record.get("reason", ""), record.get("needs_gb"), record.get("has_gb")))
         verdict = lease.waiting_verdict(set(self.workers), declines)
+        if verdict is not None and self._route_to_cloud(job, verdict, token, queued):
+            return
         if verdict != job.waiting:
             self.store.update(job.id, waiting=verdict, updated_at=job.updated_at)
             if verdict:
@@ -287,6 +289,22 @@ class Coordinator:
             self._transition(job.id, "failed", expect=RUNNABLE,
                              error=f"no worker could train this job for {self.settings.wait_timeout_s:.0f} s "
                                    f"({verdict}); start a bigger worker, then run: lorad retry {job.id}")  # fmt: skip
+
+    def _route_to_cloud(self, job: Job, reason: str, token: str, queued) -> bool:
+        """`cloud_fallback = true`: a job no live worker fits goes to the cloud engine instead of
+        waiting (any worker runs it: it needs no local memory; one without the cloud's key declines
+        it, and the job then waits with that reason). False: the setting is off, or the job is
+        already there (a refused cloud job waits rather than bounce back)."""
+        engine = job.settings.get("engine", "mflux")
+        if not self.settings.cloud_fallback or engine == CLOUD_ENGINE or job.settings.get("fallback_from"):
+            return False
+        self._fence(job.id, token)
+        if queued is not None:
+            self.queue.remove(queued.member)
+        self.store.update(job.id, settings={**job.settings, "engine": CLOUD_ENGINE, "fallback_from": engine}, waiting=None)
+        self.waiting_since.pop(job.id, None)
+        self.log.warning("job.cloud_fallback", job_id=job.id, from_engine=engine, to_engine=CLOUD_ENGINE, reason=reason)
+        return True
 
     # -- dispatch ------------------------------------------------------------------------------
 

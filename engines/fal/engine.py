@@ -469,7 +469,15 @@ class FalEngine:
         return Check("model", CheckStatus.OK, f"{model} trains on fal.ai ({endpoint}); FAL_KEY is set")
 
     def saved_step(self, workdir: Path) -> int | None:
-        return None  # the step lives on fal's side; the re-attached request reports it
+        """0 once a request is on fal: its record is the state a later run (a restart, another
+        worker) re-attaches to; the step itself lives on fal's side and its status reports it."""
+        return 0 if (Path(workdir) / FAL_DIR / REQUEST_FILE).is_file() else None
+
+    def saved_state(self, workdir: Path) -> list[Path]:
+        """The request record: sent to the coordinator like a checkpoint, so a job whose worker
+        dies re-attaches to the paid request on the next worker instead of submitting again."""
+        record = Path(workdir) / FAL_DIR / REQUEST_FILE
+        return [record] if record.is_file() else []
 
     def disk_needed(self, plan: TrainingPlan, workdir: Path) -> int:
         data = Path(plan.config.get("data", Path(workdir) / "data"))
