@@ -100,6 +100,10 @@ def configure(
     logging.getLogger("huey").setLevel(level if level == "DEBUG" else "WARNING")
     logging.getLogger("watchdog").setLevel("WARNING")
     logging.getLogger("PIL").setLevel("WARNING")  # its DEBUG lines are per PNG chunk
+    # HTTP and Redis clients (fal's status polls, apprise, redis-py) log every request at INFO/DEBUG:
+    # a cloud job polled for an hour would bury the job's own lines.
+    for name in ("httpx", "httpcore", "redis", "urllib3"):
+        logging.getLogger(name).setLevel(level if level == "DEBUG" else "WARNING")
 
 
 def get_logger(**context):

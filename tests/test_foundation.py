@@ -121,6 +121,7 @@ def test_structlog_and_stdlib_lines_are_json(tmp_path):
     structlog.contextvars.bind_contextvars(job_id="j1", dataset="ohwx_alice")
     try:
         logs.get_logger().info("job.progress", step=3, total=10)
+        logging.getLogger("httpx").info("HTTP Request: GET https://fal.example/status 200")  # per-poll chatter: dropped
         logging.getLogger("huey.consumer").warning("worker %s died", "w1")
         try:
             secret = "user-data"  # must not leak into the log as a local
