@@ -39,10 +39,43 @@ def browser():
 
 
 def _text(driver, selector: str) -> str:
+    """The element's text, "" when it is absent or was just replaced by a live update (the page
+    re-renders rows from the event stream; a reference taken before that goes stale)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    found = driver.find_elements(By.CSS_SELECTOR, selector)
-    return found[0].text if found else ""
+    try:
+        found = driver.find_elements(By.CSS_SELECTOR, selector)
+        return found[0].text if found else ""
+    except StaleElementReferenceException:
+        return ""
+
+
+def _click(driver, selector: str) -> bool:
+    """Click the element; False (try again) when a live update replaced it meanwhile."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        found = driver.find_elements(By.CSS_SELECTOR, selector)
+        if found:
+            found[0].click()
+            return True
+    except StaleElementReferenceException:
+        pass
+    return False
+
+
+def _attr(driver, selector: str, name: str) -> str:
+    """An attribute, read the same stale-tolerant way; "" until the element holds still."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    try:
+        found = driver.find_elements(By.CSS_SELECTOR, selector)
+        return (found[0].get_attribute(name) or "") if found else ""
+    except StaleElementReferenceException:
+        return ""
 
 
 def test_dashboard_in_a_browser_while_the_tiny_model_trains(daemon_factory, browser, tmp_path):
@@ -66,16 +99,16 @@ def test_dashboard_in_a_browser_while_the_tiny_model_trains(daemon_factory, brow
     row = f'tr[data-id="{job_id}"]'
     # The row appeared and its progress moved to the held step without a reload.
     wait_for(lambda: _text(browser, f"{row} .steps").startswith("2/"), 10, message="progress 2/N on the queue page")
-    assert "training" in _text(browser, f"{row} .state")
-    assert int(browser.find_element(By.CSS_SELECTOR, f"{row} progress").get_attribute("value")) > 0
+    wait_for(lambda: "training" in _text(browser, f"{row} .state"), 10, message="state training on the queue page")
+    wait_for(lambda: float(_attr(browser, f"{row} progress", "value") or 0) > 0, 10, message="progress bar moved")
     assert browser.execute_script("return window.__loaded_once === true")
     second = make_dataset(d.training_data / "ohwx_carol", images=2)  # waits behind the first
     (second / "READY").write_text("")
-    wait_for(lambda: "ohwx_carol" in browser.find_element(By.ID, "queue").text, 30, message="second job listed live")
+    wait_for(lambda: "ohwx_carol" in _text(browser, "#queue"), 30, message="second job listed live")
     browser.save_screenshot(str(shots / "queue.png"))
 
     # The job page, then cancel from it (confirm step), and the dataset's marker changes.
-    browser.find_element(By.CSS_SELECTOR, f"{row} .id a").click()
+    wait_for(lambda: _click(browser, f"{row} .id a"), 20, message="the job's link clicked")
     wait_for(lambda: browser.find_elements(By.ID, "steps"), 20, message="the job page")
     wait_for(lambda: _text(browser, "#steps").startswith("2/"), 10, message="job page progress")
     browser.save_screenshot(str(shots / "job-training.png"))
@@ -93,8 +126,7 @@ def test_dashboard_in_a_browser_while_the_tiny_model_trains(daemon_factory, brow
     # The second job trains to the end; its page shows the base-vs-LoRA comparison.
     browser.get(url)
     second_id = wait_for(lambda: next((j["id"] for j in d.jobs() if j["dataset"] == "ohwx_carol"), None), 30)
-    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, f'tr[data-id="{second_id}"] .id a'), 20)
-    browser.find_element(By.CSS_SELECTOR, f'tr[data-id="{second_id}"] .id a').click()
+    wait_for(lambda: _click(browser, f'tr[data-id="{second_id}"] .id a'), 20, message="the second job's link clicked")
     wait_for(lambda: browser.find_elements(By.ID, "state"), 20, message="the second job's page")
     wait_for(lambda: _text(browser, "#state") == "done", 300, interval=0.5, message="second job done, shown live")
     compare = browser.find_element(By.ID, "compare")
