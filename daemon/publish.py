@@ -22,13 +22,13 @@ import json
 import os
 import re
 import shutil
-import struct
 import time
 from pathlib import Path
 
-from daemon import __version__, registry
+from daemon import __version__, registry, safetensors_file
 from daemon.fsutil import fsync_dir, temp_beside, temp_dir_beside
 from daemon.logs import get_logger
+from daemon.safetensors_file import read_header
 
 LORA_SUFFIXES = (".safetensors", ".png", ".compare.png")
 REPORT_SUFFIX = ".report"
@@ -41,39 +41,19 @@ class PublishError(Exception):
 # -- safetensors header ----------------------------------------------------------------------
 
 
-def read_header(path: Path) -> tuple[dict, int]:
-    """(header dict, data offset) of a safetensors file, without loading tensors (no torch/mlx)."""
-    with Path(path).open("rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file")
-        (size,) = struct.unpack("<Q", raw)
-        if size > 100_000_000:
-            raise ValueError(f"{path} has an implausible header size")
-        header = json.loads(fh.read(size))
-    return header, 8 + size
-
-
 def metadata_of(path: Path) -> dict:
     header, _ = read_header(path)
     return dict(header.get("__metadata__") or {})
 
 
 def write_with_metadata(src: Path, dest: Path, extra: dict[str, str]) -> None:
-    """Copy a safetensors file to dest with extra `__metadata__` keys (tensor data untouched)."""
-    header, offset = read_header(src)
+    """Copy a safetensors file to dest (atomically) with extra `__metadata__` keys (tensor data untouched)."""
+    size = Path(src).stat().st_size
+    header, offset = read_header(src, size)
     meta = dict(header.get("__metadata__") or {})
     meta.update({k: str(v) for k, v in extra.items()})
     header["__metadata__"] = meta
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * ((8 - len(blob) % 8) % 8)  # keep the data section 8-byte aligned
-    with Path(src).open("rb") as fin, Path(dest).open("wb") as fout:
-        fout.write(struct.pack("<Q", len(blob)))
-        fout.write(blob)
-        fin.seek(offset)
-        shutil.copyfileobj(fin, fout, 1 << 20)
-        fout.flush()
-        os.fsync(fout.fileno())
+    safetensors_file.write(src, dest, header, offset=offset, data_len=size - offset)
 
 
 def provenance(*, job, plan: dict, fingerprint: str, image_count: int, engine_keys: dict[str, str] | None = None) -> dict[str, str]:

@@ -94,7 +94,7 @@ def test_mflux_loads_the_delta_it_trained_with_alpha_half_the_rank(tmp_path):
     from mflux.models.z_image.weights.z_image_lora_mapping import ZImageLoRAMapping
 
     from engines.mflux import tiny_model
-    from engines.mflux.lora_export import _read_header
+    from daemon.safetensors_file import read_header as _read_header
 
     config = _lorad_config(tmp_path)
     targets = [

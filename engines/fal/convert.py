@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.fsutil import temp_beside
+from daemon import safetensors_file
 
 PEFT_METADATA_KEY = "lora_adapter_metadata"
 TENSOR_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
-MAX_HEADER_BYTES = 100 * 1024 * 1024
 _KEY = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight$")
 _ALPHA = re.compile(r"^(?P<module>.+?)\.alpha$")
 _PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.")
@@ -45,21 +43,10 @@ class Converted:
 
 def read_header(path: Path, file_size: int | None = None) -> tuple[dict, int]:
     """The safetensors header and where the data starts; BadLoRA when it is not a safetensors file."""
-    size = Path(path).stat().st_size if file_size is None else file_size
-    with Path(path).open("rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise BadLoRA("not a safetensors file (shorter than its 8-byte header length)")
-        (length,) = struct.unpack("<Q", raw)
-        if length <= 0 or length > MAX_HEADER_BYTES or 8 + length > size:
-            raise BadLoRA(f"not a safetensors file (header length {length} does not fit a {size}-byte file)")
-        try:
-            header = json.loads(fh.read(length))
-        except ValueError as exc:
-            raise BadLoRA(f"not a safetensors file (header is not JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise BadLoRA("not a safetensors file (header is not a JSON object)")
-    return header, 8 + length
+    try:
+        return safetensors_file.read_header(path, file_size)
+    except safetensors_file.NotSafetensors as exc:
+        raise BadLoRA(str(exc).removeprefix(f"{path} is ")) from None  # "not a safetensors file (...)"
 
 
 def _module_name(module: str) -> tuple[str, str]:
@@ -187,32 +174,12 @@ def convert(src: Path, dest: Path, out_prefix: str = "diffusion_model.") -> Conv
             continue
         out[renames[key]] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": info["data_offsets"]}
         used_end = max(used_end, info["data_offsets"][1])
-    extra = b""
-    for name, value in sorted(new_alphas.items()):
-        out[name] = {"dtype": "F32", "shape": [], "data_offsets": [used_end + len(extra), used_end + len(extra) + 4]}
-        extra += struct.pack("<f", value)
-    blob = json.dumps(out, separators=(",", ":")).encode()
-    blob += b" " * ((8 - len(blob) % 8) % 8)
-    fd, tmp = temp_beside(dest)
+    entries, extra = safetensors_file.scalar_tensors(used_end, new_alphas)
+    out.update(entries)
     try:
-        with Path(src).open("rb") as fin, os.fdopen(fd, "wb") as fout:
-            fout.write(struct.pack("<Q", len(blob)))
-            fout.write(blob)
-            fin.seek(offset)
-            remaining = used_end
-            while remaining:
-                chunk = fin.read(min(remaining, 1 << 20))
-                if not chunk:
-                    raise BadLoRA("its tensor data is shorter than its header says")
-                fout.write(chunk)
-                remaining -= len(chunk)
-            fout.write(extra)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        safetensors_file.write(src, dest, out, offset=offset, data_len=used_end, extra=extra)
+    except safetensors_file.NotSafetensors:
+        raise BadLoRA("its tensor data is shorter than its header says") from None
     alpha_key = sorted(k for k in out if k.endswith(".alpha"))[0]
     alpha = new_alphas.get(alpha_key)
     if alpha is None:  # kept from the file

@@ -15,23 +15,14 @@ f32, are copied untouched and the scalars are appended as F32.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import struct
 from pathlib import Path
 
-from daemon.fsutil import temp_beside
+from daemon.safetensors_file import data_length, read_header, scalar_tensors, write
 from engines.mflux import checkpoints
 
 LORA_A = ".lora_A.weight"
 MODEL_PREFIX = "diffusion_model."
-
-
-def _read_header(path: Path) -> tuple[dict, int]:
-    with Path(path).open("rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        return json.loads(fh.read(size)), 8 + size
 
 
 def _target_pattern(module_path: str) -> re.Pattern:
@@ -65,40 +56,17 @@ def module_alphas(header: dict, targets: list[dict]) -> dict[str, float]:
 
 def append_scalars(src: Path, dest: Path, scalars: dict[str, float]) -> None:
     """Copy a safetensors file to dest (atomically) with F32 scalar tensors appended."""
-    header, offset = _read_header(src)
-    data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    extra = b""
-    for name, value in sorted(scalars.items()):
-        header[name] = {"dtype": "F32", "shape": [], "data_offsets": [data_len + len(extra), data_len + len(extra) + 4]}
-        extra += struct.pack("<f", value)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * ((8 - len(blob) % 8) % 8)  # keep the data section 8-byte aligned
-    fd, tmp = temp_beside(dest)
-    try:
-        with Path(src).open("rb") as fin, os.fdopen(fd, "wb") as fout:
-            fout.write(struct.pack("<Q", len(blob)))
-            fout.write(blob)
-            fin.seek(offset)
-            remaining = data_len
-            while remaining:
-                chunk = fin.read(min(remaining, 1 << 20))
-                if not chunk:
-                    raise ValueError(f"{src}: tensor data shorter than its header says")
-                fout.write(chunk)
-                remaining -= len(chunk)
-            fout.write(extra)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    header, offset = read_header(src)
+    data_len = data_length(header)
+    entries, extra = scalar_tensors(data_len, scalars)
+    header.update(entries)
+    write(src, dest, header, offset=offset, data_len=data_len, extra=extra)
 
 
 def export_adapter(checkpoint: Path, dest: Path, config: dict) -> Path:
     """The checkpoint's adapter at dest, with `<module>.alpha` for every trained LoRA pair."""
     checkpoints.extract_adapter(checkpoint, dest)
-    header, _ = _read_header(dest)
+    header, _ = read_header(dest)
     alphas = module_alphas(header, config.get("lora_layers", {}).get("targets", []))
     if alphas:
         append_scalars(dest, dest, alphas)
