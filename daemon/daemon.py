@@ -205,17 +205,8 @@ class Daemon:
             print(f"lorad: {exc}", file=sys.stderr)
             self.log.error("daemon.corrupt_db", reason=str(exc))
             return 1
-        s.training_data.mkdir(parents=True, exist_ok=True)
-        s.loras.mkdir(parents=True, exist_ok=True)
-        notifier = self._start_notifier(store)
-        recovered = recover_work_dirs(s, store)
-        if jobs_moved is not None:
-            self.log.warning(
-                "jobs.db_rebuilt", moved_to=str(jobs_moved), recovered=len(recovered), reason=jobs_problem
-            )
+        notifier, recovered, removed = self._take_over_state(store, jobs_moved, jobs_problem)
         summary = reconcile(store, self.queue)
-        removed = clean_work_dirs(s, store)
-        space.ensure_reserve(s.state)  # room to record a job's end if the state disk fills up
         self.log.info("queue.reconciled", removed_dirs=removed, recovered=[j.id for j in recovered], **summary)
 
         consumer = self.queue.consumer(wake=s.queue_wake)
@@ -278,6 +269,20 @@ class Daemon:
         logging_flush()
         return 0
 
+    def _take_over_state(self, store: JobStore, jobs_moved: Path | None, jobs_problem: str | None):
+        """What both modes do with the state they found: re-adopt work dirs the table lost, clean
+        what a killed daemon half-wrote, keep the disk-full reserve; (notifier, recovered, removed)."""
+        s = self.settings
+        s.training_data.mkdir(parents=True, exist_ok=True)
+        s.loras.mkdir(parents=True, exist_ok=True)
+        notifier = self._start_notifier(store)  # before the re-adoption: a crash's interrupted jobs are told too
+        recovered = recover_work_dirs(s, store)
+        if jobs_moved is not None:
+            self.log.warning("jobs.db_rebuilt", moved_to=str(jobs_moved), recovered=len(recovered), reason=jobs_problem)
+        removed = clean_work_dirs(s, store)
+        space.ensure_reserve(s.state)  # room to record a job's end if the state disk fills up
+        return notifier, recovered, removed
+
     def _start_ui(self):
         """The dashboard in a thread (daemon/ui/); None when `ui = false` or it cannot listen
         (one log line: the daemon runs on without it)."""
@@ -324,14 +329,7 @@ class Daemon:
             print(f"lorad: {exc}", file=sys.stderr)
             self.log.error("daemon.corrupt_db", reason=str(exc))
             return 1
-        s.training_data.mkdir(parents=True, exist_ok=True)
-        s.loras.mkdir(parents=True, exist_ok=True)
-        notifier = self._start_notifier(store)
-        recovered = recover_work_dirs(s, store)
-        if jobs_moved is not None:
-            self.log.warning("jobs.db_rebuilt", moved_to=str(jobs_moved), recovered=len(recovered), reason=jobs_problem)
-        removed = clean_work_dirs(s, store)
-        space.ensure_reserve(s.state)
+        notifier, recovered, removed = self._take_over_state(store, jobs_moved, jobs_problem)
         self.log.info("queue.reconciled", removed_dirs=removed, recovered=[j.id for j in recovered], queue=mask(s.queue))
         coordinator = Coordinator(s, store, self.shutdown)
         self.coordinator = coordinator

@@ -61,7 +61,52 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, message: 
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
-class DaemonProc:
+class LoradProc:
+    """A lorad process of a test (daemon or worker): its JSON log, signals and stop."""
+
+    state: Path
+    proc: subprocess.Popen | None = None
+
+    def events(self) -> list[dict]:
+        path = self.state / "logs" / "lorad.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def log_has(self, event: str, **fields) -> bool:
+        return any(e.get("event") == event and all(e.get(k) == v for k, v in fields.items()) for e in self.events())
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def kill9(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "out", None):
+            self.out.close()
+
+
+class DaemonProc(LoradProc):
     """A real `lorad run` in a subprocess on a temp assets dir."""
 
     def __init__(self, root: Path, *, engine: str = "scripted", model: str = "tiny-z-image", extra_env: dict | None = None):
@@ -115,21 +160,6 @@ class DaemonProc:
             timeout=timeout,
         )
 
-    def events(self) -> list[dict]:
-        path = self.state / "logs" / "lorad.jsonl"
-        if not path.exists():
-            return []
-        out = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
-
-    def log_has(self, event: str, **fields) -> bool:
-        return any(e.get("event") == event and all(e.get(k) == v for k, v in fields.items()) for e in self.events())
-
     def ui_url(self) -> str:
         """The dashboard's URL (the daemon was started with LORAD_UI set)."""
         assert self.proc is not None
@@ -144,29 +174,6 @@ class DaemonProc:
 
     def job_states(self) -> dict[str, str]:
         return {j["dataset"]: j["state"] for j in self.jobs()}
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 60) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def kill9(self) -> None:
-        self.signal(signal.SIGKILL)
-        self.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if getattr(self, "out", None):
-            self.out.close()
 
 
 @pytest.fixture

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, DaemonProc, wait_for
+from conftest import ROOT, DaemonProc, LoradProc, wait_for
 from daemon.sample import make_dataset
 
 
-class WorkerProc:
+class WorkerProc(LoradProc):
     """A real `lorad worker --queue URL` with its own state dir (another machine)."""
 
     def __init__(self, root: Path, name: str, url: str, extra_env: dict | None = None):
@@ -49,37 +49,6 @@ class WorkerProc:
         wait_for(lambda: self.log_has("worker.started", pid=pid) or self.proc.poll() is not None, 30, message="worker start")
         assert self.proc.poll() is None, f"worker exited with {self.proc.returncode}"
         return self
-
-    def events(self) -> list[dict]:
-        path = self.state / "logs" / "lorad.jsonl"
-        if not path.exists():
-            return []
-        out = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
-
-    def log_has(self, event: str, **fields) -> bool:
-        return any(e.get("event") == event and all(e.get(k) == v for k, v in fields.items()) for e in self.events())
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if getattr(self, "out", None):
-            self.out.close()
 
 
 @pytest.fixture
