@@ -8,6 +8,8 @@ limits, doctor checks, step-down. A new engine is covered by registering it.
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -137,3 +139,28 @@ def test_every_engine_implements_every_contract_member(name):
     members = sorted({n for n in dir(Engine) if not n.startswith("_")} | {"name", "options", "models"})
     cls = engine_class(name)
     assert [m for m in members if not hasattr(cls, m)] == []
+
+
+def test_saved_step_is_the_step_of_the_saved_state_while_a_newer_one_is_written(tmp_path):
+    """Scale-out sends saved_state() labelled with saved_step(): with checkpoint 4 half-written, both
+    must describe checkpoint 2 (before, the step said 4 while the file sent was 2's, and the next
+    worker resumed two steps earlier than the coordinator's row said; flaky in test_remote)."""
+    from engines.base import EngineContext, get_engine
+    from engines.mflux import checkpoints
+
+    engine = get_engine("scripted", EngineContext(state_dir=tmp_path / "state"))
+    ckpts = tmp_path / "w" / "train" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    import zipfile
+
+    members = {"lora_adapter": "a.safetensors", "optimizer": "o.safetensors", "iterator": "i.json", "config": "c.json"}
+    with zipfile.ZipFile(ckpts / "0000002_checkpoint.zip", "w") as zf:
+        zf.writestr("checkpoint.json", json.dumps({"files": members}))
+        zf.writestr("run.json", "{}")
+        for name in members.values():
+            zf.writestr(name, "x")
+    (ckpts / "0000004_checkpoint.zip").write_bytes(b"PK\x03\x04 half written")
+    assert checkpoints.verify(ckpts / "0000002_checkpoint.zip") is None  # the fixture is a good checkpoint
+    state = engine.saved_state(tmp_path / "w")
+    assert [p.name for p in state] == ["0000002_checkpoint.zip"]
+    assert engine.saved_step(tmp_path / "w") == 2

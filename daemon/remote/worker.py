@@ -480,10 +480,10 @@ class CheckpointUploader:
         with self._busy:
             if self.current.get("fenced"):
                 return
-            files = self.engine.saved_state(self.workdir)
             step = self.engine.saved_step(self.workdir)
-            if not files or step is None or step == self.sent_step:
-                return
+            files = self.engine.saved_state(self.workdir)
+            if not files or step is None or step == self.sent_step or self.engine.saved_step(self.workdir) != step:
+                return  # nothing new, or a newer state appeared meanwhile: the next poke sends that one
             job_id, token = self.current["job_id"], self.current["token"]
             try:
                 items: list[dict] = []

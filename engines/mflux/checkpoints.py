@@ -53,6 +53,25 @@ def verify(path: Path) -> str | None:
     return None
 
 
+_VERIFIED: dict[tuple[str, int, int], str | None] = {}
+
+
+def verify_cached(path: Path) -> str | None:
+    """verify(), remembered per (path, mtime, size): asked at every progress step (scale-out's
+    uploader), a multi-hundred-MB zip is read once, not once a step. A zip still being written
+    changes size or mtime, so it is verified again when it is complete."""
+    try:
+        st = Path(path).stat()
+    except OSError as exc:
+        return f"unreadable: {exc}"
+    key = (str(path), st.st_mtime_ns, st.st_size)
+    if key not in _VERIFIED:
+        if len(_VERIFIED) > 256:
+            _VERIFIED.clear()
+        _VERIFIED[key] = verify(path)
+    return _VERIFIED[key]
+
+
 def newest_good(directory: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
     """(newest verified checkpoint, [(corrupt newer ones, why)])."""
     skipped: list[tuple[Path, str]] = []

@@ -235,14 +235,20 @@ class MFluxEngine:
         return Check("backend", CheckStatus.OK, detail)
 
     def saved_step(self, workdir: Path) -> int | None:
-        newest = checkpoints.list_checkpoints(Path(workdir) / TRAIN_DIR / "checkpoints")
-        return checkpoints.step_of(newest[0]) if newest else None
+        """The step of the state saved_state() returns (the newest checkpoint that verifies):
+        a zip still being written is not a saved state yet."""
+        for path in checkpoints.list_checkpoints(Path(workdir) / TRAIN_DIR / "checkpoints"):
+            if checkpoints.verify_cached(path) is None:
+                return checkpoints.step_of(path)
+        return None
 
     def saved_state(self, workdir: Path) -> list[Path]:
         """The newest checkpoint zip that verifies: copied to the same place under another
         machine's work dir (with the snapshot), training resumes there."""
-        newest, _corrupt = checkpoints.newest_good(Path(workdir) / TRAIN_DIR / "checkpoints")
-        return [newest] if newest is not None else []
+        for path in checkpoints.list_checkpoints(Path(workdir) / TRAIN_DIR / "checkpoints"):
+            if checkpoints.verify_cached(path) is None:
+                return [path]
+        return []
 
     def disk_needed(self, plan: TrainingPlan, workdir: Path) -> int:
         ckpt_dir = Path(workdir) / TRAIN_DIR / "checkpoints"
