@@ -241,15 +241,8 @@ class Daemon:
             notify_on=list(s.notify_on),
             ui=ui.url if ui is not None else None,
         )
-        while not self.shutdown.wait(s.rescan_interval_s):
-            loop.rescan(s.training_data)
-
+        started = self._serve_then_stop_intake(loop, watcher, ui)
         # Graceful stop: no new intakes or jobs; the running job checkpoints and is marked interrupted.
-        started = time.monotonic()
-        if ui is not None:
-            ui.stop()
-        watcher.stop()
-        loop.stop()
         consumer.stop_flag.set()
         self.pipeline.stop_current("shutdown")
         self.queue.wake.set()
@@ -268,6 +261,18 @@ class Daemon:
         )
         logging_flush()
         return 0
+
+    def _serve_then_stop_intake(self, loop: IntakeLoop, watcher: Watcher, ui) -> float:
+        """Rescan periodically until a stop signal, then close the doors (dashboard, watcher,
+        intake); returns when the stop began (monotonic), for the daemon.stopped line."""
+        while not self.shutdown.wait(self.settings.rescan_interval_s):
+            loop.rescan(self.settings.training_data)
+        started = time.monotonic()
+        if ui is not None:
+            ui.stop()
+        watcher.stop()
+        loop.stop()
+        return started
 
     def _take_over_state(self, store: JobStore, jobs_moved: Path | None, jobs_problem: str | None):
         """What both modes do with the state they found: re-adopt work dirs the table lost, clean
@@ -353,13 +358,7 @@ class Daemon:
                       engine=s.engine, observer=s.observer, ready_found=found, queue=mask(s.queue),
                       local_worker=s.local_worker, notify_targets=len(s.notify), notify_on=list(s.notify_on),
                       ui=ui.url if ui is not None else None)  # fmt: skip
-        while not self.shutdown.wait(s.rescan_interval_s):
-            loop.rescan(s.training_data)
-        started = time.monotonic()
-        if ui is not None:
-            ui.stop()
-        watcher.stop()
-        loop.stop()
+        started = self._serve_then_stop_intake(loop, watcher, ui)
         worker_stop.set()  # the local worker's job checkpoints; its state reaches Redis first
         clean = True
         if worker_thread is not None:

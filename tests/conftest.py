@@ -192,14 +192,18 @@ def daemon_factory(tmp_path):
     yield make
     for d in made:
         d.stop()
-    # No orphan trainers may outlive a test.
+    assert_no_orphans(tmp_path)
+
+
+def assert_no_orphans(tmp_path: Path) -> None:
+    """No training/render child of a test's processes may outlive it: kill any left, then fail."""
     leftovers = subprocess.run(["pgrep", "-f", f"--job-dir {tmp_path}"], capture_output=True, text=True).stdout.split()
     for pid in leftovers:
         try:
             os.kill(int(pid), signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert not leftovers, f"orphan worker processes: {leftovers}"
+    assert not leftovers, f"orphan training processes: {leftovers}"
 
 
 def hold_training_at(d: DaemonProc, step: int) -> Path:

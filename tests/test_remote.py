@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, DaemonProc, LoradProc, wait_for
+from conftest import ROOT, DaemonProc, LoradProc, assert_no_orphans, wait_for
 from daemon.sample import make_dataset
 
 
@@ -72,13 +72,7 @@ def cluster(tmp_path, redis_factory):
     yield coordinator, worker
     for p in reversed(made):
         p.stop()
-    leftovers = subprocess.run(["pgrep", "-f", f"--job-dir {tmp_path}"], capture_output=True, text=True).stdout.split()
-    for pid in leftovers:
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert not leftovers, f"orphan training processes: {leftovers}"
+    assert_no_orphans(tmp_path)
 
 
 def drop(d, name: str, *, images: int = 2, ready: str = "", seed: int = 0) -> Path:
