@@ -72,7 +72,12 @@ class Daemon:
             stdout=(self.root / "daemon.out").open("ab"),
             stderr=subprocess.STDOUT,
         )
-        self.wait_for(lambda: any(e["event"] == "daemon.started" and e.get("pid") == self.proc.pid for e in self.events()), 60)
+        self.wait_for(
+            lambda: any(
+                e["event"] == "daemon.started" and e.get("pid") == self.proc.pid for e in self.events()
+            ),
+            60,
+        )
         return self
 
     def events(self) -> list[dict]:
@@ -89,8 +94,11 @@ class Daemon:
 
     def jobs(self) -> list[dict]:
         result = subprocess.run(
-            [sys.executable, "-m", "daemon.cli", "status", "--json", "--all"], cwd=ROOT, env=self.env,
-            capture_output=True, text=True,
+            [sys.executable, "-m", "daemon.cli", "status", "--json", "--all"],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
         )
         return json.loads(result.stdout)["jobs"]
 

@@ -29,7 +29,9 @@ class Redis:
         self.port = free_port()
         binary = shutil.which("redis-server")
         if binary is None:
-            raise SystemExit("redis-server is not installed (apt-get install redis-server / brew install redis)")
+            raise SystemExit(
+                "redis-server is not installed (apt-get install redis-server / brew install redis)"
+            )
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -49,7 +49,9 @@ def run(jobs: int, **env: str) -> list[float]:
             t0 = time.time()
             (d.training_data / name / "READY").write_text("steps = 10\n")
             done = d.wait_for(
-                lambda: [e for e in d.events() if e["event"] == "job.done" and e.get("dataset") == name], 120, 0.01
+                lambda: [e for e in d.events() if e["event"] == "job.done" and e.get("dataset") == name],
+                120,
+                0.01,
             )
             took.append(ts(done[0]) - t0)
     finally:
@@ -74,7 +76,9 @@ def main() -> None:
           + " ".join(f"{v * 1000:.0f}" for v in hang) + " ms")  # fmt: skip
     print("no notify: " + " ".join(f"{v * 1000:.0f}" for v in plain) + " ms")
     value, baseline = median(hang), median(plain)
-    result("P10", value * 1000, "ms", baseline * 1000, "ratio<=1.2", value / baseline <= 1.2 and connections > 0)
+    result(
+        "P10", value * 1000, "ms", baseline * 1000, "ratio<=1.2", value / baseline <= 1.2 and connections > 0
+    )
 
 
 if __name__ == "__main__":

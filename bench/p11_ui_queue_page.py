@@ -35,18 +35,28 @@ def seed(state_store: JobStore, training_data: Path, count: int) -> None:
     state_store.conn.execute("PRAGMA synchronous=OFF")  # seeding speed only
     for i in range(count):
         job = state_store.create(
-            job_id=f"20260101-000000-{i:04x}", dataset_path=training_data / f"ohwx_{i}", name=f"n{i}", trigger="ohwx",
-            fingerprint=f"fp{i}", ready_token=None, settings={"engine": "mflux", "warnings": []}, marker=False,
+            job_id=f"20260101-000000-{i:04x}",
+            dataset_path=training_data / f"ohwx_{i}",
+            name=f"n{i}",
+            trigger="ohwx",
+            fingerprint=f"fp{i}",
+            ready_token=None,
+            settings={"engine": "mflux", "warnings": []},
+            marker=False,
         )
         if i >= count - 10:
             continue  # queued
         final = "training" if i == count - 11 else ("failed" if i % 17 == 0 else "done")
-        for name in ("preparing", "training") + (() if final == "training" else ("rendering", "publishing") if final == "done" else ()):
+        for name in ("preparing", "training") + (
+            () if final == "training" else ("rendering", "publishing") if final == "done" else ()
+        ):
             state_store.transition(job.id, name)
         if final == "training":
             state_store.update(job.id, step=120, total_steps=1000, loss=0.31, eta_s=3600)
         else:
-            state_store.transition(job.id, final, **({"error": "test render failed: out of memory"} if final == "failed" else {}))
+            state_store.transition(
+                job.id, final, **({"error": "test render failed: out of memory"} if final == "failed" else {})
+            )
 
 
 def main() -> None:
@@ -93,8 +103,10 @@ def main() -> None:
         baseline_ms.append((time.perf_counter() - start) * 1000)
     server.stop()
     print(f"machine: {machine()}")
-    print(f"queue page, {args.jobs} jobs, {size} bytes: server median {median(server_ms):.1f} ms (wall {median(wall_ms):.1f} ms); "
-          f"lorad status --all rendering the same jobs: {median(baseline_ms):.1f} ms; {args.runs} runs each")
+    print(
+        f"queue page, {args.jobs} jobs, {size} bytes: server median {median(server_ms):.1f} ms (wall {median(wall_ms):.1f} ms); "
+        f"lorad status --all rendering the same jobs: {median(baseline_ms):.1f} ms; {args.runs} runs each"
+    )
     result("P11-ui-queue", median(server_ms), "ms", median(baseline_ms), "<=300", median(server_ms) <= 300)
 
 

@@ -30,7 +30,9 @@ def run(wake: bool, drops: int, idle_s: float) -> list[float]:
             t0 = time.time()
             ready.write_text("steps = 1\n")
             spawned = d.wait_for(
-                lambda: [e for e in d.events() if e["event"] == "job.child" and e.get("dataset") == name], 60, 0.01
+                lambda: [e for e in d.events() if e["event"] == "job.child" and e.get("dataset") == name],
+                60,
+                0.01,
             )
             latencies.append(ts(spawned[0]) - t0)
             d.wait_for(lambda: any(j["dataset"] == name and j["state"] == "done" for j in d.jobs()), 60)

@@ -26,8 +26,13 @@ def seed_jobs(state: Path, count: int) -> None:
     store = JobStore(state / "jobs.db", write_markers=False)
     for i in range(count):
         job = store.create(
-            job_id=f"20260101-000000-{i:04x}", dataset_path=state.parent / "training_data" / f"ohwx_{i}",
-            name=f"n{i}", trigger="ohwx", fingerprint=f"fp{i}", ready_token=None, settings={"engine": "mflux"},
+            job_id=f"20260101-000000-{i:04x}",
+            dataset_path=state.parent / "training_data" / f"ohwx_{i}",
+            name=f"n{i}",
+            trigger="ohwx",
+            fingerprint=f"fp{i}",
+            ready_token=None,
+            settings={"engine": "mflux"},
         )
         for state_name in ("preparing", "training", "rendering", "publishing", "done"):
             store.transition(job.id, state_name)
@@ -53,7 +58,9 @@ def measure(pid: int, idle_s: float) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--idle", type=float, default=60.0)
-    parser.add_argument("--ui", default="127.0.0.1:0", help="the dashboard's address (on by default, as in lorad); false: off")
+    parser.add_argument(
+        "--ui", default="127.0.0.1:0", help="the dashboard's address (on by default, as in lorad); false: off"
+    )
     args = parser.parse_args()
     d = Daemon(LORAD_ENGINE="mflux", LORAD_UI=args.ui)
     d.state.mkdir(parents=True, exist_ok=True)
@@ -70,7 +77,9 @@ def main() -> None:
     bare_rss, bare_cpu = measure(bare.pid, args.idle)
     bare.kill()
     print(f"dashboard: {args.ui}")
-    print(f"daemon: peak RSS {rss:.1f} MB, {cpu:.3f} CPU-s in {args.idle:.0f}s idle; mlx/mflux mappings: {modules}")
+    print(
+        f"daemon: peak RSS {rss:.1f} MB, {cpu:.3f} CPU-s in {args.idle:.0f}s idle; mlx/mflux mappings: {modules}"
+    )
     print(f"bare python: peak RSS {bare_rss:.1f} MB, {bare_cpu:.3f} CPU-s")
     result("P3-rss", rss, "MB", bare_rss, "<=80", rss <= 80)
     result("P3-cpu", cpu, "cpu-s", max(bare_cpu, 0.001), "<=0.5", cpu <= 0.5)

@@ -59,7 +59,10 @@ def main() -> None:
             start = time.monotonic()
             subprocess.run(
                 [sys.executable, "-c", DIRECT, config["model_path"], str(config_path)],
-                cwd=ROOT, env=d.env, check=True, capture_output=True,
+                cwd=ROOT,
+                env=d.env,
+                check=True,
+                capture_output=True,
             )
             direct.append(time.monotonic() - start)
             print(f"round {round_ + 1}: daemon {ours[-1]:.2f}s, direct {direct[-1]:.2f}s", flush=True)

@@ -40,13 +40,19 @@ def uv_compiles(cmd: list[str], env: dict) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--uv-compile", action="store_true", help="measure uv run with UV_COMPILE_BYTECODE=1 (the old setting)")
+    parser.add_argument(
+        "--uv-compile",
+        action="store_true",
+        help="measure uv run with UV_COMPILE_BYTECODE=1 (the old setting)",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="lorad-p5-"))
     state = root / "assets" / ".lorad"
     state.mkdir(parents=True)
     seed_jobs(state, 50)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAD_") and k != "PYTHONDONTWRITEBYTECODE"}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("LORAD_") and k != "PYTHONDONTWRITEBYTECODE"
+    }
     lorad = str(Path(sys.executable).parent / "lorad")
     status = [lorad, "--assets", str(root / "assets"), "status", "--all"]
     bare = [sys.executable, "-c", "pass"]
@@ -55,7 +61,9 @@ def main() -> None:
     for _ in range(args.runs):
         ours.append(timed(status, env))
         base.append(timed(bare, env))
-    print(f"lorad status median {median(ours) * 1000:.1f} ms, python -c pass median {median(base) * 1000:.1f} ms")
+    print(
+        f"lorad status median {median(ours) * 1000:.1f} ms, python -c pass median {median(base) * 1000:.1f} ms"
+    )
     ratio = median(ours) / median(base)
     result("P5-status", median(ours) * 1000, "ms", median(base) * 1000, "<=3x", ratio <= 3)
 
@@ -77,7 +85,9 @@ def main() -> None:
         f"uv run lorad status median {median(via_uv) * 1000:.1f} ms, venv script median {median(script) * 1000:.1f} ms; "
         f"a no-change uv run {'byte-compiles the venv' if compiles else 'compiles nothing'}"
     )
-    result("P5-uv-run-status", median(via_uv) * 1000, "ms", median(script) * 1000, "no recompile", not compiles)
+    result(
+        "P5-uv-run-status", median(via_uv) * 1000, "ms", median(script) * 1000, "no recompile", not compiles
+    )
 
 
 if __name__ == "__main__":

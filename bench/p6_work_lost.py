@@ -17,7 +17,12 @@ from daemon.sample import make_dataset
 
 
 def main() -> None:
-    d = Daemon(LORAD_ENGINE="mflux", LORAD_MODEL="tiny-z-image", LORAD_RAM_GB="128", LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY="1000").start()
+    d = Daemon(
+        LORAD_ENGINE="mflux",
+        LORAD_MODEL="tiny-z-image",
+        LORAD_RAM_GB="128",
+        LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY="1000",
+    ).start()
     folder = make_dataset(d.training_data / "ohwx_stop", images=2)
     (folder / "READY").write_text("steps = 30\n")
     try:
@@ -33,7 +38,9 @@ def main() -> None:
     finally:
         d.stop()
     lost = stopped_at - resume
-    print(f"daemon exit code {code}; worker stopped at step {stopped_at}, resumed from checkpoint step {resume}")
+    print(
+        f"daemon exit code {code}; worker stopped at step {stopped_at}, resumed from checkpoint step {resume}"
+    )
     result("P6-lost", lost, "steps", stopped_at, "<=1", lost <= 1)
 
 

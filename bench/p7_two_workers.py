@@ -50,7 +50,9 @@ def main() -> None:
     args = parser.parse_args()
     one = makespan(1, args.jobs, args.steps, args.step_s)
     two = makespan(2, args.jobs, args.steps, args.step_s)
-    print(f"{machine()}\n{args.jobs} jobs x {args.steps} steps x {args.step_s} s: 1 worker {one:.1f} s, 2 workers {two:.1f} s")
+    print(
+        f"{machine()}\n{args.jobs} jobs x {args.steps} steps x {args.step_s} s: 1 worker {one:.1f} s, 2 workers {two:.1f} s"
+    )
     result("P7", two, "s", one, "<=0.55x", two / one <= 0.55)
 
 

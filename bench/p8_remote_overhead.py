@@ -58,7 +58,9 @@ def main() -> None:
     far = remote(args.steps)
     again = local(args.steps)
     base = min(first, again)
-    print(f"{machine()}\ntiny-z-image, {args.steps} steps: local {first:.1f} s / {again:.1f} s, remote worker {far:.1f} s")
+    print(
+        f"{machine()}\ntiny-z-image, {args.steps} steps: local {first:.1f} s / {again:.1f} s, remote worker {far:.1f} s"
+    )
     result("P8", far, "s", base, "<=1.15x", far / base <= 1.15)
 
 

@@ -25,18 +25,39 @@ def _add_globals(parser, *, suppress: bool, model_help: str | None = None) -> No
 
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument("--assets", metavar="DIR", default=default, help="assets folder (default ./assets)")
-    parser.add_argument("--config", metavar="FILE", default=default, help="settings file (default ./lorad.toml)")
-    parser.add_argument("--state-dir", metavar="DIR", default=default, help="state folder (default <assets>/.lorad)")
     parser.add_argument(
-        "--model", default=default, help=model_help or "model id (default z-image-turbo; `lorad enqueue --help` lists them)"
+        "--config", metavar="FILE", default=default, help="settings file (default ./lorad.toml)"
     )
-    parser.add_argument("--registry", metavar="FILE", default=default, help="LoRA registry JSON (default config.json)")
+    parser.add_argument(
+        "--state-dir", metavar="DIR", default=default, help="state folder (default <assets>/.lorad)"
+    )
+    parser.add_argument(
+        "--model",
+        default=default,
+        help=model_help or "model id (default z-image-turbo; `lorad enqueue --help` lists them)",
+    )
+    parser.add_argument(
+        "--registry", metavar="FILE", default=default, help="LoRA registry JSON (default config.json)"
+    )
     parser.add_argument("--log-level", default=default, help="DEBUG, INFO, WARNING or ERROR")
 
 
 COMMANDS = (
-    "run", "status", "validate", "enqueue", "cancel", "retry", "plan", "logs", "service", "selftest", "doctor", "notify",
-    "worker", "workers", "ui",
+    "run",
+    "status",
+    "validate",
+    "enqueue",
+    "cancel",
+    "retry",
+    "plan",
+    "logs",
+    "service",
+    "selftest",
+    "doctor",
+    "notify",
+    "worker",
+    "workers",
+    "ui",
 )
 _GLOBAL_WITH_VALUE = {"--assets", "--config", "--state-dir", "--model", "--registry", "--log-level"}
 
@@ -99,7 +120,9 @@ def build_parser(only: str | None = None):
     p.add_argument("--rank", type=int, help="LoRA rank (default 16, or lora.toml's)")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank, i.e. scale 1.0)")
     p.add_argument("--epochs", type=int, help="passes over the images (replaces --steps)")
-    p.add_argument("--steps", type=int, help="training steps (default ~100 per image, 1000-3000; `lorad plan DIR`)")
+    p.add_argument(
+        "--steps", type=int, help="training steps (default ~100 per image, 1000-3000; `lorad plan DIR`)"
+    )
     p.add_argument("--learning-rate", type=float, help="AdamW learning rate (default 1e-4)")
     p.add_argument("--resolution", type=int, help="max training resolution in px (capped by the memory plan)")
     p.add_argument("--priority", type=int, help="higher runs first among queued jobs (default 0)")
@@ -127,18 +150,30 @@ def build_parser(only: str | None = None):
     p.add_argument("action", choices=["install", "uninstall", "start", "stop", "restart", "status", "print"])
     p.add_argument("--platform", choices=["launchd", "systemd"])
     p.add_argument("--dry-run", action="store_true", help="print the launchctl/systemctl commands only")
-    p.add_argument("--worker", action="store_true", help="the service runs `lorad worker` (needs the queue setting or --queue)")
-    p.add_argument("--queue", metavar="URL", help="with --worker: the coordinator's redis:// or rediss:// URL")
+    p.add_argument(
+        "--worker",
+        action="store_true",
+        help="the service runs `lorad worker` (needs the queue setting or --queue)",
+    )
+    p.add_argument(
+        "--queue", metavar="URL", help="with --worker: the coordinator's redis:// or rediss:// URL"
+    )
 
     p = add("worker", "train jobs from a coordinator's Redis queue on this machine (scale-out)")
-    p.add_argument("--queue", metavar="URL", help="redis:// or rediss:// URL (default: the queue setting / LORAD_QUEUE)")
+    p.add_argument(
+        "--queue", metavar="URL", help="redis:// or rediss:// URL (default: the queue setting / LORAD_QUEUE)"
+    )
 
     p = add("workers", "list the live workers of the Redis queue: host, backend, memory, job, last heartbeat")
-    p.add_argument("--queue", metavar="URL", help="redis:// or rediss:// URL (default: the queue setting / LORAD_QUEUE)")
+    p.add_argument(
+        "--queue", metavar="URL", help="redis:// or rediss:// URL (default: the queue setting / LORAD_QUEUE)"
+    )
     p.add_argument("--json", action="store_true")
 
     p = add("selftest", "train a miniature model end to end in a temp folder and print the outputs")
-    p.add_argument("--clean", action="store_true", help="remove the temp folder afterwards (default: keep it)")
+    p.add_argument(
+        "--clean", action="store_true", help="remove the temp folder afterwards (default: keep it)"
+    )
 
     add("doctor", "check this machine: Python, RAM, disk, mflux/mlx, model weights")
 

@@ -68,7 +68,9 @@ def cmd_validate(settings: Settings, args) -> int:
     if not path.exists():
         raise UsageError(f"{path} does not exist")
     if not path.is_dir():
-        raise UsageError(f"{path} is not a folder; pass a dataset folder (assets/training_data/<trigger>_<name>)")
+        raise UsageError(
+            f"{path} is not a folder; pass a dataset folder (assets/training_data/<trigger>_<name>)"
+        )
     report = validate_dataset(path, **limits(settings))
     if args.json:
         import json
@@ -99,12 +101,16 @@ def _ask_int(prompt: str, default: int) -> int:
 def _enqueue_defaults(settings: Settings, folder: Path) -> tuple[int, int, str] | str:
     """(rank, steps, one-line summary) that a plain READY would train with (lora.toml's options,
     else the engine's plan for this dataset on this machine), or why there is no plan here."""
-    model, images, max_side, options, plan = _dataset_plan(settings, folder, ram_gb=settings.ram_gb, read_ready=False)
+    model, images, max_side, options, plan = _dataset_plan(
+        settings, folder, ram_gb=settings.ram_gb, read_ready=False
+    )
     if isinstance(plan, Exception):
         return f"{model}, {images} images; no plan on this machine: {plan}"
     from daemon.pipeline import make_engine
 
-    rank = int(options.get("rank") or make_engine(settings).adapter_metadata(plan).get("ss_network_dim") or 16)
+    rank = int(
+        options.get("rank") or make_engine(settings).adapter_metadata(plan).get("ss_network_dim") or 16
+    )
     return rank, plan.total_steps, f"{model}, {images} images (max side {max_side} px), {plan.tier} plan"
 
 
@@ -155,7 +161,9 @@ def write_ready(folder: Path, options: dict) -> str:
     if problems:
         raise UsageError("; ".join(p.message for p in problems))
     atomic_write_text(folder / "READY", text)
-    return f"READY written to {folder / 'READY'}" + (f" ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else "")
+    return f"READY written to {folder / 'READY'}" + (
+        f" ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else ""
+    )
 
 
 def _find_job(store, ref: str):
@@ -229,7 +237,9 @@ def retry_job(settings: Settings, store, job) -> tuple[int, str]:
     from daemon.queue import Queue
 
     if job.state not in ("failed", "cancelled", "interrupted"):
-        raise UsageError(f"job {job.id} is {job.state}; only failed, cancelled or interrupted jobs can be retried")
+        raise UsageError(
+            f"job {job.id} is {job.state}; only failed, cancelled or interrupted jobs can be retried"
+        )
     if job.settings.get("intake") == "refused":
         raise UsageError(
             f"{job.dataset} was refused at intake ({job.dataset_path}/FAILED.txt says why); "
@@ -263,7 +273,9 @@ def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None
         model = options.get("model", model)
     machine = machine_now(ram_gb)
     engine = make_engine(settings)
-    job = JobInput("plan", "plan", "x", model, image_count, max_side, options, Path("/tmp/lorad-plan/data"), "")
+    job = JobInput(
+        "plan", "plan", "x", model, image_count, max_side, options, Path("/tmp/lorad-plan/data"), ""
+    )
     plan: TrainingPlan | PlanError
     try:
         plan = engine.plan(job, machine)
@@ -334,18 +346,24 @@ def cmd_notify(settings: Settings, args) -> int:
     """`lorad notify test`: one test message to every target, one line each (URLs masked)."""
     if not settings.notify:
         print(
-            "lorad notify: no notification targets: set notify = [\"ntfy://...\"] in lorad.toml or LORAD_NOTIFY",
+            'lorad notify: no notification targets: set notify = ["ntfy://..."] in lorad.toml or LORAD_NOTIFY',
             file=sys.stderr,
         )
         return 2
     from daemon import notify
 
-    print(f"sending a test message to {len(settings.notify)} target(s), {settings.notify_timeout_s:g}s each at most")
+    print(
+        f"sending a test message to {len(settings.notify)} target(s), {settings.notify_timeout_s:g}s each at most"
+    )
     outcomes = []
     for url in settings.notify:
         outcome = notify.deliver_one(url, notify.test_message(), settings.notify_timeout_s)
         outcomes.append(outcome)
-        print(f"[{'ok  ' if outcome.ok else 'FAIL'}] {outcome.target}" + ("" if outcome.ok else f": {outcome.reason}"), flush=True)
+        print(
+            f"[{'ok  ' if outcome.ok else 'FAIL'}] {outcome.target}"
+            + ("" if outcome.ok else f": {outcome.reason}"),
+            flush=True,
+        )
     failed = sum(not o.ok for o in outcomes)
     print("every target answered" if not failed else f"{failed} of {len(outcomes)} target(s) failed")
     return 1 if failed else 0
@@ -354,7 +372,9 @@ def cmd_notify(settings: Settings, args) -> int:
 def _queue_url(settings: Settings, args) -> str:
     url = getattr(args, "queue", None) or settings.queue
     if not url or not url.startswith(("redis://", "rediss://")):
-        raise UsageError("needs a Redis queue: --queue redis://host:6379/0 (or the queue setting / LORAD_QUEUE)")
+        raise UsageError(
+            "needs a Redis queue: --queue redis://host:6379/0 (or the queue setting / LORAD_QUEUE)"
+        )
     from daemon.remote.redisurl import InvalidRedisURL, parse
 
     try:
@@ -388,7 +408,9 @@ def worker_rows(workers: list[dict], now: float) -> list[str]:
 
     if not workers:
         return ["no live workers (start one: lorad worker --queue <url>)"]
-    lines = [f"{'WORKER':<22} {'HOST':<18} {'BACKEND':<8} {'DEVICE':<24} {'PLATFORM':<16} {'MEMORY':>8} {'JOB':<22} {'BEAT':>6}"]
+    lines = [
+        f"{'WORKER':<22} {'HOST':<18} {'BACKEND':<8} {'DEVICE':<24} {'PLATFORM':<16} {'MEMORY':>8} {'JOB':<22} {'BEAT':>6}"
+    ]
     for w in sorted(workers, key=lambda w: w.get("id", "")):
         try:
             age = duration(now - float(w.get("beat") or now))
@@ -436,7 +458,7 @@ def cmd_ui(settings: Settings, args) -> int:
     from daemon.lock import running_daemon_pid
 
     if settings.ui is None:
-        raise UsageError("the dashboard is off (ui = false); set ui = \"127.0.0.1:8765\" and restart lorad")
+        raise UsageError('the dashboard is off (ui = false); set ui = "127.0.0.1:8765" and restart lorad')
     from daemon.settings import parse_ui_address
 
     host, port = parse_ui_address(settings.ui)
@@ -445,7 +467,10 @@ def cmd_ui(settings: Settings, args) -> int:
     opened = url + (f"?token={settings.ui_token}" if settings.ui_token else "")
     print(url + ("?token=***" if settings.ui_token else ""))
     if not running_daemon_pid(settings.state):
-        print("lorad is not running: start it (lorad run, or lorad service start) to serve the dashboard", file=sys.stderr)
+        print(
+            "lorad is not running: start it (lorad run, or lorad service start) to serve the dashboard",
+            file=sys.stderr,
+        )
     if not getattr(args, "print_only", False):
         import webbrowser
 

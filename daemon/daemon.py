@@ -76,7 +76,12 @@ def recover_work_dirs(settings: Settings, store: JobStore) -> list:
     if not settings.jobs_dir.is_dir():
         return []
     for path in sorted(settings.jobs_dir.iterdir()):
-        if path.name.startswith(".") or path.is_symlink() or not path.is_dir() or store.get(path.name) is not None:
+        if (
+            path.name.startswith(".")
+            or path.is_symlink()
+            or not path.is_dir()
+            or store.get(path.name) is not None
+        ):
             continue
         record, problem = jobrecord.read_record(path)
         row = None
@@ -92,7 +97,14 @@ def recover_work_dirs(settings: Settings, store: JobStore) -> list:
             row.update(_resume_fields(settings, path, _engine_of(row)))
         job = store.adopt(row)
         recovered.append(job)
-        log.info("job.recovered", job_id=job.id, dataset=job.dataset, state=job.state, step=job.step, path=str(path))
+        log.info(
+            "job.recovered",
+            job_id=job.id,
+            dataset=job.dataset,
+            state=job.state,
+            step=job.step,
+            path=str(path),
+        )
     for job in recovered:
         latest = store.latest_for_dataset(job.dataset_path)
         if job.state == "interrupted" and latest is not None and latest.id == job.id:
@@ -145,7 +157,9 @@ class Daemon:
         self.shutdown = threading.Event()
         self.signals = 0
         self.log = logs.get_logger()
-        self.coordinator: Coordinator | None = None  # scale-out (queue = redis URL): daemon/remote/coordinator.py
+        self.coordinator: Coordinator | None = (
+            None  # scale-out (queue = redis URL): daemon/remote/coordinator.py
+        )
 
     def _on_stop_signal(self, signum, _frame) -> None:
         self.signals += 1
@@ -166,7 +180,9 @@ class Daemon:
 
     def run(self) -> int:
         s = self.settings
-        logs.configure(level=s.log_level, log_file=s.log_file, max_bytes=s.log_max_bytes, backups=s.log_backups)
+        logs.configure(
+            level=s.log_level, log_file=s.log_file, max_bytes=s.log_max_bytes, backups=s.log_backups
+        )
         try:
             check_engine_settings(s)  # an unknown engine or a bad [engines.*] value stops the start
         except SettingsError as exc:
@@ -207,7 +223,9 @@ class Daemon:
             return 1
         notifier, recovered, removed = self._take_over_state(store, jobs_moved, jobs_problem)
         summary = reconcile(store, self.queue)
-        self.log.info("queue.reconciled", removed_dirs=removed, recovered=[j.id for j in recovered], **summary)
+        self.log.info(
+            "queue.reconciled", removed_dirs=removed, recovered=[j.id for j in recovered], **summary
+        )
 
         consumer = self.queue.consumer(wake=s.queue_wake)
         consumer.start()
@@ -221,7 +239,9 @@ class Daemon:
         intake = Intake(s, store, self.queue.enqueue)
         loop = IntakeLoop(intake.take, settle_s=s.settle_s)
         loop.start()
-        watcher = Watcher(s.training_data, loop.schedule, polling=s.observer == "polling", ready_event=loop.ready_event)
+        watcher = Watcher(
+            s.training_data, loop.schedule, polling=s.observer == "polling", ready_event=loop.ready_event
+        )
         watcher.start()
         found = loop.rescan(s.training_data)
         from daemon.doctor import announce_weights
@@ -280,10 +300,14 @@ class Daemon:
         s = self.settings
         s.training_data.mkdir(parents=True, exist_ok=True)
         s.loras.mkdir(parents=True, exist_ok=True)
-        notifier = self._start_notifier(store)  # before the re-adoption: a crash's interrupted jobs are told too
+        notifier = self._start_notifier(
+            store
+        )  # before the re-adoption: a crash's interrupted jobs are told too
         recovered = recover_work_dirs(s, store)
         if jobs_moved is not None:
-            self.log.warning("jobs.db_rebuilt", moved_to=str(jobs_moved), recovered=len(recovered), reason=jobs_problem)
+            self.log.warning(
+                "jobs.db_rebuilt", moved_to=str(jobs_moved), recovered=len(recovered), reason=jobs_problem
+            )
         removed = clean_work_dirs(s, store)
         space.ensure_reserve(s.state)  # room to record a job's end if the state disk fills up
         return notifier, recovered, removed
@@ -316,7 +340,9 @@ class Daemon:
         intake = Intake(s, store, enqueue)
         loop = IntakeLoop(intake.take, settle_s=s.settle_s)
         loop.start()
-        watcher = Watcher(s.training_data, loop.schedule, polling=s.observer == "polling", ready_event=loop.ready_event)
+        watcher = Watcher(
+            s.training_data, loop.schedule, polling=s.observer == "polling", ready_event=loop.ready_event
+        )
         watcher.start()
         return loop, watcher, loop.rescan(s.training_data)
 
@@ -335,14 +361,18 @@ class Daemon:
             self.log.error("daemon.corrupt_db", reason=str(exc))
             return 1
         notifier, recovered, removed = self._take_over_state(store, jobs_moved, jobs_problem)
-        self.log.info("queue.reconciled", removed_dirs=removed, recovered=[j.id for j in recovered], queue=mask(s.queue))
+        self.log.info(
+            "queue.reconciled", removed_dirs=removed, recovered=[j.id for j in recovered], queue=mask(s.queue)
+        )
         coordinator = Coordinator(s, store, self.shutdown)
         self.coordinator = coordinator
         coordinator.start()
         worker_stop = threading.Event()
         worker_thread = None
         if s.local_worker:
-            worker_thread = threading.Thread(target=self._local_worker, args=(worker_stop,), name="lorad-local-worker", daemon=True)
+            worker_thread = threading.Thread(
+                target=self._local_worker, args=(worker_stop,), name="lorad-local-worker", daemon=True
+            )
             worker_thread.start()
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)

@@ -30,12 +30,18 @@ def run_checks(settings: Settings) -> list[Check]:
     mem = psutil.virtual_memory()
     gb = 1024**3
     # Informational: the engine's own check says whether the memory that limits training suffices.
-    checks.append(Check("memory", OK, f"system RAM total {mem.total / gb:.1f} GB, available {mem.available / gb:.1f} GB"))
+    checks.append(
+        Check(
+            "memory", OK, f"system RAM total {mem.total / gb:.1f} GB, available {mem.available / gb:.1f} GB"
+        )
+    )
     probe = settings.assets
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    checks.append(Check("disk", OK if free >= 20 * gb else WARN, f"{free / gb:.1f} GB free under {settings.assets}"))
+    checks.append(
+        Check("disk", OK if free >= 20 * gb else WARN, f"{free / gb:.1f} GB free under {settings.assets}")
+    )
     for note in settings.deprecations:
         checks.append(Check("settings", WARN, note))
     try:
@@ -45,7 +51,9 @@ def run_checks(settings: Settings) -> list[Check]:
     else:
         checks.append(Check("engine", OK, engine.name))
         checks.extend(engine.doctor_checks(settings.model, machine_now(settings.ram_gb)))
-    checks.append(Check("assets", OK if settings.training_data.is_dir() else WARN, str(settings.training_data)))
+    checks.append(
+        Check("assets", OK if settings.training_data.is_dir() else WARN, str(settings.training_data))
+    )
     checks.append(Check("state", OK, str(settings.state)))
     return checks
 
@@ -65,7 +73,9 @@ def announce_weights(settings: Settings, log) -> Check | None:
     except SettingsError:
         return None  # the daemon refuses a bad engine setting before this
     present = check.status is OK
-    getattr(log, "info" if present else "warning")("model.weights", model=settings.model, present=present, detail=check.detail)
+    getattr(log, "info" if present else "warning")(
+        "model.weights", model=settings.model, present=present, detail=check.detail
+    )
     if not present:
         print(f"lorad: {check.detail}", file=sys.stderr, flush=True)
     return check

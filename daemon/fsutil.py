@@ -163,7 +163,12 @@ def open_regular(path: Path | str):
             raise NotARegularFile(path, f"a symlink to {file_kind(st.st_mode)}")
     if not stat.S_ISREG(st.st_mode):
         raise NotARegularFile(path, file_kind(st.st_mode))
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags = (
+        os.O_RDONLY
+        | getattr(os, "O_NOFOLLOW", 0)
+        | getattr(os, "O_NONBLOCK", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+    )
     fd = os.open(target, flags)
     try:
         st = os.fstat(fd)

@@ -16,8 +16,22 @@ VERSION = 1
 
 # Row columns the record keeps (the table's names), and the ones a usable record must hold.
 _KEPT = (
-    "id", "dataset", "dataset_path", "name", "trigger_word", "fingerprint", "ready_token", "settings", "state",
-    "attempt", "priority", "ready_at", "created_at", "finished_at", "error", "outputs",
+    "id",
+    "dataset",
+    "dataset_path",
+    "name",
+    "trigger_word",
+    "fingerprint",
+    "ready_token",
+    "settings",
+    "state",
+    "attempt",
+    "priority",
+    "ready_at",
+    "created_at",
+    "finished_at",
+    "error",
+    "outputs",
 )
 _REQUIRED = ("id", "dataset_path", "name", "state", "created_at", "ready_at")
 FINISHED = ("done", "failed", "cancelled")
@@ -32,14 +46,38 @@ def record_of(job) -> dict:
     return record
 
 
-def new_record(*, job_id: str, dataset_path: Path, name: str, trigger: str, fingerprint: str,
-               ready_token: str | None, settings: dict, priority: int, ready_at: float, created_at: float) -> dict:
+def new_record(
+    *,
+    job_id: str,
+    dataset_path: Path,
+    name: str,
+    trigger: str,
+    fingerprint: str,
+    ready_token: str | None,
+    settings: dict,
+    priority: int,
+    ready_at: float,
+    created_at: float,
+) -> dict:
     """The record intake writes into the staging dir, before the row exists."""
     return {
-        "version": VERSION, "id": job_id, "dataset": Path(dataset_path).name, "dataset_path": str(dataset_path),
-        "name": name, "trigger": trigger, "fingerprint": fingerprint, "ready_token": ready_token,
-        "settings": settings, "state": "queued", "attempt": 1, "priority": priority, "ready_at": ready_at,
-        "created_at": created_at, "finished_at": None, "error": None, "outputs": {},
+        "version": VERSION,
+        "id": job_id,
+        "dataset": Path(dataset_path).name,
+        "dataset_path": str(dataset_path),
+        "name": name,
+        "trigger": trigger,
+        "fingerprint": fingerprint,
+        "ready_token": ready_token,
+        "settings": settings,
+        "state": "queued",
+        "attempt": 1,
+        "priority": priority,
+        "ready_at": ready_at,
+        "created_at": created_at,
+        "finished_at": None,
+        "error": None,
+        "outputs": {},
     }
 
 

@@ -7,11 +7,11 @@ dataset's marker and logs one event. The legal moves are a pure table (`TRANSITI
 
 from __future__ import annotations
 
+import _thread  # RLock without importing threading: `lorad status` loads this module
+import builtins  # JobStore.list shadows list in the class body
 import os
 import sqlite3
-import _thread  # RLock without importing threading: `lorad status` loads this module
 import time
-import builtins  # JobStore.list shadows list in the class body
 from pathlib import Path
 
 from daemon.intake import markers
@@ -50,7 +50,14 @@ EVENT_FOR_STATE = {
 class IllegalTransition(Exception):
     """A move the state machine does not allow; `current` is the state the job was in."""
 
-    def __init__(self, message: str, *, job_id: str | None = None, current: str | None = None, wanted: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        job_id: str | None = None,
+        current: str | None = None,
+        wanted: str | None = None,
+    ):
         super().__init__(message)
         self.job_id, self.current, self.wanted = job_id, current, wanted
 
@@ -209,7 +216,9 @@ def marker_text(job: Job) -> str:
             pct = 100 * (job.step or 0) / job.total_steps
             lines.append(f"step {job.step or 0}/{job.total_steps} ({pct:.0f}%)")
         if job.eta_s is not None:
-            lines.append(f"ETA {int(job.eta_s // 3600):02d}:{int(job.eta_s % 3600 // 60):02d}:{int(job.eta_s % 60):02d}")
+            lines.append(
+                f"ETA {int(job.eta_s // 3600):02d}:{int(job.eta_s % 3600 // 60):02d}:{int(job.eta_s % 60):02d}"
+            )
         if job.loss is not None:
             lines.append(f"loss {job.loss:.4f}")
         if getattr(job, "note", None):
@@ -231,7 +240,9 @@ class JobStore:
     """Connection per instance; safe to use from the daemon's threads with its own lock-free calls
     because sqlite3 serialises writers (busy timeout) and WAL lets readers run alongside."""
 
-    def __init__(self, path: Path, *, write_markers: bool = True, check: bool = True, jobs_dir: Path | None = None):
+    def __init__(
+        self, path: Path, *, write_markers: bool = True, check: bool = True, jobs_dir: Path | None = None
+    ):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.write_markers = write_markers
@@ -312,11 +323,14 @@ class JobStore:
         return [_row_to_job(r) for r in rows]
 
     def by_ready_token(self, dataset_path: str, token: str) -> Job | None:
-        return self._one("SELECT * FROM jobs WHERE dataset_path = ? AND ready_token = ?", (dataset_path, token))
+        return self._one(
+            "SELECT * FROM jobs WHERE dataset_path = ? AND ready_token = ?", (dataset_path, token)
+        )
 
     def done_with_fingerprint(self, fingerprint: str) -> Job | None:
         return self._one(
-            "SELECT * FROM jobs WHERE fingerprint = ? AND state = 'done' ORDER BY seq DESC LIMIT 1", (fingerprint,)
+            "SELECT * FROM jobs WHERE fingerprint = ? AND state = 'done' ORDER BY seq DESC LIMIT 1",
+            (fingerprint,),
         )
 
     def unfinished_with_fingerprint(self, fingerprint: str) -> Job | None:
@@ -330,7 +344,8 @@ class JobStore:
     def latest_for_dataset(self, dataset_path: str) -> Job | None:
         """The dataset's newest job: the one its marker must describe."""
         return self._one(
-            "SELECT * FROM jobs WHERE dataset_path = ? ORDER BY created_at DESC, seq DESC LIMIT 1", (dataset_path,)
+            "SELECT * FROM jobs WHERE dataset_path = ? ORDER BY created_at DESC, seq DESC LIMIT 1",
+            (dataset_path,),
         )
 
     def active_for_dataset(self, dataset_path: str) -> builtins.list[Job]:
@@ -386,7 +401,9 @@ class JobStore:
         self._after(job, None, "queued", "job.queued", marker=marker)
         return job
 
-    def transition(self, job_id: str, new: str, *, expect: str | tuple[str, ...] | None = None, **fields: object) -> Job:
+    def transition(
+        self, job_id: str, new: str, *, expect: str | tuple[str, ...] | None = None, **fields: object
+    ) -> Job:
         """The one way a job changes state: a compare-and-set in one transaction (the job must be
         in `expect` when given, else StateChanged), legal-move check, cancel honoured at phase
         boundaries (the returned job's state says where it went), marker, event."""
@@ -399,11 +416,16 @@ class JobStore:
             expected = (expect,) if isinstance(expect, str) else expect
             if expected is not None and old not in expected:
                 raise StateChanged(
-                    f"job {job_id} is {old}, not {' or '.join(expected)}", job_id=job_id, current=old, wanted=new
+                    f"job {job_id} is {old}, not {' or '.join(expected)}",
+                    job_id=job_id,
+                    current=old,
+                    wanted=new,
                 )
             new = honour_cancel(old, new, bool(row["cancel_requested"]))
             if not is_legal(old, new):
-                raise IllegalTransition(f"job {job_id}: {old} -> {new} is not allowed", job_id=job_id, current=old, wanted=new)
+                raise IllegalTransition(
+                    f"job {job_id}: {old} -> {new} is not allowed", job_id=job_id, current=old, wanted=new
+                )
             fields.setdefault("updated_at", now)
             if new == "preparing" and old == "queued":
                 fields.setdefault("started_at", now)
@@ -459,7 +481,9 @@ class JobStore:
         with self._tx() as conn:
             columns["seq"] = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
             names = ", ".join(columns)
-            conn.execute(f"INSERT INTO jobs ({names}) VALUES ({','.join('?' * len(columns))})", tuple(columns.values()))
+            conn.execute(
+                f"INSERT INTO jobs ({names}) VALUES ({','.join('?' * len(columns))})", tuple(columns.values())
+            )
         job = self.get(row["id"])
         assert job is not None
         return job
@@ -484,7 +508,9 @@ class JobStore:
 
         values = [json.dumps(v, default=str) if k in _JSON_COLUMNS else v for k, v in fields.items()]
         assignments = ", ".join(f"{k} = ?" for k in fields)
-        cursor = conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ? AND state = ?", (*values, job_id, seen_state))
+        cursor = conn.execute(
+            f"UPDATE jobs SET {assignments} WHERE id = ? AND state = ?", (*values, job_id, seen_state)
+        )
         return cursor.rowcount == 1
 
     def refresh_marker(self, job: Job) -> None:
@@ -519,7 +545,9 @@ class JobStore:
         found = markers.folders_marked_with(old_path.parent, job.id)
         if not found:
             return job
-        moved = self.update(job.id, dataset_path=str(found[0]), dataset=found[0].name, updated_at=job.updated_at)
+        moved = self.update(
+            job.id, dataset_path=str(found[0]), dataset=found[0].name, updated_at=job.updated_at
+        )
         from daemon.logs import get_logger
 
         get_logger().info("job.dataset_moved", job_id=job.id, dataset=moved.dataset, previous=str(old_path),
@@ -587,7 +615,12 @@ def _log_write_failure(event: str, job: Job, path: Path, exc: OSError) -> None:
     from daemon.logs import get_logger
 
     get_logger().warning(
-        event, job_id=job.id, dataset=job.dataset, path=str(path), errno=exc.errno, error=exc.strerror or str(exc)
+        event,
+        job_id=job.id,
+        dataset=job.dataset,
+        path=str(path),
+        errno=exc.errno,
+        error=exc.strerror or str(exc),
     )
 
 

@@ -9,7 +9,13 @@ from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator, TextIO
 
-_COLOURS = {"debug": "\x1b[2m", "info": "\x1b[32m", "warning": "\x1b[33m", "error": "\x1b[31m", "critical": "\x1b[41m"}
+_COLOURS = {
+    "debug": "\x1b[2m",
+    "info": "\x1b[32m",
+    "warning": "\x1b[33m",
+    "error": "\x1b[31m",
+    "critical": "\x1b[41m",
+}
 _RESET = "\x1b[0m"
 _SKIP = {"ts", "level", "event", "job_id", "dataset", "logger", "exception"}
 
@@ -76,7 +82,9 @@ def _follow(path: Path, poll_s: float = 0.5) -> Iterator[str]:
             pass
 
 
-def show(path: Path, *, lines: int, follow: bool, job: str | None, raw: bool, out: TextIO = sys.stdout) -> int:
+def show(
+    path: Path, *, lines: int, follow: bool, job: str | None, raw: bool, out: TextIO = sys.stdout
+) -> int:
     colour = out.isatty() and not raw
 
     def emit(source: Iterable[str]) -> None:

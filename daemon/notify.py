@@ -95,13 +95,21 @@ def build_message(view: Mapping[str, object]) -> Message:
     name, state = view["name"], str(view["state"])
     step, total = view.get("step"), view.get("total_steps")
     started, ended = view.get("started_at"), view.get("ended_at")
-    took = duration_text(ended - started) if isinstance(started, (int, float)) and isinstance(ended, (int, float)) else ""
+    took = (
+        duration_text(ended - started)
+        if isinstance(started, (int, float)) and isinstance(ended, (int, float))
+        else ""
+    )
     at_step = f" at step {step}/{total}" if step and total else ""
     if state == "done":
         steps = f", {total} steps" if total else ""
         body = f"{name}: done{steps}" + (f" in {took}" if took else "")
     elif state == "failed":
-        body = f"{name}: failed{at_step}" + (f" after {took}" if took else "") + f": {first_line(str(view.get('error') or ''))}"
+        body = (
+            f"{name}: failed{at_step}"
+            + (f" after {took}" if took else "")
+            + f": {first_line(str(view.get('error') or ''))}"
+        )
     elif state == "interrupted":
         body = f"{name}: interrupted{at_step}; it resumes from its last checkpoint when lorad runs"
     elif state == "cancelled":
@@ -115,7 +123,9 @@ def build_message(view: Mapping[str, object]) -> Message:
 
 
 def test_message() -> Message:
-    return Message("lorad: test notification", "lorad can reach this target (lorad notify test).", None, "info")
+    return Message(
+        "lorad: test notification", "lorad can reach this target (lorad notify test).", None, "info"
+    )
 
 
 def wanted(state: str, notify_on: Iterable[str]) -> bool:
@@ -220,8 +230,12 @@ def deliver_one(url: str, message: Message, timeout_s: float) -> Outcome:
     target = apprise.Apprise()
     try:
         if not target.add(url):
-            return Outcome(shown, False, "apprise cannot use this URL here (unknown scheme, missing parts, or a target this system lacks,"
-                " e.g. macosx:// off macOS)")
+            return Outcome(
+                shown,
+                False,
+                "apprise cannot use this URL here (unknown scheme, missing parts, or a target this system lacks,"
+                " e.g. macosx:// off macOS)",
+            )
         plugins = list(target)
         attach = None
         if message.attach and all(getattr(p, "attachment_support", False) for p in plugins):
@@ -235,7 +249,9 @@ def deliver_one(url: str, message: Message, timeout_s: float) -> Outcome:
         return Outcome(shown, True)
     lines = [e.message for e in result.logs() if e.level in ("WARNING", "ERROR", "CRITICAL")]
     status = getattr(getattr(result, "status", None), "name", "")
-    reason = "; ".join(dict.fromkeys(lines)) or (f"no answer within {timeout_s:g}s" if status == "TIMEOUT" else "delivery failed")
+    reason = "; ".join(dict.fromkeys(lines)) or (
+        f"no answer within {timeout_s:g}s" if status == "TIMEOUT" else "delivery failed"
+    )
     return Outcome(shown, False, scrub(reason, url)[:500])
 
 
@@ -302,7 +318,9 @@ class Notifier:
         try:
             self._queue.put_nowait((job.id, message))
         except queue.Full:
-            self.log.warning("notify.dropped", job_id=job.id, state=new, reason=f"{self._queue.maxsize} messages waiting")
+            self.log.warning(
+                "notify.dropped", job_id=job.id, state=new, reason=f"{self._queue.maxsize} messages waiting"
+            )
 
     def stop(self, drain_s: float = DRAIN_S) -> bool:
         """Send what is queued for at most `drain_s`, then give up (logged). True if all went."""
@@ -329,7 +347,9 @@ class Notifier:
             try:
                 self.send(message, job_id=job_id)
             except Exception as exc:  # the sender thread must outlive any bug in one delivery
-                self.log.error("notify.failed", job_id=job_id, target="*", reason=f"{type(exc).__name__}: {exc}")
+                self.log.error(
+                    "notify.failed", job_id=job_id, target="*", reason=f"{type(exc).__name__}: {exc}"
+                )
 
     def send(self, message: Message, *, job_id: str | None = None) -> list[Outcome]:
         """Deliver to every target, retrying failed ones; one log line per target."""
@@ -340,13 +360,21 @@ class Notifier:
             for i, outcome in zip(pending, results):
                 last[i] = outcome
                 if outcome.ok:
-                    self.log.info("notify.sent", job_id=job_id, target=outcome.target, attempt=attempt, title=message.title)
+                    self.log.info(
+                        "notify.sent",
+                        job_id=job_id,
+                        target=outcome.target,
+                        attempt=attempt,
+                        title=message.title,
+                    )
             pending = [i for i in pending if not last[i].ok]
             if not pending or attempt > len(self.backoff_s) or self._abort.wait(self.backoff_s[attempt - 1]):
                 break
         for i in pending:
             reason = last[i].reason + (" (lorad was stopping)" if self._abort.is_set() else "")
-            self.log.warning("notify.failed", job_id=job_id, target=last[i].target, attempts=attempt, reason=reason)
+            self.log.warning(
+                "notify.failed", job_id=job_id, target=last[i].target, attempts=attempt, reason=reason
+            )
         return [last[i] for i in range(len(self.targets))]
 
     def _attempt(self, urls: list[str], message: Message) -> list[Outcome]:
@@ -389,10 +417,16 @@ def outcomes_from(lines: list[str], urls: list[str], failure: str) -> list[Outco
             item = json.loads(line)
         except ValueError:
             continue
-        if isinstance(item, dict) and isinstance(item.get("masked"), list) and len(item["masked"]) == len(urls):
+        if (
+            isinstance(item, dict)
+            and isinstance(item.get("masked"), list)
+            and len(item["masked"]) == len(urls)
+        ):
             masked = [str(m) for m in item["masked"]]
         elif isinstance(item, dict) and isinstance(item.get("index"), int) and 0 <= item["index"] < len(urls):
-            done[item["index"]] = Outcome(masked[item["index"]], bool(item.get("ok")), str(item.get("reason") or ""))
+            done[item["index"]] = Outcome(
+                masked[item["index"]], bool(item.get("ok")), str(item.get("reason") or "")
+            )
     return [done.get(i, Outcome(masked[i], False, failure)) for i in range(len(urls))]
 
 

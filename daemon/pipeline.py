@@ -19,7 +19,14 @@ import structlog
 from daemon import space
 from daemon.jobs import FINISHED, RUNNABLE, Job, JobStore, StateChanged
 from daemon.logs import get_logger
-from daemon.publish import PublishError, complete_registry, provenance, publish, published_by, write_with_metadata
+from daemon.publish import (
+    PublishError,
+    complete_registry,
+    provenance,
+    publish,
+    published_by,
+    write_with_metadata,
+)
 from daemon.settings import Settings, SettingsError
 from engines.base import (
     Engine,
@@ -40,7 +47,6 @@ from engines.base import (
     engine_class,
     get_engine,
 )
-
 
 CLOUD_ENGINE = "fal"  # where `cloud_fallback` sends a job no local plan fits
 
@@ -63,8 +69,13 @@ def make_engine(settings: Settings, name: str | None = None) -> Engine:
     """The engine `name` (default: the `engine` setting) with its `[engines.<name>]` section;
     SettingsError when the name is unknown or the section is bad."""
     name = name or settings.engine
-    context = EngineContext(settings.state, settings.stop_timeout_s, settings.keep_awake, settings.engines.get(name, {}),
-                            cloud_daily_jobs=settings.cloud_daily_jobs)
+    context = EngineContext(
+        settings.state,
+        settings.stop_timeout_s,
+        settings.keep_awake,
+        settings.engines.get(name, {}),
+        cloud_daily_jobs=settings.cloud_daily_jobs,
+    )
     try:
         return get_engine(name, context)
     except EngineSettingsError as exc:
@@ -97,18 +108,30 @@ def job_input(job, workdir: Path) -> JobInput:
     )
 
 
-def stamp_adapter(engine: Engine, job: Job, plan: TrainingPlan, adapter: Path, lora_file: Path, image_count: int) -> None:
+def stamp_adapter(
+    engine: Engine, job: Job, plan: TrainingPlan, adapter: Path, lora_file: Path, image_count: int
+) -> None:
     """The trained adapter with lorad's provenance header and the engine's metadata keys."""
     write_with_metadata(
         adapter,
         lora_file,
-        provenance(job=job, plan=plan.to_dict(), fingerprint=job.fingerprint, image_count=image_count,
-                   engine_keys=engine.adapter_metadata(plan)),
+        provenance(
+            job=job,
+            plan=plan.to_dict(),
+            fingerprint=job.fingerprint,
+            image_count=image_count,
+            engine_keys=engine.adapter_metadata(plan),
+        ),
     )
 
 
 def publish_job(
-    settings: Settings, job: Job, plan: TrainingPlan, lora_file: Path, rendered: RenderResult, report_files: list[Path]
+    settings: Settings,
+    job: Job,
+    plan: TrainingPlan,
+    lora_file: Path,
+    rendered: RenderResult,
+    report_files: list[Path],
 ) -> dict:
     """The normal publish path (daemon/publish.py) for a job trained here or on a worker."""
     return publish(
@@ -154,7 +177,14 @@ class ProgressSink:
             # `lorad status` shows of a paid request (the engine's workdir copy is what re-attaches).
             self._remote = dict(p.remote)
             self.store.update(self.job_id, remote=self._remote, note=p.note)
-            self.log.info("job.remote", **{k: v for k, v in self._remote.items() if k in ("engine", "endpoint", "request_id", "state")})
+            self.log.info(
+                "job.remote",
+                **{
+                    k: v
+                    for k, v in self._remote.items()
+                    if k in ("engine", "endpoint", "request_id", "state")
+                },
+            )
         with self._lock:
             self._closed = False
             self._pending = p
@@ -180,7 +210,9 @@ class ProgressSink:
             fields: dict[str, object] = dict(step=p.step, total_steps=p.total, loss=p.loss)
             if p.note is not None:
                 fields["note"] = p.note
-            if p.eta_s is not None or p.step <= 1:  # a resumed run's first step has no rate yet: keep the last ETA
+            if (
+                p.eta_s is not None or p.step <= 1
+            ):  # a resumed run's first step has no rate yet: keep the last ETA
                 fields["eta_s"] = p.eta_s
             job = self.store.update(self.job_id, **fields)
             self._marker_stale = True
@@ -259,7 +291,9 @@ class Pipeline:
         except Exception as exc:
             if space.is_disk_full(exc):
                 filename = getattr(exc, "filename", None)
-                self._fail_disk_full(job_id, f"{type(exc).__name__}: {exc}", Path(filename).parent if filename else None)
+                self._fail_disk_full(
+                    job_id, f"{type(exc).__name__}: {exc}", Path(filename).parent if filename else None
+                )
                 return
             self.log.exception("job.crashed")
             job = self.store.get(job_id)
@@ -278,7 +312,9 @@ class Pipeline:
         where = Path(where or self.settings.state)
         free = space.free_bytes(where)
         released = space.release_reserve(self.settings.state)
-        self.log.error("job.disk_full", path=str(where), free_bytes=free, released_bytes=released, error=detail)
+        self.log.error(
+            "job.disk_full", path=str(where), free_bytes=free, released_bytes=released, error=detail
+        )
         error = (
             f"the disk holding {where} is full ({space.human(free)} free): {detail}. "
             f"Free some space there, then run: lorad retry {job_id}"
@@ -334,7 +370,9 @@ class Pipeline:
             return
         workdir = self.settings.jobs_dir / job.id
         if not (workdir / "manifest.json").is_file():
-            self.store.transition(job_id, "failed", error=f"the job's snapshot is missing ({workdir}); drop READY again")
+            self.store.transition(
+                job_id, "failed", error=f"the job's snapshot is missing ({workdir}); drop READY again"
+            )
             return
         try:
             engine = make_engine(self.settings, job.settings.get("engine", "mflux"))
@@ -358,7 +396,13 @@ class Pipeline:
             self.store.transition(job_id, "failed", error=str(exc))
             return
         self.store.update(job_id, plan=plan.to_dict(), total_steps=plan.total_steps)
-        self.log.info("job.plan", tier=plan.tier, reason=plan.reason, warnings=plan.warnings, total_steps=plan.total_steps)
+        self.log.info(
+            "job.plan",
+            tier=plan.tier,
+            reason=plan.reason,
+            warnings=plan.warnings,
+            total_steps=plan.total_steps,
+        )
         problem = self._training_space_problem(job, engine, plan, workdir)
         if problem is not None:
             self.store.transition(job_id, "failed", error=problem)
@@ -370,7 +414,9 @@ class Pipeline:
 
         if not self._advance(job_id, "training", "preparing"):
             return
-        sink = ProgressSink(self.store, job_id, self.settings.marker_refresh_s, series=workdir / "progress.jsonl")
+        sink = ProgressSink(
+            self.store, job_id, self.settings.marker_refresh_s, series=workdir / "progress.jsonl"
+        )
         while True:
             try:
                 result = engine.train(plan, workdir, sink, stop, on_spawn=self._on_spawn)
@@ -388,7 +434,9 @@ class Pipeline:
                 except PlanError as exc:
                     lower, error = None, f"{error}; {exc}"
                 if lower is not None:
-                    self.log.warning("job.stepdown", from_tier=plan.tier, to_tier=lower.tier, reason=result.error)
+                    self.log.warning(
+                        "job.stepdown", from_tier=plan.tier, to_tier=lower.tier, reason=result.error
+                    )
                     plan = lower
                     self.store.update(job_id, plan=plan.to_dict(), total_steps=plan.total_steps)
                     continue
@@ -402,7 +450,9 @@ class Pipeline:
         job = self._job(job_id)
         lora_file = workdir / f"{job.name}.safetensors"
         if result.adapter is None:
-            self.store.transition(job_id, "failed", error=f"the {engine.name} engine finished without an adapter file")
+            self.store.transition(
+                job_id, "failed", error=f"the {engine.name} engine finished without an adapter file"
+            )
             return
         stamp_adapter(engine, job, plan, result.adapter, lora_file, spec.image_count)
         rendered = engine.render(plan, workdir, lora_file, spec.preview_prompt, workdir / "render", stop)
@@ -431,10 +481,16 @@ class Pipeline:
             cloud = make_engine(self.settings, CLOUD_ENGINE)
             plan = cloud.plan(spec, machine)
         except (SettingsError, PlanError) as cloud_exc:
-            self.store.transition(job.id, "failed", error=f"{exc}; cloud_fallback to {CLOUD_ENGINE} failed too: {cloud_exc}")
+            self.store.transition(
+                job.id, "failed", error=f"{exc}; cloud_fallback to {CLOUD_ENGINE} failed too: {cloud_exc}"
+            )
             return None
-        self.log.warning("job.cloud_fallback", from_engine=engine.name, to_engine=CLOUD_ENGINE, reason=str(exc))
-        self.store.update(job.id, settings={**job.settings, "engine": CLOUD_ENGINE, "fallback_from": engine.name})
+        self.log.warning(
+            "job.cloud_fallback", from_engine=engine.name, to_engine=CLOUD_ENGINE, reason=str(exc)
+        )
+        self.store.update(
+            job.id, settings={**job.settings, "engine": CLOUD_ENGINE, "fallback_from": engine.name}
+        )
         return cloud, plan
 
     def _complete_registry(self, job) -> None:
@@ -462,7 +518,9 @@ class Pipeline:
         free = space.free_bytes(workdir)
         problem = space.space_problem("training", workdir, needed, free, f"run: lorad retry {job.id}")
         if problem is not None:
-            self.log.warning("space.refused", phase="train", path=str(workdir), needed_bytes=needed, free_bytes=free)
+            self.log.warning(
+                "space.refused", phase="train", path=str(workdir), needed_bytes=needed, free_bytes=free
+            )
         return problem
 
     def _on_spawn(self, pid: int) -> None:

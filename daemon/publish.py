@@ -56,7 +56,9 @@ def write_with_metadata(src: Path, dest: Path, extra: dict[str, str]) -> None:
     safetensors_file.write(src, dest, header, offset=offset, data_len=size - offset)
 
 
-def provenance(*, job, plan: dict, fingerprint: str, image_count: int, engine_keys: dict[str, str] | None = None) -> dict[str, str]:
+def provenance(
+    *, job, plan: dict, fingerprint: str, image_count: int, engine_keys: dict[str, str] | None = None
+) -> dict[str, str]:
     """lorad's metadata keys; `engine_keys` are the engine's own (Engine.adapter_metadata: rank, alpha)."""
     return {
         **(engine_keys or {}),
@@ -149,7 +151,9 @@ def _outputs(loras: Path, name: str, registry_path: Path) -> dict:
     }
 
 
-def _register(*, loras: Path, registry_path: Path, job, lock_timeout_s: float | None, moved: str | None) -> dict:
+def _register(
+    *, loras: Path, registry_path: Path, job, lock_timeout_s: float | None, moved: str | None
+) -> dict:
     """List the published LoRA in the registry (entry built from the file itself); the outputs."""
     name = job.name
     outputs = _outputs(loras, name, registry_path)
@@ -184,7 +188,9 @@ def _register(*, loras: Path, registry_path: Path, job, lock_timeout_s: float | 
         txn.prepare(plan.updates, plan.removals)
         txn.commit()
     for clash in plan.clashes:
-        log.warning("registry.clash", key=clash.key, kept_as=clash.kept_as, other=clash.other, path=entry["path"])
+        log.warning(
+            "registry.clash", key=clash.key, kept_as=clash.kept_as, other=clash.other, path=entry["path"]
+        )
     outputs["registry_key"] = next(k for k, v in plan.updates.items() if v is entry)
     previous = [v["path"] for v in plan.updates.values() if v is not entry]
     if moved or previous:
@@ -192,7 +198,9 @@ def _register(*, loras: Path, registry_path: Path, job, lock_timeout_s: float | 
     return outputs
 
 
-def _registry_failed(exc: registry.RegistryError | OSError, job, lora: Path, registry_path: Path) -> PublishError:
+def _registry_failed(
+    exc: registry.RegistryError | OSError, job, lora: Path, registry_path: Path
+) -> PublishError:
     if isinstance(exc, registry.RegistryError):
         reason = str(exc)
     else:
@@ -206,7 +214,9 @@ def _registry_failed(exc: registry.RegistryError | OSError, job, lora: Path, reg
 def complete_registry(*, loras: Path, registry_path: Path, job, lock_timeout_s: float | None = 30.0) -> dict:
     """The registry step alone, for a job whose files are already published (published_by)."""
     try:
-        return _register(loras=loras, registry_path=registry_path, job=job, lock_timeout_s=lock_timeout_s, moved=None)
+        return _register(
+            loras=loras, registry_path=registry_path, job=job, lock_timeout_s=lock_timeout_s, moved=None
+        )
     except (registry.RegistryError, OSError) as exc:
         raise _registry_failed(exc, job, loras / f"{job.name}.safetensors", registry_path) from None
 
@@ -293,6 +303,8 @@ def publish(
                 tmp.unlink(missing_ok=True)
     # -- register: the files are in place; a failure here leaves only the entry to write ----
     try:
-        return _register(loras=loras, registry_path=registry_path, job=job, lock_timeout_s=lock_timeout_s, moved=previous)
+        return _register(
+            loras=loras, registry_path=registry_path, job=job, lock_timeout_s=lock_timeout_s, moved=previous
+        )
     except (registry.RegistryError, OSError) as exc:
         raise _registry_failed(exc, job, loras / f"{name}.safetensors", registry_path) from None

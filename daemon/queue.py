@@ -118,7 +118,9 @@ class Queue:
 
     def consumer(self, *, wake: bool = True) -> Consumer:
         if not wake:  # huey's stock polling consumer: the baseline the bench compares against
-            return Consumer(self.huey, workers=1, worker_type="thread", periodic=False, check_worker_health=False)
+            return Consumer(
+                self.huey, workers=1, worker_type="thread", periodic=False, check_worker_health=False
+            )
         worker_class = type("LoradWorker", (WakeableWorker,), {"wake": self.wake})
         consumer_class = type("LoradConsumer", (Consumer,), {"worker_class": worker_class})
         # One worker: one GPU, jobs strictly one at a time. The scheduler has nothing to do

@@ -79,7 +79,9 @@ def _holders_from_lsof(path: Path) -> list[int]:
     import subprocess
 
     try:
-        out = subprocess.run(["lsof", "-t", "--", str(path)], capture_output=True, text=True, timeout=5).stdout
+        out = subprocess.run(
+            ["lsof", "-t", "--", str(path)], capture_output=True, text=True, timeout=5
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     return [int(p) for p in out.split() if p.isdigit() and int(p) != os.getpid()]
@@ -184,7 +186,9 @@ def load(path: Path) -> dict:
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError) as exc:
-        raise RegistryError(f"registry {path} cannot be read ({exc}); fix or move it, then lorad retry") from None
+        raise RegistryError(
+            f"registry {path} cannot be read ({exc}); fix or move it, then lorad retry"
+        ) from None
     if not text.strip():
         return {}
     try:
@@ -195,7 +199,9 @@ def load(path: Path) -> dict:
             f"lorad left it untouched. Fix it, then run lorad retry"
         ) from None
     if not isinstance(data, dict):
-        raise RegistryError(f"registry {path} holds a JSON {type(data).__name__}, not an object; lorad left it untouched")
+        raise RegistryError(
+            f"registry {path} holds a JSON {type(data).__name__}, not an object; lorad left it untouched"
+        )
     if "loras" in data and not isinstance(data["loras"], dict):
         raise RegistryError(f'registry {path}: "loras" is not an object; lorad left it untouched')
     return data
@@ -243,7 +249,12 @@ class Transaction:
             if self.timeout_s is not None and waited >= self.timeout_s:
                 holder = lock_holders(self.lock_path)
                 if self.log is not None:
-                    self.log.warning("registry.lock_timeout", lock=str(self.lock_path), waited_s=round(waited, 1), holder=holder)
+                    self.log.warning(
+                        "registry.lock_timeout",
+                        lock=str(self.lock_path),
+                        waited_s=round(waited, 1),
+                        holder=holder,
+                    )
                 raise RegistryLockTimeout(
                     f"the registry lock {self.lock_path} is held by {holder} and was not released within "
                     f"{self.timeout_s:g} s (setting lock_timeout_s)",

@@ -30,7 +30,9 @@ def read_header(path: Path, file_size: int | None = None) -> tuple[dict, int]:
             raise NotSafetensors(f"{path} is not a safetensors file (shorter than its 8-byte header length)")
         (length,) = struct.unpack("<Q", raw)
         if length <= 0 or length > MAX_HEADER_BYTES or 8 + length > size:
-            raise NotSafetensors(f"{path} is not a safetensors file (header length {length} does not fit a {size}-byte file)")
+            raise NotSafetensors(
+                f"{path} is not a safetensors file (header length {length} does not fit a {size}-byte file)"
+            )
         try:
             header = json.loads(fh.read(length))
         except ValueError as exc:
@@ -49,7 +51,11 @@ def scalar_tensors(start: int, scalars: dict[str, float]) -> tuple[dict[str, dic
     """Header entries and bytes for F32 scalars placed after `start` bytes of data (pure)."""
     entries, extra = {}, b""
     for name, value in sorted(scalars.items()):
-        entries[name] = {"dtype": "F32", "shape": [], "data_offsets": [start + len(extra), start + len(extra) + 4]}
+        entries[name] = {
+            "dtype": "F32",
+            "shape": [],
+            "data_offsets": [start + len(extra), start + len(extra) + 4],
+        }
         extra += struct.pack("<f", value)
     return entries, extra
 

@@ -7,7 +7,13 @@ from pathlib import Path
 
 
 def make_dataset(
-    folder: Path, *, images: int = 3, size: int = 256, seed: int = 0, trigger: str | None = None, fmt: str = "png"
+    folder: Path,
+    *,
+    images: int = 3,
+    size: int = 256,
+    seed: int = 0,
+    trigger: str | None = None,
+    fmt: str = "png",
 ) -> Path:
     """A valid dataset: `images` distinct pictures with captions that hold the trigger word."""
     from PIL import Image, ImageDraw
@@ -27,5 +33,7 @@ def make_dataset(
             )
         ext = "jpg" if fmt == "jpeg" else fmt
         image.save(folder / f"img_{i:03d}.{ext}")
-        (folder / f"img_{i:03d}.txt").write_text(f"{trigger}, a photo of a person, variant {i}\n", encoding="utf-8")
+        (folder / f"img_{i:03d}.txt").write_text(
+            f"{trigger}, a photo of a person, variant {i}\n", encoding="utf-8"
+        )
     return folder

@@ -43,7 +43,9 @@ def run_selftest(*, clean: bool = False, timeout_s: float = 300) -> int:
     started = time.monotonic()
     print(f"selftest folder: {root}")
     log = (root / "daemon.out").open("wb")
-    daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     from daemon.jobs import JobStore
     from daemon.settings import Settings
 

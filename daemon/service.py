@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TextIO
 from pathlib import Path
+from typing import TextIO
 
 from daemon.settings import Settings
 
@@ -56,7 +56,9 @@ class Paths:
     queue: str | None = None  # the worker's queue URL (secret: files written 0600, printed masked)
 
 
-def paths_for(settings: Settings, home: Path | None = None, *, worker: bool = False, queue: str | None = None) -> Paths:
+def paths_for(
+    settings: Settings, home: Path | None = None, *, worker: bool = False, queue: str | None = None
+) -> Paths:
     if worker:
         state = (settings.state_dir or settings.state / "remote-worker").absolute()
         return Paths(lorad=lorad_executable(), assets=settings.assets.absolute(), workdir=Path.cwd().absolute(),
@@ -192,7 +194,9 @@ class Runner:
             return subprocess.CompletedProcess(args, 0, "", "")
         result = subprocess.run(args, capture_output=True, text=True)
         if check and result.returncode != 0:
-            raise ServiceError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
+            raise ServiceError(
+                f"{' '.join(args)} failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}"
+            )
         return result
 
 
@@ -203,7 +207,11 @@ class ServiceError(Exception):
 def parse_launchctl_print(text: str) -> dict:
     """state, pid and last exit code from `launchctl print gui/<uid>/<label>`."""
     info = {}
-    for key, pattern in (("state", r"^\s*state = (.+)$"), ("pid", r"^\s*pid = (\d+)$"), ("last_exit", r"^\s*last exit code = (.+)$")):
+    for key, pattern in (
+        ("state", r"^\s*state = (.+)$"),
+        ("pid", r"^\s*pid = (\d+)$"),
+        ("last_exit", r"^\s*last exit code = (.+)$"),
+    ):
         match = re.search(pattern, text, flags=re.MULTILINE)
         if match:
             info[key] = match.group(1).strip()
@@ -309,7 +317,13 @@ class Systemd:
 
     def status(self) -> str:
         result = self.run(
-            "systemctl", "--user", "show", self.unit, "-p", "ActiveState,SubState,MainPID,ExecMainStatus", check=False
+            "systemctl",
+            "--user",
+            "show",
+            self.unit,
+            "-p",
+            "ActiveState,SubState,MainPID,ExecMainStatus",
+            check=False,
         )
         if result.returncode != 0:
             return f"{self.unit}: unknown ({result.stderr.strip()})"
@@ -338,7 +352,9 @@ def main(settings: Settings, args) -> int:
         print("lorad service install --worker: needs the queue URL: --queue redis://host:6379/0 "
               "(or the queue setting / LORAD_QUEUE)", file=sys.stderr)  # fmt: skip
         return 2
-    svc = manager(settings, platform, run, paths_for(settings, worker=worker, queue=queue) if worker else None)
+    svc = manager(
+        settings, platform, run, paths_for(settings, worker=worker, queue=queue) if worker else None
+    )
     try:
         if args.action == "print":
             print(svc.render(), end="")
@@ -351,7 +367,9 @@ def main(settings: Settings, args) -> int:
         print(f"lorad service {args.action}: {exc}", file=sys.stderr)
         return 1
     except FileNotFoundError as exc:
-        print(f"lorad service {args.action}: {exc.filename} is not available on this machine", file=sys.stderr)
+        print(
+            f"lorad service {args.action}: {exc.filename} is not available on this machine", file=sys.stderr
+        )
         return 1
     if not args.dry_run:
         print(f"lorad service {args.action}: ok ({platform})")

@@ -209,7 +209,7 @@ def _coerce_ui(value: object, where: str) -> str | None:
     if value is True:
         return str(FIELDS["ui"][1])
     if not isinstance(value, str):
-        raise SettingsError(f"{where}: expected \"host:port\" or false, got {value!r}")
+        raise SettingsError(f'{where}: expected "host:port" or false, got {value!r}')
     try:
         parse_ui_address(value)
     except ValueError as exc:
@@ -249,7 +249,9 @@ def _coerce(key: str, value: object, source: str, base: Path) -> object:
         try:
             number = int(value) if want_int else float(value)  # type: ignore[call-overload, arg-type]
         except (TypeError, ValueError):
-            raise SettingsError(f"{where}: expected {'an integer' if want_int else 'a number'}, got {value!r}") from None
+            raise SettingsError(
+                f"{where}: expected {'an integer' if want_int else 'a number'}, got {value!r}"
+            ) from None
         if number < 0 or (number == 0 and key not in ("settle_s", "log_backups")):
             raise SettingsError(f"{where}: must be greater than 0, got {value!r}")
         return number
@@ -264,7 +266,7 @@ def _coerce(key: str, value: object, source: str, base: Path) -> object:
         raise SettingsError(f"{where}: must be one of {', '.join(OBSERVERS)}, got {value!r}")
     if key == "queue" and value != "sqlite" and not value.startswith(("redis://", "rediss://")):
         shown = value.split("@", 1)[-1] if "@" in value else value  # never echo a password
-        raise SettingsError(f"{where}: expected \"sqlite\" or a redis:// / rediss:// URL, got {shown!r}")
+        raise SettingsError(f'{where}: expected "sqlite" or a redis:// / rediss:// URL, got {shown!r}')
     return value
 
 
@@ -288,7 +290,7 @@ def _coerce_list(key: str, value: object, where: str) -> tuple[str, ...]:
     elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         items = [v.strip() for v in value if v.strip()]
     else:
-        raise SettingsError(f"{where}: expected a list of strings like [\"a\", \"b\"], got {value!r}")
+        raise SettingsError(f'{where}: expected a list of strings like ["a", "b"], got {value!r}')
     if key == "notify_on":
         from daemon.jobs import TRANSITIONS  # the job states; jobs.py is on `lorad status`'s path anyway
 
@@ -366,7 +368,9 @@ def _engine_sections(
     for key, (engine, new_key) in DEPRECATED_ALIASES.items():
         if key in file_values:
             put(engine, new_key, file_values[key])
-            notes.append(f"setting '{key}' in {file_source} is deprecated: move it to [engines.{engine}] {new_key}")
+            notes.append(
+                f"setting '{key}' in {file_source} is deprecated: move it to [engines.{engine}] {new_key}"
+            )
     table = file_values.get("engines", {})
     if not isinstance(table, Mapping) or not all(isinstance(v, Mapping) for v in table.values()):
         raise SettingsError(f"'engines' in {file_source} must hold tables like [engines.mflux]")
@@ -378,12 +382,16 @@ def _engine_sections(
         if alias is not None:
             engine, new_key = DEPRECATED_ALIASES[alias]
             put(engine, new_key, value)
-            notes.append(f"environment variable {name} is deprecated: use {ENGINES_ENV_PREFIX}{engine.upper()}_{new_key.upper()}")
+            notes.append(
+                f"environment variable {name} is deprecated: use {ENGINES_ENV_PREFIX}{engine.upper()}_{new_key.upper()}"
+            )
     for name, value in env.items():
         if name.startswith(ENGINES_ENV_PREFIX):
             engine, _, key = name[len(ENGINES_ENV_PREFIX) :].partition("_")
             if not key:
-                raise SettingsError(f"environment variable {name}: expected {ENGINES_ENV_PREFIX}<ENGINE>_<KEY>")
+                raise SettingsError(
+                    f"environment variable {name}: expected {ENGINES_ENV_PREFIX}<ENGINE>_<KEY>"
+                )
             put(engine.lower(), key.lower(), value)
     return rest, sections, tuple(notes)
 

@@ -22,6 +22,7 @@ RESERVE_BYTES = 2 * MiB  # a failed transition, a job.json and a few log lines n
 INTAKE_MARGIN = 4 * MiB  # manifest, job.json, database pages
 TRAIN_MARGIN = 16 * MiB  # logs, plan, loss plot, test renders, database pages
 
+
 def space_needed(phase: str, *, dataset_bytes: int = 0, engine_bytes: int = 0) -> int:
     """Bytes the phase will add to the state disk (pure).
 

@@ -70,7 +70,10 @@ def render_status(jobs: list, *, show_all: bool, as_json: bool, daemon_pid: int 
         import json
 
         return json.dumps(
-            {"daemon_pid": daemon_pid, "jobs": [j.to_dict() for j in shown]}, indent=2, default=str, ensure_ascii=False
+            {"daemon_pid": daemon_pid, "jobs": [j.to_dict() for j in shown]},
+            indent=2,
+            default=str,
+            ensure_ascii=False,
         )
     lines = [f"daemon: {'running (pid ' + str(daemon_pid) + ')' if daemon_pid else 'not running'}"]
     if not shown:

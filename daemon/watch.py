@@ -24,7 +24,6 @@ from watchdog.observers.polling import PollingObserver
 from daemon.intake.contract import READY
 from daemon.logs import get_logger
 
-
 # A folder appearing is usually a copy starting: look a little later. A READY event is the
 # user's signal and goes first (so, in a burst, READY order decides, not folder creation order).
 FOLDER_EVENT_DELAY_S = 1.0
@@ -236,7 +235,12 @@ def _is_regular(path: str) -> bool:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, root: Path, schedule: Callable[..., None], ready_event: Callable[[Path, str], None] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        schedule: Callable[..., None],
+        ready_event: Callable[[Path, str], None] | None = None,
+    ):
         self.root = root
         self.schedule = schedule
         self.ready_event = ready_event
@@ -251,7 +255,6 @@ class _Handler(FileSystemEventHandler):
         if found is not None:
             folder, delay = found
             self.schedule(folder, delay)
-
 
     def _follow_ready_writer(self, event: FileSystemEvent) -> None:
         """Tell the intake loop when READY is opened, written and closed (before it is scheduled)."""

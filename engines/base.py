@@ -260,7 +260,9 @@ def coerce_option(engine: str, option: Option, value: object) -> object:
         try:
             number = int(str(value)) if option.kind is int else float(str(value))
         except ValueError:
-            raise EngineSettingsError(f"{where}: expected {'an integer' if option.kind is int else 'a number'}, got {value!r}") from None
+            raise EngineSettingsError(
+                f"{where}: expected {'an integer' if option.kind is int else 'a number'}, got {value!r}"
+            ) from None
         if option.minimum is not None and number < option.minimum:
             raise EngineSettingsError(f"{where}: must be at least {option.minimum:g}, got {value!r}")
         return number
@@ -297,7 +299,9 @@ class Engine(Protocol):
         """The plan for this job on this machine, or PlanError saying why it cannot run."""
         ...
 
-    def step_down(self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult) -> TrainingPlan | None:
+    def step_down(
+        self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult
+    ) -> TrainingPlan | None:
         """A lower plan after `failed`; None when no lower plan would help (the job fails with
         `failed.error`); PlanError when one would but none exists (the message says why)."""
         ...
@@ -314,7 +318,14 @@ class Engine(Protocol):
         ...
 
     def render(
-        self, plan: TrainingPlan, workdir: Path, lora: Path, prompt: str, out_dir: Path, stop: StopToken, seed: int = 42
+        self,
+        plan: TrainingPlan,
+        workdir: Path,
+        lora: Path,
+        prompt: str,
+        out_dir: Path,
+        stop: StopToken,
+        seed: int = 42,
     ) -> RenderOutcome:
         """The test prompt with and without the LoRA (same seed) and their comparison."""
         ...

@@ -80,7 +80,9 @@ class LoradProc:
         return out
 
     def log_has(self, event: str, **fields) -> bool:
-        return any(e.get("event") == event and all(e.get(k) == v for k, v in fields.items()) for e in self.events())
+        return any(
+            e.get("event") == event and all(e.get(k) == v for k, v in fields.items()) for e in self.events()
+        )
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -109,7 +111,14 @@ class LoradProc:
 class DaemonProc(LoradProc):
     """A real `lorad run` in a subprocess on a temp assets dir."""
 
-    def __init__(self, root: Path, *, engine: str = "scripted", model: str = "tiny-z-image", extra_env: dict | None = None):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        engine: str = "scripted",
+        model: str = "tiny-z-image",
+        extra_env: dict | None = None,
+    ):
         self.root = root
         self.assets = root / "assets"
         self.state = self.assets / ".lorad"
@@ -145,7 +154,11 @@ class DaemonProc(LoradProc):
             stderr=subprocess.STDOUT,
         )
         pid = self.proc.pid
-        wait_for(lambda: self.log_has("daemon.started", pid=pid) or self.proc.poll() is not None, 30, message="daemon start")
+        wait_for(
+            lambda: self.log_has("daemon.started", pid=pid) or self.proc.poll() is not None,
+            30,
+            message="daemon start",
+        )
         assert self.proc.poll() is None, f"daemon exited with {self.proc.returncode}"
         return self
 
@@ -165,7 +178,9 @@ class DaemonProc(LoradProc):
         assert self.proc is not None
         pid = self.proc.pid
         started = [e for e in self.events() if e.get("event") == "daemon.started" and e.get("pid") == pid]
-        assert started and started[-1].get("ui"), "the dashboard is not running (LORAD_UI unset or ui.unavailable)"
+        assert started and started[-1].get("ui"), (
+            "the dashboard is not running (LORAD_UI unset or ui.unavailable)"
+        )
         return started[-1]["ui"]
 
     def jobs(self) -> list[dict]:
@@ -197,7 +212,9 @@ def daemon_factory(tmp_path):
 
 def assert_no_orphans(tmp_path: Path) -> None:
     """No training/render child of a test's processes may outlive it: kill any left, then fail."""
-    leftovers = subprocess.run(["pgrep", "-f", f"--job-dir {tmp_path}"], capture_output=True, text=True).stdout.split()
+    leftovers = subprocess.run(
+        ["pgrep", "-f", f"--job-dir {tmp_path}"], capture_output=True, text=True
+    ).stdout.split()
     for pid in leftovers:
         try:
             os.kill(int(pid), signal.SIGKILL)

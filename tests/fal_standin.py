@@ -25,8 +25,12 @@ from pathlib import Path
 
 RANK, ALPHA = 4, 2.0
 TINY_MODULES = {  # module -> (in, out) in the miniature Z-Image (engines/mflux/tiny_model.py SPEC)
-    "attention.to_q": (192, 192), "attention.to_k": (192, 192), "attention.to_v": (192, 192),
-    "attention.to_out.0": (192, 192), "feed_forward.w1": (192, 512), "feed_forward.w2": (512, 192),
+    "attention.to_q": (192, 192),
+    "attention.to_k": (192, 192),
+    "attention.to_v": (192, 192),
+    "attention.to_out.0": (192, 192),
+    "feed_forward.w1": (192, 512),
+    "feed_forward.w2": (512, 192),
     "feed_forward.w3": (192, 512),
 }
 
@@ -40,8 +44,12 @@ def diffusers_lora(path: Path, rank: int = RANK, alpha: float = ALPHA, layers: i
     tensors = {}
     for block in range(layers):
         for module, (fan_in, fan_out) in TINY_MODULES.items():
-            tensors[f"transformer.layers.{block}.{module}.lora_A.weight"] = rng.normal(size=(rank, fan_in)).astype(np.float32)
-            tensors[f"transformer.layers.{block}.{module}.lora_B.weight"] = (rng.normal(size=(fan_out, rank)) * 0.01).astype(np.float32)
+            tensors[f"transformer.layers.{block}.{module}.lora_A.weight"] = rng.normal(
+                size=(rank, fan_in)
+            ).astype(np.float32)
+            tensors[f"transformer.layers.{block}.{module}.lora_B.weight"] = (
+                rng.normal(size=(fan_out, rank)) * 0.01
+            ).astype(np.float32)
     meta = {"lora_adapter_metadata": json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha})}
     save_file(tensors, str(path), metadata=meta)
     return Path(path).read_bytes()
@@ -87,8 +95,13 @@ class FalStandIn:
         self.thread.start()
 
     def env(self, key: str | None = "test-fal-key-DO-NOT-LOG-3f9c") -> dict[str, str]:
-        env = {"FAL_QUEUE_RUN_HOST": self.host, "FAL_RUN_HOST": self.host, "FAL_REST_URL": self.base,
-               "FAL_CDN_URL": self.base, "SSL_CERT_FILE": str(self.ca_file)}
+        env = {
+            "FAL_QUEUE_RUN_HOST": self.host,
+            "FAL_RUN_HOST": self.host,
+            "FAL_REST_URL": self.base,
+            "FAL_CDN_URL": self.base,
+            "SSL_CERT_FILE": str(self.ca_file),
+        }
         if key:
             env["FAL_KEY"] = key
         return env
@@ -109,15 +122,28 @@ class FalStandIn:
             req["polls"] += 1
             polls = req["polls"]
         if req["cancelled"]:
-            return {"status": "COMPLETED", "logs": [], "error": "Request cancelled by the user", "error_type": "cancelled"}
+            return {
+                "status": "COMPLETED",
+                "logs": [],
+                "error": "Request cancelled by the user",
+                "error_type": "cancelled",
+            }
         if polls <= self.queue_polls:
             return {"status": "IN_QUEUE", "queue_position": self.queue_polls - polls}
         if polls <= self.queue_polls + self.progress_polls or not self.hold.is_set():
             k = min(polls - self.queue_polls, self.progress_polls)
             step = self.steps * k // (self.progress_polls + 1)
-            return {"status": "IN_PROGRESS", "logs": [{"message": f"Training step {step}/{self.steps}", "level": "INFO"}]}
+            return {
+                "status": "IN_PROGRESS",
+                "logs": [{"message": f"Training step {step}/{self.steps}", "level": "INFO"}],
+            }
         if self.remote_error:
-            return {"status": "COMPLETED", "logs": [], "error": self.remote_error, "error_type": "training_error"}
+            return {
+                "status": "COMPLETED",
+                "logs": [],
+                "error": self.remote_error,
+                "error_type": "training_error",
+            }
         return {"status": "COMPLETED", "logs": [{"message": "done", "level": "INFO"}], "metrics": {}}
 
 
@@ -128,7 +154,9 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
-    def _send(self, code: int, body: dict | bytes, ctype: str = "application/json", length: int | None = None) -> None:
+    def _send(
+        self, code: int, body: dict | bytes, ctype: str = "application/json", length: int | None = None
+    ) -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(code)
         self.send_header("Content-Type", ctype)
@@ -159,7 +187,10 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/storage/auth/token":
             if not self._fail("token"):
                 expires = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() + 3600))
-                self._send(200, {"token": "cdn-token", "token_type": "Bearer", "base_url": s.base, "expires_at": expires})
+                self._send(
+                    200,
+                    {"token": "cdn-token", "token_type": "Bearer", "base_url": s.base, "expires_at": expires},
+                )
             return
         if path == "/files/upload":
             if not self._fail("upload"):
@@ -172,11 +203,21 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             with s.lock:
                 request_id = f"req-{len(s.submissions) + 1:04d}"
-                s.submissions.append({"endpoint": f"{match[1]}/{match[2]}", "arguments": json.loads(body or b"{}")})
+                s.submissions.append(
+                    {"endpoint": f"{match[1]}/{match[2]}", "arguments": json.loads(body or b"{}")}
+                )
                 s.requests[request_id] = {"polls": 0, "cancelled": False, "endpoint": path}
             url = f"{s.base}{path}/requests/{request_id}"
-            self._send(200, {"request_id": request_id, "response_url": url, "status_url": url + "/status",
-                             "cancel_url": url + "/cancel", "queue_position": s.queue_polls})
+            self._send(
+                200,
+                {
+                    "request_id": request_id,
+                    "response_url": url,
+                    "status_url": url + "/status",
+                    "cancel_url": url + "/cancel",
+                    "queue_position": s.queue_polls,
+                },
+            )
             return
         self._send(404, {"detail": f"no route {path}"})
 
@@ -201,10 +242,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(422, {"detail": s.remote_error})
             return
         size = len(s.lora) if s.lora_size is None else s.lora_size
-        self._send(200, {"diffusers_lora_file": {"url": f"{s.base}/files/lora-{match[1]}.safetensors", "file_size": size,
-                                                 "file_name": "pytorch_lora_weights.safetensors",
-                                                 "content_type": "application/octet-stream"},
-                         "config_file": {"url": f"{s.base}/files/config.json"}})
+        self._send(
+            200,
+            {
+                "diffusers_lora_file": {
+                    "url": f"{s.base}/files/lora-{match[1]}.safetensors",
+                    "file_size": size,
+                    "file_name": "pytorch_lora_weights.safetensors",
+                    "content_type": "application/octet-stream",
+                },
+                "config_file": {"url": f"{s.base}/files/config.json"},
+            },
+        )
 
     def do_PUT(self) -> None:
         s, path = self.standin, self.path.split("?")[0]

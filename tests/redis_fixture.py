@@ -156,7 +156,9 @@ class RedisServer:
                 time.sleep(0.02)
         finally:
             client.close()
-        raise RuntimeError(f"redis-server on port {self.port} not ready in {START_TIMEOUT_S} s ({last}): {self._log_tail()}")
+        raise RuntimeError(
+            f"redis-server on port {self.port} not ready in {START_TIMEOUT_S} s ({last}): {self._log_tail()}"
+        )
 
     def _log_tail(self) -> str:
         try:

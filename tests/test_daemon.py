@@ -37,7 +37,9 @@ def test_ready_to_done_with_markers_and_outputs(daemon_factory):
     assert "alice.safetensors" in done and "alice.compare.png" in done
     for suffix in (".safetensors", ".png", ".compare.png"):
         assert (d.assets / "loras" / f"alice{suffix}").is_file()
-    events = [e["event"] for e in d.events() if e.get("dataset") == "ohwx_alice" and e["event"].startswith("job.")]
+    events = [
+        e["event"] for e in d.events() if e.get("dataset") == "ohwx_alice" and e["event"].startswith("job.")
+    ]
     assert events[0] == "job.queued" and "job.started" in events and events[-1] == "job.done"
 
 
@@ -88,7 +90,9 @@ def test_kill_9_while_training_then_restart_completes_exactly_once(daemon_factor
 def _workers(d) -> list[str]:
     import subprocess
 
-    return subprocess.run(["pgrep", "-f", f"--job-dir {d.state}"], capture_output=True, text=True).stdout.split()
+    return subprocess.run(
+        ["pgrep", "-f", f"--job-dir {d.state}"], capture_output=True, text=True
+    ).stdout.split()
 
 
 def test_sigterm_interrupts_then_resumes_from_checkpoint(daemon_factory):
@@ -229,7 +233,9 @@ def test_unchanged_redrop_names_the_current_path_of_the_versioned_lora(daemon_fa
     loras = d.assets / "loras"
     assert metadata_of(loras / "alice.v1.safetensors")["lorad.job_id"] == ids["ohwx_alice"]
     (first / "READY").write_text("")
-    wait_for(lambda: not (first / "READY").exists() and d.log_has("dataset.unchanged"), 30, message="unchanged")
+    wait_for(
+        lambda: not (first / "READY").exists() and d.log_has("dataset.unchanged"), 30, message="unchanged"
+    )
     done = (first / "DONE").read_text()
     assert done.startswith(f"job {ids['ohwx_alice']} ")
     assert f"unchanged, already trained by job {ids['ohwx_alice']}" in done

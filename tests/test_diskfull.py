@@ -94,7 +94,9 @@ def _mount_tmpfs(path: Path, size: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a small tmpfs")
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount tmpfs: {result.stderr.decode().strip()}")
 
@@ -132,7 +134,9 @@ def test_dataset_disk_full_marker_failure_does_not_stop_the_job(mounts, daemon_f
     _fill(d.training_data)
     d.start()
     (folder / "READY").write_text("")  # an empty file needs no blocks
-    wait_for(lambda: d.job_states().get("ohwx_full") == "done", 60, message="the job runs although QUEUED failed")
+    wait_for(
+        lambda: d.job_states().get("ohwx_full") == "done", 60, message="the job runs although QUEUED failed"
+    )
     failed = [e for e in d.events() if e["event"] == "marker.write_failed"]
     assert failed and failed[0]["path"] == str(folder / "QUEUED") and failed[0]["errno"] == errno.ENOSPC
     assert (d.assets / "loras" / "full.safetensors").is_file()
@@ -205,8 +209,15 @@ def test_a_marker_that_cannot_be_written_never_breaks_a_transition(tmp_path):
     folder = tmp_path / "ohwx_a"
     (folder / "QUEUED").mkdir(parents=True)  # the marker's path cannot take a file: OSError on write
     store = JobStore(tmp_path / "jobs.db")
-    job = store.create(job_id="j1", dataset_path=folder, name="a", trigger="ohwx", fingerprint="fp",
-                       ready_token=None, settings={})
+    job = store.create(
+        job_id="j1",
+        dataset_path=folder,
+        name="a",
+        trigger="ohwx",
+        fingerprint="fp",
+        ready_token=None,
+        settings={},
+    )
     assert store.get(job.id).state == "queued"  # created (and enqueued by intake) although QUEUED failed
     assert store.transition(job.id, "preparing").state == "preparing"
     assert (folder / "TRAINING").is_file()

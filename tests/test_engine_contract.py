@@ -9,7 +9,6 @@ limits, doctor checks, step-down. A new engine is covered by registering it.
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pytest
@@ -38,12 +37,24 @@ from engines.base import (
 
 STOP_AT = 2
 STEPS = 20  # room for the stop to land before the end even on a fast GPU
-MACHINE = Machine(total_gb=128, available_gb=128, platform="linux", apple_silicon=False, memory_override_gb=128)
+MACHINE = Machine(
+    total_gb=128, available_gb=128, platform="linux", apple_silicon=False, memory_override_gb=128
+)
 
 
 def _job(workdir: Path, rank: int = 8) -> JobInput:
     data = make_dataset(workdir / "data", images=2, trigger="ohwx")
-    return JobInput("contract", "alice", "ohwx", "tiny-z-image", 2, 256, {"steps": STEPS, "rank": rank}, data, "ohwx, portrait")
+    return JobInput(
+        "contract",
+        "alice",
+        "ohwx",
+        "tiny-z-image",
+        2,
+        256,
+        {"steps": STEPS, "rank": rank},
+        data,
+        "ohwx, portrait",
+    )
 
 
 @pytest.fixture(params=known_engines())
@@ -58,7 +69,9 @@ def engine(request, tmp_path, monkeypatch) -> Engine:
         for name, value in standin.env().items():
             monkeypatch.setenv(name, value)
         options = {"poll_s": 0.02, "retry_base_s": 0.02}
-    return get_engine(request.param, EngineContext(state_dir=tmp_path / "state", stop_timeout_s=60, options=options))
+    return get_engine(
+        request.param, EngineContext(state_dir=tmp_path / "state", stop_timeout_s=60, options=options)
+    )
 
 
 @pytest.mark.slow
@@ -99,7 +112,10 @@ def test_engine_contract(engine, tmp_path):
     assert rendered.with_lora.is_file() and rendered.base.is_file() and rendered.compare.is_file()
     already_stopped = StopToken()
     already_stopped.stop("cancel")
-    assert isinstance(engine.render(plan, workdir, done.adapter, job.preview_prompt, workdir / "r2", already_stopped), RenderStopped)
+    assert isinstance(
+        engine.render(plan, workdir, done.adapter, job.preview_prompt, workdir / "r2", already_stopped),
+        RenderStopped,
+    )
 
     reports = engine.report_files(workdir)
     assert reports and all(p.is_file() and workdir in p.parents for p in reports)
@@ -120,7 +136,12 @@ def test_engine_contract_fast_parts(engine, tmp_path):
         lower = None
     if lower is not None:
         assert lower.step_downs == plan.step_downs + 1 and lower.tier != plan.tier
-    assert engine.step_down(plan, job, MACHINE, TrainResult(TrainStatus.FAILED, error="bug", failure=Failure.OTHER)) is None
+    assert (
+        engine.step_down(
+            plan, job, MACHINE, TrainResult(TrainStatus.FAILED, error="bug", failure=Failure.OTHER)
+        )
+        is None
+    )
 
 
 @pytest.mark.slow
@@ -153,7 +174,12 @@ def test_saved_step_is_the_step_of_the_saved_state_while_a_newer_one_is_written(
     ckpts.mkdir(parents=True)
     import zipfile
 
-    members = {"lora_adapter": "a.safetensors", "optimizer": "o.safetensors", "iterator": "i.json", "config": "c.json"}
+    members = {
+        "lora_adapter": "a.safetensors",
+        "optimizer": "o.safetensors",
+        "iterator": "i.json",
+        "config": "c.json",
+    }
     with zipfile.ZipFile(ckpts / "0000002_checkpoint.zip", "w") as zf:
         zf.writestr("checkpoint.json", json.dumps({"files": members}))
         zf.writestr("run.json", "{}")

@@ -7,14 +7,22 @@ from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
 
 import pytest
 from conftest import wait_for
 from fal_standin import ALPHA, RANK, FalStandIn, diffusers_lora
 
 from daemon.sample import make_dataset
-from engines.base import EngineContext, JobInput, Machine, PlanError, Progress, StopToken, TrainStatus, get_engine
+from engines.base import (
+    EngineContext,
+    JobInput,
+    Machine,
+    PlanError,
+    Progress,
+    StopToken,
+    TrainStatus,
+    get_engine,
+)
 from engines.fal import pricing
 from engines.fal.convert import BadLoRA, convert, plan_conversion, read_header
 from engines.fal.engine import request_arguments, step_from_logs
@@ -25,7 +33,9 @@ KEY = "test-fal-key-DO-NOT-LOG-3f9c"
 # -- pure ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("steps, max_cost, refused", [(1000, 5.0, False), (1000, 2.0, True), (3000, 5.0, True), (100, 0.25, False)])
+@pytest.mark.parametrize(
+    "steps, max_cost, refused", [(1000, 5.0, False), (1000, 2.0, True), (3000, 5.0, True), (100, 0.25, False)]
+)
 def test_cost_guard_table(steps, max_cost, refused):
     cost, price = pricing.estimate_usd("fal-ai/z-image-trainer", steps)
     problem = pricing.cost_problem(cost, max_cost, steps, price, "fal-ai/z-image-trainer")
@@ -34,7 +44,9 @@ def test_cost_guard_table(steps, max_cost, refused):
         assert f"${cost:.2f}" in problem and f"${max_cost:.2f}" in problem and str(steps) in problem
 
 
-@pytest.mark.parametrize("count, limit, refused", [(0, 10, False), (9, 10, False), (10, 10, True), (50, 0, False)])
+@pytest.mark.parametrize(
+    "count, limit, refused", [(0, 10, False), (9, 10, False), (10, 10, True), (50, 0, False)]
+)
 def test_daily_limit_table(count, limit, refused):
     assert (pricing.daily_problem(count, limit) is not None) == refused
 
@@ -42,27 +54,37 @@ def test_daily_limit_table(count, limit, refused):
 def test_endpoint_table_and_overrides():
     assert pricing.endpoint_for("z-image-turbo", {}) == "fal-ai/z-image-trainer"
     assert pricing.endpoint_for("flux-dev", {}) == "fal-ai/flux-lora-fast-training"
-    assert pricing.endpoint_for("z-image-turbo", pricing.parse_endpoints("z-image-turbo=me/trainer")) == "me/trainer"
+    assert (
+        pricing.endpoint_for("z-image-turbo", pricing.parse_endpoints("z-image-turbo=me/trainer"))
+        == "me/trainer"
+    )
     assert pricing.endpoint_for("sd15", {}) is None
     with pytest.raises(ValueError, match="model=owner/app"):
         pricing.parse_endpoints("z-image-turbo")
 
 
-@pytest.mark.parametrize("logs, total, step", [
-    ([{"message": "Training step 120/1000"}], 1000, 120),
-    ([{"message": "step: 5 of 10"}, {"message": "loading"}], 10, 5),
-    ([{"message": " 40%|####  | 400/1000 [01:00<01:30]"}], 1000, 400),
-    ([{"message": "Training step 50/100"}], 1000, 500),  # the trainer counts differently: scaled
-    ([{"message": "uploading"}], 1000, None),
-    ([], 1000, None),
-])
+@pytest.mark.parametrize(
+    "logs, total, step",
+    [
+        ([{"message": "Training step 120/1000"}], 1000, 120),
+        ([{"message": "step: 5 of 10"}, {"message": "loading"}], 10, 5),
+        ([{"message": " 40%|####  | 400/1000 [01:00<01:30]"}], 1000, 400),
+        ([{"message": "Training step 50/100"}], 1000, 500),  # the trainer counts differently: scaled
+        ([{"message": "uploading"}], 1000, None),
+        ([], 1000, None),
+    ],
+)
 def test_step_from_logs_table(logs, total, step):
     assert step_from_logs(logs, total) == step
 
 
 def test_request_arguments_per_endpoint():
     config = {"steps": 500, "trigger": "ohwx", "learning_rate": None}
-    assert request_arguments("fal-ai/z-image-trainer", "u", config) == {"steps": 500, "image_data_url": "u", "default_caption": "ohwx"}
+    assert request_arguments("fal-ai/z-image-trainer", "u", config) == {
+        "steps": 500,
+        "image_data_url": "u",
+        "default_caption": "ohwx",
+    }
     flux = request_arguments("fal-ai/flux-lora-fast-training", "u", {**config, "learning_rate": 1e-4})
     assert flux == {"steps": 500, "images_data_url": "u", "trigger_word": "ohwx", "learning_rate": 1e-4}
 
@@ -70,19 +92,45 @@ def test_request_arguments_per_endpoint():
 def _header(**tensors) -> dict:
     out, offset = {}, 0
     for key, (shape, dtype) in tensors.items():
-        size = (shape[0] if shape else 1) * (shape[1] if len(shape) > 1 else 1) * {"F32": 4, "BF16": 2, "I64": 8}[dtype]
-        out[key.replace("__", ".")] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        size = (
+            (shape[0] if shape else 1)
+            * (shape[1] if len(shape) > 1 else 1)
+            * {"F32": 4, "BF16": 2, "I64": 8}[dtype]
+        )
+        out[key.replace("__", ".")] = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     return out
 
 
-@pytest.mark.parametrize("header, problem", [
-    (_header(**{"transformer__layers__0__attention__to_q__lora_A__weight": ([4, 8], "F32")}), "no lora_B"),
-    (_header(**{"m__lora_A__weight": ([4, 8], "F32"), "m__lora_B__weight": ([8, 2], "F32")}), "ranks differ"),
-    (_header(**{"m__lora_A__weight": ([4, 8], "F32"), "m__lora_B__weight": ([8, 4], "F32"), "m__bias": ([8], "F32")}), "unexpected tensor"),
-    (_header(**{"m__lora_A__weight": ([4, 8], "I64"), "m__lora_B__weight": ([8, 4], "F32")}), "dtype"),
-    ({"__metadata__": {}}, "no tensors"),
-])
+@pytest.mark.parametrize(
+    "header, problem",
+    [
+        (
+            _header(**{"transformer__layers__0__attention__to_q__lora_A__weight": ([4, 8], "F32")}),
+            "no lora_B",
+        ),
+        (
+            _header(**{"m__lora_A__weight": ([4, 8], "F32"), "m__lora_B__weight": ([8, 2], "F32")}),
+            "ranks differ",
+        ),
+        (
+            _header(
+                **{
+                    "m__lora_A__weight": ([4, 8], "F32"),
+                    "m__lora_B__weight": ([8, 4], "F32"),
+                    "m__bias": ([8], "F32"),
+                }
+            ),
+            "unexpected tensor",
+        ),
+        (_header(**{"m__lora_A__weight": ([4, 8], "I64"), "m__lora_B__weight": ([8, 4], "F32")}), "dtype"),
+        ({"__metadata__": {}}, "no tensors"),
+    ],
+)
 def test_conversion_refuses_what_is_not_a_lora(header, problem):
     data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     with pytest.raises(BadLoRA, match=problem):
@@ -98,22 +146,36 @@ def test_conversion_renames_keys_and_turns_peft_alpha_into_alpha_tensors(tmp_pat
     header, offset = read_header(dest)
     keys = [k for k in header if k != "__metadata__"]
     assert all(k.startswith("diffusion_model.layers.") for k in keys)
-    assert "diffusion_model.layers.0.attention.to_q.lora_A.weight" in keys and "diffusion_model.layers.1.feed_forward.w2.alpha" in keys
-    assert "lora_adapter_metadata" not in header.get("__metadata__", {})  # the alpha is in the tensors now, once
+    assert (
+        "diffusion_model.layers.0.attention.to_q.lora_A.weight" in keys
+        and "diffusion_model.layers.1.feed_forward.w2.alpha" in keys
+    )
+    assert "lora_adapter_metadata" not in header.get(
+        "__metadata__", {}
+    )  # the alpha is in the tensors now, once
     src_header, src_offset = read_header(src)
     a = src_header["transformer.layers.0.attention.to_q.lora_A.weight"]["data_offsets"]
     b = header["diffusion_model.layers.0.attention.to_q.lora_A.weight"]["data_offsets"]
-    assert dest.read_bytes()[offset + b[0]:offset + b[1]] == raw[src_offset + a[0]:src_offset + a[1]]  # untouched
+    assert (
+        dest.read_bytes()[offset + b[0] : offset + b[1]] == raw[src_offset + a[0] : src_offset + a[1]]
+    )  # untouched
     alpha = header["diffusion_model.layers.0.attention.to_q.alpha"]["data_offsets"]
-    assert struct.unpack("<f", dest.read_bytes()[offset + alpha[0]:offset + alpha[1]])[0] == ALPHA
+    assert struct.unpack("<f", dest.read_bytes()[offset + alpha[0] : offset + alpha[1]])[0] == ALPHA
 
 
 def test_rslora_alpha_gives_peft_scale():
     from engines.fal.convert import peft_alpha
 
     configs = {"transformer": {"lora_alpha": 8, "use_rslora": True}}
-    assert peft_alpha("transformer", "layers.0.x", configs, 16) == pytest.approx(8 * 16 / 4)  # alpha/rank = 8/sqrt(16)
-    assert peft_alpha("transformer", "layers.0.x", {"transformer": {"lora_alpha": 8, "alpha_pattern": {"x": 2}}}, 16) == 2
+    assert peft_alpha("transformer", "layers.0.x", configs, 16) == pytest.approx(
+        8 * 16 / 4
+    )  # alpha/rank = 8/sqrt(16)
+    assert (
+        peft_alpha(
+            "transformer", "layers.0.x", {"transformer": {"lora_alpha": 8, "alpha_pattern": {"x": 2}}}, 16
+        )
+        == 2
+    )
     assert peft_alpha("transformer", "m", {}, 16) is None
 
 
@@ -130,13 +192,21 @@ def fal(tmp_path, monkeypatch):
 
 
 def _engine(tmp_path, **options):
-    return get_engine("fal", EngineContext(state_dir=tmp_path / "state", options={"poll_s": 0.02, "retry_base_s": 0.02, **options},
-                                           cloud_daily_jobs=options.pop("daily", 10) if "daily" in options else 10))
+    return get_engine(
+        "fal",
+        EngineContext(
+            state_dir=tmp_path / "state",
+            options={"poll_s": 0.02, "retry_base_s": 0.02, **options},
+            cloud_daily_jobs=options.pop("daily", 10) if "daily" in options else 10,
+        ),
+    )
 
 
 def _job(tmp_path, **options) -> JobInput:
     data = make_dataset(tmp_path / "job" / "data", images=2, trigger="ohwx")
-    return JobInput("j1", "alice", "ohwx", "tiny-z-image", 2, 256, {"steps": 20, **options}, data, "ohwx, portrait")
+    return JobInput(
+        "j1", "alice", "ohwx", "tiny-z-image", 2, 256, {"steps": 20, **options}, data, "ohwx, portrait"
+    )
 
 
 def test_a_500_is_retried_and_one_request_is_sent(fal, tmp_path):
@@ -169,14 +239,19 @@ def test_cancel_cancels_the_remote_request(fal, tmp_path):
     fal.hold.clear()
     engine = _engine(tmp_path)
     stop = StopToken()
-    result = engine.train(engine.plan(_job(tmp_path), MACHINE), tmp_path / "job", lambda p: p.step and stop.stop("cancel"), stop)
+    result = engine.train(
+        engine.plan(_job(tmp_path), MACHINE), tmp_path / "job", lambda p: p.step and stop.stop("cancel"), stop
+    )
     assert result.status is TrainStatus.STOPPED and fal.cancels == ["req-0001"]
 
 
-@pytest.mark.parametrize("damage, words", [
-    ("truncated", "bytes"),  # the result announces more bytes than come
-    ("structure", "not usable"),  # not a LoRA: a tensor that is no lora_A/lora_B
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("truncated", "bytes"),  # the result announces more bytes than come
+        ("structure", "not usable"),  # not a LoRA: a tensor that is no lora_A/lora_B
+    ],
+)
 def test_a_bad_result_is_refused(fal, tmp_path, damage, words):
     if damage == "truncated":
         fal.lora_size = len(fal.lora) + 100
@@ -184,7 +259,10 @@ def test_a_bad_result_is_refused(fal, tmp_path, damage, words):
         import numpy as np
         from safetensors.numpy import save_file
 
-        save_file({"transformer.layers.0.attention.to_q.weight": np.zeros((4, 4), np.float32)}, str(tmp_path / "bad.safetensors"))
+        save_file(
+            {"transformer.layers.0.attention.to_q.weight": np.zeros((4, 4), np.float32)},
+            str(tmp_path / "bad.safetensors"),
+        )
         fal.lora = (tmp_path / "bad.safetensors").read_bytes()
     engine = _engine(tmp_path, unreachable_timeout_s=1)
     result = engine.train(engine.plan(_job(tmp_path), MACHINE), tmp_path / "job", lambda p: None, StopToken())
@@ -206,9 +284,14 @@ def test_cost_guard_refuses_with_the_numbers(fal, tmp_path):
 
 
 def test_daily_limit_refuses_a_second_job(fal, tmp_path):
-    engine = get_engine("fal", EngineContext(state_dir=tmp_path / "state", options={"poll_s": 0.02}, cloud_daily_jobs=1))
+    engine = get_engine(
+        "fal", EngineContext(state_dir=tmp_path / "state", options={"poll_s": 0.02}, cloud_daily_jobs=1)
+    )
     job = _job(tmp_path)
-    assert engine.train(engine.plan(job, MACHINE), tmp_path / "job", lambda p: None, StopToken()).status is TrainStatus.COMPLETED
+    assert (
+        engine.train(engine.plan(job, MACHINE), tmp_path / "job", lambda p: None, StopToken()).status
+        is TrainStatus.COMPLETED
+    )
     other = tmp_path / "job2"
     make_dataset(other / "data", images=2, trigger="ohwx")
     job2 = JobInput("j2", "bob", "ohwx", "tiny-z-image", 2, 256, {"steps": 20}, other / "data", "ohwx")
@@ -232,15 +315,24 @@ def test_unreachable_service_waits_then_fails_after_the_bound(tmp_path, monkeypa
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    for name, value in {"FAL_KEY": KEY, "FAL_QUEUE_RUN_HOST": f"127.0.0.1:{port}", "FAL_REST_URL": f"https://127.0.0.1:{port}",
-                        "FAL_CDN_URL": f"https://127.0.0.1:{port}"}.items():
+    for name, value in {
+        "FAL_KEY": KEY,
+        "FAL_QUEUE_RUN_HOST": f"127.0.0.1:{port}",
+        "FAL_REST_URL": f"https://127.0.0.1:{port}",
+        "FAL_CDN_URL": f"https://127.0.0.1:{port}",
+    }.items():
         monkeypatch.setenv(name, value)
     import fal_client.client as fc
 
     monkeypatch.setattr(fc, "MAX_ATTEMPTS", 1)  # fal-client's own retries off: lorad's backoff is under test
     engine = _engine(tmp_path, unreachable_timeout_s=1)
     notes: list[str] = []
-    result = engine.train(engine.plan(_job(tmp_path), MACHINE), tmp_path / "job", lambda p: notes.append(p.note or ""), StopToken())
+    result = engine.train(
+        engine.plan(_job(tmp_path), MACHINE),
+        tmp_path / "job",
+        lambda p: notes.append(p.note or ""),
+        StopToken(),
+    )
     assert result.status is TrainStatus.FAILED and "unreachable" in (result.error or "")
     assert any(n.startswith("waiting: fal.ai unreachable") for n in notes)
 
@@ -249,8 +341,15 @@ def test_unreachable_service_waits_then_fails_after_the_bound(tmp_path, monkeypa
 
 
 def _daemon(daemon_factory, fal: FalStandIn, **env):
-    return daemon_factory(engine="fal", extra_env={**fal.env(KEY), "LORAD_ENGINES_FAL_POLL_S": "0.05",
-                                                    "LORAD_ENGINES_FAL_RETRY_BASE_S": "0.05", **env})
+    return daemon_factory(
+        engine="fal",
+        extra_env={
+            **fal.env(KEY),
+            "LORAD_ENGINES_FAL_POLL_S": "0.05",
+            "LORAD_ENGINES_FAL_RETRY_BASE_S": "0.05",
+            **env,
+        },
+    )
 
 
 @pytest.mark.slow
@@ -266,13 +365,21 @@ def test_daemon_publishes_a_fal_lora_and_never_shows_the_key(daemon_factory, fal
     assert job["remote"]["request_id"] == "req-0001" and job["remote"]["endpoint"] == "fal-ai/z-image-trainer"
     lora = d.assets / "loras" / "alice.safetensors"
     meta = metadata_of(lora)
-    assert (meta["lorad.engine"], meta["lorad.fal_request_id"], meta["lorad.fal_endpoint"]) == ("fal", "req-0001", "fal-ai/z-image-trainer")
+    assert (meta["lorad.engine"], meta["lorad.fal_request_id"], meta["lorad.fal_endpoint"]) == (
+        "fal",
+        "req-0001",
+        "fal-ai/z-image-trainer",
+    )
     assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == (str(RANK), f"{ALPHA:g}")
     assert "alice" in json.loads(d.registry.read_text())["loras"]
     assert (d.assets / "loras" / "alice.png").is_file() or list((d.assets / "loras").glob("alice*.png"))
     assert len(fal.submissions) == 1 and f"Key {KEY}" in fal.auth_headers
-    for text in (d.cli("status").stdout, d.cli("status", "--json", "--all").stdout,
-                 (d.state / "logs" / "lorad.jsonl").read_text(), (folder / "DONE").read_text()):
+    for text in (
+        d.cli("status").stdout,
+        d.cli("status", "--json", "--all").stdout,
+        (d.state / "logs" / "lorad.jsonl").read_text(),
+        (folder / "DONE").read_text(),
+    ):
         assert KEY not in text
     assert d.log_has("fal.submitted", request_id="req-0001")
 
@@ -283,14 +390,30 @@ def test_daemon_killed_mid_request_reattaches_after_restart(daemon_factory, fal)
     d = _daemon(daemon_factory, fal).start()
     folder = make_dataset(d.training_data / "ohwx_bob", images=2, trigger="ohwx")
     (folder / "READY").write_text("steps = 20\n")
-    wait_for(lambda: (d.jobs() or [{}])[0].get("remote", {}).get("request_id"), 120, message="request id in the job row")
-    wait_for(lambda: "training on fal.ai" in ((d.jobs() or [{}])[0].get("note") or ""), 60, message="remote training reported")
-    wait_for(lambda: "training on fal.ai" in ((folder / "TRAINING").read_text() if (folder / "TRAINING").exists() else ""),
-             30, message="the TRAINING marker shows the remote progress")
+    wait_for(
+        lambda: (d.jobs() or [{}])[0].get("remote", {}).get("request_id"),
+        120,
+        message="request id in the job row",
+    )
+    wait_for(
+        lambda: "training on fal.ai" in ((d.jobs() or [{}])[0].get("note") or ""),
+        60,
+        message="remote training reported",
+    )
+    wait_for(
+        lambda: (
+            "training on fal.ai"
+            in ((folder / "TRAINING").read_text() if (folder / "TRAINING").exists() else "")
+        ),
+        30,
+        message="the TRAINING marker shows the remote progress",
+    )
     d.kill9()
     fal.hold.set()
     d.start()
-    wait_for(lambda: d.job_states().get("ohwx_bob") in ("done", "failed"), 300, message="re-attached job finished")
+    wait_for(
+        lambda: d.job_states().get("ohwx_bob") in ("done", "failed"), 300, message="re-attached job finished"
+    )
     assert d.jobs()[0]["state"] == "done", d.jobs()[0]["error"]
     assert len(fal.submissions) == 1  # one paid training
     assert d.log_has("fal.reattach", request_id="req-0001")
@@ -302,7 +425,11 @@ def test_lorad_cancel_cancels_the_fal_request(daemon_factory, fal):
     d = _daemon(daemon_factory, fal).start()
     folder = make_dataset(d.training_data / "ohwx_carol", images=2, trigger="ohwx")
     (folder / "READY").write_text("steps = 20\n")
-    wait_for(lambda: "training on fal.ai" in ((d.jobs() or [{}])[0].get("note") or ""), 120, message="remote training")
+    wait_for(
+        lambda: "training on fal.ai" in ((d.jobs() or [{}])[0].get("note") or ""),
+        120,
+        message="remote training",
+    )
     assert d.cli("cancel", d.jobs()[0]["id"]).returncode == 0
     wait_for(lambda: d.job_states().get("ohwx_carol") == "cancelled", 60, message="cancelled")
     assert fal.cancels == ["req-0001"]
@@ -322,11 +449,20 @@ def test_no_key_fails_the_job_with_a_reason_naming_fal_key(daemon_factory, fal, 
 
 @pytest.mark.slow
 def test_cloud_fallback_sends_a_job_no_local_plan_fits_to_fal(daemon_factory, fal):
-    d = daemon_factory(engine="mflux", extra_env={**fal.env(KEY), "LORAD_RAM_GB": "0.01", "LORAD_CLOUD_FALLBACK": "true",
-                                                   "LORAD_ENGINES_FAL_POLL_S": "0.05"}).start()
+    d = daemon_factory(
+        engine="mflux",
+        extra_env={
+            **fal.env(KEY),
+            "LORAD_RAM_GB": "0.01",
+            "LORAD_CLOUD_FALLBACK": "true",
+            "LORAD_ENGINES_FAL_POLL_S": "0.05",
+        },
+    ).start()
     folder = make_dataset(d.training_data / "ohwx_erin", images=2, trigger="ohwx")
     (folder / "READY").write_text("steps = 20\n")
-    wait_for(lambda: d.job_states().get("ohwx_erin") in ("done", "failed"), 300, message="fallback job finished")
+    wait_for(
+        lambda: d.job_states().get("ohwx_erin") in ("done", "failed"), 300, message="fallback job finished"
+    )
     job = d.jobs()[0]
     assert job["state"] == "done", job["error"]
     assert job["settings"]["engine"] == "fal" and job["settings"]["fallback_from"] == "mflux"

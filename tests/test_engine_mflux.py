@@ -39,18 +39,40 @@ PLAN_TABLE = [
     ("z-image-turbo", 16, 14, 15, 1024, None, "q4-minimal", 4, 1, True, True, 512),
     ("flux2-klein-9b", 128, 120, 10, 1024, None, "q8", 8, 1, False, False, 1024),  # never bf16
     ("flux2-klein-4b", 24, 11, 10, 1024, None, "q4-minimal", 4, 1, True, True, 512),
-    ("flux2-klein-4b", 24, 13, 10, 1024, None, "q4-lowram", 4, 1, True, True, 768),  # smaller model, smaller need
+    (
+        "flux2-klein-4b",
+        24,
+        13,
+        10,
+        1024,
+        None,
+        "q4-lowram",
+        4,
+        1,
+        True,
+        True,
+        768,
+    ),  # smaller model, smaller need
     ("tiny-z-image", 24, 20, 3, 256, None, "q4-lowram", 4, 1, True, True, 64),
     ("tiny-z-image", 128, 100, 3, 256, None, "bf16", None, 2, False, False, 64),
 ]
 
 
-@pytest.mark.parametrize("model, total, avail, n, side, res, tier, q, batch, low_ram, ckpt, max_res", PLAN_TABLE)
+@pytest.mark.parametrize(
+    "model, total, avail, n, side, res, tier, q, batch, low_ram, ckpt, max_res", PLAN_TABLE
+)
 def test_memory_plan_table(model, total, avail, n, side, res, tier, q, batch, low_ram, ckpt, max_res):
-    plan = plan_memory(model=model, total_gb=total, available_gb=avail, image_count=n, max_side=side, resolution=res)
-    assert (plan.tier, plan.quantize, plan.batch_size, plan.low_ram, plan.gradient_checkpointing, plan.max_resolution) == (
-        tier, q, batch, low_ram, ckpt, max_res
+    plan = plan_memory(
+        model=model, total_gb=total, available_gb=avail, image_count=n, max_side=side, resolution=res
     )
+    assert (
+        plan.tier,
+        plan.quantize,
+        plan.batch_size,
+        plan.low_ram,
+        plan.gradient_checkpointing,
+        plan.max_resolution,
+    ) == (tier, q, batch, low_ram, ckpt, max_res)
     assert plan.reason.startswith(tier)
 
 
@@ -61,17 +83,33 @@ def test_memory_plan_floor_and_warnings():
         plan_memory(model="z-image-turbo", total_gb=8, available_gb=8, image_count=10, max_side=1024)
     plan = plan_memory(model="z-image-turbo", total_gb=16, available_gb=15, image_count=10, max_side=1024)
     assert any("floor" in w for w in plan.warnings)
-    plan = plan_memory(model="z-image-turbo", total_gb=24, available_gb=20, image_count=10, max_side=1024, resolution=1024)
+    plan = plan_memory(
+        model="z-image-turbo", total_gb=24, available_gb=20, image_count=10, max_side=1024, resolution=1024
+    )
     assert any("lowered to 768" in w for w in plan.warnings)
 
 
 def test_step_down_goes_one_tier_lower_then_stops():
     names = [t.name for t in TIERS]
     for upper, lower in zip(names, names[1:]):
-        plan = plan_memory(model="z-image-turbo", total_gb=128, available_gb=128, image_count=10, max_side=1024, start_below=upper)
+        plan = plan_memory(
+            model="z-image-turbo",
+            total_gb=128,
+            available_gb=128,
+            image_count=10,
+            max_side=1024,
+            start_below=upper,
+        )
         assert plan.tier == lower
     with pytest.raises(InsufficientMemory):
-        plan_memory(model="z-image-turbo", total_gb=128, available_gb=128, image_count=10, max_side=1024, start_below=names[-1])
+        plan_memory(
+            model="z-image-turbo",
+            total_gb=128,
+            available_gb=128,
+            image_count=10,
+            max_side=1024,
+            start_below=names[-1],
+        )
 
 
 def test_plan_cli_prints_the_plan(tmp_path):
@@ -80,13 +118,15 @@ def test_plan_cli_prints_the_plan(tmp_path):
 
     result = subprocess.run(
         [sys.executable, "-m", "daemon.cli", "--assets", str(tmp_path), "plan", "--ram-gb", "24"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert "q4-lowram" in result.stdout and "quantize     4" in result.stdout and "768" in result.stdout
     result = subprocess.run(
         [sys.executable, "-m", "daemon.cli", "--assets", str(tmp_path), "plan", "--ram-gb", "8"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1 and "16 GB" in result.stderr
 
@@ -115,7 +155,10 @@ def test_corrupt_newest_checkpoint_falls_back_and_prune_keeps_two(tmp_path):
     assert good.name == "0000004_checkpoint.zip" and skipped[0][0] == newest
     assert checkpoints.prune(tmp_path) == []  # the newest is not verified: prune nothing
     _fake_ckpt(tmp_path, 8)
-    assert [p.name for p in checkpoints.prune(tmp_path)] == ["0000004_checkpoint.zip", "0000002_checkpoint.zip"]
+    assert [p.name for p in checkpoints.prune(tmp_path)] == [
+        "0000004_checkpoint.zip",
+        "0000002_checkpoint.zip",
+    ]
     flipped = _fake_ckpt(tmp_path, 10)
     data = bytearray(flipped.read_bytes())
     data[100] ^= 0xFF  # a CRC error inside a member
@@ -139,21 +182,39 @@ def tensors_bytes(path: Path) -> bytes:
 @pytest.mark.slow
 def test_end_to_end_tiny_model_publishes_everything(daemon_factory):
     d = _mflux(daemon_factory)
-    d.registry.write_text(json.dumps({"theme": "dark", "models": {"default": "z-image-turbo"}, "loras": {"old": {"path": "x"}}}, indent=4))
+    d.registry.write_text(
+        json.dumps(
+            {"theme": "dark", "models": {"default": "z-image-turbo"}, "loras": {"old": {"path": "x"}}},
+            indent=4,
+        )
+    )
     d.start()
     folder = make_dataset(d.training_data / "ohwx_alice", images=3)
     (folder / "preview_1.txt").write_text("ohwx, smiling portrait")
     (folder / "READY").write_text("alpha = 8\n")  # rank 16: the LoRA applies at scale 0.5
-    wait_for(lambda: d.job_states().get("ohwx_alice") in ("done", "failed"), 240, interval=0.5, message="job end")
+    wait_for(
+        lambda: d.job_states().get("ohwx_alice") in ("done", "failed"), 240, interval=0.5, message="job end"
+    )
     job = d.jobs()[0]
     assert job["state"] == "done", job["error"]
     loras = d.assets / "loras"
     lora = loras / "alice.safetensors"
     meta = metadata_of(lora)
     assert meta["mflux_version"] and meta["model"] == "z-image"  # mflux's own keys kept
-    for key in ("modelspec.title", "modelspec.architecture", "modelspec.trigger_phrase", "ss_output_name",
-                "ss_network_dim", "ss_network_alpha", "ss_steps", "ss_num_train_images",
-                "lorad.version", "lorad.fingerprint", "lorad.job_id", "lorad.plan"):
+    for key in (
+        "modelspec.title",
+        "modelspec.architecture",
+        "modelspec.trigger_phrase",
+        "ss_output_name",
+        "ss_network_dim",
+        "ss_network_alpha",
+        "ss_steps",
+        "ss_num_train_images",
+        "lorad.version",
+        "lorad.fingerprint",
+        "lorad.job_id",
+        "lorad.plan",
+    ):
         assert key in meta, key
     assert meta["modelspec.trigger_phrase"] == "ohwx" and meta["ss_num_train_images"] == "3"
     assert meta["lorad.job_id"] == job["id"] and json.loads(meta["lorad.plan"])["tier"] == "bf16"
@@ -168,7 +229,9 @@ def test_end_to_end_tiny_model_publishes_everything(daemon_factory):
     assert tensors_bytes(lora)[: len(trained)] == trained  # the trained tensors untouched...
     from safetensors import safe_open
 
-    with safe_open(str(lora), "np") as fh:  # ...and each pair's alpha beside it (engines/mflux/lora_export.py)
+    with safe_open(
+        str(lora), "np"
+    ) as fh:  # ...and each pair's alpha beside it (engines/mflux/lora_export.py)
         pairs = [k.removesuffix(".lora_A.weight") for k in fh.keys() if k.endswith(".lora_A.weight")]
         assert pairs and all(float(fh.get_tensor(f"{p}.alpha")) == 8.0 for p in pairs)
     assert meta["ss_network_alpha"] == "8.0" and meta["ss_network_dim"] == "16"
@@ -219,7 +282,12 @@ def test_sigterm_resume_equals_uninterrupted_run(daemon_factory):
     newest = checkpoints.newest_good(ckpt_dir)[0]
     assert checkpoints.step_of(newest) == job["step"] == 3
     d.start()
-    wait_for(lambda: d.job_states() and all(j["state"] == "done" for j in d.jobs()), 240, interval=0.5, message="resumed")
+    wait_for(
+        lambda: d.job_states() and all(j["state"] == "done" for j in d.jobs()),
+        240,
+        interval=0.5,
+        message="resumed",
+    )
     assert d.log_has("job.resumed") and d.log_has("train.resume", step=3)
     ref = d.state / "jobs" / reference["id"] / "adapter.safetensors"
     resumed = d.state / "jobs" / job["id"] / "adapter.safetensors"
@@ -264,7 +332,11 @@ def test_memory_kill_steps_down_once_then_fails(daemon_factory):
     (folder / "READY").write_text("steps = 6\n")
 
     def kill_next_child(count: int) -> None:
-        wait_for(lambda: len([e for e in d.events() if e["event"] == "job.child"]) >= count, 120, message=f"child {count}")
+        wait_for(
+            lambda: len([e for e in d.events() if e["event"] == "job.child"]) >= count,
+            120,
+            message=f"child {count}",
+        )
         pid = [e for e in d.events() if e["event"] == "job.child"][count - 1]["pid"]
         os.kill(pid, signal.SIGKILL)  # what macOS does under memory pressure
 
@@ -290,7 +362,11 @@ def test_quantized_tier_trains(daemon_factory):
     wait_for(lambda: d.job_states().get("ohwx_q4") in ("done", "failed"), 300, interval=0.5, message="q4 job")
     job = d.jobs()[0]
     assert job["state"] == "done", job["error"]
-    assert (job["plan"]["tier"], job["plan"]["config"]["quantize"], job["plan"]["config"]["low_ram"]) == ("q4-lowram", 4, True)
+    assert (job["plan"]["tier"], job["plan"]["config"]["quantize"], job["plan"]["config"]["low_ram"]) == (
+        "q4-lowram",
+        4,
+        True,
+    )
     # low_ram's encoding cache goes into the snapshot, never into the user's folder.
     assert {p.name for p in folder.iterdir()} == {"img_000.png", "img_000.txt", "DONE"}
 
@@ -302,12 +378,18 @@ def test_selftest_prints_lora_and_renders(tmp_path):
 
     result = subprocess.run(
         [sys.executable, "-m", "daemon.cli", "--assets", str(tmp_path), "selftest", "--clean"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "selftest passed" in out
-    for label, suffix in (("LoRA:", "selftest.safetensors"), ("render:", "selftest.png"), ("comparison:", "selftest.compare.png")):
+    for label, suffix in (
+        ("LoRA:", "selftest.safetensors"),
+        ("render:", "selftest.png"),
+        ("comparison:", "selftest.compare.png"),
+    ):
         line = next(line for line in out.splitlines() if line.startswith(label))
         assert line.endswith(suffix)
 
@@ -318,7 +400,9 @@ def test_prune_keeps_the_checkpoint_a_run_resumed_from(tmp_path):
     resumed_from = tmp_path / "0000004_checkpoint.zip"  # mflux re-reads its config from it at every save
     assert checkpoints.prune(tmp_path, keep=2, protect=resumed_from) == []
     assert resumed_from.exists()
-    assert [p.name for p in checkpoints.prune(tmp_path, keep=2)] == ["0000004_checkpoint.zip"]  # after the run
+    assert [p.name for p in checkpoints.prune(tmp_path, keep=2)] == [
+        "0000004_checkpoint.zip"
+    ]  # after the run
 
 
 def test_verify_never_raises_on_a_zip_being_rewritten(tmp_path):
@@ -335,16 +419,34 @@ def test_worker_validates_the_config_with_mflux_before_training(tmp_path):
     import subprocess
     import sys
 
-    config = {"model": "z-image-turbo", "data": str(tmp_path / "missing"), "seed": 1, "steps": 9,
-              "training_loop": {"num_epochs": 1, "batch_size": 1}, "optimizer": {"name": "AdamW", "learning_rate": 1e-4},
-              "checkpoint": {"save_frequency": 1, "output_path": str(tmp_path / "out")},
-              "lora_layers": {"targets": []}}
+    config = {
+        "model": "z-image-turbo",
+        "data": str(tmp_path / "missing"),
+        "seed": 1,
+        "steps": 9,
+        "training_loop": {"num_epochs": 1, "batch_size": 1},
+        "optimizer": {"name": "AdamW", "learning_rate": 1e-4},
+        "checkpoint": {"save_frequency": 1, "output_path": str(tmp_path / "out")},
+        "lora_layers": {"targets": []},
+    }
     (tmp_path / "train.json").write_text(json.dumps(config))
     (tmp_path / "plan.json").write_text(json.dumps({"model": "z-image-turbo", "config": config}))
     result = subprocess.run(
-        [sys.executable, "-m", "engines.mflux.worker", "train", "--job-dir", str(tmp_path),
-         "--plan", str(tmp_path / "plan.json"), "--config", str(tmp_path / "train.json")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "engines.mflux.worker",
+            "train",
+            "--job-dir",
+            str(tmp_path),
+            "--plan",
+            str(tmp_path / "plan.json"),
+            "--config",
+            str(tmp_path / "train.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1
     assert "mflux rejected the training config" in result.stderr and "missing" in result.stderr

@@ -52,7 +52,8 @@ def test_daemon_imports_only_the_engine_contract():
     offenders = {}
     for path in sorted((ROOT / "daemon").rglob("*.py")):
         bad = {
-            name for name in _imports(path)
+            name
+            for name in _imports(path)
             if (name == "engines" or name.startswith("engines.")) and not name.startswith("engines.base")
         }
         if bad:
@@ -62,7 +63,9 @@ def test_daemon_imports_only_the_engine_contract():
 
 def test_the_seam_test_sees_function_level_imports(tmp_path):
     source = tmp_path / "x.py"
-    source.write_text("def f():\n    from engines.mflux import checkpoints\n    import engines.scripted.engine\n")
+    source.write_text(
+        "def f():\n    from engines.mflux import checkpoints\n    import engines.scripted.engine\n"
+    )
     assert {"engines.mflux", "engines.scripted.engine"} <= _imports(source)
 
 
@@ -79,7 +82,9 @@ def test_status_and_daemon_import_no_engine_and_no_ml(tmp_path):
         "heavy = sorted(m for m in ('mlx', 'mflux', 'PIL', 'torch', 'transformers') if m in sys.modules)\n"
         "print(status, heavy)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
     assert out.strip().splitlines()[-1] == "[] []"
 
 
@@ -102,7 +107,10 @@ def test_unknown_engine_lists_the_known_ones():
         ({"checkpoint_every": "x"}, "checkpoint_every' in \\[engines.mflux\\]: expected an integer"),
         ({"checkpoint_every": -1}, "must be at least 0"),
         ({"metal_timeout_workaround": "maybe"}, "expected true or false"),
-        ({"keep_everything": True}, "unknown setting 'keep_everything' in \\[engines.mflux\\]; known: checkpoint_every"),
+        (
+            {"keep_everything": True},
+            "unknown setting 'keep_everything' in \\[engines.mflux\\]; known: checkpoint_every",
+        ),
     ],
 )
 def test_engine_section_errors_name_the_key(options, error):
@@ -111,7 +119,11 @@ def test_engine_section_errors_name_the_key(options, error):
 
 
 def test_engine_section_values_reach_the_engine():
-    engine = MFluxEngine(EngineContext(state_dir=Path("/tmp"), options={"checkpoint_every": "7", "metal_timeout_workaround": "false"}))
+    engine = MFluxEngine(
+        EngineContext(
+            state_dir=Path("/tmp"), options={"checkpoint_every": "7", "metal_timeout_workaround": "false"}
+        )
+    )
     assert engine.checkpoint_every == 7 and engine.metal_timeout_workaround is False
 
 
@@ -120,10 +132,19 @@ def test_engine_section_values_reach_the_engine():
     [
         ({"engines": {"mflux": {"checkpoint_every": 5}}}, {}, {"mflux": {"checkpoint_every": 5}}, 0),
         ({}, {"LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY": "9"}, {"mflux": {"checkpoint_every": "9"}}, 0),
-        ({"engines": {"mflux": {"checkpoint_every": 5}}}, {"LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY": "9"},
-         {"mflux": {"checkpoint_every": "9"}}, 0),  # env beats the file, as for every setting
+        (
+            {"engines": {"mflux": {"checkpoint_every": 5}}},
+            {"LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY": "9"},
+            {"mflux": {"checkpoint_every": "9"}},
+            0,
+        ),  # env beats the file, as for every setting
         ({"checkpoint_every": 3}, {}, {"mflux": {"checkpoint_every": 3}}, 1),  # deprecated alias still works
-        ({"checkpoint_every": 3, "engines": {"mflux": {"checkpoint_every": 4}}}, {}, {"mflux": {"checkpoint_every": 4}}, 1),
+        (
+            {"checkpoint_every": 3, "engines": {"mflux": {"checkpoint_every": 4}}},
+            {},
+            {"mflux": {"checkpoint_every": 4}},
+            1,
+        ),
         ({}, {"LORAD_METAL_TIMEOUT_WORKAROUND": "0"}, {"mflux": {"metal_timeout_workaround": "0"}}, 1),
     ],
 )
@@ -142,14 +163,22 @@ def _run_cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.
 
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LORAD_")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "daemon.cli", "--assets", str(tmp_path), *args],
-                          capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--assets", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=full_env,
+        timeout=120,
+    )
 
 
 def test_unknown_engine_stops_the_daemon_at_start_with_exit_2(tmp_path):
     result = _run_cli(tmp_path, "run", env={"LORAD_ENGINE": "dgx"})
     assert result.returncode == 2
-    assert "unknown engine 'dgx'" in result.stderr and "mflux" in result.stderr and "scripted" in result.stderr
+    assert (
+        "unknown engine 'dgx'" in result.stderr and "mflux" in result.stderr and "scripted" in result.stderr
+    )
 
 
 def test_bad_engine_section_stops_the_daemon_and_plan_with_exit_2(tmp_path):
@@ -164,7 +193,8 @@ def test_bad_engine_section_stops_the_daemon_and_plan_with_exit_2(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "metal, cuda, backend", [(True, False, "metal"), (False, True, "cuda"), (False, False, "cpu"), (True, True, "metal")]
+    "metal, cuda, backend",
+    [(True, False, "metal"), (False, True, "cuda"), (False, False, "cpu"), (True, True, "metal")],
 )
 def test_backend_name(metal, cuda, backend):
     assert backend_name(metal, cuda) == backend
@@ -173,12 +203,32 @@ def test_backend_name(metal, cuda, backend):
 @pytest.mark.parametrize(
     "backend, info, nvml, total, free, source",
     [
-        ("cuda", {"device_name": "NVIDIA H100 80GB HBM3", "total_memory": 80 * GB, "free_memory": 79 * GB}, None, 80, 79, "mlx device_info"),
-        ("cuda", {"device_name": "NVIDIA GB10", "total_memory": 128 * GB}, {"total": 128 * GB, "free": 100 * GB}, 128, 100,
-         "mlx device_info + NVML"),
+        (
+            "cuda",
+            {"device_name": "NVIDIA H100 80GB HBM3", "total_memory": 80 * GB, "free_memory": 79 * GB},
+            None,
+            80,
+            79,
+            "mlx device_info",
+        ),
+        (
+            "cuda",
+            {"device_name": "NVIDIA GB10", "total_memory": 128 * GB},
+            {"total": 128 * GB, "free": 100 * GB},
+            128,
+            100,
+            "mlx device_info + NVML",
+        ),
         ("cuda", {"device_name": "x"}, {"total": 24 * GB, "free": 20 * GB}, 24, 20, "mlx device_info + NVML"),
         ("cuda", {"device_name": "x"}, None, None, None, "mlx device_info"),
-        ("metal", {"device_name": "Apple M4 Max", "memory_size": 128 * GB}, None, 128, None, "mlx device_info"),
+        (
+            "metal",
+            {"device_name": "Apple M4 Max", "memory_size": 128 * GB},
+            None,
+            128,
+            None,
+            "mlx device_info",
+        ),
         ("cpu", {"device_name": "Xeon", "architecture": "x86_64"}, None, None, None, "system RAM"),
     ],
 )
@@ -188,8 +238,14 @@ def test_probe_describes_the_device(backend, info, nvml, total, free, source):
 
 
 def test_probe_runs_here_and_says_cpu():
-    out = subprocess.run([sys.executable, "-m", "engines.mflux.probe"], capture_output=True, text=True, cwd=ROOT,
-                         check=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "engines.mflux.probe"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+        timeout=120,
+    ).stdout
     data = json.loads(out.strip().splitlines()[-1])
     assert data["backend"] == "cpu" and data["device"] and data["mlx"]
     assert Device.from_json(data).backend == "cpu"
@@ -208,7 +264,13 @@ H100 = Device("cuda", "NVIDIA H100 80GB HBM3", total_gb=80, free_gb=79, source="
         (Device("metal", "Apple M4 Max", total_gb=64), MAC, 64, 40, "unified memory"),
         (Device("cpu", "Xeon"), LINUX, 512, 500, "system RAM"),
         (H100, LINUX, 80, 79, "GPU memory"),  # never the 512 GB of system RAM
-        (Device("cuda", "NVIDIA GB10", total_gb=119, free_gb=None, source="mlx device_info"), LINUX, 119, 119, "GPU memory"),
+        (
+            Device("cuda", "NVIDIA GB10", total_gb=119, free_gb=None, source="mlx device_info"),
+            LINUX,
+            119,
+            119,
+            "GPU memory",
+        ),
         (H100, Machine(512, 500, "linux", False, memory_override_gb=24), 24, 24, "ram_gb"),
     ],
 )
@@ -238,28 +300,57 @@ CUDA_TABLE = [
 
 @pytest.mark.parametrize("total, free, tier, quantize", CUDA_TABLE)
 def test_cuda_prefers_bf16_whenever_it_fits(total, free, tier, quantize):
-    plan = plan_memory(model="z-image-turbo", total_gb=total, available_gb=free, image_count=15, max_side=1024, backend="cuda")
+    plan = plan_memory(
+        model="z-image-turbo",
+        total_gb=total,
+        available_gb=free,
+        image_count=15,
+        max_side=1024,
+        backend="cuda",
+    )
     assert (plan.tier, plan.quantize) == (tier, quantize)
 
 
 @pytest.mark.parametrize("total", [40, 48, 64, 80, 96, 128, 141, 192])
 def test_cuda_with_enough_memory_never_gets_a_quantized_tier(total):
-    plan = plan_memory(model="z-image-turbo", total_gb=total, available_gb=total, image_count=15, max_side=1024, backend="cuda")
+    plan = plan_memory(
+        model="z-image-turbo",
+        total_gb=total,
+        available_gb=total,
+        image_count=15,
+        max_side=1024,
+        backend="cuda",
+    )
     assert plan.quantize is None
 
 
-@pytest.mark.parametrize(
-    "total, tier", [(80, "bf16"), (48, "bf16-checkpointed"), (36, "bf16-checkpointed")]
-)
+@pytest.mark.parametrize("total, tier", [(80, "bf16"), (48, "bf16-checkpointed"), (36, "bf16-checkpointed")])
 def test_unquantized_only_after_a_missing_quantized_kernel(total, tier):
-    plan = plan_memory(model="z-image-turbo", total_gb=total, available_gb=total, image_count=15, max_side=1024,
-                       backend="cuda", quantized=False)
+    plan = plan_memory(
+        model="z-image-turbo",
+        total_gb=total,
+        available_gb=total,
+        image_count=15,
+        max_side=1024,
+        backend="cuda",
+        quantized=False,
+    )
     assert (plan.tier, plan.quantize) == (tier, None)
 
 
 def test_unquantized_only_fails_clearly_when_bf16_does_not_fit():
-    with pytest.raises(InsufficientMemory, match="without quantization needs at least 36 GB free, have 24 .*GPU memory"):
-        plan_memory(model="z-image-turbo", total_gb=24, available_gb=24, image_count=15, max_side=1024, backend="cuda", quantized=False)
+    with pytest.raises(
+        InsufficientMemory, match="without quantization needs at least 36 GB free, have 24 .*GPU memory"
+    ):
+        plan_memory(
+            model="z-image-turbo",
+            total_gb=24,
+            available_gb=24,
+            image_count=15,
+            max_side=1024,
+            backend="cuda",
+            quantized=False,
+        )
 
 
 @pytest.mark.parametrize(
@@ -288,20 +379,30 @@ def _job(tmp_path: Path) -> JobInput:
 
 
 def _failed(failure: Failure) -> TrainResult:
-    return TrainResult(TrainStatus.FAILED, error="RuntimeError: No implementation for problem shape", failure=failure)
+    return TrainResult(
+        TrainStatus.FAILED, error="RuntimeError: No implementation for problem shape", failure=failure
+    )
 
 
 def test_quantized_kernel_failure_steps_up_to_bf16_when_it_fits(tmp_path):
-    engine = _engine_on(Device("cuda", "NVIDIA RTX 6000", total_gb=48, free_gb=30, source="mlx device_info"), tmp_path)
+    engine = _engine_on(
+        Device("cuda", "NVIDIA RTX 6000", total_gb=48, free_gb=30, source="mlx device_info"), tmp_path
+    )
     plan = engine.plan(_job(tmp_path), LINUX)
     assert plan.backend == "cuda" and plan.config["quantize"] == 8  # 30 GB free at plan time: q8
     lower = engine.step_down(plan, _job(tmp_path), LINUX, _failed(Failure.UNSUPPORTED))
     assert lower is not None and lower.config["quantize"] is None and lower.tier == "bf16-checkpointed"
-    assert lower.step_downs == 1 and "mflux issue 563" in lower.reason and any("563" in w for w in lower.warnings)
+    assert (
+        lower.step_downs == 1
+        and "mflux issue 563" in lower.reason
+        and any("563" in w for w in lower.warnings)
+    )
 
 
 def test_quantized_kernel_failure_without_room_for_bf16_fails_clearly(tmp_path):
-    engine = _engine_on(Device("cuda", "NVIDIA RTX 4090", total_gb=24, free_gb=23, source="mlx device_info"), tmp_path)
+    engine = _engine_on(
+        Device("cuda", "NVIDIA RTX 4090", total_gb=24, free_gb=23, source="mlx device_info"), tmp_path
+    )
     plan = engine.plan(_job(tmp_path), LINUX)
     assert plan.config["quantize"] == 8
     with pytest.raises(PlanError, match="without quantization needs at least 36 GB free, have 24"):
@@ -312,7 +413,9 @@ def test_other_failures_do_not_step_down(tmp_path):
     engine = _engine_on(H100, tmp_path)
     plan = engine.plan(_job(tmp_path), LINUX)
     assert engine.step_down(plan, _job(tmp_path), LINUX, _failed(Failure.OTHER)) is None
-    assert engine.step_down(plan, _job(tmp_path), LINUX, _failed(Failure.UNSUPPORTED)) is None  # bf16 has no quantized kernel
+    assert (
+        engine.step_down(plan, _job(tmp_path), LINUX, _failed(Failure.UNSUPPORTED)) is None
+    )  # bf16 has no quantized kernel
 
 
 def test_plan_summary_shows_backend_device_and_memory(tmp_path):

@@ -43,7 +43,9 @@ def assert_exactly_once(d, dataset: str, name: str) -> dict:
 
 
 def workers(d) -> list[str]:
-    return subprocess.run(["pgrep", "-f", f"--job-dir {d.state}"], capture_output=True, text=True).stdout.split()
+    return subprocess.run(
+        ["pgrep", "-f", f"--job-dir {d.state}"], capture_output=True, text=True
+    ).stdout.split()
 
 
 # -- R1: kill -9 at each phase --------------------------------------------------------------
@@ -61,8 +63,12 @@ def test_r1_kill9_during_intake(daemon_factory):
     d = daemon_factory().start()
     folder = make_dataset(d.training_data / "ohwx_intake", images=40, size=768)
     (folder / "READY").write_text("")
-    wait_for(lambda: list((d.state / "jobs").glob(".intake-*")) if (d.state / "jobs").exists() else [], 30, 0.005,
-             message="snapshot in progress")
+    wait_for(
+        lambda: list((d.state / "jobs").glob(".intake-*")) if (d.state / "jobs").exists() else [],
+        30,
+        0.005,
+        message="snapshot in progress",
+    )
     _kill_then_finish(d, "ohwx_intake", "intake")
 
 
@@ -178,7 +184,9 @@ def test_r3_fifty_datasets_restart_midway_each_done_once_in_order(daemon_factory
     d.signal(signal.SIGTERM)
     assert d.wait(60) == 0
     d.start()
-    wait_for(lambda: len([j for j in d.jobs() if j["state"] == "done"]) == 50, 300, interval=0.5, message="50 done")
+    wait_for(
+        lambda: len([j for j in d.jobs() if j["state"] == "done"]) == 50, 300, interval=0.5, message="50 done"
+    )
     jobs = d.jobs()
     assert len(jobs) == 50 and sorted(j["dataset"] for j in jobs) == names
     started = [e["dataset"] for e in d.events() if e["event"] == "job.started"]
@@ -204,7 +212,9 @@ def test_r4_dataset_deleted_while_queued_and_while_training(daemon_factory):
     shutil.rmtree(queued)
     wait_for(lambda: set(d.job_states().values()) == {"done"}, 90, message="both done from snapshots")
     assert not training.exists() and not queued.exists()  # markers never recreate the folder
-    assert (d.assets / "loras" / "gone1.safetensors").exists() and (d.assets / "loras" / "gone2.safetensors").exists()
+    assert (d.assets / "loras" / "gone1.safetensors").exists() and (
+        d.assets / "loras" / "gone2.safetensors"
+    ).exists()
 
 
 def test_r4_hostile_paths_and_files(daemon_factory, tmp_path):
@@ -242,15 +252,30 @@ def test_r4_hostile_paths_and_files(daemon_factory, tmp_path):
     for f in (u, dots, inner, hidden, empty_toml, huge):
         (f / "READY").write_text("")
 
-    wait_for(lambda: all((f / "FAILED.txt").exists() for f in (b, c, dots, hidden, huge)), 60, message="refusals")
-    wait_for(lambda: {d.job_states().get(n) for n in ("ohwx_ünï cödé 名前", "ohwx_a..b", "ohwx_emptytoml")} == {"done"},
-             90, message="good ones done")
-    assert "READY is a folder" in (b / "FAILED.txt").read_text() and (b / "READY" / "keep.txt").read_text() == "mine"
+    wait_for(
+        lambda: all((f / "FAILED.txt").exists() for f in (b, c, dots, hidden, huge)), 60, message="refusals"
+    )
+    wait_for(
+        lambda: (
+            {d.job_states().get(n) for n in ("ohwx_ünï cödé 名前", "ohwx_a..b", "ohwx_emptytoml")} == {"done"}
+        ),
+        90,
+        message="good ones done",
+    )
+    assert (
+        "READY is a folder" in (b / "FAILED.txt").read_text()
+        and (b / "READY" / "keep.txt").read_text() == "mine"
+    )
     assert "READY is a symlink" in (c / "FAILED.txt").read_text() and (c / "READY").is_symlink()
     assert "hidden file name" in (hidden / "FAILED.txt").read_text()
     assert "hidden file name" in (dots / "FAILED.txt").read_text()
-    assert "img_000.txt" in (huge / "FAILED.txt").read_text() and "10,240 KB" in (huge / "FAILED.txt").read_text()
-    assert not [p for p in a.iterdir() if p.name in ("FAILED.txt", "QUEUED", "DONE")]  # READY vanished: nothing
+    assert (
+        "img_000.txt" in (huge / "FAILED.txt").read_text()
+        and "10,240 KB" in (huge / "FAILED.txt").read_text()
+    )
+    assert not [
+        p for p in a.iterdir() if p.name in ("FAILED.txt", "QUEUED", "DONE")
+    ]  # READY vanished: nothing
     linked = next(j for j in d.jobs() if j["dataset"] == "ohwx_linked")
     assert linked["state"] == "failed" and "symlink" in linked["error"]  # shown in status, never trained
     assert tree_hash(outside, skip=()) == before_outside  # nothing written or removed through the symlink
@@ -268,7 +293,9 @@ def test_r4_hostile_paths_and_files(daemon_factory, tmp_path):
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
     return result.returncode == 0
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon import logs, settings as settings_mod
+from daemon import logs
+from daemon import settings as settings_mod
 from daemon.settings import Settings, SettingsError, resolve
-
 
 # -- settings ------------------------------------------------------------------------------
 
@@ -26,7 +26,13 @@ BASE = Path("/proj")
         ({}, {}, {}, "model", "z-image-turbo"),
         ({"model": "flux2-klein-4b"}, {}, {}, "model", "flux2-klein-4b"),
         ({"model": "flux2-klein-4b"}, {"LORAD_MODEL": "z-image"}, {}, "model", "z-image"),
-        ({"model": "flux2-klein-4b"}, {"LORAD_MODEL": "z-image"}, {"model": "tiny-z-image"}, "model", "tiny-z-image"),
+        (
+            {"model": "flux2-klein-4b"},
+            {"LORAD_MODEL": "z-image"},
+            {"model": "tiny-z-image"},
+            "model",
+            "tiny-z-image",
+        ),
         ({}, {}, {}, "assets", BASE / "assets"),
         ({"assets": "data/a"}, {}, {}, "assets", BASE / "data/a"),
         ({}, {"LORAD_ASSETS": "/abs/assets"}, {}, "assets", Path("/abs/assets")),
@@ -121,7 +127,9 @@ def test_structlog_and_stdlib_lines_are_json(tmp_path):
     structlog.contextvars.bind_contextvars(job_id="j1", dataset="ohwx_alice")
     try:
         logs.get_logger().info("job.progress", step=3, total=10)
-        logging.getLogger("httpx").info("HTTP Request: GET https://fal.example/status 200")  # per-poll chatter: dropped
+        logging.getLogger("httpx").info(
+            "HTTP Request: GET https://fal.example/status 200"
+        )  # per-poll chatter: dropped
         logging.getLogger("huey.consumer").warning("worker %s died", "w1")
         try:
             secret = "user-data"  # must not leak into the log as a local
@@ -190,7 +198,19 @@ def test_status_path_imports_nothing_heavy(tmp_path):
 
 @pytest.mark.parametrize(
     "command",
-    ["run", "status", "validate", "enqueue", "cancel", "retry", "plan", "logs", "service", "selftest", "doctor"],
+    [
+        "run",
+        "status",
+        "validate",
+        "enqueue",
+        "cancel",
+        "retry",
+        "plan",
+        "logs",
+        "service",
+        "selftest",
+        "doctor",
+    ],
 )
 def test_every_subcommand_has_help(command, tmp_path):
     result = _cli(command, "--help", cwd=tmp_path)
@@ -199,7 +219,9 @@ def test_every_subcommand_has_help(command, tmp_path):
 
 
 def test_doctor_reports_this_machine(tmp_path):
-    result = _cli("--assets", str(tmp_path / "assets"), "doctor", cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
+    result = _cli(
+        "--assets", str(tmp_path / "assets"), "doctor", cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf")}
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for name in ("python", "platform", "memory", "disk", "mlx", "mflux", "model"):
@@ -213,13 +235,27 @@ def test_logs_command_pretty_prints_and_filters(tmp_path):
     state = tmp_path / "assets" / ".lorad" / "logs"
     state.mkdir(parents=True)
     lines = [
-        {"ts": "2026-01-01T00:00:00Z", "level": "info", "event": "job.started", "job_id": "aaa", "dataset": "x_y"},
-        {"ts": "2026-01-01T00:00:01Z", "level": "error", "event": "job.failed", "job_id": "bbb", "error": "boom"},
+        {
+            "ts": "2026-01-01T00:00:00Z",
+            "level": "info",
+            "event": "job.started",
+            "job_id": "aaa",
+            "dataset": "x_y",
+        },
+        {
+            "ts": "2026-01-01T00:00:01Z",
+            "level": "error",
+            "event": "job.failed",
+            "job_id": "bbb",
+            "error": "boom",
+        },
     ]
     (state / "lorad.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\nnot json\n")
     result = _cli("--assets", str(tmp_path / "assets"), "logs", "--job", "bbb", cwd=tmp_path)
     assert result.returncode == 0
-    assert "job.failed" in result.stdout and "error=boom" in result.stdout and "job.started" not in result.stdout
+    assert (
+        "job.failed" in result.stdout and "error=boom" in result.stdout and "job.started" not in result.stdout
+    )
     raw = _cli("--assets", str(tmp_path / "assets"), "logs", "--json", cwd=tmp_path)
     assert json.loads(raw.stdout.splitlines()[0])["event"] == "job.started"
 

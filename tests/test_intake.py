@@ -10,9 +10,8 @@ import zlib
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import tree_hash
+from PIL import Image
 
 from daemon.intake import contract, markers
 from daemon.intake.options import merge, parse_options
@@ -48,7 +47,12 @@ def bomb_png(width=40000, height=40000) -> bytes:
     data = b"".join(compressor.compress(raw_row) for _ in range(height)) + compressor.flush()
 
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(body))
+            + kind
+            + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
@@ -101,10 +105,25 @@ BAD_CASES = [
     ("ohwx_truncjpeg", {"a.jpg": jpeg_bytes()[:-400], "a.txt": CAP}, "image.corrupt", "a.jpg"),
     ("ohwx_truncwebp", {"a.webp": webp_bytes()[: len(webp_bytes()) // 2], "a.txt": CAP}, "image.", "a.webp"),
     ("ohwx_truncpng", {"a.png": png_bytes()[:-30], "a.txt": CAP}, "image.corrupt", "a.png"),
-    ("ohwx_corruptpng", {"a.png": png_bytes()[:60] + b"\xff" * 200 + png_bytes()[260:], "a.txt": CAP}, "image.", "a.png"),
+    (
+        "ohwx_corruptpng",
+        {"a.png": png_bytes()[:60] + b"\xff" * 200 + png_bytes()[260:], "a.txt": CAP},
+        "image.",
+        "a.png",
+    ),
     ("ohwx_zeropng", {"a.png": b"", "a.txt": CAP}, "image.empty", "a.png"),
     ("ohwx_textpng", {"a.png": b"this is not an image", "a.txt": CAP}, "image.notimage", "a.png"),
-    ("ohwx_gifpng", {"a.png": (lambda: (b := io.BytesIO(), Image.new("RGB", (300, 300)).save(b, "GIF"), b.getvalue())[2])(), "a.txt": CAP}, "image.format", "a.png"),
+    (
+        "ohwx_gifpng",
+        {
+            "a.png": (
+                lambda: (b := io.BytesIO(), Image.new("RGB", (300, 300)).save(b, "GIF"), b.getvalue())[2]
+            )(),
+            "a.txt": CAP,
+        },
+        "image.format",
+        "a.png",
+    ),
     ("ohwx_tiny", {"a.png": png_bytes(size=(10, 10)), "a.txt": CAP}, "image.small", "a.png"),
     ("ohwx_short", {"a.png": png_bytes(size=(1000, 200)), "a.txt": CAP}, "image.small", "a.png"),
     ("ohwx_bomb", {"a.png": bomb_png(), "a.txt": CAP}, "image.bomb", "a.png"),
@@ -112,17 +131,47 @@ BAD_CASES = [
     ("ohwx_capdir", {"a.png": png_bytes(), "a.txt": None}, "caption.directory", "a.txt"),
     ("ohwx_nocap", {"a.png": png_bytes()}, "caption.missing", "a.png"),
     ("ohwx_emptycap", {"a.png": png_bytes(), "a.txt": b"  \n\t "}, "caption.empty", "a.txt"),
-    ("ohwx_latin1", {"a.png": png_bytes(), "a.txt": "ohwx, caf\xe9 au lait".encode("latin-1")}, "caption.encoding", "a.txt"),
+    (
+        "ohwx_latin1",
+        {"a.png": png_bytes(), "a.txt": "ohwx, caf\xe9 au lait".encode("latin-1")},
+        "caption.encoding",
+        "a.txt",
+    ),
     ("ohwx_nul", {"a.png": png_bytes(), "a.txt": b"ohwx\x00 photo"}, "caption.nul", "a.txt"),
     ("ohwx_hugecap", {"a.png": png_bytes(), "a.txt": b"ohwx " * 20000}, "caption.huge", "a.txt"),
-    ("ohwx_require", {"a.png": png_bytes(), "a.txt": b"a photo", "lora.toml": 'caption_policy = "require"\n'}, "caption.trigger", "a.txt"),
+    (
+        "ohwx_require",
+        {"a.png": png_bytes(), "a.txt": b"a photo", "lora.toml": 'caption_policy = "require"\n'},
+        "caption.trigger",
+        "a.txt",
+    ),
     ("ohwx_preview", {"preview.png": png_bytes(), "preview.txt": CAP, **GOOD}, "name.preview", "preview.png"),
     ("ohwx_samestem", {"a.png": png_bytes(), "a.jpg": jpeg_bytes(), "a.txt": CAP}, "name.samestem", "a.png"),
-    ("ohwx_symlinkout", {"a.png": ("symlink", "/etc/hostname"), "b.png": png_bytes(), "b.txt": CAP, "a.txt": CAP}, "name.symlink", "a.png"),
-    ("ohwx_broken", {"a.png": ("symlink", "missing.png"), "b.png": png_bytes(), "b.txt": CAP, "a.txt": CAP}, "name.symlink", "a.png"),
-    ("ohwx_ctrl", {"a\x07b.png": png_bytes(), "b.png": png_bytes(), "b.txt": CAP}, "name.control", "'a\\x07b.png'"),
+    (
+        "ohwx_symlinkout",
+        {"a.png": ("symlink", "/etc/hostname"), "b.png": png_bytes(), "b.txt": CAP, "a.txt": CAP},
+        "name.symlink",
+        "a.png",
+    ),
+    (
+        "ohwx_broken",
+        {"a.png": ("symlink", "missing.png"), "b.png": png_bytes(), "b.txt": CAP, "a.txt": CAP},
+        "name.symlink",
+        "a.png",
+    ),
+    (
+        "ohwx_ctrl",
+        {"a\x07b.png": png_bytes(), "b.png": png_bytes(), "b.txt": CAP},
+        "name.control",
+        "'a\\x07b.png'",
+    ),
     ("ohwx_empty", {}, "folder.noimages", "."),
-    ("ohwx_hiddenonly", {".DS_Store": b"x", "._a.png": b"junk", ".b.png": png_bytes(), "c.png.icloud": b"x"}, "folder.noimages", "."),
+    (
+        "ohwx_hiddenonly",
+        {".DS_Store": b"x", "._a.png": b"junk", ".b.png": png_bytes(), "c.png.icloud": b"x"},
+        "folder.noimages",
+        ".",
+    ),
     ("nounderscore", GOOD, "folder.name", "."),
     ("_noname", GOOD, "folder.name", "."),
     ("ohwx_.hidden", GOOD, "folder.name", "."),
@@ -166,9 +215,18 @@ GOOD_CASES = [
     ("ohwx_palette", {"a.png": palette_transparent(), "a.txt": CAP}),
     ("ohwx_exif", {"a.jpg": exif_rotated_portrait(), "a.txt": CAP}),
     ("ohwx_prepend", {"a.png": png_bytes(), "a.txt": b"a photo of her"}),
-    ("ohwx_unicode names", {"é 1.png": png_bytes(), "é 1.txt": CAP, "日本.png": png_bytes(color=(1, 1, 1)), "日本.txt": CAP}),
-    ("ohwx_ignored", {**GOOD, ".DS_Store": b"x", "._a.png": b"x", "notes.md": b"x", "b.png.icloud": b"", "DONE": b"x"}),
-    ("ohwx_options", {**GOOD, "lora.toml": 'rank = 8\nalpha = 8\nepochs = 3\npreview_prompt = "ohwx, smiling"\n'}),
+    (
+        "ohwx_unicode names",
+        {"é 1.png": png_bytes(), "é 1.txt": CAP, "日本.png": png_bytes(color=(1, 1, 1)), "日本.txt": CAP},
+    ),
+    (
+        "ohwx_ignored",
+        {**GOOD, ".DS_Store": b"x", "._a.png": b"x", "notes.md": b"x", "b.png.icloud": b"", "DONE": b"x"},
+    ),
+    (
+        "ohwx_options",
+        {**GOOD, "lora.toml": 'rank = 8\nalpha = 8\nepochs = 3\npreview_prompt = "ohwx, smiling"\n'},
+    ),
     ("ohwx_symlinkin", {**GOOD, "b.png": ("symlink", "a.png"), "b.txt": CAP}),
     ("ohwx_orphan", {**GOOD, "c.txt": CAP}),
     ("ohwx_dupes", {**GOOD, "b.png": png_bytes(), "b.txt": CAP}),
@@ -183,7 +241,9 @@ def test_good_dataset_passes_and_snapshots(tmp_path, name, files):
     report = validate_dataset(folder)
     assert report.valid, [f.line() for f in report.errors]
     effective = {"model": "tiny-z-image"}
-    manifest = take_snapshot(report, tmp_path / "job", preview_prompt=choose_preview_prompt(report), effective=effective)
+    manifest = take_snapshot(
+        report, tmp_path / "job", preview_prompt=choose_preview_prompt(report), effective=effective
+    )
     assert tree_hash(folder) == before  # validate + snapshot modified nothing
     data = tmp_path / "job" / "data"
     images = [p for p in data.iterdir() if p.suffix in contract.IMAGE_EXTS]
@@ -237,7 +297,14 @@ def test_conversions_in_snapshot(tmp_path):
     folder = build(
         tmp_path,
         "ohwx_conv",
-        {"a.jpg": cmyk_jpeg(), "a.txt": CAP, "b.png": png16(), "b.txt": CAP, "c.png": palette_transparent(), "c.txt": CAP},
+        {
+            "a.jpg": cmyk_jpeg(),
+            "a.txt": CAP,
+            "b.png": png16(),
+            "b.txt": CAP,
+            "c.png": palette_transparent(),
+            "c.txt": CAP,
+        },
     )
     report = validate_dataset(folder)
     manifest = take_snapshot(report, tmp_path / "job", preview_prompt="p", effective={})
@@ -277,8 +344,8 @@ def test_snapshot_passes_mflux_config_validation(tmp_path):
     """Every valid snapshot resolves with mflux's own TrainingSpec (the --dry-run path)."""
     from mflux.models.common.training.state.training_spec import TrainingSpec
 
-    from engines.mflux.memory_plan import plan_memory
     from engines.mflux.config import build_config
+    from engines.mflux.memory_plan import plan_memory
 
     for index, (name, files) in enumerate(GOOD_CASES):
         folder = build(tmp_path / "td", name, files)
@@ -286,14 +353,23 @@ def test_snapshot_passes_mflux_config_validation(tmp_path):
         job = tmp_path / f"job{index}"
         take_snapshot(report, job, preview_prompt=choose_preview_prompt(report), effective={})
         for model in ("z-image-turbo", "tiny-z-image"):
-            memory = plan_memory(model=model, total_gb=32, available_gb=30, image_count=len(report.images), max_side=1024)
+            memory = plan_memory(
+                model=model, total_gb=32, available_gb=30, image_count=len(report.images), max_side=1024
+            )
             config, total = build_config(
-                model=model, memory=memory, options=report.options, image_count=len(report.images),
-                data_dir=job / "data", output_dir=job / "train", model_path=None,
+                model=model,
+                memory=memory,
+                options=report.options,
+                image_count=len(report.images),
+                data_dir=job / "data",
+                output_dir=job / "train",
+                model_path=None,
             )
             config_path = job / f"train-{model}.json"
             config_path.write_text(json.dumps(config))
-            spec = TrainingSpec.resolve(config_path=str(config_path), resume_path=None, create_output_dir=False)
+            spec = TrainingSpec.resolve(
+                config_path=str(config_path), resume_path=None, create_output_dir=False
+            )
             assert len(spec.data) == len(report.images)
             assert not spec.is_edit
             assert spec.monitoring.preview_prompts == [choose_preview_prompt(report)]
@@ -314,7 +390,9 @@ def test_ready_wins_over_lora_toml():
 def test_preview_prompt_choice(tmp_path):
     folder = build(tmp_path, "ohwx_p", {**GOOD, "preview_2.txt": "second", "preview_1.txt": "first"})
     assert choose_preview_prompt(validate_dataset(folder)) == "first"
-    folder = build(tmp_path, "ohwx_q", {**GOOD, "preview_1.txt": "first", "lora.toml": 'preview_prompt = "opt"\n'})
+    folder = build(
+        tmp_path, "ohwx_q", {**GOOD, "preview_1.txt": "first", "lora.toml": 'preview_prompt = "opt"\n'}
+    )
     assert choose_preview_prompt(validate_dataset(folder)) == "opt"
     folder = build(tmp_path, "ohwx_r", GOOD)
     assert choose_preview_prompt(validate_dataset(folder)) == "ohwx, portrait photo"
@@ -368,7 +446,12 @@ def test_validate_cli_exit_codes(tmp_path):
 
     good = make_dataset(tmp_path / "ohwx_good", images=2)
     bad = build(tmp_path, "ohwx_bad", {"a.png": b"nope", "a.txt": CAP})
-    run = lambda *a: subprocess.run([sys.executable, "-m", "daemon.cli", "validate", *a], capture_output=True, text=True)
+
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "daemon.cli", "validate", *a], capture_output=True, text=True
+        )
+
     ok = run(str(good))
     assert ok.returncode == 0 and "valid" in ok.stdout
     result = run(str(bad))

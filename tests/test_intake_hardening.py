@@ -18,9 +18,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import tree_hash, wait_for
+from PIL import Image
 
 from daemon.fsutil import NotARegularFile, file_kind, open_regular
 from daemon.intake.take import Intake
@@ -97,10 +96,16 @@ def make_intake(tmp_path: Path, **values):
     return settings, store, intake, queued
 
 
-def lorad_validate(folder: Path, *args: str, timeout: float = 60, preexec=None) -> subprocess.CompletedProcess:
+def lorad_validate(
+    folder: Path, *args: str, timeout: float = 60, preexec=None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "daemon.cli", "validate", str(folder), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, preexec_fn=preexec,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec,
     )
 
 
@@ -109,9 +114,15 @@ def lorad_validate(folder: Path, *args: str, timeout: float = 60, preexec=None) 
 
 @pytest.mark.parametrize(
     "mode, kind",
-    [(stat.S_IFREG, "a regular file"), (stat.S_IFIFO, "a FIFO (named pipe)"), (stat.S_IFSOCK, "a socket"),
-     (stat.S_IFCHR, "a character device"), (stat.S_IFBLK, "a block device"), (stat.S_IFDIR, "a folder"),
-     (stat.S_IFLNK, "a symlink")],
+    [
+        (stat.S_IFREG, "a regular file"),
+        (stat.S_IFIFO, "a FIFO (named pipe)"),
+        (stat.S_IFSOCK, "a socket"),
+        (stat.S_IFCHR, "a character device"),
+        (stat.S_IFBLK, "a block device"),
+        (stat.S_IFDIR, "a folder"),
+        (stat.S_IFLNK, "a symlink"),
+    ],
 )
 def test_file_kind(mode, kind):
     assert file_kind(mode | 0o644) == kind
@@ -172,7 +183,9 @@ def test_symlink_in_folder_to_a_fifo_is_an_error(tmp_path):
     os.mkfifo(folder / "pipe")
     os.symlink("pipe", folder / "a.txt")
     report = bounded(lambda: validate_dataset(folder))
-    assert [f.message for f in report.errors if f.file == "a.txt"] == ["is a symlink to a FIFO (named pipe), not a file"]
+    assert [f.message for f in report.errors if f.file == "a.txt"] == [
+        "is a symlink to a FIFO (named pipe), not a file"
+    ]
 
 
 def test_lorad_validate_does_not_hang_on_a_fifo(tmp_path):
@@ -260,7 +273,9 @@ def test_sparse_40gb_image_is_refused_before_reading(tmp_path):
         fh.truncate(40 * 1000**3)
     (folder / "big.txt").write_text("ohwx, big")
     limit = 4 * 1024**3
-    result = lorad_validate(folder, "--json", preexec=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    result = lorad_validate(
+        folder, "--json", preexec=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     errors = json.loads(result.stdout)["errors"]
     big = [e for e in errors if e["file"] == "big.png"]
@@ -283,7 +298,12 @@ def test_image_and_caption_caps_are_settings(tmp_path):
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_disk_full_during_snapshot_fails_visibly_then_works_after(tmp_path):
@@ -393,7 +413,11 @@ def test_ready_written_slowly_keeps_its_options(daemon_factory):
     with (folder / "READY").open("w") as fh:
         fh.write("rank = 8\n")
         fh.flush()
-        wait_for(lambda: d.log_has("intake.ready_open", dataset="ohwx_slow"), 30, message="the daemon sees READY open")
+        wait_for(
+            lambda: d.log_has("intake.ready_open", dataset="ohwx_slow"),
+            30,
+            message="the daemon sees READY open",
+        )
         fh.write("steps = 3\n")
     wait_for(lambda: d.job_states().get("ohwx_slow") == "done", 90, message="job done")
     (job,) = d.jobs()
@@ -418,7 +442,9 @@ def test_unsupported_images_among_trainable_ones_are_warnings(tmp_path):
     by_file = {(f.file, f.code): f for f in report.warnings}
     heic = by_file[("IMG_0001.HEIC", "image.unsupported")]
     assert "HEIC images are not supported" in heic.message and "left out of training" in heic.message
-    assert "sips -s format jpeg IMG_0001.HEIC --out IMG_0001.jpg" in heic.hint and "Most Compatible" in heic.hint
+    assert (
+        "sips -s format jpeg IMG_0001.HEIC --out IMG_0001.jpg" in heic.hint and "Most Compatible" in heic.hint
+    )
     assert "GIF" in by_file[("c.gif", "image.unsupported")].message
     assert "magick 'c.gif[0]' c.png" in by_file[("c.gif", "image.unsupported")].hint
     assert "TIFF" in by_file[("d.tiff", "image.unsupported")].message
@@ -458,7 +484,11 @@ def test_warnings_go_into_failed_txt(tmp_path):
 
 def test_done_marker_lists_the_warnings():
     job = Job(
-        id="j1", name="alice", state="done", finished_at=0.0, outputs='{"lora": "/x/alice.safetensors"}',
+        id="j1",
+        name="alice",
+        state="done",
+        finished_at=0.0,
+        outputs='{"lora": "/x/alice.safetensors"}',
         settings=json.dumps({"warnings": ["WARNING: b.heic: HEIC images are not supported -> convert it"]}),
     )
     text = marker_text(job)
@@ -479,7 +509,10 @@ def test_done_marker_of_a_real_job_names_the_heic(daemon_factory):
 @pytest.mark.parametrize(
     "exc, expected",
     [
-        (OSError(28, "No space left on device", "/x/jobs/.intake-1/data/0001.png"), "no space left on the disk holding /x/jobs/.intake-1/data/0001.png"),
+        (
+            OSError(28, "No space left on device", "/x/jobs/.intake-1/data/0001.png"),
+            "no space left on the disk holding /x/jobs/.intake-1/data/0001.png",
+        ),
         (MemoryError(), "ran out of memory"),
         (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "not UTF-8"),
         (RuntimeError("boom"), "intake failed: RuntimeError: boom"),

@@ -14,17 +14,23 @@ from types import SimpleNamespace
 import pytest
 
 from daemon.publish import read_header
-from engines.mflux.memory_plan import plan_memory
 from engines.mflux.config import build_config
 from engines.mflux.lora_export import append_scalars, module_alphas
+from engines.mflux.memory_plan import plan_memory
 
 RANK, ALPHA = 8, 4.0  # alpha = rank / 2
 
 
 def _lorad_config(tmp_path: Path) -> dict:
     memory = plan_memory(model="tiny-z-image", total_gb=128, available_gb=100, image_count=1, max_side=64)
-    config, _ = build_config(model="tiny-z-image", memory=memory, options={"rank": RANK, "alpha": ALPHA},
-                             image_count=1, data_dir=tmp_path, output_dir=tmp_path / "out")
+    config, _ = build_config(
+        model="tiny-z-image",
+        memory=memory,
+        options={"rank": RANK, "alpha": ALPHA},
+        image_count=1,
+        data_dir=tmp_path,
+        output_dir=tmp_path / "out",
+    )
     return config
 
 
@@ -36,16 +42,33 @@ TARGETS = [
 ]
 
 
-@pytest.mark.parametrize("key, shape, expected", [
-    ("diffusion_model.layers.0.attention.to_q.lora_A.weight", [8, 192], {"diffusion_model.layers.0.attention.to_q.alpha": 4.0}),
-    ("diffusion_model.layers.11.attention.to_q.lora_A.weight", [8, 192], {"diffusion_model.layers.11.attention.to_q.alpha": 4.0}),
-    ("diffusion_model.layers.1.feed_forward.w1.lora_A.weight", [8, 192], {"diffusion_model.layers.1.feed_forward.w1.alpha": 8.0}),  # no alpha: scale 1
-    ("diffusion_model.layers.1.attention.to_q.lora_B.weight", [192, 8], {}),  # only lora_A names a pair
-    ("diffusion_model.layers.1.attention.to_k.lora_A.weight", [8, 192], {}),  # no target names it
-    ("diffusion_model.layers.x.attention.to_q.lora_A.weight", [8, 192], {}),  # {block} is a number
-])
+@pytest.mark.parametrize(
+    "key, shape, expected",
+    [
+        (
+            "diffusion_model.layers.0.attention.to_q.lora_A.weight",
+            [8, 192],
+            {"diffusion_model.layers.0.attention.to_q.alpha": 4.0},
+        ),
+        (
+            "diffusion_model.layers.11.attention.to_q.lora_A.weight",
+            [8, 192],
+            {"diffusion_model.layers.11.attention.to_q.alpha": 4.0},
+        ),
+        (
+            "diffusion_model.layers.1.feed_forward.w1.lora_A.weight",
+            [8, 192],
+            {"diffusion_model.layers.1.feed_forward.w1.alpha": 8.0},
+        ),  # no alpha: scale 1
+        ("diffusion_model.layers.1.attention.to_q.lora_B.weight", [192, 8], {}),  # only lora_A names a pair
+        ("diffusion_model.layers.1.attention.to_k.lora_A.weight", [8, 192], {}),  # no target names it
+        ("diffusion_model.layers.x.attention.to_q.lora_A.weight", [8, 192], {}),  # {block} is a number
+    ],
+)
 def test_module_alphas_table(key, shape, expected):
-    assert module_alphas({key: {"dtype": "BF16", "shape": shape, "data_offsets": [0, 0]}}, TARGETS) == expected
+    assert (
+        module_alphas({key: {"dtype": "BF16", "shape": shape, "data_offsets": [0, 0]}}, TARGETS) == expected
+    )
 
 
 def test_module_alphas_keeps_an_alpha_already_there():
@@ -61,9 +84,13 @@ def test_append_scalars_keeps_bf16_tensors_byte_identical(tmp_path):
     from safetensors.numpy import save_file
 
     src = tmp_path / "a.safetensors"
-    save_file({"x.lora_A.weight": np.arange(6, dtype=np.float32).reshape(2, 3)}, str(src), metadata={"k": "v"})
+    save_file(
+        {"x.lora_A.weight": np.arange(6, dtype=np.float32).reshape(2, 3)}, str(src), metadata={"k": "v"}
+    )
     header, offset = read_header(src)
-    header["x.lora_A.weight"].update(dtype="BF16", shape=[2, 6])  # numpy has no bf16: the same 24 bytes relabelled
+    header["x.lora_A.weight"].update(
+        dtype="BF16", shape=[2, 6]
+    )  # numpy has no bf16: the same 24 bytes relabelled
     raw = src.read_bytes()[offset:]
     blob = json.dumps(header).encode()
     blob += b" " * ((8 - len(blob) % 8) % 8)
@@ -73,7 +100,7 @@ def test_append_scalars_keeps_bf16_tensors_byte_identical(tmp_path):
     new_header, new_offset = read_header(dest)
     assert new_header["__metadata__"] == {"k": "v"}
     assert new_header["x.alpha"] == {"dtype": "F32", "shape": [], "data_offsets": [24, 28]}
-    assert dest.read_bytes()[new_offset:new_offset + 24] == raw  # the trained tensor untouched
+    assert dest.read_bytes()[new_offset : new_offset + 24] == raw  # the trained tensor untouched
     with safe_open(str(dest), "np") as fh:  # the library accepts the file
         assert float(fh.get_tensor("x.alpha")) == 4.0
     append_scalars(src, src, {"x.alpha": 2.0})  # in place, as export_adapter does
@@ -93,12 +120,14 @@ def test_mflux_loads_the_delta_it_trained_with_alpha_half_the_rank(tmp_path):
     from mflux.models.z_image.training_adapter.z_image_training_adapter import ZImageTrainingAdapter
     from mflux.models.z_image.weights.z_image_lora_mapping import ZImageLoRAMapping
 
-    from engines.mflux import tiny_model
     from daemon.safetensors_file import read_header as _read_header
+    from engines.mflux import tiny_model
 
     config = _lorad_config(tmp_path)
     targets = [
-        LoraTargetSpec(module_path=t["module_path"], rank=t["rank"], blocks=BlockRange(**t["blocks"]), alpha=t["alpha"])
+        LoraTargetSpec(
+            module_path=t["module_path"], rank=t["rank"], blocks=BlockRange(**t["blocks"]), alpha=t["alpha"]
+        )
         for t in config["lora_layers"]["targets"]
     ]
     assert {(t.rank, t.alpha) for t in targets} == {(RANK, ALPHA)}
@@ -117,7 +146,10 @@ def test_mflux_loads_the_delta_it_trained_with_alpha_half_the_rank(tmp_path):
     saved = tmp_path / "adapter.safetensors"
     fake = SimpleNamespace(_z=SimpleNamespace(transformer=trained))
     ZImageTrainingAdapter.save_lora_adapter(  # mflux's own writer
-        fake, path=saved, training_spec=SimpleNamespace(lora_layers=LoraLayersSpec(targets=targets), model="z-image"))
+        fake,
+        path=saved,
+        training_spec=SimpleNamespace(lora_layers=LoraLayersSpec(targets=targets), model="z-image"),
+    )
 
     exported = tmp_path / "published.safetensors"
     header, _ = _read_header(saved)
@@ -125,8 +157,12 @@ def test_mflux_loads_the_delta_it_trained_with_alpha_half_the_rank(tmp_path):
 
     def loaded(path: Path):
         transformer = fresh_transformer()
-        LoRALoader.load_and_apply_lora(lora_mapping=ZImageLoRAMapping.get_mapping(), transformer=transformer,
-                                       lora_paths=[str(path)], lora_scales=[1.0])
+        LoRALoader.load_and_apply_lora(
+            lora_mapping=ZImageLoRAMapping.get_mapping(),
+            transformer=transformer,
+            lora_paths=[str(path)],
+            lora_scales=[1.0],
+        )
         return transformer
 
     x = mx.random.normal((1, 5, tiny_model.SPEC["transformer"]["dim"]))
@@ -162,7 +198,9 @@ def test_diffusers_applies_the_alpha_tensors(tmp_path):
     """diffusers' Z-Image converter (what `ZImagePipeline.load_lora_weights` runs on
     `diffusion_model.*` keys) folds alpha/rank into the weights. Needs torch + diffusers, which
     lorad does not install (see README, "LoRA files"): skipped without them."""
-    torch = pytest.importorskip("torch", reason="optional interop check: torch (CPU) + diffusers not installed")
+    torch = pytest.importorskip(
+        "torch", reason="optional interop check: torch (CPU) + diffusers not installed"
+    )
     pytest.importorskip("diffusers", reason="optional interop check: diffusers not installed")
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_z_image_lora_to_diffusers
     from safetensors.torch import load_file, save_file
@@ -170,11 +208,21 @@ def test_diffusers_applies_the_alpha_tensors(tmp_path):
     a = torch.randn(RANK, 192)
     b = torch.randn(192, RANK)
     src = tmp_path / "lorad.safetensors"
-    save_file({"diffusion_model.layers.0.attention.to_q.lora_A.weight": a,
-               "diffusion_model.layers.0.attention.to_q.lora_B.weight": b}, str(src))
+    save_file(
+        {
+            "diffusion_model.layers.0.attention.to_q.lora_A.weight": a,
+            "diffusion_model.layers.0.attention.to_q.lora_B.weight": b,
+        },
+        str(src),
+    )
     header, _ = read_header(src)
     dest = tmp_path / "published.safetensors"
-    append_scalars(src, dest, module_alphas(header, [{"module_path": "layers.{block}.attention.to_q", "alpha": ALPHA}]))
+    append_scalars(
+        src, dest, module_alphas(header, [{"module_path": "layers.{block}.attention.to_q", "alpha": ALPHA}])
+    )
     converted = _convert_non_diffusers_z_image_lora_to_diffusers(load_file(str(dest)))
-    delta = converted["transformer.layers.0.attention.to_q.lora_B.weight"] @ converted["transformer.layers.0.attention.to_q.lora_A.weight"]
+    delta = (
+        converted["transformer.layers.0.attention.to_q.lora_B.weight"]
+        @ converted["transformer.layers.0.attention.to_q.lora_A.weight"]
+    )
     assert torch.allclose(delta, (ALPHA / RANK) * (b @ a), rtol=1e-4, atol=1e-5)

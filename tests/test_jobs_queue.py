@@ -197,7 +197,12 @@ def test_dataset_for_event(path, expected):
         ("rendering", "publishing", False, "publishing"),
         ("publishing", "done", True, "done"),  # too late: publishing finishes
         ("training", "failed", True, "failed"),
-        ("training", "interrupted", True, "interrupted"),  # a stop while cancelling: cancelled at the next start
+        (
+            "training",
+            "interrupted",
+            True,
+            "interrupted",
+        ),  # a stop while cancelling: cancelled at the next start
     ],
 )
 def test_honour_cancel(old, new, requested, expected):

@@ -57,7 +57,17 @@ def _paths_of(name: str) -> set[str]:
 
 def test_accepted_names_own_disjoint_paths():
     """Every pair of names the rule accepts owns disjoint output paths (the property item 2 asks)."""
-    names = ["alice", "alice.compar", "alice.comparex", "alice.v", "alice.vx", "alice.report-x", "bob", "Alice-2", "a..b"]
+    names = [
+        "alice",
+        "alice.compar",
+        "alice.comparex",
+        "alice.v",
+        "alice.vx",
+        "alice.report-x",
+        "bob",
+        "Alice-2",
+        "a..b",
+    ]
     assert all(contract.check_lora_name(n, ".") == [] for n in names)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
@@ -97,9 +107,21 @@ def test_longest_created_name(name, longest_bytes):
     "name, loras_dir, dataset_dir, path_max, expect",
     [
         ("x" * 221, "/a/loras", "/a/training_data/o_x", 1024, None),
-        ("x" * 222, "/a/loras", "/a/training_data/o_x", 1024, "256 bytes, over the file system's limit of 255 bytes"),
+        (
+            "x" * 222,
+            "/a/loras",
+            "/a/training_data/o_x",
+            1024,
+            "256 bytes, over the file system's limit of 255 bytes",
+        ),
         ("😀" * 100, "/a/loras", "/a/training_data/o_x", 1024, "is 400 bytes in UTF-8"),
-        ("alice", "/" + "d" * 990, "/a/training_data/o_x", 1024, "over the file system's path limit of 1024 bytes"),
+        (
+            "alice",
+            "/" + "d" * 990,
+            "/a/training_data/o_x",
+            1024,
+            "over the file system's path limit of 1024 bytes",
+        ),
         ("alice", "/a/loras", "/" + "d" * 1000, 1024, "a marker in the dataset folder"),
         ("alice", "/" + "d" * 990, "/a/training_data/o_x", 4096, None),
     ],
@@ -117,7 +139,7 @@ def test_name_length_rule(name, loras_dir, dataset_dir, path_max, expect):
 def test_too_long_names_are_refused_at_validation(tmp_path):
     td = tmp_path / "assets" / "training_data"
     emoji = make_dataset(td / "ohwx_emoji", images=1)
-    report = validate_dataset(emoji, ready_text=("name = \"" + "😀" * 100 + "\"\n").encode())
+    report = validate_dataset(emoji, ready_text=('name = "' + "😀" * 100 + '"\n').encode())
     (error,) = [f for f in report.errors if f.code == "name.toolong"]
     assert error.file == "READY" and "400 bytes" in error.message and "255" in error.message
     long_folder = make_dataset(td / ("ohwx_" + "a" * 235), images=1)  # a 240-character folder name
@@ -146,14 +168,21 @@ def test_refused_names_never_train_and_leave_other_loras_alone(daemons):
     (clash / "READY").write_text('name = "alice.compare"\n')
     emoji = make_dataset(d.training_data / "ohwx_emoji", images=1, seed=4)
     (emoji / "READY").write_text('name = "' + "😀" * 100 + '"\n')
-    wait_for(lambda: (clash / "FAILED.txt").exists() and (emoji / "FAILED.txt").exists(), 60, message="refusals")
+    wait_for(
+        lambda: (clash / "FAILED.txt").exists() and (emoji / "FAILED.txt").exists(), 60, message="refusals"
+    )
     assert "alice.compare.png" in (clash / "FAILED.txt").read_text()
     assert "400 bytes" in (emoji / "FAILED.txt").read_text()
     assert compare.read_bytes() == before
     assert sorted(p.name for p in (d.assets / "loras").iterdir()) == [
-        "alice.compare.png", "alice.png", "alice.report", "alice.safetensors"
+        "alice.compare.png",
+        "alice.png",
+        "alice.report",
+        "alice.safetensors",
     ]
-    assert not d.log_has("job.started", dataset="ohwx_other") and not d.log_has("job.started", dataset="ohwx_emoji")
+    assert not d.log_has("job.started", dataset="ohwx_other") and not d.log_has(
+        "job.started", dataset="ohwx_emoji"
+    )
 
 
 # -- item 3: a symlinked registry shared by two assets folders --------------------------------
@@ -234,13 +263,18 @@ def test_held_registry_lock_fails_the_job_next_job_runs_retry_completes_registry
         job = next(j for j in d.jobs() if j["dataset"] == "ohwx_first")
         assert str(lock) in job["error"] and f"pid {holder.pid}" in job["error"] and "flock" in job["error"]
         assert f"lorad retry {job['id']}" in job["error"]
-        assert d.log_has("registry.lock_wait", job_id=job["id"]) and d.log_has("registry.lock_timeout", job_id=job["id"])
+        assert d.log_has("registry.lock_wait", job_id=job["id"]) and d.log_has(
+            "registry.lock_timeout", job_id=job["id"]
+        )
         lora = d.assets / "loras" / "first.safetensors"
         assert metadata_of(lora)["lorad.job_id"] == job["id"]  # the LoRA itself is published
         assert not d.registry.exists()  # the registry was never written
         # The queue is not stalled: the next job runs while the lock is still held.
-        wait_for(lambda: d.job_states().get("ohwx_second") in ("training", "rendering", "publishing"), 60,
-                 message="second runs while the lock is held")
+        wait_for(
+            lambda: d.job_states().get("ohwx_second") in ("training", "rendering", "publishing"),
+            60,
+            message="second runs while the lock is held",
+        )
         assert holder.poll() is None
     finally:
         _release(holder)
@@ -255,7 +289,10 @@ def test_held_registry_lock_fails_the_job_next_job_runs_retry_completes_registry
     assert d.log_has("job.registry_only", job_id=job["id"])
     assert lora.read_bytes() == lora_bytes
     assert sorted(p.name for p in (d.assets / "loras").glob("first*")) == [
-        "first.compare.png", "first.png", "first.report", "first.safetensors"
+        "first.compare.png",
+        "first.png",
+        "first.report",
+        "first.safetensors",
     ]  # no .v1 of its own file
     entries = json.loads(d.registry.read_text())["loras"]
     assert set(entries) == {"first", "second"}
@@ -282,7 +319,9 @@ def test_kill9_while_waiting_for_the_registry_lock_next_start_completes_registry
     lora_bytes = lora.read_bytes()
     d.start()
     wait_for(lambda: d.job_states().get("ohwx_pub") == "done", 60, message="done after restart")
-    assert d.log_has("job.registry_only", job_id=job["id"]) and not d.log_has("train.resume", job_id=job["id"])
+    assert d.log_has("job.registry_only", job_id=job["id"]) and not d.log_has(
+        "train.resume", job_id=job["id"]
+    )
     assert lora.read_bytes() == lora_bytes and not list((d.assets / "loras").glob("pub.v*"))
     assert json.loads(d.registry.read_text())["loras"]["pub"]["job_id"] == job["id"]
 
@@ -300,7 +339,12 @@ def _e(path, job):
 
 NEW = _e(P, "j2")
 OLD = _e(P, "j1")
-OLD_V1 = {**OLD, "path": f"{A}/alice.v1.safetensors", "render": f"{A}/alice.v1.png", "compare": f"{A}/alice.v1.compare.png"}
+OLD_V1 = {
+    **OLD,
+    "path": f"{A}/alice.v1.safetensors",
+    "render": f"{A}/alice.v1.png",
+    "compare": f"{A}/alice.v1.compare.png",
+}
 
 
 @pytest.mark.parametrize(
@@ -310,16 +354,40 @@ OLD_V1 = {**OLD, "path": f"{A}/alice.v1.safetensors", "render": f"{A}/alice.v1.p
         ({"alice": NEW}, {}, None, {"alice": NEW}, set(), []),  # the same job again
         ({"alice": OLD}, {"j1": "alice.v1"}, None, {"alice": NEW, "alice.v1": OLD_V1}, set(), []),
         ({"alice": OLD}, {}, "alice.v1", {"alice": NEW, "alice.v1": OLD_V1}, set(), []),
-        ({"alice": OLD}, {}, None, {"alice": NEW}, set(), []),  # its file is gone: the stale entry is replaced
+        (
+            {"alice": OLD},
+            {},
+            None,
+            {"alice": NEW},
+            set(),
+            [],
+        ),  # its file is gone: the stale entry is replaced
         ({"alice": B_ALICE}, {}, None, {"alice@TAG": NEW}, set(), [("alice", "alice@TAG", B_ALICE["path"])]),
         ({"alice": 1}, {}, None, {"alice@TAG": NEW}, set(), [("alice", "alice@TAG", "1")]),
-        ({"alice": {"path": f"{A}/bob.safetensors"}}, {}, None, {"alice@TAG": NEW}, set(),
-         [("alice", "alice@TAG", f"{A}/bob.safetensors")]),
-        ({"alice": B_ALICE, "alice@TAG": OLD}, {"j1": "alice.v1"}, None,
-         {"alice@TAG": NEW, "alice.v1": OLD_V1}, set(), [("alice", "alice@TAG", B_ALICE["path"])]),
-        ({"alice.v1": {"path": "/B/loras/alice.v1.safetensors"}, "alice": OLD}, {"j1": "alice.v1"}, None,
-         {"alice": NEW, "alice.v1@TAG": OLD_V1}, set(),
-         [("alice.v1", "alice.v1@TAG", "/B/loras/alice.v1.safetensors")]),
+        (
+            {"alice": {"path": f"{A}/bob.safetensors"}},
+            {},
+            None,
+            {"alice@TAG": NEW},
+            set(),
+            [("alice", "alice@TAG", f"{A}/bob.safetensors")],
+        ),
+        (
+            {"alice": B_ALICE, "alice@TAG": OLD},
+            {"j1": "alice.v1"},
+            None,
+            {"alice@TAG": NEW, "alice.v1": OLD_V1},
+            set(),
+            [("alice", "alice@TAG", B_ALICE["path"])],
+        ),
+        (
+            {"alice.v1": {"path": "/B/loras/alice.v1.safetensors"}, "alice": OLD},
+            {"j1": "alice.v1"},
+            None,
+            {"alice": NEW, "alice.v1@TAG": OLD_V1},
+            set(),
+            [("alice.v1", "alice.v1@TAG", "/B/loras/alice.v1.safetensors")],
+        ),
         ({"alice@TAG": NEW}, {}, None, {"alice": NEW}, {"alice@TAG"}, []),  # back to its plain key
     ],
 )
@@ -351,7 +419,11 @@ def test_lock_timeout_names_the_holder(tmp_path):
         with pytest.raises(registry.RegistryLockTimeout) as info:
             with registry.Transaction(path, timeout_s=0.3):
                 pass
-        assert f"pid {holder.pid}" in str(info.value) and "flock" in str(info.value) and str(lock) in str(info.value)
+        assert (
+            f"pid {holder.pid}" in str(info.value)
+            and "flock" in str(info.value)
+            and str(lock) in str(info.value)
+        )
     finally:
         _release(holder)
     with registry.Transaction(path, timeout_s=5) as txn:  # free again

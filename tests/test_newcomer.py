@@ -12,13 +12,12 @@ import select
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, wait_for
+
 from daemon.jobs import Job
 
 NOW = 1_800_000_000.0
@@ -203,7 +202,9 @@ def test_plan_warning_names_the_planned_resolution():
     assert turbo.tier == "q4-minimal"
     assert all("16 GB is the floor" not in w for w in turbo.warnings), turbo.warnings
     assert any(f"{turbo.max_resolution} px" in w for w in turbo.warnings)
-    lowered = plan_memory(model="z-image-turbo", total_gb=16, available_gb=14, image_count=10, max_side=1024, resolution=384)
+    lowered = plan_memory(
+        model="z-image-turbo", total_gb=16, available_gb=14, image_count=10, max_side=1024, resolution=384
+    )
     assert any("384 px" in w for w in lowered.warnings) and all("512 px" not in w for w in lowered.warnings)
 
 
@@ -234,13 +235,24 @@ def test_plan_labels_and_units(tmp_path):
 # -- 14: enqueue's interactive defaults are the plan's --------------------------------------------
 
 
-def _enqueue_in_pty(folder: Path, answers: list[str], *, extra: tuple[str, ...] = (), env: dict | None = None):
+def _enqueue_in_pty(
+    folder: Path, answers: list[str], *, extra: tuple[str, ...] = (), env: dict | None = None
+):
     """`lorad enqueue` on a pseudo-terminal (so it asks), answering each `]: ` prompt in turn."""
     import pty
 
     master, slave = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "--assets", str(folder.parent.parent), "enqueue", str(folder), *extra],
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "--assets",
+            str(folder.parent.parent),
+            "enqueue",
+            str(folder),
+            *extra,
+        ],
         stdin=slave,
         stdout=slave,
         stderr=slave,
@@ -282,7 +294,9 @@ def _fingerprint(folder: Path, ready: bytes, model: str = "z-image-turbo") -> st
     from daemon.settings import Settings
 
     report = validate_dataset(folder, ready_text=ready)
-    return fingerprint(report, effective_settings(report.options, Settings(assets=folder.parent.parent, model=model)))
+    return fingerprint(
+        report, effective_settings(report.options, Settings(assets=folder.parent.parent, model=model))
+    )
 
 
 @pytest.fixture
@@ -329,11 +343,33 @@ def test_enqueue_flags_all_have_help_and_model_lists_models(tmp_path):
 
 
 def test_enqueue_unknown_model_is_refused_clearly(dataset):
-    result = _cli("--assets", str(dataset.parent.parent), "enqueue", str(dataset), "--model", "sdxl", "--yes", cwd=dataset.parent)
+    result = _cli(
+        "--assets",
+        str(dataset.parent.parent),
+        "enqueue",
+        str(dataset),
+        "--model",
+        "sdxl",
+        "--yes",
+        cwd=dataset.parent,
+    )
     assert result.returncode == 2
-    assert "unknown model 'sdxl'" in result.stderr and "z-image-turbo" in result.stderr and "tiny-z-image" in result.stderr
+    assert (
+        "unknown model 'sdxl'" in result.stderr
+        and "z-image-turbo" in result.stderr
+        and "tiny-z-image" in result.stderr
+    )
     assert not (dataset / "READY").exists()
-    result = _cli("--assets", str(dataset.parent.parent), "enqueue", str(dataset), "--model", "tiny-z-image", "--yes", cwd=dataset.parent)
+    result = _cli(
+        "--assets",
+        str(dataset.parent.parent),
+        "enqueue",
+        str(dataset),
+        "--model",
+        "tiny-z-image",
+        "--yes",
+        cwd=dataset.parent,
+    )
     assert result.returncode == 0, result.stderr
     assert (dataset / "READY").read_text() == 'model = "tiny-z-image"\n'
 
@@ -366,10 +402,16 @@ def test_weights_check_finds_the_hf_cache_like_mflux(tmp_path):
 
     missing = weights_check("z-image-turbo", env)
     assert missing.status.value == "warn"
-    for words in ("not on this machine", "about 31 GB", f"hf download Tongyi-MAI/Z-Image-Turbo --revision {TURBO_PIN}",
-                  "LORAD_MODEL=tiny-z-image"):
+    for words in (
+        "not on this machine",
+        "about 31 GB",
+        f"hf download Tongyi-MAI/Z-Image-Turbo --revision {TURBO_PIN}",
+        "LORAD_MODEL=tiny-z-image",
+    ):
         assert words in missing.detail, missing.detail
-    _fake_snapshot(home / "hub", "Tongyi-MAI/Z-Image-Turbo", "0" * 40)  # another revision: mflux would not use it
+    _fake_snapshot(
+        home / "hub", "Tongyi-MAI/Z-Image-Turbo", "0" * 40
+    )  # another revision: mflux would not use it
     assert weights_check("z-image-turbo", env).status.value == "warn"
     _fake_snapshot(home / "hub", "Tongyi-MAI/Z-Image-Turbo", TURBO_PIN, complete=False)  # a shard missing
     assert weights_check("z-image-turbo", env).status.value == "warn"
@@ -382,8 +424,8 @@ def test_weights_check_finds_the_hf_cache_like_mflux(tmp_path):
 
 def test_weights_table_matches_mflux():
     """The repos and pins lorad checks are the ones mflux loads (guards an mflux upgrade)."""
-    from engines.mflux.weights import MODEL_WEIGHTS, pinned_revisions
     from engines.mflux.memory_plan import PROFILES
+    from engines.mflux.weights import MODEL_WEIGHTS, pinned_revisions
 
     code = (
         "import json, sys\n"
@@ -394,7 +436,9 @@ def test_weights_table_matches_mflux():
         "print(json.dumps({'repos': repos, 'pins': {r: ModelRevisions.get(r) for r in repos.values()}}))\n"
     )
     names = sorted({p.mflux_model for name, p in PROFILES.items() if name != "tiny-z-image"})
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(names)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(names)], capture_output=True, text=True, check=True
+    )
     truth = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(MODEL_WEIGHTS) == set(names)
     for name, repo in truth["repos"].items():
@@ -403,7 +447,9 @@ def test_weights_table_matches_mflux():
 
 
 def test_doctor_says_weights_missing_and_what_to_do(tmp_path):
-    result = _cli("--assets", str(tmp_path / "assets"), "doctor", cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
+    result = _cli(
+        "--assets", str(tmp_path / "assets"), "doctor", cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf")}
+    )
     line = next(line for line in result.stdout.splitlines() if "] model" in line)
     assert line.startswith("[warn]") and "about 31 GB" in line and "LORAD_MODEL=tiny-z-image" in line, line
 
@@ -412,7 +458,11 @@ def test_doctor_says_weights_missing_and_what_to_do(tmp_path):
 def test_run_says_weights_missing_at_start_and_the_job_fails_with_it(daemon_factory, tmp_path):
     from daemon.sample import make_dataset
 
-    d = daemon_factory(engine="mflux", model="z-image-turbo", extra_env={"HF_HOME": str(tmp_path / "hf"), "LORAD_RAM_GB": "64"})
+    d = daemon_factory(
+        engine="mflux",
+        model="z-image-turbo",
+        extra_env={"HF_HOME": str(tmp_path / "hf"), "LORAD_RAM_GB": "64"},
+    )
     d.start()
     assert d.log_has("model.weights", present=False)
     out = Path(d.out.name)
@@ -421,7 +471,9 @@ def test_run_says_weights_missing_at_start_and_the_job_fails_with_it(daemon_fact
     (folder / "READY").write_text("")
     wait_for(lambda: d.job_states().get("ohwx_alice") == "failed", 60, message="job failed")
     failed = (folder / "FAILED.txt").read_text()
-    assert "not on this machine" in failed and "about 31 GB" in failed and "LORAD_MODEL=tiny-z-image" in failed
+    assert (
+        "not on this machine" in failed and "about 31 GB" in failed and "LORAD_MODEL=tiny-z-image" in failed
+    )
     assert d.proc.poll() is None  # the daemon keeps running
     assert not any(e.get("event") == "job.child" for e in d.events())  # no trainer was started to find out
 
@@ -447,8 +499,14 @@ def test_training_child_writes_bytecode_even_when_the_parent_says_not_to(tmp_pat
         "os.write(fd, (json.dumps({'event': 'probe', 'dont_write': sys.dont_write_bytecode}) + '\\n').encode())\n"
     )
     events: list[dict] = []
-    outcome = run_child(["-c", code], cwd=tmp_path, log_path=tmp_path / "child.log", on_event=events.append,
-                        stop=StopToken(), keep_awake=False)
+    outcome = run_child(
+        ["-c", code],
+        cwd=tmp_path,
+        log_path=tmp_path / "child.log",
+        on_event=events.append,
+        stop=StopToken(),
+        keep_awake=False,
+    )
     assert outcome.returncode == 0, outcome.stderr_tail
     assert events == [{"event": "probe", "dont_write": False}]
 
@@ -468,8 +526,12 @@ def test_second_uv_run_compiles_nothing():
         pytest.skip("uv is not on PATH")
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "UV_COMPILE_BYTECODE")}
     env["UV_OFFLINE"] = "1"  # never reach the network from a test; the lock is already resolved
-    runs = [subprocess.run([uv, "run", "lorad", "--help"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-            for _ in range(2)]
+    runs = [
+        subprocess.run(
+            [uv, "run", "lorad", "--help"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
+        )
+        for _ in range(2)
+    ]
     for run in runs:
         assert run.returncode == 0, run.stderr
     assert "Bytecode compiled" not in runs[1].stderr, runs[1].stderr

@@ -161,7 +161,11 @@ def test_build_message(view, title, body, attach, kind):
         ("notify", "ntfy://ntfy.sh/topic", ["ntfy://ntfy.sh/topic"]),
         ("notify", "ntfy://ntfy.sh/a, json://127.0.0.1:9/", ["ntfy://ntfy.sh/a", "json://127.0.0.1:9/"]),
         # a comma inside a URL stays there: only a comma before the next scheme:// splits
-        ("notify", "mailto://u:p@x.org?to=a@x.org,b@x.org,macosx://", ["mailto://u:p@x.org?to=a@x.org,b@x.org", "macosx://"]),
+        (
+            "notify",
+            "mailto://u:p@x.org?to=a@x.org,b@x.org,macosx://",
+            ["mailto://u:p@x.org?to=a@x.org,b@x.org", "macosx://"],
+        ),
         ("notify_on", "done, failed,,interrupted", ["done", "failed", "interrupted"]),
     ],
 )
@@ -188,7 +192,11 @@ def test_notify_settings(file_values, env, notify, notify_on):
 @pytest.mark.parametrize(
     "file_values, env, words",
     [
-        ({"notify_on": ["done", "finished"]}, {}, ["'notify_on'", "lorad.toml", "'finished'", "known:", "interrupted"]),
+        (
+            {"notify_on": ["done", "finished"]},
+            {},
+            ["'notify_on'", "lorad.toml", "'finished'", "known:", "interrupted"],
+        ),
         ({}, {"LORAD_NOTIFY_ON": "done,nope"}, ["'notify_on'", "LORAD_NOTIFY_ON", "'nope'"]),
         ({"notify": "ntfy://a/b"}, {}, []),  # a string in the file is one URL (comma rules apply): fine
         ({"notify": [1, 2]}, {}, ["'notify'", "list of strings"]),
@@ -254,7 +262,9 @@ def test_outcomes_from_a_child_that_stopped_half_way():
         notify.Outcome("json://a/", True, ""),
         notify.Outcome("json://b/****", False, "no answer within 5s"),
     ]
-    assert outcomes_from([], [f"json://u:{SECRET}@b/{TOKEN}"], "x") == [notify.Outcome("json://b/****", False, "x")]
+    assert outcomes_from([], [f"json://u:{SECRET}@b/{TOKEN}"], "x") == [
+        notify.Outcome("json://b/****", False, "x")
+    ]
 
 
 # -- delivery to a real HTTP server ------------------------------------------------------------
@@ -263,7 +273,9 @@ def test_outcomes_from_a_child_that_stopped_half_way():
 def test_json_target_receives_title_message_and_attachment(receiver, tmp_path):
     render = tmp_path / "alice.png"
     render.write_bytes(b"\x89PNG fake render bytes")
-    message = Message("lorad: LoRA ready", "alice: done, 100 steps in 3m 05s (job J1)", str(render), "success")
+    message = Message(
+        "lorad: LoRA ready", "alice: done, 100 steps in 3m 05s (job J1)", str(render), "success"
+    )
     outcome = notify.deliver_one(f"json://lorad:{SECRET}@127.0.0.1:{receiver.port}/hook", message, 5)
     assert outcome == notify.Outcome(f"json://lorad:****@127.0.0.1:{receiver.port}/****", True, "")
     (got,) = receiver.received
@@ -290,7 +302,10 @@ def test_notifier_retries_then_logs_one_failed_line_per_target(receiver):
     assert [o.ok for o in outcomes] == [False, True]
     assert len(receiver.received) == 1  # the good target is not sent again when the other is retried
     (failed,) = log.events("notify.failed")
-    assert failed["attempts"] == 3 and failed["target"] == f"json://u:****@127.0.0.1:{dead.split(':')[3].split('/')[0]}/****"
+    assert (
+        failed["attempts"] == 3
+        and failed["target"] == f"json://u:****@127.0.0.1:{dead.split(':')[3].split('/')[0]}/****"
+    )
     assert "Connection error" in failed["reason"]
     (sent,) = log.events("notify.sent")
     assert sent["target"] == good and sent["attempt"] == 1
@@ -301,7 +316,9 @@ def test_a_target_that_never_answers_is_cut_off_and_the_queue_never_blocks(hangi
     """The job thread's call returns at once whatever the target does; the sender gives up on a
     hanging target at its timeout, and a stop drains for a bounded time (logged)."""
     log = Recorder()
-    n = Notifier([f"json://127.0.0.1:{hanging.port}/"], ["done"], timeout_s=600, log=log, queue_size=2).start()
+    n = Notifier(
+        [f"json://127.0.0.1:{hanging.port}/"], ["done"], timeout_s=600, log=log, queue_size=2
+    ).start()
 
     class Job:
         id, name, state, step, total_steps, started_at, finished_at, updated_at, error, outputs = (
@@ -368,7 +385,9 @@ def _bad(d, name):
     (bad / "READY").write_text("")
 
 
-def test_daemon_notifies_once_per_job_end_in_notify_on_and_keeps_secrets_out_of_logs(daemon_factory, receiver):
+def test_daemon_notifies_once_per_job_end_in_notify_on_and_keeps_secrets_out_of_logs(
+    daemon_factory, receiver
+):
     dead = f"json://hook:{SECRET}@127.0.0.1:{dead_port()}/{TOKEN}"
     d = daemon_factory(
         extra_env={
@@ -382,12 +401,20 @@ def test_daemon_notifies_once_per_job_end_in_notify_on_and_keeps_secrets_out_of_
     _drop(d, "ohwx_alice")
     wait_for(lambda: d.job_states().get("ohwx_alice") == "done", 90, message="job done")
     # The dead target: three attempts (2 s + 8 s apart), then one notify.failed per message.
-    wait_for(lambda: len([e for e in d.events() if e["event"] == "notify.failed"]) == 2, 120, message="notify.failed x2")
+    wait_for(
+        lambda: len([e for e in d.events() if e["event"] == "notify.failed"]) == 2,
+        120,
+        message="notify.failed x2",
+    )
     bodies = [r["json"] for r in receiver.received]
     assert len(bodies) == 2, bodies  # one per job end; none for queued/preparing/training/... moves
     by_title = {b["title"]: b for b in bodies}
     failed, done = by_title["lorad: LoRA training failed"], by_title["lorad: LoRA ready"]
-    assert failed["message"].startswith("bad: failed") and "a.png" in failed["message"] and failed["type"] == "failure"
+    assert (
+        failed["message"].startswith("bad: failed")
+        and "a.png" in failed["message"]
+        and failed["type"] == "failure"
+    )
     assert done["message"].startswith("alice: done, ") and " steps in " in done["message"]
     (attachment,) = done["attachments"]
     assert attachment["filename"] == "alice.png"
@@ -412,14 +439,19 @@ def test_a_hanging_target_does_not_hold_up_the_queue(daemon_factory, hanging):
     next job still runs to done (no timing asserted: bench/p10_notify_dead_endpoint.py measures it);
     the stop drains for a bounded time and says it gave up."""
     d = daemon_factory(
-        extra_env={"LORAD_NOTIFY": f"json://127.0.0.1:{hanging.port}/", "LORAD_NOTIFY_TIMEOUT_S": "600",
-                   "SCRIPTED_ENGINE_STEP_S": "0.01"}  # fmt: skip
+        extra_env={
+            "LORAD_NOTIFY": f"json://127.0.0.1:{hanging.port}/",
+            "LORAD_NOTIFY_TIMEOUT_S": "600",
+            "SCRIPTED_ENGINE_STEP_S": "0.01",
+        }  # fmt: skip
     ).start()
     _drop(d, "ohwx_one")
     wait_for(lambda: d.job_states().get("ohwx_one") == "done", 90, message="first job done")
     assert hanging.event.wait(60), "the notification reached the hanging target"
     _drop(d, "ohwx_two", seed=1)
-    wait_for(lambda: d.job_states().get("ohwx_two") == "done", 90, message="second job done while the target hangs")
+    wait_for(
+        lambda: d.job_states().get("ohwx_two") == "done", 90, message="second job done while the target hangs"
+    )
     assert not d.log_has("notify.sent") and not d.log_has("notify.failed")  # still waiting on it
     d.stop()
     assert d.proc.returncode == 0
@@ -427,7 +459,11 @@ def test_a_hanging_target_does_not_hold_up_the_queue(daemon_factory, hanging):
 
 
 def test_child_entry_point_runs_as_module(receiver):
-    request = {"targets": [f"json://127.0.0.1:{receiver.port}/"], "message": Message("t", "b")._asdict(), "timeout_s": 5}
+    request = {
+        "targets": [f"json://127.0.0.1:{receiver.port}/"],
+        "message": Message("t", "b")._asdict(),
+        "timeout_s": 5,
+    }
     out = subprocess.run([sys.executable, "-m", "daemon.notify"], input=json.dumps(request), capture_output=True,
                          text=True, cwd=ROOT, timeout=60).stdout.splitlines()  # fmt: skip
     assert json.loads(out[0]) == {"masked": [f"json://127.0.0.1:{receiver.port}/"]}

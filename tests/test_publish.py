@@ -28,18 +28,35 @@ class FakeJob:
     trigger_word: str = "ohwx"
 
 
-PLAN = {"model": "tiny-z-image", "tier": "bf16", "total_steps": 4, "config": {"lora_layers": {"targets": [{"rank": 8, "alpha": 8.0}]}}}
+PLAN = {
+    "model": "tiny-z-image",
+    "tier": "bf16",
+    "total_steps": 4,
+    "config": {"lora_layers": {"targets": [{"rank": 8, "alpha": 8.0}]}},
+}
 
 
 def _inputs(tmp_path: Path, tag: str, value: float = 1.0):
     src = tmp_path / f"in-{tag}"
     src.mkdir(exist_ok=True)
     adapter = src / "adapter.safetensors"
-    save_file({"diffusion_model.layers.0.attention.to_q.lora_A.weight": np.full((8, 64), value, np.float32)}, str(adapter),
-              metadata={"mflux_version": "0.24.0", "model": "z-image"})
+    save_file(
+        {"diffusion_model.layers.0.attention.to_q.lora_A.weight": np.full((8, 64), value, np.float32)},
+        str(adapter),
+        metadata={"mflux_version": "0.24.0", "model": "z-image"},
+    )
     lora = src / "lora.safetensors"
-    write_with_metadata(adapter, lora, provenance(job=FakeJob(tag), plan=PLAN, fingerprint="fp" + tag, image_count=3,
-                                                 engine_keys={"ss_network_dim": "8", "ss_network_alpha": "8.0"}))
+    write_with_metadata(
+        adapter,
+        lora,
+        provenance(
+            job=FakeJob(tag),
+            plan=PLAN,
+            fingerprint="fp" + tag,
+            image_count=3,
+            engine_keys={"ss_network_dim": "8", "ss_network_alpha": "8.0"},
+        ),
+    )
     Image.new("RGB", (32, 32), (int(value * 10) % 255, 0, 0)).save(src / "with.png")
     Image.new("RGB", (64, 40)).save(src / "compare.png")
     (src / "loss.html").write_text("loss")
@@ -64,7 +81,9 @@ def test_header_keeps_mflux_keys_and_adds_provenance(tmp_path):
     outputs = _publish(tmp_path, "job1")
     meta = metadata_of(Path(outputs["lora"]))
     assert meta["mflux_version"] == "0.24.0" and meta["model"] == "z-image"
-    assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "8.0" and meta["lorad.job_id"] == "job1"
+    assert (
+        meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "8.0" and meta["lorad.job_id"] == "job1"
+    )
     header, offset = read_header(Path(outputs["lora"]))
     assert offset % 8 == 0
     from safetensors.numpy import load_file
@@ -86,7 +105,9 @@ def test_existing_lora_is_versioned_never_overwritten(tmp_path):
     assert metadata_of(loras / "alice.v2.safetensors")["lorad.job_id"] == "job2"
     assert metadata_of(loras / "alice.safetensors")["lorad.job_id"] == "job3"
     entries = json.loads((tmp_path / "config.json").read_text())["loras"]
-    assert entries["alice"]["job_id"] == "job3" and entries["alice.v1"]["path"].endswith("alice.v1.safetensors")
+    assert entries["alice"]["job_id"] == "job3" and entries["alice.v1"]["path"].endswith(
+        "alice.v1.safetensors"
+    )
     assert entries["alice.v2"]["job_id"] == "job2"
     # Publishing the same job again (a crash mid-publish) replaces its own files in place.
     _publish(tmp_path, "job3", 3.0)
@@ -190,15 +211,27 @@ def test_registry_failure_after_renames_then_registry_only_completion(tmp_path):
         wait_for(lambda: _held(path), 10, message="lock held")
         with pytest.raises(PublishError) as info:
             lora, render, compare, report = _inputs(tmp_path, "job2", 2.0)
-            publish(loras=tmp_path / "loras", registry_path=path, job=FakeJob("job2"), lora_file=lora,
-                    render_with=render, render_compare=compare, report_files=report, plan=PLAN, lock_timeout_s=0.3)
+            publish(
+                loras=tmp_path / "loras",
+                registry_path=path,
+                job=FakeJob("job2"),
+                lora_file=lora,
+                render_with=render,
+                render_compare=compare,
+                report_files=report,
+                plan=PLAN,
+                lock_timeout_s=0.3,
+            )
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
     assert "is published" in str(info.value) and "lorad retry job2" in str(info.value)
     assert path.read_bytes() == before
     loras = tmp_path / "loras"
-    assert published_by(loras, FakeJob("job2")) and metadata_of(loras / "alice.v1.safetensors")["lorad.job_id"] == "job1"
+    assert (
+        published_by(loras, FakeJob("job2"))
+        and metadata_of(loras / "alice.v1.safetensors")["lorad.job_id"] == "job1"
+    )
     outputs = complete_registry(loras=loras, registry_path=path, job=FakeJob("job2"), lock_timeout_s=5)
     entries = json.loads(path.read_text())["loras"]
     assert entries["alice"]["job_id"] == "job2" and entries["alice.v1"]["job_id"] == "job1"

@@ -92,7 +92,9 @@ def reached(hold: Path, phase: str) -> str | None:
         ("cancel", "queued", "cancelled", "already cancelled"),
     ],
 )
-def test_six_concurrent_clis_one_wins_the_others_say_why(daemon_factory, tmp_path, command, start_state, final_state, message):
+def test_six_concurrent_clis_one_wins_the_others_say_why(
+    daemon_factory, tmp_path, command, start_state, final_state, message
+):
     d = daemon_factory()  # no daemon: the CLIs race each other on the jobs table
     folder = make_dataset(d.training_data / "ohwx_race", images=1)
     store = JobStore(d.state / "jobs.db")
@@ -127,8 +129,12 @@ def test_six_concurrent_clis_one_wins_the_others_say_why(daemon_factory, tmp_pat
 # -- item 12: cancel at every phase boundary ---------------------------------------------------
 
 
-@pytest.mark.parametrize("phase, state", [("plan", "preparing"), ("trained", "training"), ("rendered", "rendering")])
-def test_cancel_at_a_phase_boundary_ends_cancelled_and_publishes_nothing(daemon_factory, tmp_path, phase, state):
+@pytest.mark.parametrize(
+    "phase, state", [("plan", "preparing"), ("trained", "training"), ("rendered", "rendering")]
+)
+def test_cancel_at_a_phase_boundary_ends_cancelled_and_publishes_nothing(
+    daemon_factory, tmp_path, phase, state
+):
     hold = held(tmp_path, phase)
     d = daemon_factory(extra_env={"SCRIPTED_ENGINE_HOLD_DIR": str(hold)}).start()
     folder = drop(d, "ohwx_cx")

@@ -56,9 +56,13 @@ def test_lost_jobs_db_readopts_every_work_dir(daemon_factory, damage):
         Path(str(db) + suffix).unlink(missing_ok=True)
 
     d.start()
-    wait_for(lambda: set(d.job_states().values()) == {"done"} and len(d.jobs()) == 3, 90, message="all three done")
+    wait_for(
+        lambda: set(d.job_states().values()) == {"done"} and len(d.jobs()) == 3, 90, message="all three done"
+    )
     after = {j["dataset"]: j for j in d.jobs()}
-    assert {k: v["id"] for k, v in after.items()} == {k: v["id"] for k, v in before.items()}  # same jobs, no new ones
+    assert {k: v["id"] for k, v in after.items()} == {
+        k: v["id"] for k, v in before.items()
+    }  # same jobs, no new ones
     assert _work_dirs(d) >= dirs  # nothing deleted
     recovered = {e["job_id"] for e in d.events() if e["event"] == "job.recovered"}
     assert recovered == {j["id"] for j in before.values()}
@@ -119,10 +123,31 @@ def test_work_dir_without_record_is_left_alone(daemon_factory):
 
 def _job(**overrides) -> Job:
     columns = dict(
-        id="20260101-000000-abcd", seq=1, dataset="ohwx_a", dataset_path="/x/ohwx_a", name="a", trigger_word="ohwx",
-        fingerprint="f" * 64, ready_token="1:2:3", settings='{"model": "tiny-z-image"}', state="queued", attempt=1,
-        priority=2, ready_at=10.0, created_at=11.0, updated_at=12.0, started_at=None, finished_at=None, step=None,
-        total_steps=None, loss=None, eta_s=None, error=None, outputs="{}", cancel_requested=0, plan="{}",
+        id="20260101-000000-abcd",
+        seq=1,
+        dataset="ohwx_a",
+        dataset_path="/x/ohwx_a",
+        name="a",
+        trigger_word="ohwx",
+        fingerprint="f" * 64,
+        ready_token="1:2:3",
+        settings='{"model": "tiny-z-image"}',
+        state="queued",
+        attempt=1,
+        priority=2,
+        ready_at=10.0,
+        created_at=11.0,
+        updated_at=12.0,
+        started_at=None,
+        finished_at=None,
+        step=None,
+        total_steps=None,
+        loss=None,
+        eta_s=None,
+        error=None,
+        outputs="{}",
+        cancel_requested=0,
+        plan="{}",
     )
     columns.update(overrides)
     return Job(**columns)
@@ -145,8 +170,18 @@ def test_record_round_trip(state, outputs, error, expected_state):
     row, problem = jobrecord.row_from_record(json.loads(json.dumps(record)), job.id)
     assert problem is None
     assert row["state"] == expected_state
-    for key in ("id", "dataset", "dataset_path", "name", "fingerprint", "ready_token", "priority", "ready_at",
-                "created_at", "attempt"):
+    for key in (
+        "id",
+        "dataset",
+        "dataset_path",
+        "name",
+        "fingerprint",
+        "ready_token",
+        "priority",
+        "ready_at",
+        "created_at",
+        "attempt",
+    ):
         assert row[key] == getattr(job, key), key
     assert row["trigger_word"] == "ohwx" and json.loads(row["settings"]) == {"model": "tiny-z-image"}
     if state == "done":
@@ -169,7 +204,6 @@ def test_unusable_records_are_named(record, problem):
     assert row is None and problem in why
 
 
-
 def test_store_keeps_the_record_in_step_and_never_fails_for_it(tmp_path):
     from daemon.jobs import JobStore
 
@@ -180,8 +214,17 @@ def test_store_keeps_the_record_in_step_and_never_fails_for_it(tmp_path):
     def record():
         return json.loads((jobs_dir / "j1" / "job.json").read_text())
 
-    store.create(job_id="j1", dataset_path=tmp_path / "ohwx_a", name="a", trigger="ohwx", fingerprint="fp",
-                 ready_token="1:2:3", settings={"model": "m"}, priority=1, ready_at=5.0)
+    store.create(
+        job_id="j1",
+        dataset_path=tmp_path / "ohwx_a",
+        name="a",
+        trigger="ohwx",
+        fingerprint="fp",
+        ready_token="1:2:3",
+        settings={"model": "m"},
+        priority=1,
+        ready_at=5.0,
+    )
     assert record()["state"] == "queued" and record()["fingerprint"] == "fp" and record()["version"] == 1
     store.transition("j1", "preparing")
     store.transition("j1", "failed", error="boom")
@@ -189,8 +232,15 @@ def test_store_keeps_the_record_in_step_and_never_fails_for_it(tmp_path):
     store.transition("j1", "queued", attempt=2, error=None)
     assert record()["state"] == "queued" and record()["attempt"] == 2
     # A refused intake has no work dir: nothing is created for it.
-    store.create(job_id="j2", dataset_path=tmp_path / "ohwx_b", name="b", trigger="ohwx", fingerprint="",
-                 ready_token=None, settings={})
+    store.create(
+        job_id="j2",
+        dataset_path=tmp_path / "ohwx_b",
+        name="b",
+        trigger="ohwx",
+        fingerprint="",
+        ready_token=None,
+        settings={},
+    )
     assert not (jobs_dir / "j2").exists()
     # A record that cannot be written (here: job.json is a folder) is logged; the move still happens.
     (jobs_dir / "j1" / "job.json").unlink()

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, DaemonProc, LoradProc, assert_no_orphans, wait_for
+
 from daemon.sample import make_dataset
 
 
@@ -46,7 +46,11 @@ class WorkerProc(LoradProc):
             cwd=ROOT, env=self.env, stdout=self.out, stderr=subprocess.STDOUT,
         )  # fmt: skip
         pid = self.proc.pid
-        wait_for(lambda: self.log_has("worker.started", pid=pid) or self.proc.poll() is not None, 30, message="worker start")
+        wait_for(
+            lambda: self.log_has("worker.started", pid=pid) or self.proc.poll() is not None,
+            30,
+            message="worker start",
+        )
         assert self.proc.poll() is None, f"worker exited with {self.proc.returncode}"
         return self
 
@@ -119,7 +123,9 @@ def test_remote_worker_trains_and_the_coordinator_publishes(cluster, redis_serve
 
 
 def count_events(proc, event: str, **fields) -> int:
-    return sum(1 for e in proc.events() if e.get("event") == event and all(e.get(k) == v for k, v in fields.items()))
+    return sum(
+        1 for e in proc.events() if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+    )
 
 
 def hold_env(root: Path, name: str, step: int) -> tuple[dict, Path]:
@@ -134,7 +140,11 @@ def test_worker_killed_mid_training_another_resumes_from_the_last_checkpoint(clu
     a = make_worker(redis_server, "a", {**env, "SCRIPTED_ENGINE_STEP_S": "0.05"}).start()
     drop(d, "ohwx_crash", ready="steps = 12\n")
     wait_for(held.exists, 60, message="worker a holding at step 5")
-    wait_for(lambda: d.log_has("job.checkpoint_received", step=4), 30, message="checkpoint 4 reached the coordinator")
+    wait_for(
+        lambda: d.log_has("job.checkpoint_received", step=4),
+        30,
+        message="checkpoint 4 reached the coordinator",
+    )
     a.kill9()
     b = make_worker(redis_server, "b").start()
     wait_for(lambda: d.job_states().get("ohwx_crash") == "done", 90, message="job done on worker b")
@@ -181,7 +191,9 @@ def test_a_job_no_worker_can_fit_waits_with_the_reason_then_a_bigger_worker_take
     assert d.jobs()[0]["waiting"] == expected
     # No bouncing: each small worker declined it once and left it queued.
     job_id = d.jobs()[0]["id"]
-    big = make_worker(redis_server, "big", {"LORAD_RAM_GB": "128", "LORAD_ENGINES_SCRIPTED_NEEDS_GB": "64"}).start()
+    big = make_worker(
+        redis_server, "big", {"LORAD_RAM_GB": "128", "LORAD_ENGINES_SCRIPTED_NEEDS_GB": "64"}
+    ).start()
     wait_for(lambda: d.job_states().get("ohwx_big") == "done", 90, message="the big worker trains it")
     assert big.log_has("worker.claimed", job_id=job_id)
     assert d.jobs()[0]["worker"] == big.events()[0]["worker"] and not d.jobs()[0]["waiting"]
@@ -192,13 +204,17 @@ def test_a_job_nobody_fits_fails_after_wait_timeout(cluster, redis_server):
     d = make_coordinator(redis_server, extra_env={"LORAD_WAIT_TIMEOUT_S": "2"}).start()
     make_worker(redis_server, "small", {"LORAD_RAM_GB": "8", "LORAD_ENGINES_SCRIPTED_NEEDS_GB": "64"}).start()
     drop(d, "ohwx_never")
-    wait_for(lambda: d.job_states().get("ohwx_never") == "failed", 60, message="job failed after the wait timeout")
+    wait_for(
+        lambda: d.job_states().get("ohwx_never") == "failed", 60, message="job failed after the wait timeout"
+    )
     error = d.jobs()[0]["error"]
     assert "needs ≥ 64 GB, largest worker has 8 GB" in error and "lorad retry" in error
 
 
 @pytest.mark.parametrize("keep_data", [True, False], ids=["with-data", "without-data"])
-def test_redis_killed_mid_job_and_restarted_loses_and_duplicates_nothing(cluster, redis_factory, tmp_path, keep_data):
+def test_redis_killed_mid_job_and_restarted_loses_and_duplicates_nothing(
+    cluster, redis_factory, tmp_path, keep_data
+):
     make_coordinator, make_worker = cluster
     redis = redis_factory(appendonly=keep_data)
     d = make_coordinator(redis).start()
@@ -207,7 +223,9 @@ def test_redis_killed_mid_job_and_restarted_loses_and_duplicates_nothing(cluster
     drop(d, "ohwx_redis", ready="steps = 8\n")
     drop(d, "ohwx_queued", ready="steps = 4\n", seed=1)
     wait_for(held.exists, 60, message="worker a holding at step 3")
-    wait_for(lambda: d.log_has("job.checkpoint_received", step=2), 30, message="checkpoint 2 at the coordinator")
+    wait_for(
+        lambda: d.log_has("job.checkpoint_received", step=2), 30, message="checkpoint 2 at the coordinator"
+    )
     redis.kill9()
     wait_for(lambda: d.log_has("coordinator.redis_unreachable"), 30, message="coordinator notices")
     redis.restart(keep_data=keep_data)
@@ -249,10 +267,14 @@ def test_coordinator_restart_while_two_remote_jobs_run_publishes_each_once(clust
     assert len(attached["attached"]) == 2 and not attached["interrupted"]
     for folder in holds.values():
         (folder / "trained.hold").unlink()
-    wait_for(lambda: set(d.job_states().values()) == {"done"} and len(d.job_states()) == 2, 90, message="both done")
+    wait_for(
+        lambda: set(d.job_states().values()) == {"done"} and len(d.job_states()) == 2, 90, message="both done"
+    )
     for job in d.jobs():
         assert count_events(d, "job.done", job_id=job["id"]) == 1
-        assert sum(count_events(w, "worker.claimed", job_id=job["id"]) for w in workers) == 1  # never trained twice
+        assert (
+            sum(count_events(w, "worker.claimed", job_id=job["id"]) for w in workers) == 1
+        )  # never trained twice
     assert published(d, "one") == ["one.safetensors"] and published(d, "two") == ["two.safetensors"]
 
 
@@ -284,7 +306,9 @@ def _coordinator(tmp_path: Path, url: str):
 
 
 def _upload(store, parts: dict[str, Path], case: str = "t") -> dict:
-    return {name: store.put_file(f"job:j1:{case}:result:{name}", path).to_dict() for name, path in parts.items()}
+    return {
+        name: store.put_file(f"job:j1:{case}:result:{name}", path).to_dict() for name, path in parts.items()
+    }
 
 
 def test_coordinator_refuses_a_tampered_or_malformed_result(tmp_path, redis_server):
@@ -298,7 +322,7 @@ def test_coordinator_refuses_a_tampered_or_malformed_result(tmp_path, redis_serv
     assert c.collect_result(job, {"files": refs, "report": []}).is_dir()  # the intact one passes
 
     client = redis_server.client()
-    chunk = f"lorad:xfer:job:j1:t:result:adapter:~c:0"
+    chunk = "lorad:xfer:job:j1:t:result:adapter:~c:0"
     data = bytearray(client.get(chunk))
     data[-1] ^= 0xFF
     client.set(chunk, bytes(data))  # one flipped bit in Redis
@@ -306,7 +330,9 @@ def test_coordinator_refuses_a_tampered_or_malformed_result(tmp_path, redis_serv
         c.collect_result(job, {"files": refs, "report": []})
 
     junk = tmp_path / "junk.safetensors"
-    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b" " * 14 + b"abcd")  # hashes fine, holds nothing
+    junk.write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + b" " * 14 + b"abcd"
+    )  # hashes fine, holds nothing
     refs = _upload(c.files, {**parts, "adapter": junk}, "junk")
     with pytest.raises(ResultRefused, match="not a valid safetensors"):
         c.collect_result(job, {"files": refs, "report": []})
@@ -393,7 +419,9 @@ def test_miniature_model_trains_on_a_remote_worker_and_is_published(cluster, red
                                        "LORAD_LEASE_TTL_S": "10"}).start()  # fmt: skip
     folder = make_dataset(d.training_data / "ohwx_alice", images=3)
     (folder / "READY").write_text("steps = 6\n")
-    wait_for(lambda: d.job_states().get("ohwx_alice") in ("done", "failed"), 300, interval=0.5, message="job end")
+    wait_for(
+        lambda: d.job_states().get("ohwx_alice") in ("done", "failed"), 300, interval=0.5, message="job end"
+    )
     job = d.jobs()[0]
     assert job["state"] == "done", job["error"]
     lora = d.assets / "loras" / "alice.safetensors"
@@ -458,10 +486,14 @@ def test_miniature_model_resumes_on_another_worker_from_the_checkpoint_that_reac
     folder = make_dataset(d.training_data / "ohwx_move", images=3)
     (folder / "READY").write_text("steps = 6\n")
     wait_for(held.exists, 300, interval=0.5, message="worker a holding at step 3")
-    wait_for(lambda: d.log_has("job.checkpoint_received", step=2), 60, message="checkpoint 2 at the coordinator")
+    wait_for(
+        lambda: d.log_has("job.checkpoint_received", step=2), 60, message="checkpoint 2 at the coordinator"
+    )
     a.kill9()
     b = make_worker(redis_server, "b", env).start()
-    wait_for(lambda: d.job_states().get("ohwx_move") in ("done", "failed"), 300, interval=0.5, message="job end")
+    wait_for(
+        lambda: d.job_states().get("ohwx_move") in ("done", "failed"), 300, interval=0.5, message="job end"
+    )
     job = d.jobs()[0]
     assert job["state"] == "done", job["error"]
     # Worker b wrote its checkpoints in its own work dir (not in a's, which its kill left behind),
@@ -473,7 +505,9 @@ def test_miniature_model_resumes_on_another_worker_from_the_checkpoint_that_reac
     assert published(d, "move") == ["move.safetensors"] and count_events(d, "job.done", job_id=job["id"]) == 1
 
 
-def test_worker_stopped_gracefully_sends_its_stop_checkpoint_and_another_resumes_there(cluster, redis_server, tmp_path):
+def test_worker_stopped_gracefully_sends_its_stop_checkpoint_and_another_resumes_there(
+    cluster, redis_server, tmp_path
+):
     make_coordinator, make_worker = cluster
     d = make_coordinator(redis_server).start()
     env, held = hold_env(tmp_path, "a", 3)
@@ -515,11 +549,17 @@ def test_cloud_fallback_sends_a_job_no_worker_fits_to_the_cloud_engine(cluster, 
                  **fal.env()}  # fmt: skip
         w = make_worker(redis_server, "small", small).start()
         drop(d, "ohwx_cloud", ready="steps = 20\n")
-        wait_for(lambda: d.job_states().get("ohwx_cloud") in ("done", "failed"), 300, message="fallback job finished")
+        wait_for(
+            lambda: d.job_states().get("ohwx_cloud") in ("done", "failed"),
+            300,
+            message="fallback job finished",
+        )
         job = d.jobs()[0]
         assert job["state"] == "done", job["error"]
         assert job["settings"]["engine"] == "fal" and job["settings"]["fallback_from"] == "scripted"
-        assert d.log_has("job.cloud_fallback", job_id=job["id"], to_engine="fal") and len(fal.submissions) == 1
+        assert (
+            d.log_has("job.cloud_fallback", job_id=job["id"], to_engine="fal") and len(fal.submissions) == 1
+        )
         assert w.log_has("worker.claimed", job_id=job["id"])
         assert (d.assets / "loras" / "cloud.safetensors").is_file()
     finally:

@@ -11,7 +11,13 @@ from daemon.settings import SettingsError, resolve
 
 @pytest.mark.parametrize(
     "current, event, ok",
-    [("1.ab", "1.ab", True), ("1.ab", "1.cd", False), (None, "1.ab", False), ("1.ab", None, False), ("", "", False)],
+    [
+        ("1.ab", "1.ab", True),
+        ("1.ab", "1.cd", False),
+        (None, "1.ab", False),
+        ("1.ab", None, False),
+        ("", "", False),
+    ],
 )
 def test_event_is_current(current, event, ok):
     assert lease.event_is_current(current, event) is ok
@@ -34,9 +40,21 @@ D = lease.Decline
         (set(), [], "waiting: no live worker (start one: lorad worker --queue <url>)"),
         ({"a"}, [], None),
         ({"a", "b"}, [D("a", "too small", 64, 8)], None),  # b may still take it
-        ({"a", "b"}, [D("a", "x", 64, 8), D("b", "y", 64, 16)], "waiting: needs ≥ 64 GB, largest worker has 16 GB"),
-        ({"a"}, [D("a", "x", 64, 8), D("gone", "y", 64, 512)], "waiting: needs ≥ 64 GB, largest worker has 8 GB"),
-        ({"a"}, [D("a", "model z-image missing")], "waiting: no live worker can train it (model z-image missing)"),
+        (
+            {"a", "b"},
+            [D("a", "x", 64, 8), D("b", "y", 64, 16)],
+            "waiting: needs ≥ 64 GB, largest worker has 16 GB",
+        ),
+        (
+            {"a"},
+            [D("a", "x", 64, 8), D("gone", "y", 64, 512)],
+            "waiting: needs ≥ 64 GB, largest worker has 8 GB",
+        ),
+        (
+            {"a"},
+            [D("a", "model z-image missing")],
+            "waiting: no live worker can train it (model z-image missing)",
+        ),
     ],
 )
 def test_waiting_verdict(live, declines, expected):
@@ -63,7 +81,14 @@ def test_safe_relative(rel, ok):
 
 
 @pytest.mark.parametrize(
-    "value, ok", [("sqlite", True), ("redis://h:6379/0", True), ("rediss://:pw@h/0", True), ("http://h", False), ("", False)]
+    "value, ok",
+    [
+        ("sqlite", True),
+        ("redis://h:6379/0", True),
+        ("rediss://:pw@h/0", True),
+        ("http://h", False),
+        ("", False),
+    ],
 )
 def test_queue_setting(value, ok):
     if ok:
@@ -97,7 +122,6 @@ def test_worker_rows_table():
 
 def test_service_install_worker_renders_a_worker_unit_and_agent_without_showing_the_password(tmp_path):
     import os
-    import plistlib
 
     from daemon import service
 
@@ -108,10 +132,14 @@ def test_service_install_worker_renders_a_worker_unit_and_agent_without_showing_
     assert f"worker --state-dir {paths.state}" in unit and "s3cret" not in unit
     assert f"EnvironmentFile=-{tmp_path}/.config/lorad/worker.env" in unit
     plist = service.render_launchd(settings, paths)
-    assert plist["Label"] == "com.lorad.worker" and plist["ProgramArguments"][1:3] == ["worker", "--state-dir"]
+    assert plist["Label"] == "com.lorad.worker" and plist["ProgramArguments"][1:3] == [
+        "worker",
+        "--state-dir",
+    ]
     assert plist["EnvironmentVariables"]["LORAD_QUEUE"] == url  # in the 0600 file only
     shown = service.Launchd(settings, paths, service.Runner(dry_run=True), uid=501).render()
     assert "s3cret" not in shown and "***" in shown
+
     class Recorder:  # writes files (not a dry run) but records the systemctl calls instead of running them
         dry_run = False
 

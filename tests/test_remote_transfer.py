@@ -208,7 +208,9 @@ def test_store_refuses_clients_that_could_hang_or_decode(redis_server):
     with pytest.raises(ValueError, match="socket timeout"):
         ArtifactStore(redis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=None))
     with pytest.raises(ValueError, match="decode_responses"):
-        ArtifactStore(redis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=5, decode_responses=True))
+        ArtifactStore(
+            redis.Redis(host="127.0.0.1", port=redis_server.port, socket_timeout=5, decode_responses=True)
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,7 +298,9 @@ def test_memory_stays_bounded_for_a_file_larger_than_64_mib(redis_server, tmp_pa
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     growth_put = got["after_put"] - got["base"]
     growth_all = got["after_get"] - got["base"]
-    print(f"RSS base {got['base'] / MIB:.1f} MiB, +{growth_put / MIB:.1f} MiB after put, +{growth_all / MIB:.1f} MiB after get of {size / MIB:.0f} MiB")
+    print(
+        f"RSS base {got['base'] / MIB:.1f} MiB, +{growth_put / MIB:.1f} MiB after put, +{growth_all / MIB:.1f} MiB after get of {size / MIB:.0f} MiB"
+    )
     assert growth_all < 24 * MIB, got
     assert sha_of(dst) == sha
 
@@ -341,7 +345,7 @@ def test_upload_killed_midway_resumes_sending_only_the_missing_chunks(redis_serv
     ref = store.put_file("job:5:ckpt", src)
     assert (store.stats.chunks_skipped, store.stats.chunks_sent) == (8, 13)
     assert cmd_calls(client, "set") - sets_before == 13 + 1  # 13 chunks and the manifest
-    print(f"resume upload: 8 of 21 chunks kept, 13 sent")
+    print("resume upload: 8 of 21 chunks kept, 13 sent")
     assert sha_of(store.get_file(ref, tmp_path / "back.bin")) == sha
 
 
@@ -544,7 +548,9 @@ def test_get_tree_will_not_overwrite_a_folder_with_content(redis_server, tmp_pat
         (lambda d: socket.socket(socket.AF_UNIX).bind(str(d / "sock")), "socket"),
     ],
 )
-def test_put_tree_refuses_links_and_special_files_before_sending_anything(redis_server, tmp_path, plant, reason):
+def test_put_tree_refuses_links_and_special_files_before_sending_anything(
+    redis_server, tmp_path, plant, reason
+):
     client = redis_server.client()
     src = tmp_path / "src"
     make_tree(src)
@@ -582,7 +588,19 @@ def test_put_file_refuses_a_fifo_without_blocking_and_a_symlink(redis_server, tm
 
 @pytest.mark.parametrize(
     "path",
-    ["../x", "a/../../x", "/etc/cron.d/x", "a//b", "./a", "a/.", "", "C:/x", "a\\..\\x", "a\x00b", "x/" + "a" * 5000],
+    [
+        "../x",
+        "a/../../x",
+        "/etc/cron.d/x",
+        "a//b",
+        "./a",
+        "a/.",
+        "",
+        "C:/x",
+        "a\\..\\x",
+        "a\x00b",
+        "x/" + "a" * 5000,
+    ],
 )
 def test_check_entry_path_refuses(path):
     with pytest.raises(HostileEntry):
@@ -623,7 +641,9 @@ def plant_tree_manifest(client, tree_key: str, entries: list[dict]) -> TreeRef:
         ("dev", "chardev", "only files and folders"),
     ],
 )
-def test_get_tree_refuses_a_hostile_manifest_and_writes_nothing(redis_server, tmp_path, entry_path, entry_type, fragment):
+def test_get_tree_refuses_a_hostile_manifest_and_writes_nothing(
+    redis_server, tmp_path, entry_path, entry_type, fragment
+):
     client = redis_server.client()
     store = ArtifactStore(client, chunk_size=1024)
     file_ref = real_file_in_tree(store, client, tmp_path, "job:17:evil")
@@ -648,9 +668,18 @@ def test_get_tree_refuses_entries_pointing_at_other_keys_duplicates_and_file_par
     mine = FileRef.from_dict(real_file_in_tree(store, client, tmp_path, "job:18:t"))
     cases = [
         ([{"path": "a", "type": "file", "file": other_job.to_dict()}], "outside the tree"),
-        ([{"path": "a", "type": "file", "file": mine.to_dict()}, {"path": "a", "type": "dir"}], "listed twice"),
-        ([{"path": "a", "type": "file", "file": mine.to_dict()}, {"path": "a/b", "type": "dir"}], "is a file"),
-        ([{"path": "a/b", "type": "dir"}, {"path": "a", "type": "file", "file": mine.to_dict()}], "as a folder"),
+        (
+            [{"path": "a", "type": "file", "file": mine.to_dict()}, {"path": "a", "type": "dir"}],
+            "listed twice",
+        ),
+        (
+            [{"path": "a", "type": "file", "file": mine.to_dict()}, {"path": "a/b", "type": "dir"}],
+            "is a file",
+        ),
+        (
+            [{"path": "a/b", "type": "dir"}, {"path": "a", "type": "file", "file": mine.to_dict()}],
+            "as a folder",
+        ),
     ]
     for entries, fragment in cases:
         ref = plant_tree_manifest(client, "job:18:t", entries)
@@ -660,8 +689,16 @@ def test_get_tree_refuses_entries_pointing_at_other_keys_duplicates_and_file_par
 
 
 def test_check_tree_entries_is_pure_and_orders_nothing():
-    ref = {"key": "t:~f:0", "size": 0, "sha256": hashlib.sha256(b"").hexdigest(), "chunks": 0, "chunk_size": 1024}
-    got = check_tree_entries([{"path": "d", "type": "dir"}, {"path": "d/f", "type": "file", "file": ref}], "t")
+    ref = {
+        "key": "t:~f:0",
+        "size": 0,
+        "sha256": hashlib.sha256(b"").hexdigest(),
+        "chunks": 0,
+        "chunk_size": 1024,
+    }
+    got = check_tree_entries(
+        [{"path": "d", "type": "dir"}, {"path": "d/f", "type": "file", "file": ref}], "t"
+    )
     assert [(p, k) for p, k, _ in got] == [("d", "dir"), ("d/f", "file")]
 
 
@@ -724,7 +761,9 @@ def test_redis_killed_mid_transfer_is_a_prompt_transfer_error(redis_factory, tmp
 def test_a_hung_redis_is_a_transfer_error_after_the_socket_timeout(redis_server, tmp_path):
     src = tmp_path / "a.bin"
     write_random(src, 20 * 1024)
-    store = ArtifactStore(redis_server.client(socket_timeout=1, connect_timeout=1, retries=1), chunk_size=1024, window=2)
+    store = ArtifactStore(
+        redis_server.client(socket_timeout=1, connect_timeout=1, retries=1), chunk_size=1024, window=2
+    )
     ref = store.put_file("job:21:a", src)
 
     def stop_at_4(done: int, total: int) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-
 from daemon import service
 from daemon.service import LABEL, Launchd, Paths, Runner, Systemd, render_launchd, render_systemd
 from daemon.settings import Settings
@@ -44,7 +43,10 @@ def test_plist_has_the_keys_types_and_absolute_paths(tmp_path):
     assert plist["ExitTimeOut"] > settings.stop_timeout_s  # the checkpoint fits before SIGKILL
     assert plist["ProcessType"] in ("Interactive", "Standard")
     for key in ("StandardOutPath", "StandardErrorPath"):
-        assert Path(plist[key]).is_absolute() and Path(plist[key]).parent == tmp_path / "assets" / ".lorad" / "logs"
+        assert (
+            Path(plist[key]).is_absolute()
+            and Path(plist[key]).parent == tmp_path / "assets" / ".lorad" / "logs"
+        )
     assert "~" not in plistlib.dumps(plist).decode()
 
 
@@ -66,7 +68,14 @@ def test_systemd_unit(tmp_path):
     settings = Settings(assets=tmp_path / "assets", stop_timeout_s=60)
     text = render_systemd(settings, _paths(tmp_path))
     assert f"ExecStart={tmp_path}/venv/bin/lorad run --assets {tmp_path}/assets" in text
-    for line in ("Restart=on-failure", "KillSignal=SIGTERM", "KillMode=mixed", "TimeoutStopSec=90", "StartLimitBurst=5", "StartLimitIntervalSec=600"):
+    for line in (
+        "Restart=on-failure",
+        "KillSignal=SIGTERM",
+        "KillMode=mixed",
+        "TimeoutStopSec=90",
+        "StartLimitBurst=5",
+        "StartLimitIntervalSec=600",
+    ):
         assert line in text
     plist = render_launchd(settings, _paths(tmp_path))
     assert f"TimeoutStopSec={plist['ExitTimeOut']}" in text  # the same grace as launchd
@@ -158,8 +167,19 @@ def test_parse_launchctl_print():
 @pytest.mark.parametrize("platform, marker", [("launchd", "<key>KeepAlive</key>"), ("systemd", "[Service]")])
 def test_service_print_works_on_any_os(tmp_path, platform, marker):
     result = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "--assets", str(tmp_path / "a"), "service", "print", "--platform", platform],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "--assets",
+            str(tmp_path / "a"),
+            "service",
+            "print",
+            "--platform",
+            platform,
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert marker in result.stdout
@@ -168,8 +188,20 @@ def test_service_print_works_on_any_os(tmp_path, platform, marker):
 
 def test_service_install_dry_run_prints_commands(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "--assets", str(tmp_path / "a"), "service", "install", "--platform", "launchd", "--dry-run"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "--assets",
+            str(tmp_path / "a"),
+            "service",
+            "install",
+            "--platform",
+            "launchd",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert "$ launchctl bootstrap gui/" in result.stdout and "$ launchctl enable" in result.stdout

@@ -19,7 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_mypy_passes_on_daemon_and_engines():
     result = subprocess.run(
         [sys.executable, "-m", "mypy", "--no-color-output", "--no-error-summary"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, "mypy found problems:\n" + result.stdout + result.stderr
 

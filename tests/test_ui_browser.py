@@ -30,9 +30,17 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1280,1000"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1280,1000",
+    ):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(str(DRIVER)), options=options)  # no driver download: the Debian one
+    driver = webdriver.Chrome(
+        service=Service(str(DRIVER)), options=options
+    )  # no driver download: the Debian one
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
@@ -81,7 +89,9 @@ def _attr(driver, selector: str, name: str) -> str:
 def test_dashboard_in_a_browser_while_the_tiny_model_trains(daemon_factory, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
-    d = daemon_factory(engine="mflux", model="tiny-z-image", extra_env={"LORAD_RAM_GB": "128", "LORAD_UI": "127.0.0.1:0"})
+    d = daemon_factory(
+        engine="mflux", model="tiny-z-image", extra_env={"LORAD_RAM_GB": "128", "LORAD_UI": "127.0.0.1:0"}
+    )
     held = hold_training_at(d, 2)  # the first job holds after step 2 until it is stopped (cancelled here)
     d.start()
     url = d.ui_url()
@@ -95,12 +105,20 @@ def test_dashboard_in_a_browser_while_the_tiny_model_trains(daemon_factory, brow
     first = make_dataset(d.training_data / "ohwx_bob", images=2)
     (first / "READY").write_text("")
     wait_held(held)
-    job_id = wait_for(lambda: d.job_states().get("ohwx_bob") == "training" and d.jobs()[0]["id"], 30, message="job row")
+    job_id = wait_for(
+        lambda: d.job_states().get("ohwx_bob") == "training" and d.jobs()[0]["id"], 30, message="job row"
+    )
     row = f'tr[data-id="{job_id}"]'
     # The row appeared and its progress moved to the held step without a reload.
-    wait_for(lambda: _text(browser, f"{row} .steps").startswith("2/"), 10, message="progress 2/N on the queue page")
-    wait_for(lambda: "training" in _text(browser, f"{row} .state"), 10, message="state training on the queue page")
-    wait_for(lambda: float(_attr(browser, f"{row} progress", "value") or 0) > 0, 10, message="progress bar moved")
+    wait_for(
+        lambda: _text(browser, f"{row} .steps").startswith("2/"), 10, message="progress 2/N on the queue page"
+    )
+    wait_for(
+        lambda: "training" in _text(browser, f"{row} .state"), 10, message="state training on the queue page"
+    )
+    wait_for(
+        lambda: float(_attr(browser, f"{row} progress", "value") or 0) > 0, 10, message="progress bar moved"
+    )
     assert browser.execute_script("return window.__loaded_once === true")
     second = make_dataset(d.training_data / "ohwx_carol", images=2)  # waits behind the first
     (second / "READY").write_text("")
@@ -118,7 +136,9 @@ def test_dashboard_in_a_browser_while_the_tiny_model_trains(daemon_factory, brow
     assert "Cancel" in browser.find_element(By.TAG_NAME, "h1").text
     browser.save_screenshot(str(shots / "confirm-cancel.png"))
     browser.find_element(By.ID, "confirm").click()
-    wait_for(lambda: "cancelling" in _text(browser, "#flash"), 20, message="the page says what the cancel did")
+    wait_for(
+        lambda: "cancelling" in _text(browser, "#flash"), 20, message="the page says what the cancel did"
+    )
     wait_for(lambda: (first / "CANCELLED").is_file(), 60, message="CANCELLED marker in the dataset folder")
     assert not (first / "TRAINING").exists()
     wait_for(lambda: _text(browser, "#state") == "cancelled", 10, message="cancelled shown live")
@@ -126,9 +146,15 @@ def test_dashboard_in_a_browser_while_the_tiny_model_trains(daemon_factory, brow
     # The second job trains to the end; its page shows the base-vs-LoRA comparison.
     browser.get(url)
     second_id = wait_for(lambda: next((j["id"] for j in d.jobs() if j["dataset"] == "ohwx_carol"), None), 30)
-    wait_for(lambda: _click(browser, f'tr[data-id="{second_id}"] .id a'), 20, message="the second job's link clicked")
+    wait_for(
+        lambda: _click(browser, f'tr[data-id="{second_id}"] .id a'),
+        20,
+        message="the second job's link clicked",
+    )
     wait_for(lambda: browser.find_elements(By.ID, "state"), 20, message="the second job's page")
-    wait_for(lambda: _text(browser, "#state") == "done", 300, interval=0.5, message="second job done, shown live")
+    wait_for(
+        lambda: _text(browser, "#state") == "done", 300, interval=0.5, message="second job done, shown live"
+    )
     compare = browser.find_element(By.ID, "compare")
     wait_for(lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", compare), 20,
              message="comparison image loaded")  # fmt: skip
@@ -136,15 +162,22 @@ def test_dashboard_in_a_browser_while_the_tiny_model_trains(daemon_factory, brow
     browser.refresh()  # the page as rendered for a finished job: its log lines up to job.done
     assert "job.done" in browser.find_element(By.CSS_SELECTOR, "pre.log").text
     compare = browser.find_element(By.ID, "compare")
-    wait_for(lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", compare), 20)
+    wait_for(
+        lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", compare),
+        20,
+    )
     assert "carol.safetensors" in browser.page_source  # the output paths
     assert browser.find_elements(By.CSS_SELECTOR, "#losschart polyline")  # the loss curve has points
     browser.save_screenshot(str(shots / "job-done.png"))
 
     browser.find_element(By.LINK_TEXT, "LoRA library").click()
-    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#lora-carol img"), 20, message="the library page")
+    wait_for(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "#lora-carol img"), 20, message="the library page"
+    )
     image = browser.find_element(By.CSS_SELECTOR, "#lora-carol img")
-    wait_for(lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image), 20)
+    wait_for(
+        lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image), 20
+    )
     assert "lorad.job_id" in browser.page_source
     browser.save_screenshot(str(shots / "loras.png"))
     for name in ("queue", "job-training", "confirm-cancel", "job-done", "loras"):

@@ -34,7 +34,9 @@ class Log:
 
 
 def _settings(tmp_path: Path, **env: str):
-    return resolve(env={"LORAD_ASSETS": str(tmp_path / "assets"), "LORAD_REGISTRY": str(tmp_path / "config.json"), **env})
+    return resolve(
+        env={"LORAD_ASSETS": str(tmp_path / "assets"), "LORAD_REGISTRY": str(tmp_path / "config.json"), **env}
+    )
 
 
 @pytest.fixture
@@ -189,7 +191,12 @@ def test_loopback_dashboard_answers_only_to_loopback_host_names(served):
     _s, port, _store = served()
     assert get(port, "/")[0] == 200
     assert get(port, "/", {"Host": f"localhost:{port}"})[0] == 200
-    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", f"127.0.0.1:{port + 1}"):
+    for host in (
+        "evil.example",
+        f"evil.example:{port}",
+        f"127.0.0.1.evil.example:{port}",
+        f"127.0.0.1:{port + 1}",
+    ):
         assert get(port, "/", {"Host": host})[0] == 403, host
 
 
@@ -250,13 +257,19 @@ def test_retry_and_retrain_go_through_the_cli_code(served):
     store.cancel(job.id)
     own = {"Origin": f"http://127.0.0.1:{port}", "Content-Type": "application/x-www-form-urlencoded"}
     cookie, field = _csrf(port, job.id, "retry")
-    status, headers, _ = get(port, f"/jobs/{job.id}/retry", {**own, "Cookie": f"lorad_csrf={cookie}"}, "POST", f"csrf={field}")
+    status, headers, _ = get(
+        port, f"/jobs/{job.id}/retry", {**own, "Cookie": f"lorad_csrf={cookie}"}, "POST", f"csrf={field}"
+    )
     assert status == 303 and "queued" in headers["location"]
     assert store.get(job.id).state == "queued" and store.get(job.id).attempt == 2
     # Retrying a queued job is refused with the CLI's words.
-    status, headers, _ = get(port, f"/jobs/{job.id}/retry", {**own, "Cookie": f"lorad_csrf={cookie}"}, "POST", f"csrf={field}")
+    status, headers, _ = get(
+        port, f"/jobs/{job.id}/retry", {**own, "Cookie": f"lorad_csrf={cookie}"}, "POST", f"csrf={field}"
+    )
     assert status == 303 and "only+failed%2C+cancelled+or+interrupted" in headers["location"]
-    status, _h, _ = get(port, f"/jobs/{job.id}/retrain", {**own, "Cookie": f"lorad_csrf={cookie}"}, "POST", f"csrf={field}")
+    status, _h, _ = get(
+        port, f"/jobs/{job.id}/retrain", {**own, "Cookie": f"lorad_csrf={cookie}"}, "POST", f"csrf={field}"
+    )
     assert status == 303
     assert (Path(job.dataset_path) / "READY").read_text() == "force = true\n"
 
@@ -280,7 +293,9 @@ def test_pages_show_the_job_and_the_stream_sends_progress(served):
     store.update(job.id, step=3, total_steps=10, loss=0.25, eta_s=40)
     workdir = s.jobs_dir / job.id
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "progress.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 3, "loss": 0.25}\n{"step": 4, "lo')
+    (workdir / "progress.jsonl").write_text(
+        '{"step": 1, "loss": 0.5}\n{"step": 3, "loss": 0.25}\n{"step": 4, "lo'
+    )
     status, _h, body = get(port, "/")
     assert status == 200 and job.id.encode() in body and b"3/10" in body
     status, _h, body = get(port, f"/jobs/{job.id}")
@@ -300,7 +315,9 @@ def test_pages_show_the_job_and_the_stream_sends_progress(served):
     assert first["full"] and first["rows"][0]["step"] == 3
     store.update(job.id, step=4, loss=0.2)
     update = next_event()
-    assert not update["full"] and [(r["id"], r["step"], r["pct"]) for r in update["rows"]] == [(job.id, 4, 40)]
+    assert not update["full"] and [(r["id"], r["step"], r["pct"]) for r in update["rows"]] == [
+        (job.id, 4, 40)
+    ]
     conn.close()
 
 
@@ -331,7 +348,13 @@ def test_series_is_thinned_to_its_limit(tmp_path):
 
 
 def test_lora_groups_collect_versions(tmp_path):
-    for name in ("alice.safetensors", "alice.v1.safetensors", "alice.v2.safetensors", "alice.png", "bob.v1.safetensors"):
+    for name in (
+        "alice.safetensors",
+        "alice.v1.safetensors",
+        "alice.v2.safetensors",
+        "alice.png",
+        "bob.v1.safetensors",
+    ):
         (tmp_path / name).write_bytes(b"")
     assert views.lora_groups(tmp_path) == [
         {"name": "alice", "current": "alice", "versions": ["alice.v2", "alice.v1"]},

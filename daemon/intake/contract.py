@@ -10,11 +10,31 @@ from daemon.intake.findings import Finding
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 # Image formats people drop in that mflux does not train: named, with how to convert them.
 UNSUPPORTED_IMAGE_FORMATS = {
-    ".heic": "HEIC", ".heif": "HEIF", ".hif": "HEIF", ".avif": "AVIF", ".gif": "GIF", ".tif": "TIFF",
-    ".tiff": "TIFF", ".bmp": "BMP", ".jxl": "JPEG XL", ".jp2": "JPEG 2000", ".j2k": "JPEG 2000",
-    ".psd": "Photoshop", ".svg": "SVG", ".ico": "ICO", ".tga": "TGA", ".exr": "OpenEXR", ".hdr": "HDR",
-    ".dng": "DNG (raw)", ".cr2": "Canon raw", ".cr3": "Canon raw", ".nef": "Nikon raw", ".arw": "Sony raw",
-    ".raf": "Fujifilm raw", ".orf": "Olympus raw", ".rw2": "Panasonic raw",
+    ".heic": "HEIC",
+    ".heif": "HEIF",
+    ".hif": "HEIF",
+    ".avif": "AVIF",
+    ".gif": "GIF",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".bmp": "BMP",
+    ".jxl": "JPEG XL",
+    ".jp2": "JPEG 2000",
+    ".j2k": "JPEG 2000",
+    ".psd": "Photoshop",
+    ".svg": "SVG",
+    ".ico": "ICO",
+    ".tga": "TGA",
+    ".exr": "OpenEXR",
+    ".hdr": "HDR",
+    ".dng": "DNG (raw)",
+    ".cr2": "Canon raw",
+    ".cr3": "Canon raw",
+    ".nef": "Nikon raw",
+    ".arw": "Sony raw",
+    ".raf": "Fujifilm raw",
+    ".orf": "Olympus raw",
+    ".rw2": "Panasonic raw",
 }
 MARKER_FILES = frozenset({"READY", "QUEUED", "TRAINING", "DONE", "FAILED.txt", "CANCELLED"})
 OPTIONS_FILE = "lora.toml"
@@ -102,12 +122,16 @@ def unsupported_image(rel: str, *, only_images: bool) -> Finding:
     message = f"{fmt} images are not supported (lorad trains JPEG, PNG and WebP)"
     if only_images:
         return Finding.error(rel, message, convert_hint(rel), code="image.unsupported")
-    return Finding.warning(rel, message + ": this image is left out of training", convert_hint(rel), code="image.unsupported")
+    return Finding.warning(
+        rel, message + ": this image is left out of training", convert_hint(rel), code="image.unsupported"
+    )
 
 
 def special_file(rel: str, kind: str) -> Finding:
     """A FIFO, socket or device where a file belongs: never opened (a FIFO blocks a reader forever)."""
-    return Finding.error(rel, f"is {kind}, not a file", "remove it: lorad reads only regular files", code="file.special")
+    return Finding.error(
+        rel, f"is {kind}, not a file", "remove it: lorad reads only regular files", code="file.special"
+    )
 
 
 def oversize_options(rel: str, size: int, limit: int = MAX_OPTIONS_BYTES) -> Finding:
@@ -185,7 +209,12 @@ def check_caption(
         ]
     if b"\x00" in raw:
         return None, [
-            Finding.error(rel, "caption contains NUL bytes (binary data?)", "save it as plain UTF-8 text", code="caption.nul")
+            Finding.error(
+                rel,
+                "caption contains NUL bytes (binary data?)",
+                "save it as plain UTF-8 text",
+                code="caption.nul",
+            )
         ]
     try:
         text = raw.decode("utf-8-sig")
@@ -201,7 +230,12 @@ def check_caption(
     text = " ".join(text.split())
     if not text:
         return None, [
-            Finding.error(rel, "caption is empty", "describe the image in a sentence, with the trigger word", code="caption.empty")
+            Finding.error(
+                rel,
+                "caption is empty",
+                "describe the image in a sentence, with the trigger word",
+                code="caption.empty",
+            )
         ]
     findings: list[Finding] = []
     if not trigger_in(text, trigger):
@@ -209,8 +243,8 @@ def check_caption(
             return None, [
                 Finding.error(
                     rel,
-                    f"caption does not contain the trigger word {trigger!r} (caption_policy = \"require\")",
-                    f"add {trigger!r} to the caption, or set caption_policy = \"prepend\"",
+                    f'caption does not contain the trigger word {trigger!r} (caption_policy = "require")',
+                    f'add {trigger!r} to the caption, or set caption_policy = "prepend"',
                     code="caption.trigger",
                 )
             ]
@@ -218,7 +252,7 @@ def check_caption(
         findings.append(
             Finding.warning(
                 rel,
-                f"caption lacks the trigger word; training uses \"{trigger}, ...\"",
+                f'caption lacks the trigger word; training uses "{trigger}, ..."',
                 "add the trigger word yourself to control where it goes",
                 code="caption.prepended",
             )
@@ -251,7 +285,10 @@ def check_geometry(rel: str, width: int, height: int) -> list[Finding]:
     if short < SMALL_SIDE:
         out.append(
             Finding.warning(
-                rel, f"image is {width}x{height}; below {SMALL_SIDE} px training quality suffers", "use 1024 px if you can", code="image.lowres"
+                rel,
+                f"image is {width}x{height}; below {SMALL_SIDE} px training quality suffers",
+                "use 1024 px if you can",
+                code="image.lowres",
             )
         )
     if long / short > MAX_ASPECT:
@@ -307,14 +344,14 @@ def check_lora_name(name: str, where: str) -> list[Finding]:
             Finding.error(
                 where,
                 f"LoRA name {name!r} is not valid UTF-8 text",
-                "rename the folder (or set name = \"...\") using UTF-8 text",
+                'rename the folder (or set name = "...") using UTF-8 text',
                 code="name.encoding",
             )
         ]
     folded = _folded(name)
     version = _VERSION_ENDING.search(folded)
     if version:
-        base, ending = name[: version.start()], name[version.start():]
+        base, ending = name[: version.start()], name[version.start() :]
         clash = f"{base}{ending}.safetensors"
         return [
             Finding.error(
@@ -362,7 +399,13 @@ def marker_temp_name() -> str:
 
 
 def check_name_lengths(
-    name: str, where: str, *, loras_dir: str, dataset_dir: str, name_max: int = NAME_MAX, path_max: int = PATH_MAX
+    name: str,
+    where: str,
+    *,
+    loras_dir: str,
+    dataset_dir: str,
+    name_max: int = NAME_MAX,
+    path_max: int = PATH_MAX,
 ) -> list[Finding]:
     """Refuse a name whose files could not be created: a component over name_max bytes, or a
     path (NUL included, as PATH_MAX counts it) over path_max bytes."""

@@ -32,7 +32,9 @@ OPTION_SPECS: dict[str, tuple[type, Any, Any]] = {
 READY_ONLY = {"force": (bool, None, None)}
 
 
-def _check_value(key: str, value: Any, spec: tuple[type, Any, Any], filename: str) -> tuple[Any, Finding | None]:
+def _check_value(
+    key: str, value: Any, spec: tuple[type, Any, Any], filename: str
+) -> tuple[Any, Finding | None]:
     kind, low, high = spec
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -70,11 +72,17 @@ def _check_value(key: str, value: Any, spec: tuple[type, Any, Any], filename: st
         text = value.strip()
         if low is not None and not (low <= len(text) <= high):
             return None, Finding.error(
-                filename, f"key '{key}' must be 1 to {high} characters", f"shorten or fill in '{key}'", code="option.value"
+                filename,
+                f"key '{key}' must be 1 to {high} characters",
+                f"shorten or fill in '{key}'",
+                code="option.value",
             )
         if any(ord(ch) < 32 for ch in text):
             return None, Finding.error(
-                filename, f"key '{key}' contains control characters", f"use plain text for '{key}'", code="option.value"
+                filename,
+                f"key '{key}' contains control characters",
+                f"use plain text for '{key}'",
+                code="option.value",
             )
         if key == "name" and ("/" in text or "\\" in text or text.startswith(".")):
             return None, Finding.error(
@@ -118,7 +126,14 @@ def parse_options(text: str | bytes, filename: str, *, allow_force: bool) -> tup
     """Parse lora.toml / READY text. Empty text is no options (a plain `touch READY`)."""
     if isinstance(text, bytes):
         if b"\x00" in text:
-            return {}, [Finding.error(filename, "contains NUL bytes, not TOML text", "rewrite it as UTF-8 TOML", code="option.toml")]
+            return {}, [
+                Finding.error(
+                    filename,
+                    "contains NUL bytes, not TOML text",
+                    "rewrite it as UTF-8 TOML",
+                    code="option.toml",
+                )
+            ]
         try:
             text = text.decode("utf-8-sig")
         except UnicodeDecodeError:
@@ -129,7 +144,12 @@ def parse_options(text: str | bytes, filename: str, *, allow_force: bool) -> tup
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         return {}, [
-            Finding.error(filename, f"is not valid TOML: {exc}", 'write lines like rank = 16 or name = "x"', code="option.toml")
+            Finding.error(
+                filename,
+                f"is not valid TOML: {exc}",
+                'write lines like rank = 16 or name = "x"',
+                code="option.toml",
+            )
         ]
     specs = dict(OPTION_SPECS)
     if allow_force:
@@ -154,7 +174,9 @@ def parse_options(text: str | bytes, filename: str, *, allow_force: bool) -> tup
             options[key] = checked
     if "epochs" in options and "steps" in options:
         findings.append(
-            Finding.error(filename, "sets both 'epochs' and 'steps'", "keep one of them", code="option.conflict")
+            Finding.error(
+                filename, "sets both 'epochs' and 'steps'", "keep one of them", code="option.conflict"
+            )
         )
     return options, findings
 

@@ -25,7 +25,16 @@ from daemon.jobs import JobStore, iso, marker_text, new_job_id
 from daemon.logs import get_logger
 from daemon.settings import Settings
 
-TRAINING_KEYS = ("rank", "alpha", "epochs", "steps", "learning_rate", "resolution", "caption_policy", "max_cost_usd")
+TRAINING_KEYS = (
+    "rank",
+    "alpha",
+    "epochs",
+    "steps",
+    "learning_rate",
+    "resolution",
+    "caption_policy",
+    "max_cost_usd",
+)
 
 
 @dataclass
@@ -37,7 +46,10 @@ class Outcome:
 
 def effective_settings(options: dict, settings: Settings) -> dict:
     """What decides the trained result: the model, the engine and the training options (pure)."""
-    effective = {"model": options.get("model", settings.model), "engine": options.get("engine", settings.engine)}
+    effective = {
+        "model": options.get("model", settings.model),
+        "engine": options.get("engine", settings.engine),
+    }
     for key in TRAINING_KEYS:
         if key in options:
             effective[key] = options[key]
@@ -115,7 +127,9 @@ def crash_reason(exc: BaseException, state_dir: Path, folder: Path | None = None
             "Free some space, then create READY in this folder again"
         )
     if isinstance(exc, MemoryError):
-        return "intake ran out of memory reading this dataset; remove very large files, then create READY again"
+        return (
+            "intake ran out of memory reading this dataset; remove very large files, then create READY again"
+        )
     if isinstance(exc, UnicodeError):
         return (
             f"intake failed on text that is not UTF-8 ({type(exc).__name__}: {contract.printable_name(str(exc))}); "
@@ -160,17 +174,24 @@ class Intake:
         token = ready_token(ready_st)
         if stat.S_ISLNK(folder_st.st_mode):
             return self._refuse(
-                folder, token, log,
+                folder,
+                token,
+                log,
                 f"the dataset folder is a symlink to {os.readlink(folder)}; lorad only trains real folders inside "
                 f"{self.settings.training_data} (move the folder there, then create READY again)",
             )
         if stat.S_ISDIR(ready_st.st_mode) or stat.S_ISLNK(ready_st.st_mode):
             kind = "a folder" if stat.S_ISDIR(ready_st.st_mode) else "a symlink"
-            return self._refuse(folder, token, log, f"READY is {kind}; create READY as a plain empty file (touch READY)")
+            return self._refuse(
+                folder, token, log, f"READY is {kind}; create READY as a plain empty file (touch READY)"
+            )
         if not stat.S_ISREG(ready_st.st_mode):  # a FIFO would block the read forever; never opened
             kind = file_kind(ready_st.st_mode)
             return self._refuse(
-                folder, token, log, f"READY is {kind}, not a file: remove it, then create READY as a plain file (touch READY)"
+                folder,
+                token,
+                log,
+                f"READY is {kind}, not a file: remove it, then create READY as a plain file (touch READY)",
             )
         if not is_stable(folder, self.settings.settle_s):
             return Outcome("unstable")
@@ -197,9 +218,17 @@ class Intake:
         report = validate_dataset(folder, ready_text=ready_text, **limits(self.settings))
         if not report.valid:
             reasons = [f.line() for f in report.errors]
-            log.warning("dataset.invalid", errors=[f.to_dict() for f in report.errors], warnings=len(report.warnings))
+            log.warning(
+                "dataset.invalid", errors=[f.to_dict() for f in report.errors], warnings=len(report.warnings)
+            )
             job = self._record_refusal(
-                folder, token, ready_st.st_mtime, reasons, report.name, report.trigger, warnings=[f.line() for f in report.warnings]
+                folder,
+                token,
+                ready_st.st_mtime,
+                reasons,
+                report.name,
+                report.trigger,
+                warnings=[f.line() for f in report.warnings],
             )
             self._consume_ready(ready, token)
             return Outcome("invalid", job.id, detail="\n".join(reasons))
@@ -224,12 +253,16 @@ class Intake:
         jobs_dir.mkdir(parents=True, exist_ok=True)
         no_space = self._space_problem(report, jobs_dir, log)
         if no_space is not None:
-            job = self._record_refusal(folder, token, ready_st.st_mtime, [no_space], report.name, report.trigger)
+            job = self._record_refusal(
+                folder, token, ready_st.st_mtime, [no_space], report.name, report.trigger
+            )
             self._consume_ready(ready, token)
             return Outcome("no_space", job.id, detail=no_space)
         staging = jobs_dir / f".intake-{job_id}"
         try:
-            manifest = take_snapshot(report, staging, preview_prompt=choose_preview_prompt(report), effective=effective)
+            manifest = take_snapshot(
+                report, staging, preview_prompt=choose_preview_prompt(report), effective=effective
+            )
         except DatasetChanged as exc:
             shutil.rmtree(staging, ignore_errors=True)
             log.info("dataset.changed", detail=str(exc))
@@ -248,8 +281,12 @@ class Intake:
             trigger=report.trigger or "",
             fingerprint=fp,
             ready_token=token,
-            settings={**effective, "options": report.options, "warnings": [f.line() for f in report.warnings],
-                      "images": len(manifest["images"])},
+            settings={
+                **effective,
+                "options": report.options,
+                "warnings": [f.line() for f in report.warnings],
+                "images": len(manifest["images"]),
+            },
             priority=int(report.options.get("priority", 0)),
             ready_at=ready_st.st_mtime,
         )
@@ -265,7 +302,13 @@ class Intake:
             raise
         self._consume_ready(ready, token)
         for warning in report.warnings:
-            log.info("dataset.warning", job_id=job.id, file=warning.file, message=warning.message, code=warning.code)
+            log.info(
+                "dataset.warning",
+                job_id=job.id,
+                file=warning.file,
+                message=warning.message,
+                code=warning.code,
+            )
         self.enqueue(job.id, job.priority, job.ready_at)
         return Outcome("queued", job.id)
 
@@ -281,18 +324,24 @@ class Intake:
                  f"(from {pending.dataset_path}); lorad does not train them twice"], None))  # fmt: skip
         self._consume_ready(ready, token)
         log.info("dataset.already_queued", job_id=pending.id, state=pending.state, fingerprint=fp)
-        return Outcome("already_queued", pending.id, detail=f"already queued as job {pending.id} ({pending.state})")
+        return Outcome(
+            "already_queued", pending.id, detail=f"already queued as job {pending.id} ({pending.state})"
+        )
 
     @staticmethod
     def _space_problem(report, jobs_dir: Path, log) -> str | None:
         """Refuse before copying when the snapshot cannot fit on the state disk (numbers included)."""
         from daemon import space
 
-        needed = space.space_needed("intake", dataset_bytes=space.snapshot_bytes(report.images, report.captions))
+        needed = space.space_needed(
+            "intake", dataset_bytes=space.snapshot_bytes(report.images, report.captions)
+        )
         free = space.free_bytes(jobs_dir)
         problem = space.space_problem("the dataset's snapshot", jobs_dir, needed, free, "create READY again")
         if problem is not None:
-            log.warning("space.refused", phase="intake", path=str(jobs_dir), needed_bytes=needed, free_bytes=free)
+            log.warning(
+                "space.refused", phase="intake", path=str(jobs_dir), needed_bytes=needed, free_bytes=free
+            )
         return problem
 
     def _refuse(self, folder: Path, token: str, log, reason: str) -> Outcome:
@@ -305,7 +354,9 @@ class Intake:
         job = self._record_refusal(folder, token, time.time(), [reason], None, None)
         return Outcome("refused", job.id, detail=reason)
 
-    def _record_refusal(self, folder: Path, token: str, ready_at: float, reasons: list[str], name, trigger, warnings=()):
+    def _record_refusal(
+        self, folder: Path, token: str, ready_at: float, reasons: list[str], name, trigger, warnings=()
+    ):
         """A dataset refused at intake becomes a failed job, so `lorad status` shows it and why."""
         job = self.store.create(
             job_id=new_job_id(),
@@ -314,8 +365,12 @@ class Intake:
             trigger=trigger or "",
             fingerprint="",
             ready_token=token,
-            settings={"intake": "refused", "model": self.settings.model, "engine": self.settings.engine,
-                      "warnings": list(warnings)},
+            settings={
+                "intake": "refused",
+                "model": self.settings.model,
+                "engine": self.settings.engine,
+                "warnings": list(warnings),
+            },
             ready_at=ready_at,
             marker=False,
         )
@@ -340,7 +395,9 @@ class Intake:
             job = self._record_refusal(folder, token, time.time(), [reason], None, None)
         except Exception as second:
             self.log.error("intake.unrecorded", dataset=name, error=f"{type(second).__name__}: {second}")
-            text = markers.failed_text([reason, f"lorad could not record the job either ({type(second).__name__}: {second})"], None)
+            text = markers.failed_text(
+                [reason, f"lorad could not record the job either ({type(second).__name__}: {second})"], None
+            )
             if markers.write_marker(folder, "failed", text) and token:
                 self._consume_ready(ready, token)
             return Outcome("failed", detail=reason)

@@ -145,10 +145,14 @@ def inspect_image(path: Path, rel: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
         fh = open_regular(path)
     except NotARegularFile as exc:
         if exc.kind == "a folder":
-            return Finding.error(rel, "is a folder, not an image", "move or rename the folder", code="image.directory")
+            return Finding.error(
+                rel, "is a folder, not an image", "move or rename the folder", code="image.directory"
+            )
         return contract.special_file(rel, exc.kind)
     except OSError as exc:
-        return Finding.error(rel, f"cannot be read: {exc.strerror}", "check its permissions", code="image.unreadable")
+        return Finding.error(
+            rel, f"cannot be read: {exc.strerror}", "check its permissions", code="image.unreadable"
+        )
     with fh:
         return _inspect_open_image(fh, rel, max_bytes)
 
@@ -164,13 +168,18 @@ def _inspect_open_image(fh, rel: str, max_bytes: int) -> ImageInfo | Finding:
     try:
         digest = hash_file(fh)
     except OSError as exc:
-        return Finding.error(rel, f"cannot be read: {exc.strerror}", "check its permissions", code="image.unreadable")
+        return Finding.error(
+            rel, f"cannot be read: {exc.strerror}", "check its permissions", code="image.unreadable"
+        )
     try:
         with Image.open(fh) as im:
             fmt = im.format or "?"
             if fmt not in ("JPEG", "PNG", "WEBP", "MPO"):
                 return Finding.error(
-                    rel, f"is a {fmt} image; only JPEG, PNG and WebP are trained", "convert it to PNG or JPEG", code="image.format"
+                    rel,
+                    f"is a {fmt} image; only JPEG, PNG and WebP are trained",
+                    "convert it to PNG or JPEG",
+                    code="image.format",
                 )
             width, height = im.size
             if width * height > MAX_PIXELS:
@@ -186,12 +195,22 @@ def _inspect_open_image(fh, rel: str, max_bytes: int) -> ImageInfo | Finding:
             reason = _conversion_reason(im)
             mode = im.mode
     except Image.DecompressionBombError as exc:
-        return Finding.error(rel, f"refused as a decompression bomb ({exc})", "downscale it", code="image.bomb")
+        return Finding.error(
+            rel, f"refused as a decompression bomb ({exc})", "downscale it", code="image.bomb"
+        )
     except UnidentifiedImageError:
-        return Finding.error(rel, "is not an image (Pillow cannot identify it)", "remove it or export a real PNG/JPEG", code="image.notimage")
+        return Finding.error(
+            rel,
+            "is not an image (Pillow cannot identify it)",
+            "remove it or export a real PNG/JPEG",
+            code="image.notimage",
+        )
     except (OSError, SyntaxError, ValueError) as exc:
         return Finding.error(
-            rel, f"does not decode fully ({exc}): truncated or corrupted", "re-export or re-download it", code="image.corrupt"
+            rel,
+            f"does not decode fully ({exc}): truncated or corrupted",
+            "re-export or re-download it",
+            code="image.corrupt",
         )
     return ImageInfo(rel, width, height, mode, fmt, digest, size, reason)
 
@@ -226,7 +245,9 @@ def _read_small(path: Path, limit: int) -> bytes:
         return fh.read(limit + 1)
 
 
-def read_options_file(path: Path, rel: str, limit: int = contract.MAX_OPTIONS_BYTES) -> tuple[bytes | None, Finding | None]:
+def read_options_file(
+    path: Path, rel: str, limit: int = contract.MAX_OPTIONS_BYTES
+) -> tuple[bytes | None, Finding | None]:
     """READY or lora.toml: (its bytes, None), (None, None) when absent, or (None, the finding) for
     a special file, an oversize file (refused, not cut) or one that cannot be read."""
     try:
@@ -238,7 +259,9 @@ def read_options_file(path: Path, rel: str, limit: int = contract.MAX_OPTIONS_BY
             return None, Finding.error(rel, "is a folder, not a file", "remove it", code="option.toml")
         return None, contract.special_file(rel, exc.kind)
     except OSError as exc:
-        return None, Finding.error(rel, f"cannot be read: {exc.strerror}", "check its permissions", code="option.unreadable")
+        return None, Finding.error(
+            rel, f"cannot be read: {exc.strerror}", "check its permissions", code="option.unreadable"
+        )
     if size > limit or len(raw) > limit:
         return None, contract.oversize_options(rel, max(size, len(raw)), limit)
     return raw, None
@@ -279,7 +302,11 @@ def validate_dataset(
     try:
         st = folder.lstat()
     except FileNotFoundError:
-        add(Finding.error(".", f"dataset folder {folder} does not exist", "check the path", code="folder.missing"))
+        add(
+            Finding.error(
+                ".", f"dataset folder {folder} does not exist", "check the path", code="folder.missing"
+            )
+        )
         return report
     if stat.S_ISLNK(st.st_mode):
         add(
@@ -299,7 +326,11 @@ def validate_dataset(
     if problem:
         add(problem)
     if contract.has_control_chars(folder.name):
-        add(Finding.error(".", "folder name contains control characters", "rename the folder", code="folder.name"))
+        add(
+            Finding.error(
+                ".", "folder name contains control characters", "rename the folder", code="folder.name"
+            )
+        )
     if not contract.is_utf8(folder.name):
         add(
             Finding.error(
@@ -346,7 +377,14 @@ def validate_dataset(
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except PermissionError:
-        add(Finding.error(".", "folder cannot be listed (permission denied)", "fix its permissions", code="folder.unreadable"))
+        add(
+            Finding.error(
+                ".",
+                "folder cannot be listed (permission denied)",
+                "fix its permissions",
+                code="folder.unreadable",
+            )
+        )
         return report
     unsupported: list[str] = []
     for entry in entries:
@@ -365,7 +403,14 @@ def validate_dataset(
             )
             continue
         if contract.has_control_chars(name):
-            add(Finding.error(repr(name), "file name contains control characters", "rename the file", code="name.control"))
+            add(
+                Finding.error(
+                    repr(name),
+                    "file name contains control characters",
+                    "rename the file",
+                    code="name.control",
+                )
+            )
             continue
         path = Path(entry.path)
         special = _special_kind(entry)
@@ -405,12 +450,23 @@ def validate_dataset(
             images.append((name, path))
         elif kind == "caption":
             if entry.is_dir():
-                add(Finding.error(name, "is a folder, not a caption file", "move or rename the folder", code="caption.directory"))
+                add(
+                    Finding.error(
+                        name,
+                        "is a folder, not a caption file",
+                        "move or rename the folder",
+                        code="caption.directory",
+                    )
+                )
                 continue
             captions[contract.split_suffix(name)[0]] = path
         else:
             if entry.is_dir():
-                add(Finding.error(name, "is a folder, not a prompt file", "move or rename it", code="caption.directory"))
+                add(
+                    Finding.error(
+                        name, "is a folder, not a prompt file", "move or rename it", code="caption.directory"
+                    )
+                )
                 continue
             previews.append((name, path))
 
@@ -438,7 +494,9 @@ def validate_dataset(
     max_workers = workers or min(8, (os.cpu_count() or 1) + 1)
     if unique_images:
         with ThreadPoolExecutor(max_workers=max_workers) as pool:
-            results = list(pool.map(lambda item: inspect_image(item[1], item[0], max_image_bytes), unique_images))
+            results = list(
+                pool.map(lambda item: inspect_image(item[1], item[0], max_image_bytes), unique_images)
+            )
     else:
         results = []
     seen_hashes: dict[str, str] = {}
@@ -450,13 +508,19 @@ def validate_dataset(
         if result.convert:
             add(
                 Finding.warning(
-                    result.name, f"image mode {result.convert} in the snapshot", "nothing to do (your file is untouched)", code="image.convert"
+                    result.name,
+                    f"image mode {result.convert} in the snapshot",
+                    "nothing to do (your file is untouched)",
+                    code="image.convert",
                 )
             )
         if result.sha256 in seen_hashes:
             add(
                 Finding.warning(
-                    result.name, f"is an exact duplicate of {seen_hashes[result.sha256]}", "remove one copy", code="image.duplicate"
+                    result.name,
+                    f"is an exact duplicate of {seen_hashes[result.sha256]}",
+                    "remove one copy",
+                    code="image.duplicate",
                 )
             )
         seen_hashes.setdefault(result.sha256, result.name)
@@ -470,7 +534,10 @@ def validate_dataset(
             if caption_path is None:
                 add(
                     Finding.error(
-                        name, f"has no caption ({stem}.txt is missing)", f"write {stem}.txt describing the image", code="caption.missing"
+                        name,
+                        f"has no caption ({stem}.txt is missing)",
+                        f"write {stem}.txt describing the image",
+                        code="caption.missing",
                     )
                 )
                 continue
@@ -481,10 +548,23 @@ def validate_dataset(
                 add(contract.special_file(rel, exc.kind))
                 continue
             except OSError as exc:
-                add(Finding.error(rel, f"cannot be read: {exc.strerror}", "check its permissions", code="caption.unreadable"))
+                add(
+                    Finding.error(
+                        rel,
+                        f"cannot be read: {exc.strerror}",
+                        "check its permissions",
+                        code="caption.unreadable",
+                    )
+                )
                 continue
             text, problems = contract.check_caption(
-                rel, raw, trigger, policy, size=size, max_bytes=max_caption_bytes, max_tokens=max_caption_tokens
+                rel,
+                raw,
+                trigger,
+                policy,
+                size=size,
+                max_bytes=max_caption_bytes,
+                max_tokens=max_caption_tokens,
             )
             report.findings.extend(problems)
             if text is not None:
@@ -504,7 +584,11 @@ def validate_dataset(
                 )
             )
             continue
-        add(Finding.warning(path.name, "caption has no image", "remove it or add the image", code="caption.orphan"))
+        add(
+            Finding.warning(
+                path.name, "caption has no image", "remove it or add the image", code="caption.orphan"
+            )
+        )
     for name in unsupported:
         add(contract.unsupported_image(name, only_images=not images))
     for name, path in previews:
@@ -515,7 +599,14 @@ def validate_dataset(
             add(contract.special_file(name, exc.kind))
             continue
         except (OSError, UnicodeDecodeError):
-            add(Finding.error(name, "preview prompt is not readable UTF-8 text", "re-save it as UTF-8", code="preview.encoding"))
+            add(
+                Finding.error(
+                    name,
+                    "preview prompt is not readable UTF-8 text",
+                    "re-save it as UTF-8",
+                    code="preview.encoding",
+                )
+            )
             continue
         if text:
             report.previews[name] = " ".join(text.split())
@@ -526,14 +617,18 @@ def validate_dataset(
             Finding.error(
                 ".",
                 f"no images found (.jpg .jpeg .png .webp){found}",
-                "add images with same-name .txt captions" + (", or convert the others to JPEG/PNG" if unsupported else ""),
+                "add images with same-name .txt captions"
+                + (", or convert the others to JPEG/PNG" if unsupported else ""),
                 code="folder.noimages",
             )
         )
     elif len(images) < contract.FEW_IMAGES:
         add(
             Finding.warning(
-                ".", f"only {len(images)} images; 10-30 give a more reliable character LoRA", "add more varied images", code="folder.few"
+                ".",
+                f"only {len(images)} images; 10-30 give a more reliable character LoRA",
+                "add more varied images",
+                code="folder.few",
             )
         )
     return report

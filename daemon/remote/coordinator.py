@@ -62,7 +62,11 @@ def safetensors_problem(path: Path) -> str | None:
         if not isinstance(info, dict):
             return f"tensor {name!r}: bad entry"
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in _DTYPE_BYTES or not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+        if (
+            dtype not in _DTYPE_BYTES
+            or not isinstance(shape, list)
+            or not all(isinstance(n, int) and n >= 0 for n in shape)
+        ):
             return f"tensor {name!r}: bad dtype or shape"
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)):
             return f"tensor {name!r}: bad data offsets"
@@ -145,7 +149,9 @@ class Coordinator:
             except Exception as exc:
                 if _is_redis_error(exc):
                     if not failing:
-                        self.log.warning("coordinator.redis_unreachable", error=f"{type(exc).__name__}: {exc}")
+                        self.log.warning(
+                            "coordinator.redis_unreachable", error=f"{type(exc).__name__}: {exc}"
+                        )
                     failing = True
                     attached = False  # Redis may have lost everything: re-attach from the table
                 else:
@@ -167,7 +173,11 @@ class Coordinator:
         start = "0" if pending else ">"
         while True:
             reply = self.client.xreadgroup(
-                lease.EVENTS_GROUP, "coordinator", {lease.EVENTS: start}, count=50, block=None if pending else block
+                lease.EVENTS_GROUP,
+                "coordinator",
+                {lease.EVENTS: start},
+                count=50,
+                block=None if pending else block,
             )
             entries = reply[0][1] if reply else []
             if not entries:
@@ -228,9 +238,16 @@ class Coordinator:
                 if lease.lease_action(lease_held=held, task_queued=job.id in queued) == "keep":
                     self._check_waiting(job, token, queued.get(job.id))
                     continue
-                if self.scripts.reclaim(keys=[lease.token_key(job.id), lease.lease_key(job.id)], args=[token]) == 0:
+                if (
+                    self.scripts.reclaim(
+                        keys=[lease.token_key(job.id), lease.lease_key(job.id)], args=[token]
+                    )
+                    == 0
+                ):
                     continue  # claimed just now
-                self.log.warning("job.redispatch", job_id=job.id, reason="offer lost (Redis forgot it or its worker died)")
+                self.log.warning(
+                    "job.redispatch", job_id=job.id, reason="offer lost (Redis forgot it or its worker died)"
+                )
                 self.tokens.pop(job.id, None)
             self.dispatch(job)
 
@@ -272,7 +289,14 @@ class Coordinator:
             except ValueError:
                 continue
             if record.get("token") == token:
-                declines.append(lease.Decline(_text(worker) or "", record.get("reason", ""), record.get("needs_gb"), record.get("has_gb")))
+                declines.append(
+                    lease.Decline(
+                        _text(worker) or "",
+                        record.get("reason", ""),
+                        record.get("needs_gb"),
+                        record.get("has_gb"),
+                    )
+                )
         verdict = lease.waiting_verdict(set(self.workers), declines)
         if verdict is not None and self._route_to_cloud(job, verdict, token, queued):
             return
@@ -301,9 +325,13 @@ class Coordinator:
         self._fence(job.id, token)
         if queued is not None:
             self.queue.remove(queued.member)
-        self.store.update(job.id, settings={**job.settings, "engine": CLOUD_ENGINE, "fallback_from": engine}, waiting=None)
+        self.store.update(
+            job.id, settings={**job.settings, "engine": CLOUD_ENGINE, "fallback_from": engine}, waiting=None
+        )
         self.waiting_since.pop(job.id, None)
-        self.log.warning("job.cloud_fallback", job_id=job.id, from_engine=engine, to_engine=CLOUD_ENGINE, reason=reason)
+        self.log.warning(
+            "job.cloud_fallback", job_id=job.id, from_engine=engine, to_engine=CLOUD_ENGINE, reason=reason
+        )
         return True
 
     # -- dispatch ------------------------------------------------------------------------------
@@ -311,7 +339,12 @@ class Coordinator:
     def dispatch(self, job: Job) -> None:
         workdir = self.settings.jobs_dir / job.id
         if not (workdir / "manifest.json").is_file():
-            self._transition(job.id, "failed", expect=RUNNABLE, error=f"the job's snapshot is missing ({workdir}); drop READY again")
+            self._transition(
+                job.id,
+                "failed",
+                expect=RUNNABLE,
+                error=f"the job's snapshot is missing ({workdir}); drop READY again",
+            )
             return
         if published_by(self.settings.loras, job) or self._result_ready(job):
             self._publish_verified(job)
@@ -322,7 +355,9 @@ class Coordinator:
         manifest = self.files.put_file(f"{base}:manifest", workdir / "manifest.json")
         state = []
         for i, rel in enumerate(self._state_files(job)):
-            state.append({"rel": rel, "ref": self.files.put_file(f"{base}:resume:{i}", workdir / rel).to_dict()})
+            state.append(
+                {"rel": rel, "ref": self.files.put_file(f"{base}:resume:{i}", workdir / rel).to_dict()}
+            )
         token = lease.new_token(job.attempt)
         offer = {
             "job_id": job.id, "token": token, "attempt": job.attempt, "name": job.name, "trigger": job.trigger_word,
@@ -346,7 +381,9 @@ class Coordinator:
 
     def _saved_step(self, job: Job) -> int | None:
         try:
-            return make_engine(self.settings, job.settings.get("engine", "mflux")).saved_step(self.settings.jobs_dir / job.id)
+            return make_engine(self.settings, job.settings.get("engine", "mflux")).saved_step(
+                self.settings.jobs_dir / job.id
+            )
         except SettingsError:
             return None
 
@@ -369,7 +406,9 @@ class Coordinator:
             plan = data.get("plan") or {}
             self.store.update(job.id, plan=plan, total_steps=plan.get("total_steps"))
         elif kind == "progress" and job.state == "training":
-            self._sink(job.id)(Progress(int(data["step"]), int(data["total"]), data.get("loss"), data.get("eta_s")))
+            self._sink(job.id)(
+                Progress(int(data["step"]), int(data["total"]), data.get("loss"), data.get("eta_s"))
+            )
         elif kind == "checkpoint":
             self._checkpoint(job, event["token"], data)
         elif kind == "rendering" and job.state == "training":
@@ -396,7 +435,9 @@ class Coordinator:
         if moved is None or moved.state != "preparing":  # cancelled meanwhile: the worker is fenced out
             self._fence(job.id, self.tokens.get(job.id, ""))
             return
-        self.log.info("job.remote", job_id=job.id, worker=worker, host=data.get("host"), tier=plan.get("tier"))
+        self.log.info(
+            "job.remote", job_id=job.id, worker=worker, host=data.get("host"), tier=plan.get("tier")
+        )
         self._transition(job.id, "training", expect="preparing")
 
     def _checkpoint(self, job: Job, token: str, data: dict) -> None:
@@ -407,7 +448,9 @@ class Coordinator:
         for item in data.get("files") or []:
             rel = safe_relative(str(item.get("rel", "")))
             if rel is None:
-                self.log.warning("coordinator.refused", job_id=job.id, what="checkpoint path", path=str(item.get("rel")))
+                self.log.warning(
+                    "coordinator.refused", job_id=job.id, what="checkpoint path", path=str(item.get("rel"))
+                )
                 return
             dest = workdir / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -518,8 +561,17 @@ class Coordinator:
         try:
             engine = make_engine(self.settings, job.settings.get("engine", "mflux"))
             lora_file = workdir / f"{job.name}.safetensors"
-            stamp_adapter(engine, job, plan, folder / "adapter.safetensors", lora_file, job_input(job, workdir).image_count)
-            rendered = RenderResult(with_lora=folder / "render.png", base=folder / "render.png", compare=folder / "compare.png")
+            stamp_adapter(
+                engine,
+                job,
+                plan,
+                folder / "adapter.safetensors",
+                lora_file,
+                job_input(job, workdir).image_count,
+            )
+            rendered = RenderResult(
+                with_lora=folder / "render.png", base=folder / "render.png", compare=folder / "compare.png"
+            )
             report = [folder / "report" / name for name in record.get("report") or []]
             outputs = publish_job(self.settings, job, plan, lora_file, rendered, report)
         except (PublishError, SettingsError) as exc:

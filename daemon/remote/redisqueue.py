@@ -98,7 +98,9 @@ def client_pair(url: str, *, name: str, socket_timeout: float = 10.0) -> tuple[A
     """(client, pool) with bounded calls (R1's redisurl)."""
     from daemon.remote.redisurl import make_client, make_pool
 
-    return make_client(url, socket_timeout=socket_timeout, client_name=name), make_pool(url, socket_timeout=socket_timeout)
+    return make_client(url, socket_timeout=socket_timeout, client_name=name), make_pool(
+        url, socket_timeout=socket_timeout
+    )
 
 
 Wake = Callable[[], None]

@@ -102,7 +102,9 @@ def parse(url: str) -> RedisURL:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError as exc:
-        raise InvalidRedisURL(f"{shown}: not a valid URL ({exc}); write redis://[:PASSWORD@]HOST[:PORT][/DB]") from None
+        raise InvalidRedisURL(
+            f"{shown}: not a valid URL ({exc}); write redis://[:PASSWORD@]HOST[:PORT][/DB]"
+        ) from None
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         raise InvalidRedisURL(
@@ -121,12 +123,16 @@ def parse(url: str) -> RedisURL:
             f"(or USER:PASSWORD@HOST for a Redis ACL user)"
         )
     if password == "":
-        raise InvalidRedisURL(f"{shown}: the password is empty; leave out the user part for a Redis without one")
+        raise InvalidRedisURL(
+            f"{shown}: the password is empty; leave out the user part for a Redis without one"
+        )
     db = _db_from_path(parts.path, shown)
     options: list[tuple[str, str]] = []
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
         if _SECRET_QUERY.match(name):
-            raise InvalidRedisURL(f"{shown}: put the password in the URL's user part ({scheme}://:PASSWORD@HOST), not in ?{name}=")
+            raise InvalidRedisURL(
+                f"{shown}: put the password in the URL's user part ({scheme}://:PASSWORD@HOST), not in ?{name}="
+            )
         if name not in _OPTIONS:
             raise InvalidRedisURL(f"{shown}: unknown option {name!r}; known: {', '.join(sorted(_OPTIONS))}")
         _check_option(name, value, scheme, shown)
@@ -198,9 +204,13 @@ def client_kwargs(
         "db": parsed.db,
         "username": parsed.username,
         "password": parsed.password,
-        "socket_timeout": socket_timeout if socket_timeout is not None else float(opt.get("socket_timeout", DEFAULT_SOCKET_TIMEOUT)),
+        "socket_timeout": socket_timeout
+        if socket_timeout is not None
+        else float(opt.get("socket_timeout", DEFAULT_SOCKET_TIMEOUT)),
         "socket_connect_timeout": (
-            connect_timeout if connect_timeout is not None else float(opt.get("socket_connect_timeout", DEFAULT_CONNECT_TIMEOUT))
+            connect_timeout
+            if connect_timeout is not None
+            else float(opt.get("socket_connect_timeout", DEFAULT_CONNECT_TIMEOUT))
         ),
         "socket_keepalive": True,
         # Bounded: at most `retries` more tries, 50 ms .. 0.5 s apart (redis-py's default is 10 tries).
@@ -232,7 +242,9 @@ def make_client(
     the first command raises redis.ConnectionError when the server is not reachable."""
     import redis
 
-    kwargs = client_kwargs(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout, retries=retries)
+    kwargs = client_kwargs(
+        url, socket_timeout=socket_timeout, connect_timeout=connect_timeout, retries=retries
+    )
     if client_name:
         kwargs["client_name"] = client_name
     return redis.Redis(**kwargs)
@@ -250,7 +262,9 @@ def make_pool(
     that take a pool (huey's RedisHuey / PriorityRedisHuey: `connection_pool=`)."""
     import redis
 
-    kwargs = client_kwargs(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout, retries=retries)
+    kwargs = client_kwargs(
+        url, socket_timeout=socket_timeout, connect_timeout=connect_timeout, retries=retries
+    )
     if kwargs.pop("ssl", False):
         kwargs["connection_class"] = redis.SSLConnection
     if max_connections is not None:

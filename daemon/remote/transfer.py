@@ -37,7 +37,7 @@ import math
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
@@ -104,7 +104,13 @@ class FileRef:
     chunk_size: int = CHUNK_SIZE
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "size": self.size, "sha256": self.sha256, "chunks": self.chunks, "chunk_size": self.chunk_size}
+        return {
+            "key": self.key,
+            "size": self.size,
+            "sha256": self.sha256,
+            "chunks": self.chunks,
+            "chunk_size": self.chunk_size,
+        }
 
     @classmethod
     def from_dict(cls, data: Any) -> "FileRef":
@@ -129,7 +135,9 @@ class FileRef:
         if not _HEX64.match(self.sha256):
             raise TransferError(f"file reference {self.key}: sha256 is not 64 hex digits")
         if not 0 < self.chunk_size <= MAX_CHUNK_SIZE:
-            raise IntegrityError(f"file reference {self.key}: chunk size {self.chunk_size} outside 1..{MAX_CHUNK_SIZE}")
+            raise IntegrityError(
+                f"file reference {self.key}: chunk size {self.chunk_size} outside 1..{MAX_CHUNK_SIZE}"
+            )
         if self.size < 0 or self.chunks != chunk_count(self.size, self.chunk_size):
             raise IntegrityError(
                 f"file reference {self.key}: {self.chunks} chunks do not fit {self.size} bytes in chunks of {self.chunk_size}"
@@ -231,7 +239,9 @@ def check_tree_entries(entries: Any, tree_key: str) -> list[tuple[str, str, File
         path = check_entry_path(entry.get("path"))
         kind = entry.get("type")
         if kind not in ("dir", "file"):
-            raise HostileEntry(path, f"a {kind!r} entry: only files and folders travel (no links, FIFOs or devices)")
+            raise HostileEntry(
+                path, f"a {kind!r} entry: only files and folders travel (no links, FIFOs or devices)"
+            )
         if path in seen:
             raise HostileEntry(path, "listed twice")
         parts = path.split("/")
@@ -275,7 +285,9 @@ class ArtifactStore:
     ):
         kwargs = client.connection_pool.connection_kwargs
         if kwargs.get("socket_timeout") is None:
-            raise ValueError("ArtifactStore needs a client with a socket timeout (daemon.remote.redisurl.make_client)")
+            raise ValueError(
+                "ArtifactStore needs a client with a socket timeout (daemon.remote.redisurl.make_client)"
+            )
         if kwargs.get("decode_responses"):
             raise ValueError("ArtifactStore needs a client with decode_responses=False (chunks are bytes)")
         if not 0 < chunk_size <= MAX_CHUNK_SIZE or window < 1 or ttl_s < 1:
@@ -311,7 +323,9 @@ class ArtifactStore:
         try:
             return fn()
         except redis.AuthenticationError as exc:
-            raise TransferError(f"{what}: Redis refused the credentials ({exc}); check the password in the queue URL") from exc
+            raise TransferError(
+                f"{what}: Redis refused the credentials ({exc}); check the password in the queue URL"
+            ) from exc
         except redis.OutOfMemoryError as exc:
             raise TransferError(
                 f"{what}: Redis is out of memory (its maxmemory is reached): free memory on the Redis machine or "
@@ -341,7 +355,9 @@ class ArtifactStore:
             size = os.fstat(fh.fileno()).st_size
             chunks = chunk_count(size, self.chunk_size)
             old_manifest = self._call(f"read manifest {key}", lambda: self.client.get(self._manifest(key)))
-            resuming = old_manifest is not None or bool(self._call(f"check {key}", lambda: self.client.exists(self._sums(key))))
+            resuming = old_manifest is not None or bool(
+                self._call(f"check {key}", lambda: self.client.exists(self._sums(key)))
+            )
             whole = hashlib.sha256()
             sums: list[str] = []
             sent = 0
@@ -351,7 +367,9 @@ class ArtifactStore:
                     data = fh.read(self.chunk_size)
                     expected = min(self.chunk_size, size - i * self.chunk_size)
                     if len(data) != expected:
-                        raise TransferError(f"{path}: changed while being sent (chunk {i}: {len(data)} bytes, expected {expected})")
+                        raise TransferError(
+                            f"{path}: changed while being sent (chunk {i}: {len(data)} bytes, expected {expected})"
+                        )
                     digest = hashlib.sha256(data).hexdigest()
                     whole.update(data)
                     sums.append(digest)
@@ -434,20 +452,32 @@ class ArtifactStore:
         ref.check()
         raw = self._call(f"read manifest {ref.key}", lambda: self.client.get(self._manifest(ref.key)))
         if raw is None:
-            raise TransferError(f"{ref.key}: no manifest in Redis (the upload did not finish, or it expired or was deleted)")
+            raise TransferError(
+                f"{ref.key}: no manifest in Redis (the upload did not finish, or it expired or was deleted)"
+            )
         if len(raw) > MAX_MANIFEST_BYTES:
-            raise IntegrityError(f"{ref.key}: manifest of {len(raw)} bytes is larger than {MAX_MANIFEST_BYTES}")
+            raise IntegrityError(
+                f"{ref.key}: manifest of {len(raw)} bytes is larger than {MAX_MANIFEST_BYTES}"
+            )
         try:
             manifest = json.loads(raw)
         except ValueError:
             raise IntegrityError(f"{ref.key}: the manifest is not JSON") from None
         if not isinstance(manifest, dict) or manifest.get("v") != MANIFEST_VERSION:
-            raise IntegrityError(f"{ref.key}: manifest version {manifest.get('v') if isinstance(manifest, dict) else None!r} unknown")
+            raise IntegrityError(
+                f"{ref.key}: manifest version {manifest.get('v') if isinstance(manifest, dict) else None!r} unknown"
+            )
         for name in ("size", "sha256", "chunk_size", "chunks"):
             if manifest.get(name) != getattr(ref, name):
-                raise IntegrityError(f"{ref.key}: the manifest's {name} {manifest.get(name)!r} differs from the reference's {getattr(ref, name)!r}")
+                raise IntegrityError(
+                    f"{ref.key}: the manifest's {name} {manifest.get(name)!r} differs from the reference's {getattr(ref, name)!r}"
+                )
         sums = manifest.get("chunk_sha256")
-        if not isinstance(sums, list) or len(sums) != ref.chunks or not all(isinstance(s, str) and _HEX64.match(s) for s in sums):
+        if (
+            not isinstance(sums, list)
+            or len(sums) != ref.chunks
+            or not all(isinstance(s, str) and _HEX64.match(s) for s in sums)
+        ):
             raise IntegrityError(f"{ref.key}: the manifest's chunk list does not match {ref.chunks} chunks")
         return sums
 
@@ -481,7 +511,9 @@ class ArtifactStore:
                     if progress is not None:
                         progress(indexes[-1] + 1, ref.chunks)
                 if whole.hexdigest() != ref.sha256:
-                    raise IntegrityError(f"{ref.key}: sha256 of the whole file is {whole.hexdigest()}, expected {ref.sha256}")
+                    raise IntegrityError(
+                        f"{ref.key}: sha256 of the whole file is {whole.hexdigest()}, expected {ref.sha256}"
+                    )
                 fh.flush()
                 os.fsync(fh.fileno())
         except IntegrityError:
@@ -537,7 +569,9 @@ class ArtifactStore:
                 raise TransferError(f"{ref.key}: chunk {i} is missing in Redis (expired, evicted or deleted)")
             length = min(ref.chunk_size, ref.size - i * ref.chunk_size)
             if len(data) != length or hashlib.sha256(data).hexdigest() != sums[i]:
-                raise IntegrityError(f"{ref.key}: chunk {i} does not match its sha256 ({len(data)} bytes, expected {length})")
+                raise IntegrityError(
+                    f"{ref.key}: chunk {i} does not match its sha256 ({len(data)} bytes, expected {length})"
+                )
             fh.write(data)
             whole.update(data)
             self.stats.chunks_received += 1
@@ -588,7 +622,9 @@ class ArtifactStore:
         dest = Path(dest)
         raw = self._call(f"read tree {ref.key}", lambda: self.client.get(self._tree(ref.key)))
         if raw is None:
-            raise TransferError(f"{ref.key}: no tree manifest in Redis (the upload did not finish, or it expired or was deleted)")
+            raise TransferError(
+                f"{ref.key}: no tree manifest in Redis (the upload did not finish, or it expired or was deleted)"
+            )
         if len(raw) > MAX_MANIFEST_BYTES or hashlib.sha256(raw).hexdigest() != ref.sha256:
             raise IntegrityError(f"{ref.key}: the tree manifest does not match the reference's sha256")
         try:
@@ -600,7 +636,9 @@ class ArtifactStore:
         entries = check_tree_entries(manifest.get("entries"), ref.key)
         file_refs = [r for _, _, r in entries if r is not None]
         if len(file_refs) != ref.files or sum(r.size for r in file_refs) != ref.size:
-            raise IntegrityError(f"{ref.key}: the tree holds {len(file_refs)} files / {sum(r.size for r in file_refs)} bytes, the reference says {ref.files} / {ref.size}")
+            raise IntegrityError(
+                f"{ref.key}: the tree holds {len(file_refs)} files / {sum(r.size for r in file_refs)} bytes, the reference says {ref.files} / {ref.size}"
+            )
         if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
             raise TransferError(f"{dest}: already exists and is not an empty folder; not overwriting it")
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -695,14 +733,18 @@ def _walk(root: Path) -> Iterator[tuple[str, str, Path]]:
             try:
                 rel.encode("utf-8")
             except UnicodeEncodeError:
-                raise HostileEntry(rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "the name is not UTF-8") from None
+                raise HostileEntry(
+                    rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), "the name is not UTF-8"
+                ) from None
             check_entry_path(rel)
             try:
                 mode = item.stat(follow_symlinks=False).st_mode
             except OSError as exc:
                 raise TransferError(f"{item.path}: cannot read ({exc.strerror})") from exc
             if stat.S_ISLNK(mode):
-                raise HostileEntry(rel, f"a symlink (to {os.readlink(item.path)!r}); only regular files and folders are sent")
+                raise HostileEntry(
+                    rel, f"a symlink (to {os.readlink(item.path)!r}); only regular files and folders are sent"
+                )
             if stat.S_ISDIR(mode):
                 yield rel, "dir", Path(item.path)
                 subdirs.append((rel + "/", Path(item.path)))

@@ -76,7 +76,14 @@ def worker_id_for(state: Path) -> str:
 class RemoteWorker:
     """One worker: one job at a time. `run()` until `shutdown` is set."""
 
-    def __init__(self, settings: Settings, url: str, *, shutdown: threading.Event | None = None, name: str | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        url: str,
+        *,
+        shutdown: threading.Event | None = None,
+        name: str | None = None,
+    ):
         from daemon.remote.redisqueue import RedisQueue, client_pair
         from daemon.remote.transfer import ArtifactStore
 
@@ -143,7 +150,11 @@ class RemoteWorker:
         if current is not None and not current.get("released"):
             renewed = self.scripts.renew(
                 keys=[lease.token_key(current["job_id"]), lease.lease_key(current["job_id"])],
-                args=[current["token"], lease.lease_value(self.id, current["token"], time.time(), self.ttl_s), int(self.ttl_s * 1000)],
+                args=[
+                    current["token"],
+                    lease.lease_value(self.id, current["token"], time.time(), self.ttl_s),
+                    int(self.ttl_s * 1000),
+                ],
             )
             if not renewed:
                 self._fenced(current, "lease renewal refused")
@@ -194,7 +205,13 @@ class RemoteWorker:
                 if time.monotonic() > deadline:
                     self.log.error("worker.event_lost", job_id=current["job_id"], kind=kind, error=str(exc))
                     return False
-                self.log.warning("worker.event_retry", job_id=current["job_id"], kind=kind, error=str(exc), retry_in_s=delay)
+                self.log.warning(
+                    "worker.event_retry",
+                    job_id=current["job_id"],
+                    kind=kind,
+                    error=str(exc),
+                    retry_in_s=delay,
+                )
                 time.sleep(delay)
                 delay = min(5.0, delay * 2)
 
@@ -237,7 +254,9 @@ class RemoteWorker:
                 pubsub.get_message(timeout=self.beat_s)
                 delay = 0.5
             except Exception as exc:
-                self.log.warning("worker.redis_unreachable", error=f"{type(exc).__name__}: {exc}", retry_in_s=delay)
+                self.log.warning(
+                    "worker.redis_unreachable", error=f"{type(exc).__name__}: {exc}", retry_in_s=delay
+                )
                 if pubsub is not None:
                     try:
                         pubsub.close()
@@ -270,7 +289,12 @@ class RemoteWorker:
                 continue
             claimed = self.scripts.claim(
                 keys=[self.queue.key, lease.token_key(job_id), lease.lease_key(job_id)],
-                args=[entry.member, token, lease.lease_value(self.id, token, time.time(), self.ttl_s), int(self.ttl_s * 1000)],
+                args=[
+                    entry.member,
+                    token,
+                    lease.lease_value(self.id, token, time.time(), self.ttl_s),
+                    int(self.ttl_s * 1000),
+                ],
             )
             if claimed == 1:
                 self.run_offer(offer, plan_or_reason, workdir)
@@ -298,7 +322,13 @@ class RemoteWorker:
     def decline(self, offer: dict, why: PlanError) -> None:
         job_id = offer["job_id"]
         self.declined[job_id] = offer["token"]
-        record = {"reason": str(why), "needs_gb": why.needs_gb, "has_gb": why.has_gb, "token": offer["token"], "at": time.time()}
+        record = {
+            "reason": str(why),
+            "needs_gb": why.needs_gb,
+            "has_gb": why.has_gb,
+            "token": offer["token"],
+            "at": time.time(),
+        }
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(lease.declined_key(job_id), self.id, json.dumps(record))
         pipe.expire(lease.declined_key(job_id), 7 * 86400)
@@ -319,7 +349,9 @@ class RemoteWorker:
         stopper = threading.Thread(target=self._stop_on_shutdown, args=(stop,), daemon=True)
         stopper.start()
         try:
-            log.info("worker.claimed", token=offer["token"], plan_tier=plan.tier, total_steps=plan.total_steps)
+            log.info(
+                "worker.claimed", token=offer["token"], plan_tier=plan.tier, total_steps=plan.total_steps
+            )
             if not self.emit(current, "accepted", plan=plan.to_dict(), host=socket.gethostname()):
                 return
             self.fetch_inputs(offer, workdir)
@@ -367,7 +399,9 @@ class RemoteWorker:
         uploader = CheckpointUploader(self, engine, workdir, current)
         progress = RemoteProgress(self, current, uploader)
         while True:
-            result = engine.train(plan, workdir, progress, stop, on_spawn=lambda pid: log.info("job.child", pid=pid))
+            result = engine.train(
+                plan, workdir, progress, stop, on_spawn=lambda pid: log.info("job.child", pid=pid)
+            )
             if result.status is not TrainStatus.FAILED or plan.step_downs:
                 break
             try:
@@ -391,7 +425,9 @@ class RemoteWorker:
             self.emit_retrying(current, "failed", error=result.error or "training failed", step=result.step)
             return
         if result.adapter is None:
-            self.emit_retrying(current, "failed", error=f"the {engine.name} engine finished without an adapter file")
+            self.emit_retrying(
+                current, "failed", error=f"the {engine.name} engine finished without an adapter file"
+            )
             return
         uploader.upload_now()  # the final state: a lost result never means training again
         if not self.emit(current, "rendering", step=result.step):
@@ -404,7 +440,9 @@ class RemoteWorker:
             self.release(current)
             return
         if isinstance(rendered, RenderFailed):
-            self.emit_retrying(current, "failed", error=f"test render failed on worker {self.id}: {rendered.error}")
+            self.emit_retrying(
+                current, "failed", error=f"test render failed on worker {self.id}: {rendered.error}"
+            )
             return
         prefix = lease.files_key(offer["job_id"], offer["token"]) + ":result"
         refs = {
@@ -416,13 +454,18 @@ class RemoteWorker:
             {"name": path.name, "ref": self.files.put_file(f"{prefix}:report:{i}", path).to_dict()}
             for i, path in enumerate(engine.report_files(workdir))
         ]
-        if not self.emit_retrying(current, "done", files=refs, report=report, plan=plan.to_dict(), step=result.step):
+        if not self.emit_retrying(
+            current, "done", files=refs, report=report, plan=plan.to_dict(), step=result.step
+        ):
             raise Fenced()
         log.info("worker.delivered", step=result.step)
 
     def release(self, current: dict) -> None:
         try:
-            self.scripts.release(keys=[lease.token_key(current["job_id"]), lease.lease_key(current["job_id"])], args=[current["token"]])
+            self.scripts.release(
+                keys=[lease.token_key(current["job_id"]), lease.lease_key(current["job_id"])],
+                args=[current["token"]],
+            )
         except Exception:
             pass  # it lapses by itself
 
@@ -482,14 +525,21 @@ class CheckpointUploader:
                 return
             step = self.engine.saved_step(self.workdir)
             files = self.engine.saved_state(self.workdir)
-            if not files or step is None or step == self.sent_step or self.engine.saved_step(self.workdir) != step:
+            if (
+                not files
+                or step is None
+                or step == self.sent_step
+                or self.engine.saved_step(self.workdir) != step
+            ):
                 return  # nothing new, or a newer state appeared meanwhile: the next poke sends that one
             job_id, token = self.current["job_id"], self.current["token"]
             try:
                 items: list[dict] = []
                 for path in files:
                     rel = path.relative_to(self.workdir).as_posix()
-                    ref = self.worker.files.put_file(f"{lease.files_key(job_id, token)}:state:{step}:{len(items)}", path)
+                    ref = self.worker.files.put_file(
+                        f"{lease.files_key(job_id, token)}:state:{step}:{len(items)}", path
+                    )
                     items.append({"rel": rel, "ref": ref.to_dict()})
                 if self.worker.emit(self.current, "checkpoint", step=step, files=items):
                     self.sent_step = step
@@ -499,7 +549,9 @@ class CheckpointUploader:
             except Exception as exc:
                 if not quiet:
                     raise
-                self.worker.log.warning("worker.checkpoint_upload_failed", job_id=job_id, step=step, error=str(exc))
+                self.worker.log.warning(
+                    "worker.checkpoint_upload_failed", job_id=job_id, step=step, error=str(exc)
+                )
 
     def close(self) -> None:
         self._closed = True

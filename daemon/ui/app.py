@@ -22,7 +22,15 @@ from pathlib import Path
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -37,8 +45,11 @@ CSRF_COOKIE = "lorad_csrf"
 ACTIONS = {
     "cancel": ("Cancel", "It stops at its next step and publishes nothing."),
     "retry": ("Retry", "It is queued again and resumes from its last checkpoint where it has one."),
-    "retrain": ("Re-train with force", "READY with force = true is written into the dataset folder: the dataset is "
-                "taken again and trained even if an identical one was trained before."),
+    "retrain": (
+        "Re-train with force",
+        "READY with force = true is written into the dataset folder: the dataset is "
+        "taken again and trained even if an identical one was trained before.",
+    ),
 }
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; frame-ancestors 'none'",
@@ -71,7 +82,9 @@ class Guard:
                 await denied(scope, receive, send)
                 return
         elif not views.host_allowed(request.headers.get("host"), self.port or 0) and self.port is not None:
-            await PlainTextResponse("lorad dashboard: unknown Host (open it at 127.0.0.1)", 403)(scope, receive, send)
+            await PlainTextResponse("lorad dashboard: unknown Host (open it at 127.0.0.1)", 403)(
+                scope, receive, send
+            )
             return
         started = time.perf_counter()
 
@@ -90,7 +103,9 @@ class Guard:
         if given is not None:
             if not _equal(given, self.token):
                 return PlainTextResponse("lorad dashboard: wrong token", 401)
-            query = urllib.parse.urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "token"])
+            query = urllib.parse.urlencode(
+                [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
+            )
             response = RedirectResponse(request.url.path + ("?" + query if query else ""), 303)
             response.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="strict")
             return response
@@ -118,7 +133,9 @@ class Dashboard:
         self.poll_s = poll_s
         self.stopping = stopping  # a threading.Event: SSE streams end when the daemon stops
         self._store: JobStore | None = None
-        self.env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+        self.env = Environment(
+            loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"])
+        )
         self.env.filters["when"] = _when
 
     @property
@@ -196,7 +213,12 @@ class Dashboard:
         for line in lines:
             record = logview.parse(line)
             if record is not None and record.get("job_id") == job_id:
-                out.append({"level": str(record.get("level", "info")).lower(), "text": logview.format_record(record, colour=False)})
+                out.append(
+                    {
+                        "level": str(record.get("level", "info")).lower(),
+                        "text": logview.format_record(record, colour=False),
+                    }
+                )
         return out[-limit:]
 
     def confirm_page(self, request: Request) -> Response:
@@ -205,7 +227,9 @@ class Dashboard:
             return job
         action = request.path_params["action"]
         if action not in ACTIONS:
-            return self.render(request, "message.html", 404, title="No such action", message=f"unknown action {action!r}")
+            return self.render(
+                request, "message.html", 404, title="No such action", message=f"unknown action {action!r}"
+            )
         label, what = ACTIONS[action]
         return self.render(request, "confirm.html", title=f"{label} {job.id}?", nav="queue", job=job, action=action,
                            label=label, what=what)  # fmt: skip
@@ -219,12 +243,19 @@ class Dashboard:
         token = (form.get("csrf") or [""])[0]
         cookie = request.cookies.get(CSRF_COOKIE, "")
         if not cookie or not token or not _equal(token, cookie):
-            return PlainTextResponse("lorad dashboard: missing or wrong CSRF token; reload the page and try again", 403)
+            return PlainTextResponse(
+                "lorad dashboard: missing or wrong CSRF token; reload the page and try again", 403
+            )
         origin_ok = views.same_origin(
-            request.headers.get("origin"), request.headers.get("referer"), request.headers.get("host"), request.url.scheme
+            request.headers.get("origin"),
+            request.headers.get("referer"),
+            request.headers.get("host"),
+            request.url.scheme,
         )
         if not origin_ok:
-            return PlainTextResponse("lorad dashboard: this action must come from the dashboard's own page", 403)
+            return PlainTextResponse(
+                "lorad dashboard: this action must come from the dashboard's own page", 403
+            )
         job = self._job_or_404(request)
         if isinstance(job, Response):
             return job
@@ -236,7 +267,9 @@ class Dashboard:
         code, message = await run_in_threadpool(self._do, action, job)
         from daemon.logs import get_logger
 
-        get_logger().info("ui.action", action=action, job_id=job.id, dataset=job.dataset, ok=code == 0, message=message)
+        get_logger().info(
+            "ui.action", action=action, job_id=job.id, dataset=job.dataset, ok=code == 0, message=message
+        )
         query = urllib.parse.urlencode({"msg": message})
         return RedirectResponse(f"/jobs/{job.id}?{query}", 303)
 
@@ -249,7 +282,10 @@ class Dashboard:
             if action == "retry":
                 return commands.retry_job(self.settings, self.store, job)
             folder = Path(job.dataset_path)
-            if not folder.resolve().is_relative_to(self.settings.training_data.resolve()) or not folder.is_dir():
+            if (
+                not folder.resolve().is_relative_to(self.settings.training_data.resolve())
+                or not folder.is_dir()
+            ):
                 return 1, f"{folder} is not a dataset folder under {self.settings.training_data} any more"
             return 0, commands.write_ready(folder, {"force": True})
         except commands.UsageError as exc:
@@ -281,7 +317,9 @@ class Dashboard:
                     "problem": problem,
                 })  # fmt: skip
             entries.append({"name": group["name"], "versions": versions})
-        return self.render(request, "loras.html", title="LoRA library", nav="loras", entries=entries, folder=str(loras))
+        return self.render(
+            request, "loras.html", title="LoRA library", nav="loras", entries=entries, folder=str(loras)
+        )
 
     def loss(self, request: Request) -> Response:
         series = views.read_series(self.settings.jobs_dir / request.path_params["job_id"] / "progress.jsonl")
@@ -324,16 +362,23 @@ class Dashboard:
                 last_sent = time.monotonic()
                 while not (self.stopping is not None and self.stopping.is_set()):
                     try:
-                        signature = tuple(conn.execute("SELECT max(updated_at), count(*) FROM jobs").fetchone())
+                        signature = tuple(
+                            conn.execute("SELECT max(updated_at), count(*) FROM jobs").fetchone()
+                        )
                     except sqlite3.Error:
                         signature = None
                     if signature is not None and signature != seen:
                         full = seen is None or signature[1] != seen[1]
                         query = f"SELECT {views.ROW_COLUMNS}{_extra_columns(conn)} FROM jobs"
-                        rows = conn.execute(query + ("" if full else " WHERE updated_at > ?"), () if full else (since,)).fetchall()
+                        rows = conn.execute(
+                            query + ("" if full else " WHERE updated_at > ?"), () if full else (since,)
+                        ).fetchall()
                         jobs = [Job(**dict(r)) for r in rows]
                         now = time.time()
-                        payload = {"full": full, "rows": [views.row_of(j, now) for j in views.queue_order(jobs)]}
+                        payload = {
+                            "full": full,
+                            "rows": [views.row_of(j, now) for j in views.queue_order(jobs)],
+                        }
                         seen, since = signature, signature[0] or 0.0
                         last_sent = time.monotonic()
                         yield f"event: jobs\ndata: {json.dumps(payload)}\n\n"

@@ -135,7 +135,11 @@ def plan_lines(plan: dict) -> list[tuple[str, str]]:
     """The plan as (label, value) lines, as `lorad plan` prints them."""
     if not plan:
         return []
-    lines = [(k, str(plan[k])) for k in ("engine", "model", "backend", "tier", "total_steps", "reason") if plan.get(k)]
+    lines = [
+        (k, str(plan[k]))
+        for k in ("engine", "model", "backend", "tier", "total_steps", "reason")
+        if plan.get(k)
+    ]
     lines += [("", str(line)) for line in plan.get("summary") or []]
     lines += [("warning", str(w)) for w in plan.get("warnings") or []]
     return lines
@@ -173,7 +177,9 @@ def host_allowed(host_header: str | None, port: int) -> bool:
     reach it through DNS rebinding: the browser would send the attacker's name as Host)."""
     if not host_header:
         return False
-    name, _, port_text = host_header.rpartition(":") if not host_header.endswith("]") else (host_header, "", "")
+    name, _, port_text = (
+        host_header.rpartition(":") if not host_header.endswith("]") else (host_header, "", "")
+    )
     if not name:  # no port in the header
         name, port_text = host_header, ""
     if port_text and port_text != str(port):

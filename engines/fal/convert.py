@@ -53,7 +53,7 @@ def _module_name(module: str) -> tuple[str, str]:
     """(component, module path inside it): `transformer.layers.0.x` -> ("transformer", "layers.0.x")."""
     for prefix in _PREFIXES:
         if module.startswith(prefix):
-            return prefix.rstrip("."), module[len(prefix):]
+            return prefix.rstrip("."), module[len(prefix) :]
     return "", module
 
 
@@ -101,7 +101,9 @@ def _scalar(raw: bytes, dtype: str) -> float:
     return float(struct.unpack("<f", b"\x00\x00" + raw)[0])  # BF16: the high half of an F32
 
 
-def plan_conversion(header: dict, data_len: int, out_prefix: str) -> tuple[dict[str, str], dict[str, float], list[str]]:
+def plan_conversion(
+    header: dict, data_len: int, out_prefix: str
+) -> tuple[dict[str, str], dict[str, float], list[str]]:
     """(old key -> new key, new `.alpha` key -> alpha to append, modules) for a header (pure).
 
     BadLoRA for: no LoRA pairs, a key that is neither lora_A/B (down/up) nor alpha, a pair with
@@ -115,10 +117,14 @@ def plan_conversion(header: dict, data_len: int, out_prefix: str) -> tuple[dict[
     alphas: dict[str, str] = {}
     for key, info in tensors.items():
         if not isinstance(info, dict) or info.get("dtype") not in TENSOR_DTYPES:
-            raise BadLoRA(f"tensor {key!r} has dtype {info.get('dtype') if isinstance(info, dict) else info!r}; a LoRA holds F32, F16 or BF16")
+            raise BadLoRA(
+                f"tensor {key!r} has dtype {info.get('dtype') if isinstance(info, dict) else info!r}; a LoRA holds F32, F16 or BF16"
+            )
         shape, (start, end) = info.get("shape", []), info.get("data_offsets", [0, -1])
         if end > data_len or start < 0 or end - start != math.prod(shape) * TENSOR_DTYPES[info["dtype"]]:
-            raise BadLoRA(f"tensor {key!r}: its data offsets {start}..{end} do not match its shape {shape} or the file size")
+            raise BadLoRA(
+                f"tensor {key!r}: its data offsets {start}..{end} do not match its shape {shape} or the file size"
+            )
         match = _KEY.match(key)
         if match:
             kind = "A" if match["kind"] in ("lora_A", "lora_down") else "B"
@@ -130,7 +136,9 @@ def plan_conversion(header: dict, data_len: int, out_prefix: str) -> tuple[dict[
         if alpha_match and shape in ([], [1]):
             alphas[alpha_match["module"]] = key
             continue
-        raise BadLoRA(f"unexpected tensor {key!r}: a LoRA file holds lora_A/lora_B (or lora_down/lora_up) pairs and alphas")
+        raise BadLoRA(
+            f"unexpected tensor {key!r}: a LoRA file holds lora_A/lora_B (or lora_down/lora_up) pairs and alphas"
+        )
     if not pairs:
         raise BadLoRA("it holds no lora_A/lora_B pairs")
     configs = peft_configs(metadata)
@@ -143,7 +151,9 @@ def plan_conversion(header: dict, data_len: int, out_prefix: str) -> tuple[dict[
         (a_key, a), (b_key, b) = pair["A"], pair["B"]
         rank = a["shape"][0]
         if b["shape"][1] != rank:
-            raise BadLoRA(f"module {module!r}: lora_A is {a['shape']} but lora_B is {b['shape']} (ranks differ)")
+            raise BadLoRA(
+                f"module {module!r}: lora_A is {a['shape']} but lora_B is {b['shape']} (ranks differ)"
+            )
         component, path = _module_name(module)
         target = f"{out_prefix}{path}"
         renames[a_key] = f"{target}.lora_A.weight"
@@ -172,7 +182,11 @@ def convert(src: Path, dest: Path, out_prefix: str = "diffusion_model.") -> Conv
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        out[renames[key]] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": info["data_offsets"]}
+        out[renames[key]] = {
+            "dtype": info["dtype"],
+            "shape": info["shape"],
+            "data_offsets": info["data_offsets"],
+        }
         used_end = max(used_end, info["data_offsets"][1])
     entries, extra = safetensors_file.scalar_tensors(used_end, new_alphas)
     out.update(entries)
@@ -189,4 +203,9 @@ def convert(src: Path, dest: Path, out_prefix: str = "diffusion_model.") -> Conv
             fh.seek(8 + hlen + info["data_offsets"][0])
             alpha = _scalar(fh.read(info["data_offsets"][1] - info["data_offsets"][0])[:4], info["dtype"])
     rank_key = alpha_key[: -len(".alpha")] + ".lora_A.weight"
-    return Converted(modules=len(modules), rank=int(out[rank_key]["shape"][0]), alpha=float(alpha), keys=len(out) - (1 if metadata else 0))
+    return Converted(
+        modules=len(modules),
+        rank=int(out[rank_key]["shape"][0]),
+        alpha=float(alpha),
+        keys=len(out) - (1 if metadata else 0),
+    )

@@ -93,8 +93,13 @@ def step_from_logs(logs: list[dict], total: int) -> int | None:
 
 def zip_snapshot(data_dir: Path, dest: Path) -> int:
     """Images and their captions from the snapshot, flat, into a zip (atomically); file count."""
-    files = sorted(p for p in Path(data_dir).iterdir() if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or p.suffix == ".txt")
-                   and p.name != "preview.txt")
+    files = sorted(
+        p
+        for p in Path(data_dir).iterdir()
+        if p.is_file()
+        and (p.suffix.lower() in IMAGE_SUFFIXES or p.suffix == ".txt")
+        and p.name != "preview.txt"
+    )
     fd, tmp = temp_beside(dest)
     import os
 
@@ -114,11 +119,23 @@ class FalEngine:
     models: ClassVar[tuple[str, ...]] = tuple(pricing.ENDPOINTS)
     options: ClassVar[tuple[Option, ...]] = (
         Option("endpoints", str, "-", "model=owner/app pairs, comma-separated, over the built-in table"),
-        Option("max_cost_usd", float, 5.0, "refuse a job whose estimate is above this (a job's lora.toml may set its own)", 0),
+        Option(
+            "max_cost_usd",
+            float,
+            5.0,
+            "refuse a job whose estimate is above this (a job's lora.toml may set its own)",
+            0,
+        ),
         Option("price_per_step_usd", float, 0.0, "override the price table (0: use it)", 0),
         Option("poll_s", float, 5.0, "seconds between status polls", 0.01),
         Option("retry_base_s", float, 2.0, "first backoff after a failed call (doubles up to 60 s)", 0.01),
-        Option("unreachable_timeout_s", float, 6 * 3600.0, "fail the job when fal.ai stays unreachable this long", 1),
+        Option(
+            "unreachable_timeout_s",
+            float,
+            6 * 3600.0,
+            "fail the job when fal.ai stays unreachable this long",
+            1,
+        ),
         Option("timeout_s", float, 120.0, "HTTP timeout of one call", 1),
     )
 
@@ -127,7 +144,9 @@ class FalEngine:
         self.context = context
         self.state_dir = Path(context.state_dir)
         try:
-            self.endpoints = {} if values["endpoints"] == "-" else pricing.parse_endpoints(str(values["endpoints"]))
+            self.endpoints = (
+                {} if values["endpoints"] == "-" else pricing.parse_endpoints(str(values["endpoints"]))
+            )
         except ValueError as exc:
             raise EngineSettingsError(f"setting 'endpoints' in [engines.fal]: {exc}") from None
         self.max_cost_usd = float(values["max_cost_usd"])  # type: ignore[arg-type]
@@ -144,17 +163,26 @@ class FalEngine:
     def plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
         endpoint = pricing.endpoint_for(job.model, self.endpoints)
         if endpoint is None:
-            raise PlanError(f"fal: no trainer endpoint for model {job.model!r}; known: {', '.join(sorted(pricing.ENDPOINTS))} "
-                            f"(or add one: [engines.fal] endpoints = \"{job.model}=owner/app\")")
+            raise PlanError(
+                f"fal: no trainer endpoint for model {job.model!r}; known: {', '.join(sorted(pricing.ENDPOINTS))} "
+                f'(or add one: [engines.fal] endpoints = "{job.model}=owner/app")'
+            )
         default_steps = pricing.PRICES.get(endpoint, pricing.UNKNOWN_PRICE).default_steps
-        steps = int(job.options.get("steps") or job.options.get("epochs", 0) * job.image_count or default_steps)
+        steps = int(
+            job.options.get("steps") or job.options.get("epochs", 0) * job.image_count or default_steps
+        )
         cost, price = pricing.estimate_usd(endpoint, steps, self.price_override)
         max_cost = float(job.options.get("max_cost_usd", self.max_cost_usd))
         problem = pricing.cost_problem(cost, max_cost, steps, price, endpoint)
         if problem:
             raise PlanError(problem)
-        warnings = [] if endpoint in pricing.PRICES or self.price_override else [
-            f"no published price for {endpoint} in lorad's table; estimated at ${price.usd_per_step}/step"]
+        warnings = (
+            []
+            if endpoint in pricing.PRICES or self.price_override
+            else [
+                f"no published price for {endpoint} in lorad's table; estimated at ${price.usd_per_step}/step"
+            ]
+        )
         return TrainingPlan(
             engine=self.name,
             model=job.model,
@@ -162,19 +190,34 @@ class FalEngine:
             tier="cloud",
             reason=f"trains on fal.ai ({endpoint}), about ${cost:.2f}",
             total_steps=steps,
-            summary=[f"backend      fal.ai ({endpoint})", f"steps        {steps}",
-                     f"cost         about ${cost:.2f} (${price.usd_per_step:g}/step; guard ${max_cost:.2f})"],
+            summary=[
+                f"backend      fal.ai ({endpoint})",
+                f"steps        {steps}",
+                f"cost         about ${cost:.2f} (${price.usd_per_step:g}/step; guard ${max_cost:.2f})",
+            ],
             warnings=warnings,
             config={
-                "endpoint": endpoint, "steps": steps, "cost_usd": cost, "max_cost_usd": max_cost,
-                "trigger": job.trigger, "learning_rate": job.options.get("learning_rate"),
-                "rank": int(job.options.get("rank", 16)), "job_id": job.job_id, "name": job.name,
-                "image_count": job.image_count, "max_side": job.max_side, "options": dict(job.options),
-                "data": str(job.data_dir), "workdir": str(job.data_dir.parent), "preview_prompt": job.preview_prompt,
+                "endpoint": endpoint,
+                "steps": steps,
+                "cost_usd": cost,
+                "max_cost_usd": max_cost,
+                "trigger": job.trigger,
+                "learning_rate": job.options.get("learning_rate"),
+                "rank": int(job.options.get("rank", 16)),
+                "job_id": job.job_id,
+                "name": job.name,
+                "image_count": job.image_count,
+                "max_side": job.max_side,
+                "options": dict(job.options),
+                "data": str(job.data_dir),
+                "workdir": str(job.data_dir.parent),
+                "preview_prompt": job.preview_prompt,
             },
         )
 
-    def step_down(self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult) -> TrainingPlan | None:
+    def step_down(
+        self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult
+    ) -> TrainingPlan | None:
         return None  # the service sizes its own machines
 
     # -- train -------------------------------------------------------------------------------
@@ -206,9 +249,13 @@ class FalEngine:
                 since = since if since is not None else now
                 waited = now - since
                 if waited >= self.unreachable_timeout_s:
-                    raise Unreachable(f"fal.ai unreachable for {waited:.0f} s ({what}: {exc}); "
-                                      f"gave up after unreachable_timeout_s = {self.unreachable_timeout_s:g}") from None
-                self.log.warning("fal.retry", call=what, error=str(exc), retry_in_s=delay, waited_s=round(waited, 1))
+                    raise Unreachable(
+                        f"fal.ai unreachable for {waited:.0f} s ({what}: {exc}); "
+                        f"gave up after unreachable_timeout_s = {self.unreachable_timeout_s:g}"
+                    ) from None
+                self.log.warning(
+                    "fal.retry", call=what, error=str(exc), retry_in_s=delay, waited_s=round(waited, 1)
+                )
                 note(f"waiting: fal.ai unreachable ({what}: {exc}); retrying in {delay:g} s")
                 if stop.wait(delay):
                     raise _Stopped() from None
@@ -242,12 +289,17 @@ class FalEngine:
         try:
             request_id = self._attach_or_submit(service, plan, fal_dir, stop, note)
             if request_id is None:
-                return TrainResult(TrainStatus.FAILED, error=self._refusal or "not sent", failure=Failure.OTHER)
+                return TrainResult(
+                    TrainStatus.FAILED, error=self._refusal or "not sent", failure=Failure.OTHER
+                )
             remote = {"engine": self.name, "endpoint": endpoint, "request_id": request_id}
             error = self._wait(service, endpoint, request_id, total, stop, note, remote, last)
             if error is not None:
-                return TrainResult(TrainStatus.FAILED, error=f"fal.ai ({endpoint}, request {request_id}) failed: {error}",
-                                   failure=Failure.OTHER)
+                return TrainResult(
+                    TrainStatus.FAILED,
+                    error=f"fal.ai ({endpoint}, request {request_id}) failed: {error}",
+                    failure=Failure.OTHER,
+                )
             note("downloading the LoRA", remote)
             adapter = self._fetch_result(service, endpoint, request_id, plan, workdir, stop, note)
         except _Stopped:
@@ -257,11 +309,15 @@ class FalEngine:
         except Unreachable as exc:
             return TrainResult(TrainStatus.FAILED, error=str(exc), failure=Failure.OTHER)
         progress(Progress(total, total, note="LoRA downloaded and checked", remote=remote))
-        return TrainResult(TrainStatus.COMPLETED, adapter=adapter, step=total, artifacts={"request_id": request_id})
+        return TrainResult(
+            TrainStatus.COMPLETED, adapter=adapter, step=total, artifacts={"request_id": request_id}
+        )
 
     _refusal: str | None = None
 
-    def _attach_or_submit(self, service, plan: TrainingPlan, fal_dir: Path, stop: StopToken, note) -> str | None:
+    def _attach_or_submit(
+        self, service, plan: TrainingPlan, fal_dir: Path, stop: StopToken, note
+    ) -> str | None:
         """The request of this workdir: the one on record (re-attach), else a new submission,
         recorded before anything waits on it."""
         record = fal_dir / REQUEST_FILE
@@ -283,21 +339,48 @@ class FalEngine:
         if stop.requested():
             raise _Stopped()
         request_id = self._call("submit", lambda: service.submit(endpoint, arguments), stop, note)
-        atomic_write_text(record, json.dumps({"request_id": request_id, "endpoint": endpoint, "submitted_at": time.time(),
-                                              "job_id": plan.config.get("job_id"), "cost_usd": plan.config.get("cost_usd")}))
+        atomic_write_text(
+            record,
+            json.dumps(
+                {
+                    "request_id": request_id,
+                    "endpoint": endpoint,
+                    "submitted_at": time.time(),
+                    "job_id": plan.config.get("job_id"),
+                    "cost_usd": plan.config.get("cost_usd"),
+                }
+            ),
+        )
         self._ledger_append(request_id, plan)
-        self.log.info("fal.submitted", request_id=request_id, endpoint=endpoint, steps=plan.total_steps,
-                      cost_usd=plan.config.get("cost_usd"))
+        self.log.info(
+            "fal.submitted",
+            request_id=request_id,
+            endpoint=endpoint,
+            steps=plan.total_steps,
+            cost_usd=plan.config.get("cost_usd"),
+        )
         note("submitted to fal.ai", {"engine": self.name, "endpoint": endpoint, "request_id": request_id})
         return request_id
 
-    def _wait(self, service, endpoint: str, request_id: str, total: int, stop: StopToken, note, remote: dict, last: dict) -> str | None:
+    def _wait(
+        self,
+        service,
+        endpoint: str,
+        request_id: str,
+        total: int,
+        stop: StopToken,
+        note,
+        remote: dict,
+        last: dict,
+    ) -> str | None:
         """Poll until COMPLETED; fal's error text when the request failed, None when it succeeded."""
         seen_state = None
         while True:
             status = self._call("status", lambda: service.status(endpoint, request_id), stop, note)
             if status.state != seen_state:
-                self.log.info("fal.status", request_id=request_id, state=status.state, position=status.position)
+                self.log.info(
+                    "fal.status", request_id=request_id, state=status.state, position=status.position
+                )
                 seen_state = status.state
             if status.state == "COMPLETED":
                 return status.error
@@ -307,7 +390,10 @@ class FalEngine:
                 step = step_from_logs(status.logs, total)
                 if step is not None:
                     last["step"] = step
-                note(f"training on fal.ai{f' (step {step}/{total})' if step is not None else ''}", {**remote, "state": "IN_PROGRESS"})
+                note(
+                    f"training on fal.ai{f' (step {step}/{total})' if step is not None else ''}",
+                    {**remote, "state": "IN_PROGRESS"},
+                )
             if stop.wait(self.poll_s):
                 raise _Stopped()
 
@@ -322,10 +408,14 @@ class FalEngine:
             except Exception as exc:  # told, not fatal: the job is cancelled either way
                 self.log.warning("fal.cancel_failed", request_id=saved["request_id"], error=str(exc))
         elif record.is_file():
-            self.log.info("fal.detached", request_id=json.loads(record.read_text(encoding="utf-8"))["request_id"])
+            self.log.info(
+                "fal.detached", request_id=json.loads(record.read_text(encoding="utf-8"))["request_id"]
+            )
         return TrainResult(TrainStatus.STOPPED, step=step or None)
 
-    def _fetch_result(self, service, endpoint: str, request_id: str, plan: TrainingPlan, workdir: Path, stop, note) -> Path:
+    def _fetch_result(
+        self, service, endpoint: str, request_id: str, plan: TrainingPlan, workdir: Path, stop, note
+    ) -> Path:
         from engines.fal.convert import BadLoRA, convert
         from engines.fal.service import Rejected
 
@@ -333,10 +423,17 @@ class FalEngine:
         atomic_write_text(workdir / FAL_DIR / RESULT_FILE, json.dumps(result, indent=2, default=str))
         lora = result.get("diffusers_lora_file") if isinstance(result, dict) else None
         if not isinstance(lora, dict) or not lora.get("url"):
-            raise Rejected(f"the result has no diffusers_lora_file (keys: {sorted(result) if isinstance(result, dict) else result!r})")
+            raise Rejected(
+                f"the result has no diffusers_lora_file (keys: {sorted(result) if isinstance(result, dict) else result!r})"
+            )
         download = workdir / FAL_DIR / "download.safetensors"
         size = lora.get("file_size")
-        nbytes, sha = self._call("download", lambda: service.download(str(lora["url"]), download, int(size) if size else None), stop, note)
+        nbytes, sha = self._call(
+            "download",
+            lambda: service.download(str(lora["url"]), download, int(size) if size else None),
+            stop,
+            note,
+        )
         self.log.info("fal.downloaded", bytes=nbytes, sha256=sha)
         adapter = workdir / "adapter.safetensors"
         prefix = "transformer." if "flux" in endpoint else "diffusion_model."
@@ -349,8 +446,17 @@ class FalEngine:
         if problem:
             adapter.unlink(missing_ok=True)
             raise Rejected(f"the LoRA fal returned does not load in mflux: {problem}")
-        atomic_write_text(workdir / FAL_DIR / "adapter.json", json.dumps(
-            {"sha256_download": sha, "rank": converted.rank, "alpha": converted.alpha, "modules": converted.modules}))
+        atomic_write_text(
+            workdir / FAL_DIR / "adapter.json",
+            json.dumps(
+                {
+                    "sha256_download": sha,
+                    "rank": converted.rank,
+                    "alpha": converted.alpha,
+                    "modules": converted.modules,
+                }
+            ),
+        )
         self.log.info("fal.converted", modules=converted.modules, rank=converted.rank, alpha=converted.alpha)
         return adapter
 
@@ -394,34 +500,65 @@ class FalEngine:
         ledger = self.state_dir / FAL_DIR / LEDGER
         ledger.parent.mkdir(parents=True, exist_ok=True)
         with ledger.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"ts": time.time(), "request_id": request_id, "job_id": plan.config.get("job_id"),
-                                 "cost_usd": plan.config.get("cost_usd")}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "ts": time.time(),
+                        "request_id": request_id,
+                        "job_id": plan.config.get("job_id"),
+                        "cost_usd": plan.config.get("cost_usd"),
+                    }
+                )
+                + "\n"
+            )
 
     # -- render and publish ------------------------------------------------------------------
 
     def _local(self):
         from engines.mflux.engine import MFluxEngine
 
-        return MFluxEngine(EngineContext(self.state_dir, self.context.stop_timeout_s, self.context.keep_awake))
+        return MFluxEngine(
+            EngineContext(self.state_dir, self.context.stop_timeout_s, self.context.keep_awake)
+        )
 
     def render(
-        self, plan: TrainingPlan, workdir: Path, lora: Path, prompt: str, out_dir: Path, stop: StopToken, seed: int = 42
+        self,
+        plan: TrainingPlan,
+        workdir: Path,
+        lora: Path,
+        prompt: str,
+        out_dir: Path,
+        stop: StopToken,
+        seed: int = 42,
     ) -> RenderOutcome:
         """The test render, made here by the mflux engine when the model is on this machine."""
         local = self._local()
         check = local.model_check(plan.model)
         if check.status is not CheckStatus.OK and plan.model != "tiny-z-image":
-            return RenderFailed(f"the LoRA trained on fal.ai is ready in {lora}, but the local test render needs the model "
-                                f"here: {check.detail}")
+            return RenderFailed(
+                f"the LoRA trained on fal.ai is ready in {lora}, but the local test render needs the model "
+                f"here: {check.detail}"
+            )
         from daemon.pipeline import machine_now  # a render plan for this machine, as a local job gets
 
         c = plan.config
-        job = JobInput(str(c["job_id"]), str(c["name"]), str(c["trigger"]), plan.model, int(c["image_count"]),
-                       int(c["max_side"]), dict(c.get("options") or {}), Path(c["data"]), prompt)
+        job = JobInput(
+            str(c["job_id"]),
+            str(c["name"]),
+            str(c["trigger"]),
+            plan.model,
+            int(c["image_count"]),
+            int(c["max_side"]),
+            dict(c.get("options") or {}),
+            Path(c["data"]),
+            prompt,
+        )
         try:
             local_plan = local.plan(job, machine_now())
         except PlanError as exc:
-            return RenderFailed(f"the LoRA trained on fal.ai is ready in {lora}, but this machine cannot render it: {exc}")
+            return RenderFailed(
+                f"the LoRA trained on fal.ai is ready in {lora}, but this machine cannot render it: {exc}"
+            )
         render_dir = Path(workdir) / FAL_DIR / "local"
         render_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(render_dir / "plan.json", json.dumps(local_plan.to_dict(), indent=2))
@@ -463,9 +600,17 @@ class FalEngine:
 
         endpoint = pricing.endpoint_for(model, self.endpoints)
         if endpoint is None:
-            return Check("model", CheckStatus.FAIL, f"fal: no trainer endpoint for {model!r}; add one in [engines.fal] endpoints")
+            return Check(
+                "model",
+                CheckStatus.FAIL,
+                f"fal: no trainer endpoint for {model!r}; add one in [engines.fal] endpoints",
+            )
         if not find_key():
-            return Check("model", CheckStatus.FAIL, f"{model} trains on fal.ai ({endpoint}) but there is no API key: {HOW_TO_SET_KEY}")
+            return Check(
+                "model",
+                CheckStatus.FAIL,
+                f"{model} trains on fal.ai ({endpoint}) but there is no API key: {HOW_TO_SET_KEY}",
+            )
         return Check("model", CheckStatus.OK, f"{model} trains on fal.ai ({endpoint}); FAL_KEY is set")
 
     def saved_step(self, workdir: Path) -> int | None:

@@ -31,16 +31,25 @@ def check(lora: Path, model: str, tiny_dir: Path | None) -> dict:
 
     weights: dict = dict(mx.load(str(lora)).items())  # type: ignore[union-attr]
     patterns = LoRALoader._build_pattern_mappings(_mapping(model))
-    matched = {key for key in weights if any(LoRALoader._match_pattern(key, p.source_pattern) is not None for p in patterns)}
+    matched = {
+        key
+        for key in weights
+        if any(LoRALoader._match_pattern(key, p.source_pattern) is not None for p in patterns)
+    }
     unmatched = sorted(set(weights) - matched)
     result = {"total": len(weights), "matched": len(matched), "unmatched": unmatched[:10], "applied": False}
     if tiny_dir is not None and not unmatched:
         from engines.mflux import tiny_model
 
-        spec = json.loads((tiny_dir / tiny_model.SPEC_FILE).read_text()) if (tiny_dir / tiny_model.SPEC_FILE).is_file() else tiny_model.SPEC
+        spec = (
+            json.loads((tiny_dir / tiny_model.SPEC_FILE).read_text())
+            if (tiny_dir / tiny_model.SPEC_FILE).is_file()
+            else tiny_model.SPEC
+        )
         transformer = tiny_model.build_modules(spec)[1]
-        LoRALoader.load_and_apply_lora(lora_mapping=_mapping(model), transformer=transformer, lora_paths=[str(lora)],
-                                       lora_scales=[1.0])
+        LoRALoader.load_and_apply_lora(
+            lora_mapping=_mapping(model), transformer=transformer, lora_paths=[str(lora)], lora_scales=[1.0]
+        )
         result["applied"] = True
     return result
 
@@ -55,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with contextlib.redirect_stdout(sys.stderr):  # mflux prints its progress; stdout carries the answer
-                result = check(Path(args.lora), args.model, Path(args.tiny_dir) if args.tiny_dir else None)
+            result = check(Path(args.lora), args.model, Path(args.tiny_dir) if args.tiny_dir else None)
     except Exception as exc:  # reported to the daemon as the check's answer
         result = {"error": f"{type(exc).__name__}: {exc}"}
     sys.stdout.write(json.dumps(result) + "\n")

@@ -58,7 +58,9 @@ def estimate_usd(endpoint: str, steps: int, price_override: float = 0.0) -> tupl
     """What one training of `steps` steps costs at `endpoint` (dollars), and the price used."""
     price = PRICES.get(endpoint, UNKNOWN_PRICE)
     if price_override > 0:
-        price = Price(usd_per_step=price_override, min_steps=price.min_steps, default_steps=price.default_steps)
+        price = Price(
+            usd_per_step=price_override, min_steps=price.min_steps, default_steps=price.default_steps
+        )
     return round(max(steps, price.min_steps) * price.usd_per_step, 4), price
 
 

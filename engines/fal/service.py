@@ -90,7 +90,9 @@ class FalService:
         for name, env in (("REST_URL", "FAL_REST_URL"), ("CDN_URL", "FAL_CDN_URL")):
             if os.environ.get(env):
                 setattr(fc, name, os.environ[env].rstrip("/"))
-        if os.environ.get("FAL_QUEUE_RUN_HOST"):  # read by fal_client at import; again here, for a process that imported it earlier
+        if os.environ.get(
+            "FAL_QUEUE_RUN_HOST"
+        ):  # read by fal_client at import; again here, for a process that imported it earlier
             fc.QUEUE_URL_FORMAT = f"https://{os.environ['FAL_QUEUE_RUN_HOST']}/"
         self.timeout_s = timeout_s
         self.client = fc.SyncClient(key=key, default_timeout=timeout_s)
@@ -135,7 +137,10 @@ class FalService:
             digest, size = hashlib.sha256(), 0
             fd, tmp = temp_beside(dest)
             try:
-                with os.fdopen(fd, "wb") as out, httpx.stream("GET", url, timeout=self.timeout_s, follow_redirects=True) as response:
+                with (
+                    os.fdopen(fd, "wb") as out,
+                    httpx.stream("GET", url, timeout=self.timeout_s, follow_redirects=True) as response,
+                ):
                     response.raise_for_status()
                     announced = response.headers.get("content-length")
                     for chunk in response.iter_bytes(1 << 20):

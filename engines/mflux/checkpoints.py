@@ -130,7 +130,10 @@ def relocated_config(saved: dict, plan_config: dict) -> dict:
         if key in plan_config and key in saved:
             want[key] = plan_config[key]
     if isinstance(saved.get("checkpoint"), dict) and isinstance(plan_config.get("checkpoint"), dict):
-        want["checkpoint"] = {**saved["checkpoint"], "output_path": plan_config["checkpoint"].get("output_path")}
+        want["checkpoint"] = {
+            **saved["checkpoint"],
+            "output_path": plan_config["checkpoint"].get("output_path"),
+        }
     return want
 
 

@@ -75,8 +75,10 @@ def build_config(
 ) -> tuple[dict, int]:
     """The mflux training config (absolute paths) and the total number of training steps."""
     profile = profile_for(model)
-    layers, steps, t_low, t_high = TINY_SHAPE if model == "tiny-z-image" else MODEL_SHAPES.get(
-        profile.mflux_model, MODEL_SHAPES["z-image-turbo"]
+    layers, steps, t_low, t_high = (
+        TINY_SHAPE
+        if model == "tiny-z-image"
+        else MODEL_SHAPES.get(profile.mflux_model, MODEL_SHAPES["z-image-turbo"])
     )
     rank = int(options.get("rank", DEFAULT_RANK))
     alpha = float(options.get("alpha", rank))
@@ -85,7 +87,12 @@ def build_config(
     if checkpoint_every > 0:
         save_every = checkpoint_every
     targets = [
-        {"module_path": f"layers.{{block}}.{module}", "blocks": {"start": 0, "end": layers}, "rank": rank, "alpha": alpha}
+        {
+            "module_path": f"layers.{{block}}.{module}",
+            "blocks": {"start": 0, "end": layers},
+            "rank": rank,
+            "alpha": alpha,
+        }
         for module in TARGET_MODULES
     ]
     preview = 64 if model == "tiny-z-image" else 512
@@ -109,7 +116,9 @@ def build_config(
         },
         "optimizer": {
             "name": "AdamW",
-            "learning_rate": float(options.get("learning_rate", TINY_LR if model == "tiny-z-image" else DEFAULT_LR)),
+            "learning_rate": float(
+                options.get("learning_rate", TINY_LR if model == "tiny-z-image" else DEFAULT_LR)
+            ),
         },
         "checkpoint": {"save_frequency": save_every, "output_path": str(output_dir)},
         "monitoring": {

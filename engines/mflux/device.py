@@ -105,7 +105,13 @@ def probe_device() -> Device:
                 log.info("engine.probe", engine="mflux", timeout_s=PROBE_TIMEOUT_S)
             device = Device.from_json(run_probe())
             if log is not None:
-                log.info("engine.device", backend=device.backend, device=device.name, total_gb=device.total_gb,
-                         free_gb=device.free_gb, error=device.error)
+                log.info(
+                    "engine.device",
+                    backend=device.backend,
+                    device=device.name,
+                    total_gb=device.total_gb,
+                    free_gb=device.free_gb,
+                    error=device.error,
+                )
             _cache["device"] = device
         return _cache["device"]

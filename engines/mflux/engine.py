@@ -37,11 +37,10 @@ from engines.base import (
     TrainStatus,
     coerce_options,
 )
-from engines.mflux import checkpoints
-from engines.mflux import disk
+from engines.mflux import checkpoints, disk
 from engines.mflux.config import build_config
-from engines.mflux.lora_export import export_adapter
 from engines.mflux.device import Device, PlanMemory, planning_memory, probe_device, run_probe
+from engines.mflux.lora_export import export_adapter
 from engines.mflux.memory_plan import PROFILES, InsufficientMemory, MemoryPlan, plan_memory
 from engines.mflux.weights import weights_check
 from engines.process.child import run_child
@@ -83,9 +82,19 @@ class MFluxEngine:
     worker_module: ClassVar[str] = "engines.mflux.worker"
     models: ClassVar[tuple[str, ...]] = tuple(PROFILES)
     options: ClassVar[tuple[Option, ...]] = (
-        Option("metal_timeout_workaround", bool, True,
-               "macOS: AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1 against the Metal watchdog killing long runs (mlx #3267)"),
-        Option("checkpoint_every", int, 0, "training checkpoint interval in steps; 0 = automatic (about 10 a run)", 0),
+        Option(
+            "metal_timeout_workaround",
+            bool,
+            True,
+            "macOS: AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1 against the Metal watchdog killing long runs (mlx #3267)",
+        ),
+        Option(
+            "checkpoint_every",
+            int,
+            0,
+            "training checkpoint interval in steps; 0 = automatic (about 10 a run)",
+            0,
+        ),
     )
 
     def __init__(self, context: EngineContext):
@@ -158,7 +167,9 @@ class MFluxEngine:
             raise MemoryPlanError(str(exc)) from None
         return self._plan_from_memory(job, memory, limit)
 
-    def step_down(self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult) -> TrainingPlan | None:
+    def step_down(
+        self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult
+    ) -> TrainingPlan | None:
         """After a memory kill: the next lower tier. After a missing quantized kernel (MLX-CUDA):
         the best unquantized tier that fits the device (its memory is free again: the child died)."""
         limit = planning_memory(self._device(), machine)
@@ -225,13 +236,23 @@ class MFluxEngine:
         detail = f"{device.backend}: {device.name}"
         try:
             limit = planning_memory(device, machine)
-            memory = plan_memory(model=model, total_gb=limit.total_gb, available_gb=limit.available_gb,
-                                 image_count=20, max_side=1024, backend=device.backend)
+            memory = plan_memory(
+                model=model,
+                total_gb=limit.total_gb,
+                available_gb=limit.available_gb,
+                image_count=20,
+                max_side=1024,
+                backend=device.backend,
+            )
         except (PlanError, InsufficientMemory) as exc:
             return Check("backend", CheckStatus.FAIL, f"{detail}; {exc}")
         detail += f"; plans from {limit.line()} -> {memory.tier}"
         if device.backend == "cpu":
-            return Check("backend", CheckStatus.WARN, detail + " (not Apple Silicon and no CUDA GPU: mlx runs on the CPU, training is slow)")
+            return Check(
+                "backend",
+                CheckStatus.WARN,
+                detail + " (not Apple Silicon and no CUDA GPU: mlx runs on the CPU, training is slow)",
+            )
         return Check("backend", CheckStatus.OK, detail)
 
     def saved_step(self, workdir: Path) -> int | None:
@@ -271,7 +292,11 @@ class MFluxEngine:
     # -- train -------------------------------------------------------------------------------
 
     def _env(self) -> dict[str, str]:
-        env = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_MININTERVAL": "5"}
+        env = {
+            "TRANSFORMERS_VERBOSITY": "error",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "TQDM_MININTERVAL": "5",
+        }
         if sys.platform == "darwin" and self.metal_timeout_workaround:
             env["AGX_RELAX_CDM_CTXSTORE_TIMEOUT"] = "1"  # mlx issue #3267: Metal watchdog kills long runs
         return env
@@ -285,8 +310,12 @@ class MFluxEngine:
                 import subprocess
 
                 subprocess.run(
-                    [sys.executable, "-c", "import sys; from engines.mflux.tiny_model import ensure_model; ensure_model(sys.argv[1])",
-                     str(self.state_dir)],
+                    [
+                        sys.executable,
+                        "-c",
+                        "import sys; from engines.mflux.tiny_model import ensure_model; ensure_model(sys.argv[1])",
+                        str(self.state_dir),
+                    ],
                     check=True,
                     cwd=ROOT,
                     capture_output=True,
@@ -323,9 +352,21 @@ class MFluxEngine:
         if resume is not None and checkpoints.step_of(resume) >= plan.total_steps:
             # Training had finished (the daemon stopped during render/publish): no child needed.
             adapter = export_adapter(resume, workdir / "adapter.safetensors", plan.config)
-            return TrainResult(TrainStatus.COMPLETED, adapter=adapter, step=checkpoints.step_of(resume),
-                               artifacts={"resumed_from": str(resume)})
-        args = ["-m", self.worker_module, "train", "--job-dir", str(workdir), "--plan", str(workdir / PLAN_FILE)]
+            return TrainResult(
+                TrainStatus.COMPLETED,
+                adapter=adapter,
+                step=checkpoints.step_of(resume),
+                artifacts={"resumed_from": str(resume)},
+            )
+        args = [
+            "-m",
+            self.worker_module,
+            "train",
+            "--job-dir",
+            str(workdir),
+            "--plan",
+            str(workdir / PLAN_FILE),
+        ]
         if resume is not None:
             args += ["--resume", str(resume)]
         else:
@@ -350,21 +391,34 @@ class MFluxEngine:
             keep_awake=self.keep_awake,
             on_spawn=on_spawn,
         )
-        artifacts = {"resumed_from": str(resume) if resume else None, "corrupt_skipped": [str(p) for p, _ in corrupt]}
+        artifacts = {
+            "resumed_from": str(resume) if resume else None,
+            "corrupt_skipped": [str(p) for p, _ in corrupt],
+        }
         if outcome.last("done") and outcome.returncode == 0:
             newest, _ = checkpoints.newest_good(ckpt_dir)
             if newest is None:
-                return TrainResult(TrainStatus.FAILED, error="training finished but left no valid checkpoint",
-                                   failure=Failure.OTHER, artifacts=artifacts)
+                return TrainResult(
+                    TrainStatus.FAILED,
+                    error="training finished but left no valid checkpoint",
+                    failure=Failure.OTHER,
+                    artifacts=artifacts,
+                )
             checkpoints.prune(ckpt_dir, keep=2)
             adapter = export_adapter(newest, workdir / "adapter.safetensors", plan.config)
-            return TrainResult(TrainStatus.COMPLETED, adapter=adapter, step=checkpoints.step_of(newest), artifacts=artifacts)
+            return TrainResult(
+                TrainStatus.COMPLETED, adapter=adapter, step=checkpoints.step_of(newest), artifacts=artifacts
+            )
         if outcome.last("stopped") and outcome.returncode == 0:
             newest, _ = checkpoints.newest_good(ckpt_dir)
             step = checkpoints.step_of(newest) if newest is not None else None
             return TrainResult(TrainStatus.STOPPED, step=step, artifacts=artifacts)
         if outcome.stop_reason is not None:
-            return TrainResult(TrainStatus.STOPPED, error=f"child ended with {outcome.returncode} after stop", artifacts=artifacts)
+            return TrainResult(
+                TrainStatus.STOPPED,
+                error=f"child ended with {outcome.returncode} after stop",
+                artifacts=artifacts,
+            )
         error = outcome.last("error")
         message = error["message"] if error else f"training process exited with code {outcome.returncode}"
         if outcome.killed_by_sigkill:
@@ -378,15 +432,35 @@ class MFluxEngine:
     # -- render ------------------------------------------------------------------------------
 
     def render(
-        self, plan: TrainingPlan, workdir: Path, lora: Path, prompt: str, out_dir: Path, stop: StopToken, seed: int = 42
+        self,
+        plan: TrainingPlan,
+        workdir: Path,
+        lora: Path,
+        prompt: str,
+        out_dir: Path,
+        stop: StopToken,
+        seed: int = 42,
     ) -> RenderOutcome:
         """Render with and without the LoRA (same seed), then the comparison."""
         problem = self.prepare(plan)
         if problem:
             return RenderFailed(problem)
         args = [
-            "-m", self.worker_module, "render", "--job-dir", str(workdir), "--plan", str(workdir / PLAN_FILE),
-            "--lora", str(lora), "--prompt", prompt, "--seed", str(seed), "--out-dir", str(out_dir),
+            "-m",
+            self.worker_module,
+            "render",
+            "--job-dir",
+            str(workdir),
+            "--plan",
+            str(workdir / PLAN_FILE),
+            "--lora",
+            str(lora),
+            "--prompt",
+            prompt,
+            "--seed",
+            str(seed),
+            "--out-dir",
+            str(out_dir),
         ]
         outcome = run_child(
             args,
@@ -400,8 +474,12 @@ class MFluxEngine:
         )
         done = outcome.last("done")
         if done and outcome.returncode == 0:
-            return RenderResult(with_lora=Path(done["lora"]), base=Path(done["base"]), compare=Path(done["compare"]))
+            return RenderResult(
+                with_lora=Path(done["lora"]), base=Path(done["base"]), compare=Path(done["compare"])
+            )
         if outcome.stop_reason is not None or outcome.last("stopped"):
             return RenderStopped(outcome.stop_reason)
         error = outcome.last("error")
-        return RenderFailed(error["message"] if error else f"render process exited with code {outcome.returncode}")
+        return RenderFailed(
+            error["message"] if error else f"render process exited with code {outcome.returncode}"
+        )

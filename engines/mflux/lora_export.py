@@ -71,4 +71,3 @@ def export_adapter(checkpoint: Path, dest: Path, config: dict) -> Path:
     if alphas:
         append_scalars(dest, dest, alphas)
     return dest
-

@@ -159,7 +159,9 @@ def plan_memory(
     notes: list[str] = []
     chosen: Tier | None = None
     for tier in tiers[index:]:
-        if (tier.quantize is None and not profile.allow_bf16) or (tier.quantize is not None and not quantized):
+        if (tier.quantize is None and not profile.allow_bf16) or (
+            tier.quantize is not None and not quantized
+        ):
             continue
         if tier.need_gb * profile.scale <= available_gb:
             chosen = tier
@@ -183,12 +185,21 @@ def plan_memory(
         max_resolution = profile.fixed_resolution
     elif resolution is not None:
         if resolution > max_resolution:
-            warnings.append(f"resolution {resolution} lowered to {max_resolution} px to fit {total_gb:.0f} GB")
+            warnings.append(
+                f"resolution {resolution} lowered to {max_resolution} px to fit {total_gb:.0f} GB"
+            )
         else:
             max_resolution = resolution
     if tier.warning:
         warnings.insert(0, tier.warning.format(resolution=max_resolution))
-    batch = 2 if tier.quantize is None and not tier.gradient_checkpointing and image_count <= 20 and max_side <= 1024 else 1
+    batch = (
+        2
+        if tier.quantize is None
+        and not tier.gradient_checkpointing
+        and image_count <= 20
+        and max_side <= 1024
+        else 1
+    )
     reason = (
         f"{tier.name}: {total_gb:.0f} GB total, {available_gb:.0f} GB free, {image_count} images (max side {max_side}) -> "
         f"quantize={tier.quantize or 'bf16'}, batch={batch}, checkpointing={'on' if tier.gradient_checkpointing else 'off'}, "

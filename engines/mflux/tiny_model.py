@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 TINY_MODEL_ID = "tiny-z-image"
 MFLUX_MODEL_FOR_TINY = "z-image"  # z-image-turbo would download an assistant adapter
@@ -194,7 +194,9 @@ def _write_model(path: Path) -> None:
     model.tokenizers = TokenizerLoader.load_all(
         definitions=ZImageWeightDefinition.get_tokenizers(), model_path=str(path)
     )
-    ModelSaver.save_model(model=model, bits=None, base_path=str(path), weight_definition=ZImageWeightDefinition)
+    ModelSaver.save_model(
+        model=model, bits=None, base_path=str(path), weight_definition=ZImageWeightDefinition
+    )
     (path / SPEC_FILE).write_text(json.dumps(SPEC, indent=2))
 
 

@@ -37,7 +37,9 @@ def hf_hub_cache(env: Mapping[str, str] | None = None) -> Path:
     explicit = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
     if explicit:
         return Path(os.path.expandvars(os.path.expanduser(explicit)))
-    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    home = env.get("HF_HOME") or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
     return Path(os.path.expandvars(os.path.expanduser(home))) / "hub"
 
 
@@ -91,7 +93,11 @@ def weights_check(model: str, env: Mapping[str, str] | None = None) -> Check:
     if model == "tiny-z-image":
         return Check("model", CheckStatus.OK, "tiny-z-image is generated locally on first use (no download)")
     if model not in MODEL_WEIGHTS:
-        return Check("model", CheckStatus.FAIL, f"unknown model {model!r}; known: {', '.join([*MODEL_WEIGHTS, 'tiny-z-image'])}")
+        return Check(
+            "model",
+            CheckStatus.FAIL,
+            f"unknown model {model!r}; known: {', '.join([*MODEL_WEIGHTS, 'tiny-z-image'])}",
+        )
     repo, size_gb = MODEL_WEIGHTS[model]
     cache = hf_hub_cache(env)
     snapshots = cache / f"models--{repo.replace('/', '--')}" / "snapshots"

@@ -43,7 +43,11 @@ def _hook_training(reporter: Reporter, stop: StopFlag, overrides: dict) -> None:
 
     def save(self, adapter, training_spec):
         original_save(self, adapter, training_spec)
-        path = Path(training_spec.checkpoint.output_path) / "checkpoints" / f"{self.iterator.num_iterations:07d}_checkpoint.zip"
+        path = (
+            Path(training_spec.checkpoint.output_path)
+            / "checkpoints"
+            / f"{self.iterator.num_iterations:07d}_checkpoint.zip"
+        )
         reporter.emit("checkpoint", step=self.iterator.num_iterations, path=str(path))
 
     TrainingState.save = save
@@ -77,7 +81,8 @@ def train(args, reporter: Reporter, stop: StopFlag) -> int:
     overrides = {}
     if args.resume:
         overrides = {
-            k: plan["config"][k] for k in ("quantize", "low_ram", "gradient_checkpointing", "cache_limit_gb", "max_resolution")
+            k: plan["config"][k]
+            for k in ("quantize", "low_ram", "gradient_checkpointing", "cache_limit_gb", "max_resolution")
         }
     _hook_training(reporter, stop, overrides)
     from mflux.models.common.training.runner import TrainingRunner
@@ -143,8 +148,16 @@ def render(args, reporter: Reporter, stop: StopFlag) -> int:
         del model
     from engines.process.compare import side_by_side
 
-    side_by_side(images["base"], images["lora"], out_dir / "compare.png", labels=("base", "with LoRA"), title=args.prompt)
-    reporter.emit("done", base=str(images["base"]), lora=str(images["lora"]), compare=str(out_dir / "compare.png"))
+    side_by_side(
+        images["base"],
+        images["lora"],
+        out_dir / "compare.png",
+        labels=("base", "with LoRA"),
+        title=args.prompt,
+    )
+    reporter.emit(
+        "done", base=str(images["base"]), lora=str(images["lora"]), compare=str(out_dir / "compare.png")
+    )
     return 0
 
 

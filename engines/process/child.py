@@ -46,7 +46,11 @@ class ChildOutcome:
         if self.stop_reason is not None:
             return False
         error = self.last("error")
-        return self.killed_by_sigkill or self.returncode == EXIT_MEMORY or bool(error and error.get("kind") == "memory")
+        return (
+            self.killed_by_sigkill
+            or self.returncode == EXIT_MEMORY
+            or bool(error and error.get("kind") == "memory")
+        )
 
 
 def _tail(path: Path, limit: int = 2000) -> str:
@@ -82,7 +86,9 @@ def run_child(
 ) -> ChildOutcome:
     """Run `python <args>` in cwd; progress events arrive on fd passed as --progress-fd."""
     read_fd, write_fd = os.pipe()
-    child_env = with_bytecode_cache({**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "LORAD_PARENT_PID": str(os.getpid())})
+    child_env = with_bytecode_cache(
+        {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "LORAD_PARENT_PID": str(os.getpid())}
+    )
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
@@ -113,7 +119,11 @@ def run_child(
                 outcome.stop_reason = stop.reason
                 _signal(proc, signal.SIGTERM)
                 term_sent_at = time.monotonic()
-            if term_sent_at is not None and time.monotonic() - term_sent_at > stop_timeout_s and proc.poll() is None:
+            if (
+                term_sent_at is not None
+                and time.monotonic() - term_sent_at > stop_timeout_s
+                and proc.poll() is None
+            ):
                 _signal(proc, signal.SIGKILL)
             ready, _, _ = select.select([read_fd], [], [], 0.2)
             if ready:

@@ -44,6 +44,10 @@ def hold_at_step(step: int, stop, env=os.environ) -> None:
     deadline = time.monotonic() + bound
     while not stop.is_set():
         if time.monotonic() >= deadline:
-            print(f"lorad-worker: test hold at step {step}: no stop within {bound:.0f} s, going on", file=sys.stderr, flush=True)
+            print(
+                f"lorad-worker: test hold at step {step}: no stop within {bound:.0f} s, going on",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         time.sleep(0.02)  # a signal handler runs between sleeps and sets the flag

@@ -88,7 +88,8 @@ class StopFlag:
 def is_memory_error(exc: BaseException) -> bool:
     text = f"{type(exc).__name__}: {exc}".lower()
     return isinstance(exc, MemoryError) or any(
-        key in text for key in ("malloc", "out of memory", "unable to allocate", "insufficient memory", "allocation")
+        key in text
+        for key in ("malloc", "out of memory", "unable to allocate", "insufficient memory", "allocation")
     )
 
 

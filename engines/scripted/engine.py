@@ -73,7 +73,9 @@ class ScriptedEngine(MFluxEngine):
 
     def __init__(self, context: EngineContext):
         values = coerce_options(self.name, self.options, context.options)
-        MFluxEngine.__init__(self, EngineContext(context.state_dir, context.stop_timeout_s, context.keep_awake))
+        MFluxEngine.__init__(
+            self, EngineContext(context.state_dir, context.stop_timeout_s, context.keep_awake)
+        )
         self.step_s = float(values["step_s"])  # type: ignore[arg-type]
         self.needs_gb = float(values["needs_gb"])  # type: ignore[arg-type]
 
@@ -86,7 +88,7 @@ class ScriptedEngine(MFluxEngine):
             tier=tier,
             reason=f"{tier}: the scripted engine sleeps {self.step_s} s a step",
             total_steps=total,
-            summary=[f"backend      cpu (scripted: no training math)", f"tier         {tier}"],
+            summary=["backend      cpu (scripted: no training math)", f"tier         {tier}"],
             config={
                 "step_s": self.step_s,
                 "total": total,
@@ -105,25 +107,38 @@ class ScriptedEngine(MFluxEngine):
         has = machine.memory_override_gb if machine.memory_override_gb is not None else machine.total_gb
         if self.needs_gb and has < self.needs_gb:
             raise PlanError(
-                f"needs {self.needs_gb:g} GB, this machine has {has:.0f} GB", needs_gb=self.needs_gb, has_gb=has
+                f"needs {self.needs_gb:g} GB, this machine has {has:.0f} GB",
+                needs_gb=self.needs_gb,
+                has_gb=has,
             )
         return self._plan(job, TIERS[0])
 
-    def train(self, plan: TrainingPlan, workdir: Path, progress, stop: StopToken, on_spawn=None) -> TrainResult:
+    def train(
+        self, plan: TrainingPlan, workdir: Path, progress, stop: StopToken, on_spawn=None
+    ) -> TrainResult:
         result = super().train(plan, workdir, progress, stop, on_spawn=on_spawn)
         if result.status is TrainStatus.COMPLETED:
             hold("trained", Path(workdir).name)
         return result
 
     def render(
-        self, plan: TrainingPlan, workdir: Path, lora: Path, prompt: str, out_dir: Path, stop: StopToken, seed: int = 42
+        self,
+        plan: TrainingPlan,
+        workdir: Path,
+        lora: Path,
+        prompt: str,
+        out_dir: Path,
+        stop: StopToken,
+        seed: int = 42,
     ) -> RenderOutcome:
         rendered = super().render(plan, workdir, lora, prompt, out_dir, stop, seed)
         if isinstance(rendered, RenderResult):
             hold("rendered", Path(workdir).name)
         return rendered
 
-    def step_down(self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult) -> TrainingPlan | None:
+    def step_down(
+        self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult
+    ) -> TrainingPlan | None:
         """One lower tier after a memory kill (the config is unchanged: it has no memory knobs)."""
         if failed.failure is not Failure.MEMORY:
             return None
@@ -149,10 +164,15 @@ class ScriptedEngine(MFluxEngine):
         return [loss] if loss.is_file() else []
 
     def adapter_metadata(self, plan: TrainingPlan) -> dict[str, str]:
-        return {"ss_network_dim": str(plan.config.get("rank", "")), "ss_network_alpha": str(plan.config.get("alpha", ""))}
+        return {
+            "ss_network_dim": str(plan.config.get("rank", "")),
+            "ss_network_alpha": str(plan.config.get("alpha", "")),
+        }
 
     def intake_limits(self) -> IntakeLimits:
         return IntakeLimits(max_caption_tokens=None)
 
     def doctor_checks(self, model: str, machine: Machine) -> list[Check]:
-        return [Check("engine", CheckStatus.WARN, "scripted: a stand-in trainer for tests; it trains nothing")]
+        return [
+            Check("engine", CheckStatus.WARN, "scripted: a stand-in trainer for tests; it trains nothing")
+        ]

@@ -24,7 +24,9 @@ def _adapter_bytes(step: int, rank: int) -> bytes:
 
     rng = np.random.default_rng(step)
     tensors = {
-        "diffusion_model.layers.0.attention.to_q.lora_A.weight": rng.standard_normal((rank, 64)).astype(np.float32),
+        "diffusion_model.layers.0.attention.to_q.lora_A.weight": rng.standard_normal((rank, 64)).astype(
+            np.float32
+        ),
         "diffusion_model.layers.0.attention.to_q.lora_B.weight": np.full((64, rank), step, dtype=np.float32),
     }
     return save(tensors, metadata={"mflux_version": "scripted", "model": "z-image"})
@@ -101,7 +103,9 @@ def render(args, reporter: Reporter, stop: StopFlag) -> int:
     Image.new("RGB", (64, 64), (90, 90, 90)).save(out / "base.png")
     Image.new("RGB", (64, 64), (200, 60, 60)).save(out / "lora.png")
     side_by_side(out / "base.png", out / "lora.png", out / "compare.png", labels=("base", "with LoRA"))
-    reporter.emit("done", base=str(out / "base.png"), lora=str(out / "lora.png"), compare=str(out / "compare.png"))
+    reporter.emit(
+        "done", base=str(out / "base.png"), lora=str(out / "lora.png"), compare=str(out / "compare.png")
+    )
     return 0
 
 
