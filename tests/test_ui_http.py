@@ -535,3 +535,17 @@ def test_lora_images_work_for_names_with_url_characters(served):
         assert status == 200, src
         served_bytes.add(data)
     assert served_bytes == {f"png-{i}".encode() for i in range(len(names))}
+
+
+def test_an_action_body_too_large_is_refused_before_it_is_read(served):
+    s, port, store = served()
+    job = _job(store, s)
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn.sendall(
+        f"POST /jobs/{job.id}/cancel HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000000000\r\n\r\n".encode()
+    )
+    conn.sendall(b"csrf=" + b"x" * 8000)  # past the limit; the rest never comes
+    assert conn.makefile("rb").readline().startswith(b"HTTP/1.1 413")
+    conn.close()
+    assert not store.get(job.id).cancel_requested

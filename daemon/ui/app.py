@@ -59,6 +59,8 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",
 }
 FILE_HEADERS = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
+ACTION_BODY_MAX = 4096  # an action's form is a CSRF token: anything longer is refused unread
+ACTION_BODY_TIMEOUT_S = 10.0
 LOG_TAIL_BYTES = 2_000_000  # the job page reads at most this much of the end of lorad.jsonl
 
 
@@ -238,9 +240,9 @@ class Dashboard:
 
     async def action(self, request: Request) -> Response:
         """POST /jobs/<id>/<action>: CSRF token (form field = cookie) and same-origin required."""
-        body = await request.body()
-        if len(body) > 4096:
-            return PlainTextResponse("request too large", 413)
+        body = await _read_body(request, ACTION_BODY_MAX, ACTION_BODY_TIMEOUT_S)
+        if body is None:
+            return PlainTextResponse("request too large or too slow", 413, headers={"Connection": "close"})
         form = urllib.parse.parse_qs(body.decode("utf-8", errors="replace"))
         token = (form.get("csrf") or [""])[0]
         cookie = request.cookies.get(CSRF_COOKIE, "")
@@ -412,6 +414,27 @@ class _CountedStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.dashboard.streams -= 1
+
+
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes | None:
+    """The request body, or None once it passes `limit` bytes or `timeout_s` seconds: a hostile
+    client can neither fill memory nor hold the request open by trickling its body."""
+    chunks: list[bytes] = []
+
+    async def read() -> bool:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return False
+            chunks.append(chunk)
+        return True
+
+    try:
+        complete = await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        return None
+    return b"".join(chunks) if complete else None
 
 
 def _extra_columns(conn: sqlite3.Connection) -> str:
