@@ -459,12 +459,15 @@ def cmd_ui(settings: Settings, args) -> int:
 
     if settings.ui is None:
         raise UsageError('the dashboard is off (ui = false); set ui = "127.0.0.1:8765" and restart lorad')
+    import urllib.parse
+
     from daemon.settings import parse_ui_address
 
     host, port = parse_ui_address(settings.ui)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}/"
-    opened = url + (f"?token={settings.ui_token}" if settings.ui_token else "")
+    # The token may hold + / = (a base64 secret): encoded, or the dashboard reads another token.
+    opened = url + (f"?token={urllib.parse.quote(settings.ui_token, safe='')}" if settings.ui_token else "")
     print(url + ("?token=***" if settings.ui_token else ""))
     if not running_daemon_pid(settings.state):
         print(

@@ -151,6 +151,44 @@ def clean_work_dirs(settings: Settings, store: JobStore) -> list[str]:
     return removed
 
 
+# macOS refuses an unlimited RLIMIT_NOFILE (its OPEN_MAX is 10240); Linux's nr_open default is 2^20.
+_UNLIMITED_FILES = {"darwin": 10240}
+
+
+def file_limit_target(soft: int, hard: int, platform: str) -> int | None:
+    """The soft file limit lorad raises itself to (its hard limit, or the most an unlimited hard
+    limit allows), or None when there is nothing to raise (pure)."""
+    import resource
+
+    if soft == resource.RLIM_INFINITY:
+        return None
+    target = _UNLIMITED_FILES.get(platform, 1 << 20) if hard == resource.RLIM_INFINITY else hard
+    return target if target > soft else None
+
+
+def raise_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (macOS's default soft limit is 256);
+    returns the soft limit in force (the dashboard caps its connections at a quarter of it)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = file_limit_target(soft, hard, sys.platform)
+    if target is not None:
+        for value in dict.fromkeys((target, min(target, 10240))):
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (value, hard))
+                break
+            except (ValueError, OSError):
+                continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def rescan_wait(interval_s: float, failures: int) -> float:
+    """Seconds to the next rescan (pure): the interval; after failures, soon at first and then
+    backing off (1, 2, 4 ... s), never longer than the interval."""
+    return interval_s if failures == 0 else min(interval_s, float(2 ** min(failures - 1, 16)))
+
+
 class Daemon:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -160,6 +198,8 @@ class Daemon:
         self.coordinator: Coordinator | None = (
             None  # scale-out (queue = redis URL): daemon/remote/coordinator.py
         )
+        self.rescan_failures = 0  # rescans in a row that could not read training_data
+        self.file_limit = 0
 
     def _on_stop_signal(self, signum, _frame) -> None:
         self.signals += 1
@@ -183,6 +223,7 @@ class Daemon:
         logs.configure(
             level=s.log_level, log_file=s.log_file, max_bytes=s.log_max_bytes, backups=s.log_backups
         )
+        self.file_limit = raise_file_limit()
         try:
             check_engine_settings(s)  # an unknown engine or a bad [engines.*] value stops the start
         except SettingsError as exc:
@@ -243,7 +284,7 @@ class Daemon:
             s.training_data, loop.schedule, polling=s.observer == "polling", ready_event=loop.ready_event
         )
         watcher.start()
-        found = loop.rescan(s.training_data)
+        found = self._rescan(loop)
         from daemon.doctor import announce_weights
 
         announce_weights(s, self.log)  # missing weights: said now, not after a job fails
@@ -257,6 +298,7 @@ class Daemon:
             engine=s.engine,
             observer=s.observer,
             ready_found=found,
+            file_limit=self.file_limit,
             notify_targets=len(s.notify),  # a count: the URLs hold secrets (daemon/notify.py masks them)
             notify_on=list(s.notify_on),
             ui=ui.url if ui is not None else None,
@@ -285,14 +327,32 @@ class Daemon:
     def _serve_then_stop_intake(self, loop: IntakeLoop, watcher: Watcher, ui) -> float:
         """Rescan periodically until a stop signal, then close the doors (dashboard, watcher,
         intake); returns when the stop began (monotonic), for the daemon.stopped line."""
-        while not self.shutdown.wait(self.settings.rescan_interval_s):
-            loop.rescan(self.settings.training_data)
+        while not self.shutdown.wait(rescan_wait(self.settings.rescan_interval_s, self.rescan_failures)):
+            self._rescan(loop)
         started = time.monotonic()
         if ui is not None:
             ui.stop()
         watcher.stop()
         loop.stop()
         return started
+
+    def _rescan(self, loop: IntakeLoop) -> int:
+        """One rescan of training_data (READY files the watcher missed); an OSError (an NFS or
+        SMB hiccup, out of descriptors) is logged and retried after a back-off, never fatal.
+        Returns how many READY files it found."""
+        try:
+            found = loop.rescan(self.settings.training_data)
+        except OSError as exc:
+            self.rescan_failures += 1
+            retry = rescan_wait(self.settings.rescan_interval_s, self.rescan_failures)
+            self.log.warning("daemon.rescan_failed", error=f"{type(exc).__name__}: {exc}",
+                             path=str(self.settings.training_data), failures=self.rescan_failures,
+                             retry_in_s=retry)  # fmt: skip
+            return 0
+        if self.rescan_failures:
+            self.log.info("daemon.rescan_recovered", failures=self.rescan_failures, ready_found=found)
+            self.rescan_failures = 0
+        return found
 
     def _take_over_state(self, store: JobStore, jobs_moved: Path | None, jobs_problem: str | None):
         """What both modes do with the state they found: re-adopt work dirs the table lost, clean
@@ -344,7 +404,7 @@ class Daemon:
             s.training_data, loop.schedule, polling=s.observer == "polling", ready_event=loop.ready_event
         )
         watcher.start()
-        return loop, watcher, loop.rescan(s.training_data)
+        return loop, watcher, self._rescan(loop)
 
     def _run_coordinator(self) -> int:
         """`lorad run` with a Redis queue: the same watcher, intake and jobs table; jobs go to
@@ -385,7 +445,7 @@ class Daemon:
         announce_weights(s, self.log)
         ui = self._start_ui()
         self.log.info("daemon.started", pid=os.getpid(), assets=str(s.assets), state=str(s.state), model=s.model,
-                      engine=s.engine, observer=s.observer, ready_found=found, queue=mask(s.queue),
+                      engine=s.engine, observer=s.observer, ready_found=found, file_limit=self.file_limit, queue=mask(s.queue),
                       local_worker=s.local_worker, notify_targets=len(s.notify), notify_on=list(s.notify_on),
                       ui=ui.url if ui is not None else None)  # fmt: skip
         started = self._serve_then_stop_intake(loop, watcher, ui)

@@ -10,10 +10,19 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import structlog
+
+# A flood of one repeated line (asyncio's "socket.accept() out of system resource" wrote 4,000 a
+# second) would rotate the job history out of the log: past REPEAT_BURST lines of one event in
+# REPEAT_WINDOW_S, the rest are counted, and one `log.repeated` line says how many.
+REPEAT_WINDOW_S = 10.0
+REPEAT_BURST = 50
+_monotonic = time.monotonic
 
 _dict_tracebacks = structlog.processors.ExceptionRenderer(
     structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
@@ -34,6 +43,65 @@ def _drop_noise(_, __, event_dict):
     if event_dict.get("logger") == "lorad":
         event_dict.pop("logger")
     return event_dict
+
+
+def _repeat_key(record: logging.LogRecord) -> tuple[str, int, str, str, str]:
+    """What makes two log lines "the same event": its logger, level and event (or message
+    template), and the job or dataset it is about (100 jobs queued at once are not a flood)."""
+    msg = record.msg
+    if isinstance(msg, dict):  # a structlog event dict
+        return (record.name, record.levelno, str(msg.get("event")), str(msg.get("job_id", "")),
+                str(msg.get("dataset", "")))  # fmt: skip
+    return (record.name, record.levelno, str(msg)[:500], "", "")
+
+
+class RepeatCollapser(logging.Filter):
+    """Handler filter: lets REPEAT_BURST lines of one event through per REPEAT_WINDOW_S, counts
+    the rest, and logs one `log.repeated` line when that window ends (at the next line logged).
+    One instance serves all of lorad's handlers; a record's verdict is decided once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._windows: dict[tuple, list] = {}  # key -> [window start, lines, suppressed]
+        self._last_sweep = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        verdict = getattr(record, "_lorad_keep", None)
+        if verdict is not None:
+            return bool(verdict)
+        now = _monotonic()
+        due: list[tuple[tuple, int]] = []
+        key = _repeat_key(record)
+        with self._lock:
+            if now - self._last_sweep >= 1.0:
+                self._last_sweep = now
+                for other in list(self._windows):
+                    self._expire(other, now, due)
+            self._expire(key, now, due)
+            window = self._windows.setdefault(key, [now, 0, 0])
+            window[1] += 1
+            keep = window[1] <= REPEAT_BURST
+            if not keep:
+                window[2] += 1
+        record._lorad_keep = keep
+        for repeated, count in due:
+            _summarise(repeated, count)
+        return keep
+
+    def _expire(self, key: tuple, now: float, due: list) -> None:
+        window = self._windows.get(key)
+        if window is not None and now - window[0] >= REPEAT_WINDOW_S:
+            del self._windows[key]
+            if window[2]:
+                due.append((key, window[2]))
+
+
+def _summarise(key: tuple, count: int) -> None:
+    source, _level, event, job_id, dataset = key
+    context = {k: v for k, v in (("job_id", job_id), ("dataset", dataset)) if v}
+    get_logger().warning("log.repeated", repeated_event=event, source=source, count=count,
+                         message=f"… repeated {count} times", **context)  # fmt: skip
 
 
 def _json_formatter() -> logging.Formatter:
@@ -81,6 +149,7 @@ def configure(
             root.removeHandler(handler)
             handler.close()
     root.setLevel(level)
+    collapser = RepeatCollapser()
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         file_handler = logging.handlers.RotatingFileHandler(
@@ -88,6 +157,7 @@ def configure(
         )
         file_handler.setFormatter(_json_formatter())
         file_handler._lorad = True  # type: ignore[attr-defined]
+        file_handler.addFilter(collapser)
         root.addHandler(file_handler)
     if console:
         stream = stream or sys.stderr
@@ -95,6 +165,7 @@ def configure(
         is_tty = hasattr(stream, "isatty") and stream.isatty()
         console_handler.setFormatter(_console_formatter() if is_tty else _json_formatter())
         console_handler._lorad = True  # type: ignore[attr-defined]
+        console_handler.addFilter(collapser)
         root.addHandler(console_handler)
     # huey logs every task at INFO; keep its chatter at WARNING unless debugging.
     logging.getLogger("huey").setLevel(level if level == "DEBUG" else "WARNING")

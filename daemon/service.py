@@ -27,6 +27,7 @@ WORKER_LABEL = "com.lorad.worker"
 WORKER_UNIT = "lorad-worker.service"
 TEMPLATE = Path(__file__).resolve().parent.parent / "launchd" / f"{LABEL}.plist"
 # Homebrew (Apple Silicon and Intel) first: caffeinate and friends live in /usr/bin anyway.
+FILE_LIMIT = 8192  # open files: systemd LimitNOFILE, launchd SoftResourceLimits (its template says the same)
 LAUNCHD_PATH = "/opt/homebrew/bin:/opt/homebrew/sbin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 
 
@@ -142,6 +143,9 @@ RestartSec=30
 KillSignal=SIGTERM
 KillMode=mixed
 TimeoutStopSec={timeout}
+# Open files: the dashboard's connections never take the daemon's descriptors (lorad caps them at
+# a quarter of this limit, and raises its soft limit to the hard one at start).
+LimitNOFILE={FILE_LIMIT}
 
 [Install]
 WantedBy=default.target
@@ -164,6 +168,9 @@ RestartSec=30
 KillSignal=SIGTERM
 KillMode=mixed
 TimeoutStopSec={timeout}
+# Open files: the dashboard's connections never take the daemon's descriptors (lorad caps them at
+# a quarter of this limit, and raises its soft limit to the hard one at start).
+LimitNOFILE={FILE_LIMIT}
 
 [Install]
 WantedBy=default.target

@@ -189,6 +189,7 @@ class Settings:
 KEYS = {k: v for k, v in FIELDS.items() if k not in ("engines", "deprecations")}
 _PATH_KEYS = {"assets", "state_dir", "registry"}
 _OPTIONAL = {"state_dir", "ram_gb", "ui_token"}
+UI_TOKEN_MIN_CHARS = 16  # the dashboard's token is its only lock off loopback
 _OFF = ("0", "false", "no", "off")
 
 
@@ -264,6 +265,11 @@ def _coerce(key: str, value: object, source: str, base: Path) -> object:
         return value.upper()
     if key == "observer" and value not in OBSERVERS:
         raise SettingsError(f"{where}: must be one of {', '.join(OBSERVERS)}, got {value!r}")
+    if key == "ui_token" and len(value) < UI_TOKEN_MIN_CHARS:
+        raise SettingsError(
+            f"{where}: ui_token must be at least {UI_TOKEN_MIN_CHARS} characters (got {len(value)}); "
+            f"a short token can be guessed: use a long random string, e.g. `openssl rand -base64 24`"
+        )
     if key == "queue" and value != "sqlite" and not value.startswith(("redis://", "rediss://")):
         shown = value.split("@", 1)[-1] if "@" in value else value  # never echo a password
         raise SettingsError(f'{where}: expected "sqlite" or a redis:// / rediss:// URL, got {shown!r}')

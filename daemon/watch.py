@@ -156,13 +156,15 @@ class IntakeLoop:
         return entry is not None and entry[0] == "writing"
 
     def rescan(self, root: Path) -> int:
-        """Schedule every folder that holds a READY, oldest READY first (FIFO across restarts)."""
+        """Schedule every folder that holds a READY, oldest READY first (FIFO across restarts).
+        A folder whose READY cannot be read is skipped this time; an error listing `root` itself
+        is raised to the caller (the daemon logs it and retries later)."""
         found = []
         try:
             for child in root.iterdir():
                 try:
                     st = (child / READY).lstat()
-                except (FileNotFoundError, NotADirectoryError, PermissionError):
+                except OSError:  # none there, not a folder, or unreadable right now
                     continue
                 found.append((st.st_mtime_ns, child))
         except FileNotFoundError:

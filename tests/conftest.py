@@ -118,8 +118,10 @@ class DaemonProc(LoradProc):
         engine: str = "scripted",
         model: str = "tiny-z-image",
         extra_env: dict | None = None,
+        preexec_fn=None,
     ):
         self.root = root
+        self.preexec_fn = preexec_fn  # run in the child before exec (e.g. a lower file limit)
         self.assets = root / "assets"
         self.state = self.assets / ".lorad"
         self.registry = root / "config.json"
@@ -152,6 +154,7 @@ class DaemonProc(LoradProc):
             env=self.env,
             stdout=self.out,
             stderr=subprocess.STDOUT,
+            preexec_fn=self.preexec_fn,
         )
         pid = self.proc.pid
         wait_for(

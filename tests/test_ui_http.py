@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import threading
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -44,13 +45,13 @@ def served(tmp_path):
     """start(**env) -> (settings, port, store): a real dashboard on a free port of this machine."""
     servers: list[UIServer] = []
 
-    def start(**env: str):
+    def start(limits: dict | None = None, **env: str):
         env.setdefault("LORAD_UI", "127.0.0.1:0")
         s = _settings(tmp_path, **env)
         s.training_data.mkdir(parents=True, exist_ok=True)
         s.loras.mkdir(parents=True, exist_ok=True)
         store = JobStore(s.jobs_db, jobs_dir=s.jobs_dir)
-        server = UIServer(s, threading.Event(), Log())
+        server = UIServer(s, threading.Event(), Log(), **(limits or {}))
         assert server.start(), server.log.lines
         servers.append(server)
         wait_for(lambda: server.server is not None and server.server.started, 10, message="uvicorn started")
@@ -374,3 +375,177 @@ def test_port_in_use_is_one_log_line_and_the_daemon_runs_on(daemon_factory):
         assert d.log_has("daemon.started", ui=None) and d.proc.poll() is None
     finally:
         busy.close()
+
+
+# -- hostile peers (issue 19: cases 1, 2 and 10) ----------------------------------------------
+
+
+def _half_open(port: int, count: int) -> list[socket.socket]:
+    """Connections that send a partial request line and never finish their headers."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"GET / HTTP/1.1\r\n")
+        socks.append(sock)
+    return socks
+
+
+def _closed_by_server(sock: socket.socket) -> bytes | None:
+    """What the server sent before it closed the connection; None while it is still open."""
+    sock.settimeout(0.05)
+    data = b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except TimeoutError:
+        return None
+    except OSError:
+        pass
+    return data
+
+
+def test_headers_must_arrive_within_the_deadline(served):
+    _s, port, _store = served(limits={"header_timeout_s": 0.5})
+    (slow,) = _half_open(port, 1)
+    trickle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    trickle.sendall(b"GET / HTTP/1.1\r\n")
+    # A byte now and then does not extend the deadline; the server closes both.
+    wait_for(lambda: trickle.sendall(b"X") or _closed_by_server(slow) is not None, 10, message="slow closed")
+    wait_for(lambda: _closed_by_server(trickle) is not None, 10, message="trickling connection closed")
+    assert get(port, "/")[0] == 200  # a whole request in time is served
+
+
+def test_connections_over_the_cap_are_refused_at_once(served):
+    _s, port, _store = served(limits={"max_connections": 4, "header_timeout_s": 60})
+    held = _half_open(port, 4)
+    extra = socket.create_connection(("127.0.0.1", port), timeout=10)
+    answer = wait_for(lambda: _closed_by_server(extra), 10, message="the fifth connection answered")
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    for sock in held:
+        sock.close()
+    wait_for(lambda: get(port, "/")[0] == 200, 10, message="served again below the cap")
+
+
+def test_live_update_streams_have_their_own_lower_cap(served):
+    _s, port, _store = served(limits={"max_streams": 2})
+    streams = []
+    for _ in range(2):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+        conn.sendall(f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        assert conn.makefile("rb").readline().startswith(b"HTTP/1.1 200")
+        streams.append(conn)
+    status, headers, _ = get(port, "/events")
+    assert status == 503 and "retry-after" in {k.lower() for k in headers}
+    assert get(port, "/")[0] == 200  # pages are still served
+    streams[0].close()
+    wait_for(lambda: _stream_opens(port), 10, message="a stream slot is free again")
+    for conn in streams[1:]:
+        conn.close()
+
+
+def _stream_opens(port: int) -> bool:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        conn.sendall(f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        return conn.makefile("rb").readline().startswith(b"HTTP/1.1 200")
+    finally:
+        conn.close()
+
+
+def test_accept_errors_are_one_log_line_per_interval():
+    from daemon.ui.server import AcceptErrorLimiter
+
+    log = Log()
+    clock = [100.0]
+    limiter = AcceptErrorLimiter(log, interval_s=60, clock=lambda: clock[0])
+    error = OSError(24, "Too many open files")
+    context = {"message": "socket.accept() out of system resource", "exception": error}
+    for _ in range(4000):
+        limiter(None, context)
+    clock[0] += 61
+    limiter(None, context)
+    assert [(lvl, ev, kw.get("suppressed")) for lvl, ev, kw in log.lines] == [
+        ("warning", "ui.accept_failed", 0),
+        ("warning", "ui.accept_failed", 3999),
+    ]
+
+
+def test_lorad_ui_url_encodes_the_token_and_the_dashboard_accepts_it(served, monkeypatch, capsys):
+    import types
+    import webbrowser
+
+    from daemon.commands import cmd_ui
+
+    token = "a+b/c=d+" + "x" * 16 + "=="
+    s, port, _store = served(LORAD_UI="0.0.0.0:0", LORAD_UI_TOKEN=token)
+    opened: list[str] = []
+    monkeypatch.setattr(webbrowser, "open", lambda url: opened.append(url) or True)
+    at_port = _settings(s.assets.parent, LORAD_UI=f"127.0.0.1:{port}", LORAD_UI_TOKEN=token)
+    assert cmd_ui(at_port, types.SimpleNamespace(print_only=False)) == 0
+    assert token not in capsys.readouterr().out  # printed masked
+    (url,) = opened
+    path = url.split(f":{port}", 1)[1]
+    status, headers, _ = get(port, path)
+    assert status == 303 and headers["location"] == "/", (status, path)
+    assert "lorad_token=" in headers["set-cookie"]
+
+
+@pytest.mark.parametrize(
+    "path, query, location",
+    [("/jobs/x", "", "/jobs/x"), ("//evil.example/x", "", "/evil.example/x"),
+     ("/\\evil.example/x", "a=1", "/%5Cevil.example/x?a=1"), ("///a//b", "", "/a//b"),
+     ("/a b?#", "", "/a%20b%3F%23"), ("", "", "/")],
+)  # fmt: skip
+def test_redirect_location_is_same_origin(path, query, location):
+    assert views.local_location(path, query) == location
+
+
+def test_token_redirect_never_leaves_the_dashboard(served):
+    token = "t0ken-" + os.urandom(8).hex()
+    _s, port, _store = served(LORAD_UI="0.0.0.0:0", LORAD_UI_TOKEN=token)
+    for path in (f"//evil.example/x?token={token}", f"/\\evil.example/x?token={token}"):
+        status, headers, _ = get(port, path)
+        assert status == 303
+        location = headers["location"]
+        assert location.startswith("/") and not location.startswith(("//", "/\\")), location
+        assert urllib.parse.urlsplit(location).netloc == "", location
+
+
+@pytest.mark.parametrize("token", ["x", "short-token-15ch"[:15], "   " + "y" * 10])
+def test_ui_token_must_be_at_least_16_characters(token):
+    with pytest.raises(SettingsError, match="ui_token"):
+        resolve(env={"LORAD_UI_TOKEN": token})
+    assert resolve(env={"LORAD_UI_TOKEN": "z" * 16}).ui_token == "z" * 16
+
+
+def test_lora_images_work_for_names_with_url_characters(served):
+    s, port, _store = served()
+    names = ["a?b", "c#d", "e%41f", "g h"]
+    for i, name in enumerate(names):
+        (s.loras / f"{name}.safetensors").write_bytes(b"not a real header")
+        (s.loras / f"{name}.png").write_bytes(f"png-{i}".encode())
+    status, _h, body = get(port, "/loras")
+    assert status == 200
+    sources = re.findall(r'<img src="([^"]+)"', body.decode())
+    assert len(sources) == len(names), sources
+    served_bytes = set()
+    for src in sources:
+        src = src.replace("&amp;", "&")
+        status, _h, data = get(port, src)
+        assert status == 200, src
+        served_bytes.add(data)
+    assert served_bytes == {f"png-{i}".encode() for i in range(len(names))}
+
+
+def test_an_action_body_too_large_is_refused_before_it_is_read(served):
+    s, port, store = served()
+    job = _job(store, s)
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn.sendall(
+        f"POST /jobs/{job.id}/cancel HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000000000\r\n\r\n".encode()
+    )
+    conn.sendall(b"csrf=" + b"x" * 8000)  # past the limit; the rest never comes
+    assert conn.makefile("rb").readline().startswith(b"HTTP/1.1 413")
+    conn.close()
+    assert not store.get(job.id).cancel_requested

@@ -59,6 +59,8 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",
 }
 FILE_HEADERS = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
+ACTION_BODY_MAX = 4096  # an action's form is a CSRF token: anything longer is refused unread
+ACTION_BODY_TIMEOUT_S = 10.0
 LOG_TAIL_BYTES = 2_000_000  # the job page reads at most this much of the end of lorad.jsonl
 
 
@@ -106,7 +108,7 @@ class Guard:
             query = urllib.parse.urlencode(
                 [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
             )
-            response = RedirectResponse(request.url.path + ("?" + query if query else ""), 303)
+            response = RedirectResponse(views.local_location(request.url.path, query), 303)
             response.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="strict")
             return response
         auth = request.headers.get("authorization", "")
@@ -128,9 +130,11 @@ def _equal(a: str, b: str) -> bool:
 class Dashboard:
     """The app's state and its endpoints (one instance per app)."""
 
-    def __init__(self, settings: Settings, *, poll_s: float = 0.3, stopping=None):
+    def __init__(self, settings: Settings, *, poll_s: float = 0.3, stopping=None, max_streams: int = 8):
         self.settings = settings
         self.poll_s = poll_s
+        self.max_streams = max_streams  # live-update streams open at once (each holds a db connection)
+        self.streams = 0
         self.stopping = stopping  # a threading.Event: SSE streams end when the daemon stops
         self._store: JobStore | None = None
         self.env = Environment(
@@ -173,7 +177,7 @@ class Dashboard:
         if isinstance(job, Response):
             return job
         workdir = self.settings.jobs_dir / job.id
-        images = {n: f"/files/jobs/{job.id}/render/{n}.png" for n in ("compare", "lora", "base")
+        images = {n: views.file_url("jobs", f"{job.id}/render/{n}.png") for n in ("compare", "lora", "base")
                   if (workdir / "render" / f"{n}.png").is_file()}  # fmt: skip
         settings = job.settings if isinstance(job.settings, dict) else {}
         return self.render(
@@ -188,7 +192,7 @@ class Dashboard:
             errors=[line for line in (job.error or "").splitlines() if line.strip()],
             series=views.read_series(workdir / "progress.jsonl"),
             images=images,
-            render_urls={n: f"/files/jobs/{job.id}/render/{n}.png" for n in ("compare", "lora")},
+            render_urls={n: views.file_url("jobs", f"{job.id}/render/{n}.png") for n in ("compare", "lora")},
             outputs={k: v for k, v in (job.outputs or {}).items() if isinstance(v, str)},
             workdir=str(workdir),
             logs=self._log_lines(job.id),
@@ -236,9 +240,9 @@ class Dashboard:
 
     async def action(self, request: Request) -> Response:
         """POST /jobs/<id>/<action>: CSRF token (form field = cookie) and same-origin required."""
-        body = await request.body()
-        if len(body) > 4096:
-            return PlainTextResponse("request too large", 413)
+        body = await _read_body(request, ACTION_BODY_MAX, ACTION_BODY_TIMEOUT_S)
+        if body is None:
+            return PlainTextResponse("request too large or too slow", 413, headers={"Connection": "close"})
         form = urllib.parse.parse_qs(body.decode("utf-8", errors="replace"))
         token = (form.get("csrf") or [""])[0]
         cookie = request.cookies.get(CSRF_COOKIE, "")
@@ -310,8 +314,8 @@ class Dashboard:
                     meta, problem = {}, f"header unreadable: {exc}"
                 versions.append({
                     "stem": stem,
-                    "render": f"/files/loras/{stem}.png" if (loras / f"{stem}.png").is_file() else None,
-                    "compare": f"/files/loras/{stem}.compare.png" if (loras / f"{stem}.compare.png").is_file() else None,
+                    "render": views.file_url("loras", f"{stem}.png") if (loras / f"{stem}.png").is_file() else None,
+                    "compare": views.file_url("loras", f"{stem}.compare.png") if (loras / f"{stem}.compare.png").is_file() else None,
                     "meta": sorted(meta.items()),
                     "job_id": meta.get("lorad.job_id", ""),
                     "problem": problem,
@@ -350,6 +354,9 @@ class Dashboard:
         """Server-sent events: `jobs` with the rows that changed (all rows on connect and when a
         job appears or goes). Polls max(updated_at) and count(*) every poll_s on its own
         read-only connection: a progress write is on screen within poll_s plus the network."""
+        if self.streams >= self.max_streams:
+            return PlainTextResponse("lorad dashboard: too many live-update streams open; try again shortly",
+                                     503, headers={"Retry-After": "5"})  # fmt: skip
         db = self.settings.jobs_db
 
         async def stream():
@@ -390,7 +397,44 @@ class Dashboard:
                 conn.close()
 
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+        self.streams += 1  # released when the response ends, however it ends (_CountedStream)
+        return _CountedStream(self, stream(), media_type="text/event-stream", headers=headers)
+
+
+class _CountedStream(StreamingResponse):
+    """A live-update stream that holds one of the dashboard's stream slots until it ends (the
+    generator's own `finally` does not run when the client leaves before it starts)."""
+
+    def __init__(self, dashboard: Dashboard, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dashboard = dashboard
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.dashboard.streams -= 1
+
+
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes | None:
+    """The request body, or None once it passes `limit` bytes or `timeout_s` seconds: a hostile
+    client can neither fill memory nor hold the request open by trickling its body."""
+    chunks: list[bytes] = []
+
+    async def read() -> bool:
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return False
+            chunks.append(chunk)
+        return True
+
+    try:
+        complete = await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        return None
+    return b"".join(chunks) if complete else None
 
 
 def _extra_columns(conn: sqlite3.Connection) -> str:
@@ -419,10 +463,11 @@ def _when(ts: float | None) -> str:
 
 
 def create_app(settings: Settings, *, token: str | None = None, port: int | None = None, poll_s: float = 0.3,
-               stopping=None) -> ASGIApp:  # fmt: skip
+               stopping=None, max_streams: int = 8) -> ASGIApp:  # fmt: skip
     """The dashboard app. `token`: required on every request when set. `port`: the port it is
-    served on, for the Host check when there is no token (None: no Host check, for tests)."""
-    ui = Dashboard(settings, poll_s=poll_s, stopping=stopping)
+    served on, for the Host check when there is no token (None: no Host check, for tests).
+    `max_streams`: live-update streams open at once (more get a 503)."""
+    ui = Dashboard(settings, poll_s=poll_s, stopping=stopping, max_streams=max_streams)
     routes = [
         Route("/", ui.queue_page),
         Route("/jobs/{job_id}", ui.job_page),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import urllib.parse
 from pathlib import Path
 
 from daemon.jobs import ACTIVE, FINISHED, Job
@@ -143,6 +144,20 @@ def plan_lines(plan: dict) -> list[tuple[str, str]]:
     lines += [("", str(line)) for line in plan.get("summary") or []]
     lines += [("warning", str(w)) for w in plan.get("warnings") or []]
     return lines
+
+
+def local_location(path: str, query: str = "") -> str:
+    """A redirect target on this dashboard for a request path (pure): percent-encoded, and one
+    leading slash only, so `//evil.example/x` (or a backslash, which browsers read as a slash)
+    cannot become a link to another site."""
+    quoted = urllib.parse.quote(path, safe="/")
+    return "/" + quoted.lstrip("/") + ("?" + query if query else "")
+
+
+def file_url(kind: str, relative: str) -> str:
+    """The /files URL of a file under the loras folder or a job's render/ (pure): each part
+    percent-encoded, so a LoRA name holding `?`, `#` or `%` still names its file."""
+    return f"/files/{kind}/" + urllib.parse.quote(relative, safe="/")
 
 
 def same_origin(origin: str | None, referer: str | None, host: str | None, scheme: str) -> bool:

@@ -124,9 +124,13 @@ function connect(onJobs) {
   const live = document.getElementById("live");
   const source = new EventSource("/events");
   source.addEventListener("open", () => { live.textContent = "● live"; live.classList.add("on"); });
-  source.addEventListener("error", () => { live.textContent = "○ reconnecting"; live.classList.remove("on"); });
+  source.addEventListener("error", () => {
+    live.textContent = "○ reconnecting"; live.classList.remove("on");
+    // A 503 (too many live-update streams open) closes an EventSource for good: try again later.
+    if (source.readyState === EventSource.CLOSED) setTimeout(() => connect(onJobs), 10000);
+  });
   source.addEventListener("jobs", (event) => onJobs(JSON.parse(event.data)));
-  window.addEventListener("pagehide", () => source.close());
+  window.addEventListener("pagehide", () => source.close(), { once: true });
 }
 
 document.addEventListener("DOMContentLoaded", () => {
