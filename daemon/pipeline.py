@@ -17,6 +17,7 @@ import psutil
 import structlog
 
 from daemon import space
+from daemon.intake.snapshot import CAPTIONS_LIST
 from daemon.jobs import FINISHED, RUNNABLE, Job, JobStore, StateChanged
 from daemon.logs import get_logger
 from daemon.publish import (
@@ -133,7 +134,11 @@ def publish_job(
     rendered: RenderResult,
     report_files: list[Path],
 ) -> dict:
-    """The normal publish path (daemon/publish.py) for a job trained here or on a worker."""
+    """The normal publish path (daemon/publish.py) for a job trained here or on a worker. The
+    snapshot's captions.jsonl (each image's caption and its source) joins the report."""
+    captions = settings.jobs_dir / job.id / CAPTIONS_LIST
+    if captions.is_file() and all(p.name != CAPTIONS_LIST for p in report_files):
+        report_files = [*report_files, captions]
     return publish(
         loras=settings.loras,
         registry_path=settings.registry,
