@@ -234,3 +234,124 @@ def test_missing_captions_trigger_trains_with_a_warning_per_image(daemon_factory
         {"file_name": "img_001.png", "text": "ohwx", "source": "trigger"},
     ]
     assert tree_hash(folder, skip=("DONE",)) == before
+
+
+# -- the captioner (missing_captions = "vlm", caption_model = "tiny-vlm") -----------------------
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("A woman in a red coat.", "ohwx, a woman in a red coat."),
+        ("ohwx stands in a field", "ohwx stands in a field"),
+        ('  "Caption: a dog\n on grass"  ', "ohwx, a dog on grass"),
+        ("\x00\x01 \n", "ohwx"),
+        ("", "ohwx"),
+        ("x" * 5000, "ohwx, " + "x" * 600),
+    ],
+)
+def test_a_model_caption_is_one_clean_line_starting_with_the_trigger(raw, expected):
+    from daemon.captions import finish_caption
+
+    assert finish_caption(raw, "ohwx") == expected
+
+
+def test_the_cache_key_changes_with_the_captioner_and_the_image():
+    from daemon.captions import cache_key
+
+    keys = {cache_key(m, p, s) for m in ("a", "b") for p in ("p", "q") for s in ("1", "2")}
+    assert len(keys) == 8
+
+
+def test_the_captioner_settings_are_in_the_fingerprint(tmp_path):
+    from daemon.intake.snapshot import fingerprint
+    from daemon.intake.take import effective_settings
+    from daemon.settings import resolve
+
+    report = validate_dataset(uncaptioned(tmp_path / "ohwx_alice", 1), missing_captions="vlm")
+    fps = {
+        fingerprint(report, effective_settings({"missing_captions": "vlm", "caption_model": m}, resolve()))
+        for m in ("tiny-vlm", "mlx-community/other")
+    }
+    assert len(fps) == 2
+    # the default (refuse) adds nothing: datasets trained before the key keep their fingerprint
+    assert "missing_captions" not in effective_settings({}, resolve())
+
+
+def test_a_captioner_that_is_not_here_is_named_with_how_to_fetch_it(tmp_path, monkeypatch):
+    from daemon.captions import model_problem
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    problem = model_problem("mlx-community/not-here-4bit")
+    assert (
+        problem is not None
+        and "hf download mlx-community/not-here-4bit" in problem
+        and "caption_model" in problem
+    )
+    assert model_problem("tiny-vlm") is None
+
+
+def _vlm_daemon(daemon_factory, **env):
+    return daemon_factory(engine="mflux", model="tiny-z-image", extra_env={"LORAD_RAM_GB": "128", **env})
+
+
+def _vlm_dataset(d, images: int = 2) -> Path:
+    folder = uncaptioned(d.training_data / "ohwx_alice", images)
+    (folder / "img_000.txt").write_text("ohwx, a caption the user wrote")
+    (folder / "lora.toml").write_text('missing_captions = "vlm"\ncaption_model = "tiny-vlm"\nsteps = 2\n')
+    return folder
+
+
+@pytest.mark.slow
+def test_vlm_captions_uncaptioned_images_then_trains_on_the_tiny_models(daemon_factory):
+    d = _vlm_daemon(daemon_factory).start()
+    folder = _vlm_dataset(d, 3)
+    before = tree_hash(folder)
+    (folder / "READY").touch()
+    job = _wait_end(d, timeout=400)
+    assert job["state"] == "done", job["error"]
+    listed = _published_captions(d)
+    assert [(c["file_name"], c["source"]) for c in listed] == [
+        ("img_000.png", "file"),
+        ("img_001.png", "model"),
+        ("img_002.png", "model"),
+    ]
+    assert listed[0]["text"] == "ohwx, a caption the user wrote"
+    assert all(c["text"].startswith("ohwx") for c in listed)
+    workdir = d.state / "jobs" / job["id"]
+    assert (workdir / "data" / "0002.txt").read_text(encoding="utf-8").strip() == listed[1]["text"]
+    done = [e for e in d.events() if e.get("event") == "captions.done"]
+    assert len(done) == 1 and done[0]["images"] == 2 and done[0]["peak_rss_bytes"] > 0
+    assert len(list((d.state / "captions-cache").glob("*.json"))) == 2
+    assert tree_hash(folder, skip=("DONE",)) == before  # nothing written into the user's folder
+
+
+@pytest.mark.slow
+def test_vlm_cancel_during_captioning_cancels_and_keeps_the_finished_captions(daemon_factory):
+    from conftest import hold_training_at, wait_held
+
+    d = _vlm_daemon(daemon_factory)
+    pause = hold_training_at(d, 1)  # the captioner holds after its first caption
+    d.start()
+    folder = _vlm_dataset(d, 3)
+    (folder / "READY").touch()
+    wait_held(pause)
+    job = d.jobs()[0]
+    assert job["state"] == "preparing"
+    d.cli("cancel", job["id"], check=True)
+    wait_for(lambda: d.job_states().get("ohwx_alice") == "cancelled", 120, interval=0.2, message="cancelled")
+    assert len(list((d.state / "captions-cache").glob("*.json"))) == 1  # cached: a retry captions one image
+
+
+@pytest.mark.slow
+def test_write_captions_adds_sidecars_without_overwriting(daemon_factory):
+    d = _vlm_daemon(daemon_factory).start()
+    folder = _vlm_dataset(d, 2)
+    with (folder / "lora.toml").open("a") as fh:
+        fh.write("write_captions = true\n")
+    (folder / "READY").touch()
+    job = _wait_end(d, timeout=400)
+    assert job["state"] == "done", job["error"]
+    assert (folder / "img_000.txt").read_text() == "ohwx, a caption the user wrote"
+    written = (folder / "img_001.txt").read_text(encoding="utf-8").strip()
+    assert written == _published_captions(d)[1]["text"]
