@@ -202,3 +202,17 @@ def _write_user_sidecars(folder: Path, todo: list[dict], log) -> None:
         except OSError as exc:
             log.warning("captions.write_failed", file=str(target), error=str(exc))
     log.info("captions.written", folder=str(folder), files=written)
+
+
+def doctor_check(settings):
+    """`lorad doctor`'s captioner line: is caption_model here (looked up offline)? A warning only
+    where missing_captions = "vlm" is the setting (a dataset's lora.toml may still ask for it)."""
+    from engines.base import Check, CheckStatus
+
+    model = settings.caption_model
+    problem = model_problem(model)
+    if problem is None:
+        return Check("captioner", CheckStatus.OK, f'{model} (for missing_captions = "vlm")')
+    status = CheckStatus.WARN if settings.missing_captions == "vlm" else CheckStatus.OK
+    needed = "" if status is CheckStatus.WARN else 'needed only for missing_captions = "vlm"; '
+    return Check("captioner", status, f"{needed}{problem}")

@@ -61,7 +61,7 @@ FIELDS: dict[str, tuple[str, object]] = {
     "missing_captions": ("str", "refuse"),
     # The vision-language model that captions for missing_captions = "vlm" (a Hugging Face repo id,
     # a local folder, or "tiny-vlm": random weights for tests). Never downloaded unasked.
-    "caption_model": ("str", "mlx-community/Qwen2.5-VL-7B-Instruct-4bit"),
+    "caption_model": ("str", "mlx-community/Qwen3-VL-8B-Instruct-4bit"),
     # Generated captions also written beside the images as .txt sidecars (never overwriting one).
     "write_captions": ("bool", False),
     # Scale-out (docs/ARCHITECTURE.md "Several machines"): "sqlite" = the embedded queue (one

@@ -355,3 +355,37 @@ def test_write_captions_adds_sidecars_without_overwriting(daemon_factory):
     assert (folder / "img_000.txt").read_text() == "ohwx, a caption the user wrote"
     written = (folder / "img_001.txt").read_text(encoding="utf-8").strip()
     assert written == _published_captions(d)[1]["text"]
+
+
+def test_doctor_says_how_to_fetch_a_missing_captioner(tmp_path, monkeypatch):
+    from daemon.captions import doctor_check
+    from daemon.settings import resolve
+    from engines.base import CheckStatus
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    check = doctor_check(resolve(file_values={"missing_captions": "vlm"}))
+    assert check.name == "captioner" and check.status is CheckStatus.WARN
+    assert "hf download mlx-community/Qwen3-VL-8B-Instruct-4bit" in check.detail
+    assert doctor_check(resolve(file_values={"caption_model": "tiny-vlm"})).status is CheckStatus.OK
+
+
+def test_the_job_page_lists_each_image_caption_and_its_source(tmp_path):
+    import threading
+
+    from starlette.testclient import TestClient
+
+    from daemon.jobs import JobStore
+    from daemon.settings import resolve
+    from daemon.ui.app import create_app
+
+    s = resolve(env={"LORAD_ASSETS": str(tmp_path / "assets"), "LORAD_REGISTRY": str(tmp_path / "c.json")})
+    folder = metadata_only(s.training_data / "ohwx_alice", 2)
+    (folder / "img_001.txt").write_text("ohwx, <b>from</b> the sidecar")
+    store = JobStore(s.jobs_db, jobs_dir=s.jobs_dir)
+    job = store.create(job_id="20260101-000000-alic", dataset_path=folder, name="alice", trigger="ohwx",
+                       fingerprint="fp", ready_token=None, settings={"engine": "scripted"})  # fmt: skip
+    take_snapshot(validate_dataset(folder), s.jobs_dir / job.id, preview_prompt="ohwx", effective={})
+    app = create_app(s, stopping=threading.Event())
+    page = TestClient(app, base_url="http://127.0.0.1:8765").get(f"/jobs/{job.id}").text
+    assert "ohwx, a person in a garden, take 0</td><td>metadata.jsonl" in page
+    assert "ohwx, &lt;b&gt;from&lt;/b&gt; the sidecar</td><td>.txt file" in page  # escaped
