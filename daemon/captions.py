@@ -81,6 +81,51 @@ def model_problem(model: str) -> str | None:
     return f"the captioner {model!r} (caption_model) is not on this machine. {fetch_hint(model)}"
 
 
+GIB = 1024**3
+# Beyond its weights a VLM needs its activations, the image's vision tokens and the KV cache of a
+# short caption: about 1.5 GB for an 8B model at 4 bits (mlx-vlm on a 16 GB Mac), plus a margin.
+CAPTIONER_OVERHEAD_BYTES = int(1.5 * GIB)
+
+
+def model_folder(model: str, state_dir: Path) -> Path | None:
+    """Where caption_model's files are on this machine (offline lookup), None if unknown."""
+    if model == TINY_VLM:
+        return state_dir / "models" / TINY_VLM
+    path = Path(model).expanduser()
+    if path.is_absolute() or model.startswith("."):
+        return path
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(model, "config.json")
+    except Exception:
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def weights_bytes(folder: Path | None) -> int:
+    """The size of a model folder's weights (*.safetensors; HF cache links followed)."""
+    if folder is None:
+        return 0
+    try:
+        return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    except OSError:
+        return 0
+
+
+def memory_problem(model: str, weights: int, available_bytes: float) -> str | None:
+    """The captioner's memory plan (pure): its weights plus the overhead must fit in the memory
+    available now (it runs alone, before training; its memory is released before the plan)."""
+    needed = weights * 1.1 + CAPTIONER_OVERHEAD_BYTES
+    if needed <= available_bytes:
+        return None
+    return (
+        f"the captioner {model} needs about {needed / GIB:.1f} GB (weights {weights / GIB:.1f} GB + "
+        f"{CAPTIONER_OVERHEAD_BYTES / GIB:.1f} GB) but {available_bytes / GIB:.1f} GB is available: "
+        "set caption_model to a smaller model (e.g. mlx-community/Qwen3-VL-4B-Instruct-4bit), or close other programs"
+    )
+
+
 def _read_cache(cache: Path, key: str) -> str | None:
     try:
         return json.loads((cache / f"{key}.json").read_text(encoding="utf-8"))["text"]
@@ -99,6 +144,21 @@ def _write_cache(cache: Path, key: str, text: str) -> None:
 def pending(manifest: dict) -> list[dict]:
     """The snapshot's images without a caption (left by intake for the captioner) (pure)."""
     return [entry for entry in manifest["images"] if entry.get("caption") is None]
+
+
+REMOTE_UNSUPPORTED = (
+    'missing_captions = "vlm" captions on the machine that trains with the embedded queue; with several '
+    "machines (queue = redis://...) it is not supported yet. Caption the images once on a single machine "
+    '(write_captions = true keeps them as .txt files), or set missing_captions = "trigger"'
+)
+
+
+def uncaptioned_count(workdir: Path) -> int:
+    """How many of a snapshot's images still wait for the captioner (0 without a readable manifest)."""
+    try:
+        return len(pending(json.loads((workdir / MANIFEST).read_text(encoding="utf-8"))))
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def caption_missing(settings, store, job, workdir: Path, stop: StopToken, on_spawn=None) -> str:
@@ -149,6 +209,15 @@ def caption_missing(settings, store, job, workdir: Path, stop: StopToken, on_spa
     if job.settings.get("options", {}).get("write_captions", settings.write_captions):
         _write_user_sidecars(Path(job.dataset_path), todo, log)
     return "ok"
+
+
+def _available_bytes(settings) -> float:
+    """The memory the captioner may use: ram_gb when set (as the training plan does), else what is free."""
+    if settings.ram_gb is not None:
+        return settings.ram_gb * GIB
+    import psutil
+
+    return float(psutil.virtual_memory().available)
 
 
 def _run_child(settings, store, job, workdir, stop, model, prompt, missing, keys, cache, on_spawn):

@@ -389,3 +389,26 @@ def test_the_job_page_lists_each_image_caption_and_its_source(tmp_path):
     page = TestClient(app, base_url="http://127.0.0.1:8765").get(f"/jobs/{job.id}").text
     assert "ohwx, a person in a garden, take 0</td><td>metadata.jsonl" in page
     assert "ohwx, &lt;b&gt;from&lt;/b&gt; the sidecar</td><td>.txt file" in page  # escaped
+
+
+@pytest.mark.parametrize(
+    "weights_gb, available_gb, fits",
+    [(5.8, 16.0, True), (5.8, 7.0, False), (0.0, 2.0, True), (0.0, 1.0, False)],
+)
+def test_the_captioner_is_planned_within_the_memory_available(weights_gb, available_gb, fits):
+    from daemon.captions import GIB, memory_problem
+
+    problem = memory_problem("m", int(weights_gb * GIB), available_gb * GIB)
+    assert (problem is None) == fits
+    if problem:
+        assert "caption_model" in problem and "GB" in problem
+
+
+def test_uncaptioned_count_reads_the_snapshot(tmp_path):
+    from daemon.captions import uncaptioned_count
+
+    folder = uncaptioned(tmp_path / "ohwx_alice", 2)
+    take_snapshot(
+        validate_dataset(folder, missing_captions="vlm"), tmp_path / "job", preview_prompt="x", effective={}
+    )
+    assert uncaptioned_count(tmp_path / "job") == 2 and uncaptioned_count(tmp_path / "nothing") == 0
