@@ -702,7 +702,8 @@ def _no_caption(report: Report, name: str, stem: str, trigger: str, missing: str
     report.findings.append(
         Finding.error(
             name,
-            f"has no caption ({stem}.txt is missing and no {metadata.METADATA_FILE} line names it)",
+            f"has no caption ({stem}.txt is missing and no {metadata.METADATA_FILE} line names it; "
+            'missing_captions = "refuse")',
             f"write {stem}.txt describing the image, or set missing_captions in lora.toml: "
             '"refuse" (default), "trigger" (the trigger word alone) or "vlm" (a local model captions it)',
             code="caption.missing",
