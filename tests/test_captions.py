@@ -157,8 +157,19 @@ def test_missing_captions_trigger_captions_with_the_trigger_word_and_warns_each(
 
 def test_missing_captions_vlm_leaves_the_images_for_the_captioner(tmp_path):
     folder = uncaptioned(tmp_path / "ohwx_alice", 2)
-    report = validate_dataset(folder, missing_captions="vlm")
+    report = validate_dataset(folder, missing_captions="vlm", caption_model="tiny-vlm")
     assert report.valid and report.uncaptioned == ["img_000.png", "img_001.png"] and report.captions == {}
+
+
+def test_vlm_with_a_captioner_not_on_this_machine_is_refused_saying_how_to_fetch_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    folder = uncaptioned(tmp_path / "ohwx_alice", 2)
+    (folder / "lora.toml").write_text(
+        'missing_captions = "vlm"\ncaption_model = "mlx-community/absent-4bit"\n'
+    )
+    report = validate_dataset(folder)
+    assert [(e.file, e.code) for e in report.errors] == [("lora.toml", "caption.model")]
+    assert "hf download mlx-community/absent-4bit" in report.errors[0].message
 
 
 def test_a_bad_missing_captions_value_is_named(tmp_path):
@@ -268,7 +279,9 @@ def test_the_captioner_settings_are_in_the_fingerprint(tmp_path):
     from daemon.intake.take import effective_settings
     from daemon.settings import resolve
 
-    report = validate_dataset(uncaptioned(tmp_path / "ohwx_alice", 1), missing_captions="vlm")
+    report = validate_dataset(
+        uncaptioned(tmp_path / "ohwx_alice", 1), missing_captions="vlm", caption_model="tiny-vlm"
+    )
     fps = {
         fingerprint(report, effective_settings({"missing_captions": "vlm", "caption_model": m}, resolve()))
         for m in ("tiny-vlm", "mlx-community/other")

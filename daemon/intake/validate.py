@@ -79,6 +79,7 @@ class Report:
             "name": self.name,
             "options": self.options,
             "images": len(self.images),
+            "uncaptioned": list(self.uncaptioned),
             "errors": [f.to_dict() for f in self.errors],
             "warnings": [f.to_dict() for f in self.warnings],
         }
@@ -120,6 +121,7 @@ def limits(settings) -> dict:
         "max_caption_bytes": settings.max_caption_bytes,
         "max_caption_tokens": tokens,
         "missing_captions": settings.missing_captions,
+        "caption_model": settings.caption_model,
     }
 
 
@@ -301,6 +303,7 @@ def validate_dataset(
     max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
     max_caption_tokens: int | None = contract.DEFAULT_CAPTION_TOKENS,
     missing_captions: str = "refuse",
+    caption_model: str = str(_SETTINGS["caption_model"][1]),
 ) -> Report:
     """Check a dataset folder against the contract. Never writes into it."""
     folder = Path(folder)
@@ -564,6 +567,8 @@ def validate_dataset(
             if text is not None:
                 report.captions[name] = text
                 report.caption_sources[name] = source
+    if report.uncaptioned:
+        _check_captioner(report, report.options.get("caption_model", caption_model))
     image_stems = {contract.split_suffix(n)[0] for n, _ in images}
     unsupported_by_stem = {contract.split_suffix(n)[0]: n for n in unsupported}
     for stem, path in captions.items():
@@ -709,3 +714,20 @@ def _no_caption(report: Report, name: str, stem: str, trigger: str, missing: str
             code="caption.missing",
         )
     )
+
+
+def _check_captioner(report: Report, model: str) -> None:
+    """missing_captions = "vlm" with a captioner that is not on this machine: refused here, with
+    how to fetch it (lorad never downloads it unasked), rather than failing the job later."""
+    from daemon.captions import model_problem
+
+    problem = model_problem(model)
+    if problem is not None:
+        report.findings.append(
+            Finding.error(
+                contract.OPTIONS_FILE if "caption_model" in report.options else ".",
+                f'{len(report.uncaptioned)} images need captions (missing_captions = "vlm"), but {problem}',
+                'fetch the model, then create READY again; or write captions, or set missing_captions = "trigger"',
+                code="caption.model",
+            )
+        )
