@@ -202,7 +202,7 @@ def caption_missing(settings, store, job, workdir: Path, stop: StopToken, on_spa
     _apply(
         manifest,
         todo,
-        {e["image"]: finish_caption(raw[keys[e["image"]]], job.trigger_word) for e in todo},
+        {e["image"]: finish_caption(raw.get(keys[e["image"]], ""), job.trigger_word) for e in todo},
         workdir,
     )
     store.update(job.id, step=0, note=None)
