@@ -79,6 +79,12 @@ def cmd_validate(settings: Settings, args) -> int:
     else:
         for finding in report.errors + report.warnings:
             print(finding.line())
+        if report.uncaptioned and report.valid:
+            model = report.options.get("caption_model", settings.caption_model)
+            print(
+                f"{len(report.uncaptioned)} images have no caption: {model} captions them before training "
+                '(missing_captions = "vlm")'
+            )
         verdict = "valid" if report.valid else "INVALID"
         print(
             f"{path.name}: {verdict} — {len(report.images)} images, trigger {report.trigger!r}, "

@@ -55,6 +55,9 @@ def run_checks(settings: Settings) -> list[Check]:
         Check("assets", OK if settings.training_data.is_dir() else WARN, str(settings.training_data))
     )
     checks.append(Check("state", OK, str(settings.state)))
+    from daemon.captions import doctor_check
+
+    checks.append(doctor_check(settings))
     return checks
 
 

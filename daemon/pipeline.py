@@ -17,6 +17,7 @@ import psutil
 import structlog
 
 from daemon import space
+from daemon.intake.snapshot import CAPTIONS_LIST
 from daemon.jobs import FINISHED, RUNNABLE, Job, JobStore, StateChanged
 from daemon.logs import get_logger
 from daemon.publish import (
@@ -133,7 +134,11 @@ def publish_job(
     rendered: RenderResult,
     report_files: list[Path],
 ) -> dict:
-    """The normal publish path (daemon/publish.py) for a job trained here or on a worker."""
+    """The normal publish path (daemon/publish.py) for a job trained here or on a worker. The
+    snapshot's captions.jsonl (each image's caption and its source) joins the report."""
+    captions = settings.jobs_dir / job.id / CAPTIONS_LIST
+    if captions.is_file() and all(p.name != CAPTIONS_LIST for p in report_files):
+        report_files = [*report_files, captions]
     return publish(
         loras=settings.loras,
         registry_path=settings.registry,
@@ -379,6 +384,8 @@ class Pipeline:
         except SettingsError as exc:
             self.store.transition(job_id, "failed", error=str(exc))
             return
+        if not self._caption(job, workdir, stop):
+            return
         spec = job_input(job, workdir)
         machine = machine_now(self.settings.ram_gb)
         plan_path = workdir / "plan.json"
@@ -470,6 +477,20 @@ class Pipeline:
             self.store.transition(job_id, "failed", error=str(exc))
             return
         self.store.transition(job_id, "done", outputs=outputs, eta_s=0)
+
+    def _caption(self, job: Job, workdir: Path, stop: StopToken) -> bool:
+        """missing_captions = "vlm": caption the snapshot's uncaptioned images (a child process,
+        ended before training plans its memory). False: the job stopped or failed here."""
+        from daemon.captions import caption_missing
+
+        result = caption_missing(self.settings, self.store, job, workdir, stop, on_spawn=self._on_spawn)
+        if result == "ok":
+            return True
+        if result == "stopped":
+            self._stopped(job.id, stop)
+        else:
+            self.store.transition(job.id, "failed", error=result)
+        return False
 
     def _cloud_fallback(self, job, engine: Engine, spec: JobInput, machine: Machine, exc: PlanError):
         """`cloud_fallback = true`: a job no local plan fits (memory) goes to the cloud engine;

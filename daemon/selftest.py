@@ -30,6 +30,10 @@ def run_selftest(*, clean: bool = False, timeout_s: float = 300) -> int:
     assets = root / "assets"
     folder = make_dataset(assets / "training_data" / "ohwx_selftest", images=3)
     (folder / "preview_1.txt").write_text("ohwx, portrait photo, studio light\n")
+    # One image without a caption: the miniature captioner (random weights, nothing downloaded)
+    # captions it in its child process before training, so the captioning path is checked too.
+    (folder / "img_002.txt").unlink()
+    (folder / "lora.toml").write_text('missing_captions = "vlm"\ncaption_model = "tiny-vlm"\n')
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("LORAD_")},
         "LORAD_ASSETS": str(assets),
@@ -91,6 +95,8 @@ def run_selftest(*, clean: bool = False, timeout_s: float = 300) -> int:
     print(f"render:      {job.outputs['render']}")
     print(f"comparison:  {job.outputs['compare']}")
     print(f"registry:    {job.outputs['registry']}")
+    if job.outputs.get("report"):
+        print(f"captions:    {Path(job.outputs['report']) / 'captions.jsonl'}")
     if clean:
         shutil.rmtree(root, ignore_errors=True)
         print("(removed the selftest folder)")

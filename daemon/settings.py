@@ -14,6 +14,7 @@ ENV_PREFIX = "LORAD_"
 CONFIG_FILE_NAME = "lorad.toml"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 OBSERVERS = ("native", "polling")
+MISSING_CAPTIONS = ("refuse", "trigger", "vlm")  # the same values as lora.toml's key (intake/options.py)
 
 
 class SettingsError(ValueError):
@@ -55,6 +56,14 @@ FIELDS: dict[str, tuple[str, object]] = {
     # Intake refuses larger files before reading them (a 40 GB sparse "image" must not be read).
     "max_image_bytes": ("int", 100_000_000),
     "max_caption_bytes": ("int", 64 * 1024),
+    # An image without a caption: "refuse" (the dataset), "trigger" (the trigger word alone) or
+    # "vlm" (captioned by caption_model in a child process before training). lora.toml may override.
+    "missing_captions": ("str", "refuse"),
+    # The vision-language model that captions for missing_captions = "vlm" (a Hugging Face repo id,
+    # a local folder, or "tiny-vlm": random weights for tests). Never downloaded unasked.
+    "caption_model": ("str", "mlx-community/Qwen3-VL-8B-Instruct-4bit"),
+    # Generated captions also written beside the images as .txt sidecars (never overwriting one).
+    "write_captions": ("bool", False),
     # Scale-out (docs/ARCHITECTURE.md "Several machines"): "sqlite" = the embedded queue (one
     # process); a redis:// or rediss:// URL makes `lorad run` the coordinator of remote workers.
     "queue": ("str", "sqlite"),
@@ -118,6 +127,9 @@ class Settings:
     lock_timeout_s: float
     max_image_bytes: int
     max_caption_bytes: int
+    missing_captions: str
+    caption_model: str
+    write_captions: bool
     queue: str
     local_worker: bool
     lease_ttl_s: float
@@ -263,6 +275,8 @@ def _coerce(key: str, value: object, source: str, base: Path) -> object:
         if value.upper() not in LOG_LEVELS:
             raise SettingsError(f"{where}: must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
         return value.upper()
+    if key == "missing_captions" and value not in MISSING_CAPTIONS:
+        raise SettingsError(f"{where}: must be one of {', '.join(MISSING_CAPTIONS)}, got {value!r}")
     if key == "observer" and value not in OBSERVERS:
         raise SettingsError(f"{where}: must be one of {', '.join(OBSERVERS)}, got {value!r}")
     if key == "ui_token" and len(value) < UI_TOKEN_MIN_CHARS:

@@ -401,3 +401,35 @@ def get_engine(name: str, context: EngineContext) -> Engine:
 register("mflux", "engines.mflux.engine:MFluxEngine")
 register("scripted", "engines.scripted.engine:ScriptedEngine")
 register("fal", "engines.fal.engine:FalEngine")
+
+
+# -- captioning (missing_captions = "vlm") ---------------------------------------------------
+
+
+@dataclass
+class CaptionOutcome:
+    """What a captioning child produced: raw captions by key (an image's hash), and how it ended."""
+
+    captions: dict[str, str]
+    stopped: str | None = None  # the stop reason when stopped (cancel, shutdown)
+    error: str | None = None
+    peak_rss_bytes: int | None = None
+    peak_mlx_bytes: int | None = None
+
+
+def run_captioner(
+    request: Mapping[str, Any],
+    workdir: Path,
+    stop: StopToken,
+    on_event: Callable[[dict], None],
+    *,
+    stop_timeout_s: float,
+    on_spawn: Callable[[int], None] | None = None,
+) -> CaptionOutcome:
+    """Caption images with a local vision-language model in a child process (mlx-vlm: the
+    daemon never imports it). request: model, prompt, max_tokens, state_dir, images=[{key, path}]."""
+    runner = importlib.import_module("engines.captioner.runner")
+    outcome: CaptionOutcome = runner.run(
+        request, workdir, stop, on_event, stop_timeout_s=stop_timeout_s, on_spawn=on_spawn
+    )
+    return outcome

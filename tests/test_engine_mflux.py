@@ -389,6 +389,7 @@ def test_selftest_prints_lora_and_renders(tmp_path):
         ("LoRA:", "selftest.safetensors"),
         ("render:", "selftest.png"),
         ("comparison:", "selftest.compare.png"),
+        ("captions:", "selftest.report/captions.jsonl"),  # one image captioned by tiny-vlm
     ):
         line = next(line for line in out.splitlines() if line.startswith(label))
         assert line.endswith(suffix)

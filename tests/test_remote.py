@@ -564,3 +564,19 @@ def test_cloud_fallback_sends_a_job_no_worker_fits_to_the_cloud_engine(cluster, 
         assert (d.assets / "loras" / "cloud.safetensors").is_file()
     finally:
         fal.close()
+
+
+def test_a_job_waiting_for_the_captioner_is_refused_by_the_coordinator_saying_why(cluster, redis_server):
+    """missing_captions = "vlm" captions in the embedded pipeline only: a coordinator fails such a
+    job with the reason instead of sending uncaptioned images to a worker."""
+    make_coordinator, make_worker = cluster
+    d = make_coordinator(redis_server).start()
+    make_worker(redis_server, "a").start()
+    folder = make_dataset(d.training_data / "ohwx_alice", images=2)
+    (folder / "img_001.txt").unlink()
+    (folder / "lora.toml").write_text('missing_captions = "vlm"\ncaption_model = "tiny-vlm"\n')
+    (folder / "READY").touch()
+    wait_for(lambda: d.job_states().get("ohwx_alice") == "failed", 90, message="job refused")
+    assert (
+        "several machines" in d.jobs()[0]["error"] and 'missing_captions = "trigger"' in d.jobs()[0]["error"]
+    )

@@ -11,6 +11,8 @@ from typing import Any
 from daemon.intake.findings import Finding
 
 CAPTION_POLICIES = ("prepend", "require")
+# What an image without a caption gets (apart from caption_policy, which governs captions that exist).
+MISSING_CAPTIONS = ("refuse", "trigger", "vlm")
 
 # key -> (type, lower bound, upper bound, help)
 OPTION_SPECS: dict[str, tuple[type, Any, Any]] = {
@@ -28,6 +30,9 @@ OPTION_SPECS: dict[str, tuple[type, Any, Any]] = {
     "caption_policy": (str, None, None),
     "engine": (str, 1, 50),  # one of engines.base.known_engines(): "mflux", "fal", ...
     "max_cost_usd": (float, 0.0, 100_000.0),  # a cloud engine refuses the job above this estimate
+    "missing_captions": (str, None, None),  # one of MISSING_CAPTIONS
+    "caption_model": (str, 1, 200),  # the captioner for missing_captions = "vlm"
+    "write_captions": (bool, None, None),  # generated captions also as .txt sidecars in the folder
 }
 READY_ONLY = {"force": (bool, None, None)}
 
@@ -56,6 +61,13 @@ def _check_value(
             filename,
             f"key 'caption_policy' must be one of {', '.join(CAPTION_POLICIES)}, got {value!r}",
             'write caption_policy = "prepend" (default) or "require"',
+            code="option.value",
+        )
+    if key == "missing_captions" and value not in MISSING_CAPTIONS:
+        return None, Finding.error(
+            filename,
+            f"key 'missing_captions' must be one of {', '.join(MISSING_CAPTIONS)}, got {value!r}",
+            'write missing_captions = "refuse" (default), "trigger" or "vlm"',
             code="option.value",
         )
     if key == "engine":
@@ -119,6 +131,9 @@ def _example(key: str) -> str:
         "force": "true",
         "engine": '"fal"',
         "max_cost_usd": "5.0",
+        "missing_captions": '"trigger"',
+        "caption_model": '"tiny-vlm"',
+        "write_captions": "true",
     }.get(key, "...")
 
 

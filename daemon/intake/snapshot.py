@@ -19,6 +19,7 @@ from daemon.fsutil import atomic_write_text, fsync_dir, open_regular
 from daemon.intake.validate import Report
 
 MANIFEST = "manifest.json"
+CAPTIONS_LIST = "captions.jsonl"
 
 
 class DatasetChanged(Exception):
@@ -105,13 +106,15 @@ def take_snapshot(report: Report, job_dir: Path, *, preview_prompt: str, effecti
             _convert(src, data / target, image.sha256)
         else:
             _copy_verified(src, data / target, image.sha256)
-        caption_name = f"{index:04d}.txt"
-        (data / caption_name).write_text(report.captions[image.name] + "\n", encoding="utf-8")
+        caption = report.captions.get(image.name)  # None: left for the captioner (missing_captions = "vlm")
+        if caption is not None:
+            (data / f"{index:04d}.txt").write_text(caption + "\n", encoding="utf-8")
         entries.append(
             {
                 "source": image.name,
                 "image": target,
-                "caption": report.captions[image.name],
+                "caption": caption,
+                "caption_source": report.caption_sources.get(image.name) if caption is not None else None,
                 "sha256": image.sha256,
                 "width": image.width,
                 "height": image.height,
@@ -130,7 +133,22 @@ def take_snapshot(report: Report, job_dir: Path, *, preview_prompt: str, effecti
         "images": entries,
     }
     atomic_write_text(job_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
+    write_captions_list(job_dir, entries)
     return manifest
+
+
+def write_captions_list(job_dir: Path, entries: list[dict]) -> None:
+    """job_dir/captions.jsonl: one line per captioned image (file_name in the user's folder, the
+    caption trained, where it came from). Published as <name>.report/captions.jsonl."""
+    lines = [
+        json.dumps(
+            {"file_name": e["source"], "text": e["caption"], "source": e["caption_source"]},
+            ensure_ascii=False,
+        )
+        for e in entries
+        if e.get("caption") is not None
+    ]
+    atomic_write_text(job_dir / CAPTIONS_LIST, "".join(line + "\n" for line in lines))
 
 
 def choose_preview_prompt(report: Report) -> str:

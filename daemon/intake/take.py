@@ -54,6 +54,16 @@ def effective_settings(options: dict, settings: Settings) -> dict:
         if key in options:
             effective[key] = options[key]
     effective.setdefault("caption_policy", "prepend")
+    # Only when not the default, so datasets trained before this key existed keep their fingerprint.
+    missing = options.get("missing_captions", settings.missing_captions)
+    if missing != "refuse":
+        effective["missing_captions"] = missing
+    if missing == "vlm":  # the captioner decides the captions trained: its settings are in the fingerprint
+        from daemon.captions import CAPTION_PROMPT, MAX_NEW_TOKENS
+
+        effective["caption_model"] = options.get("caption_model", settings.caption_model)
+        effective["caption_prompt"] = CAPTION_PROMPT
+        effective["caption_max_tokens"] = MAX_NEW_TOKENS
     return effective
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.fsutil import NotARegularFile, file_kind, open_regular, read_capped
-from daemon.intake import contract
+from daemon.intake import contract, metadata
 from daemon.intake.findings import Finding
 from daemon.intake.options import merge, parse_options
 from daemon.settings import FIELDS as _SETTINGS
@@ -52,6 +52,11 @@ class Report:
     images: list[ImageInfo] = field(default_factory=list)
     captions: dict[str, str] = field(default_factory=dict)  # image name -> normalised caption
     previews: dict[str, str] = field(default_factory=dict)  # preview*.txt name -> prompt
+    # image name -> where its caption came from: file | metadata.jsonl | trigger (model: later, by the captioner)
+    caption_sources: dict[str, str] = field(default_factory=dict)
+    uncaptioned: list[str] = field(
+        default_factory=list
+    )  # images left for the captioner (missing_captions = "vlm")
     findings: list[Finding] = field(default_factory=list)
 
     @property
@@ -74,6 +79,7 @@ class Report:
             "name": self.name,
             "options": self.options,
             "images": len(self.images),
+            "uncaptioned": list(self.uncaptioned),
             "errors": [f.to_dict() for f in self.errors],
             "warnings": [f.to_dict() for f in self.warnings],
         }
@@ -114,6 +120,8 @@ def limits(settings) -> dict:
         "max_image_bytes": settings.max_image_bytes,
         "max_caption_bytes": settings.max_caption_bytes,
         "max_caption_tokens": tokens,
+        "missing_captions": settings.missing_captions,
+        "caption_model": settings.caption_model,
     }
 
 
@@ -294,6 +302,8 @@ def validate_dataset(
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
     max_caption_tokens: int | None = contract.DEFAULT_CAPTION_TOKENS,
+    missing_captions: str = "refuse",
+    caption_model: str = str(_SETTINGS["caption_model"][1]),
 ) -> Report:
     """Check a dataset folder against the contract. Never writes into it."""
     folder = Path(folder)
@@ -368,6 +378,7 @@ def validate_dataset(
         where = "READY" if "name" in ready_opts else contract.OPTIONS_FILE if "name" in toml_opts else "."
         report.findings.extend(name_findings(folder, report.name, where))
     policy = report.options.get("caption_policy", default_policy)
+    missing = report.options.get("missing_captions", missing_captions)
 
     # Entries.
     images: list[tuple[str, Path]] = []
@@ -526,36 +537,22 @@ def validate_dataset(
         seen_hashes.setdefault(result.sha256, result.name)
         report.images.append(result)
 
-    # Captions.
+    # Captions: <stem>.txt, else a metadata.jsonl line, else missing_captions decides.
     if trigger:
+        by_image = _metadata_captions(folder, unique_images, unsupported, captions, add, max_caption_bytes)
         for name, _path in unique_images:
             stem = contract.split_suffix(name)[0]
-            caption_path = captions.get(stem)
-            if caption_path is None:
-                add(
-                    Finding.error(
-                        name,
-                        f"has no caption ({stem}.txt is missing)",
-                        f"write {stem}.txt describing the image",
-                        code="caption.missing",
-                    )
-                )
-                continue
-            rel = caption_path.name
-            try:
-                raw, size = read_capped(caption_path, max_caption_bytes)
-            except NotARegularFile as exc:
-                add(contract.special_file(rel, exc.kind))
-                continue
-            except OSError as exc:
-                add(
-                    Finding.error(
-                        rel,
-                        f"cannot be read: {exc.strerror}",
-                        "check its permissions",
-                        code="caption.unreadable",
-                    )
-                )
+            if stem in captions:
+                read = _read_sidecar(captions[stem], add, max_caption_bytes)
+                if read is None:
+                    continue
+                rel, raw, size, source = captions[stem].name, read[0], read[1], "file"
+            elif name in by_image:
+                line = by_image[name]
+                raw = line.text.encode("utf-8")
+                rel, size, source = line.where, len(raw), metadata.METADATA_FILE
+            else:
+                _no_caption(report, name, stem, trigger, missing)
                 continue
             text, problems = contract.check_caption(
                 rel,
@@ -569,6 +566,9 @@ def validate_dataset(
             report.findings.extend(problems)
             if text is not None:
                 report.captions[name] = text
+                report.caption_sources[name] = source
+    if report.uncaptioned:
+        _check_captioner(report, report.options.get("caption_model", caption_model))
     image_stems = {contract.split_suffix(n)[0] for n, _ in images}
     unsupported_by_stem = {contract.split_suffix(n)[0]: n for n in unsupported}
     for stem, path in captions.items():
@@ -632,3 +632,102 @@ def validate_dataset(
             )
         )
     return report
+
+
+def _read_sidecar(path: Path, add, max_bytes: int) -> tuple[bytes, int] | None:
+    """A caption file's first bytes and real size, or None (the finding added)."""
+    try:
+        return read_capped(path, max_bytes)
+    except NotARegularFile as exc:
+        add(contract.special_file(path.name, exc.kind))
+    except OSError as exc:
+        add(
+            Finding.error(
+                path.name,
+                f"cannot be read: {exc.strerror}",
+                "check its permissions",
+                code="caption.unreadable",
+            )
+        )
+    return None
+
+
+def _metadata_captions(
+    folder: Path,
+    images: list[tuple[str, Path]],
+    unsupported: list[str],
+    sidecars: dict,
+    add,
+    max_caption_bytes: int,
+) -> dict[str, metadata.MetadataLine]:
+    """metadata.jsonl's lines by image name (none when the file is absent). Bad lines, lines
+    naming no image, and lines shadowed by a .txt sidecar are findings naming the line."""
+    raw, problem = read_options_file(
+        folder / metadata.METADATA_FILE, metadata.METADATA_FILE, metadata.MAX_METADATA_BYTES
+    )
+    if problem is not None:
+        add(problem)
+    if raw is None:
+        return {}
+    lines, findings = metadata.parse_metadata(raw)
+    for finding in findings:
+        add(finding)
+    names = {name for name, _ in images}
+    by_image: dict[str, metadata.MetadataLine] = {}
+    for entry in lines:
+        if entry.file_name not in names:
+            add(metadata.unmatched_line(entry, entry.file_name in unsupported))
+            continue
+        stem = contract.split_suffix(entry.file_name)[0]
+        if stem in sidecars:
+            add(metadata.sidecar_wins(entry, sidecars[stem].name))
+            continue
+        by_image[entry.file_name] = entry
+    return by_image
+
+
+def _no_caption(report: Report, name: str, stem: str, trigger: str, missing: str) -> None:
+    """An image with neither a sidecar nor a metadata.jsonl line: refused, captioned by the
+    trigger word alone, or left for the captioner, as missing_captions says."""
+    if missing == "trigger":
+        report.captions[name] = trigger
+        report.caption_sources[name] = "trigger"
+        report.findings.append(
+            Finding.warning(
+                name,
+                f'has no caption; trained with the trigger word alone ({trigger!r}, missing_captions = "trigger")',
+                f"write {stem}.txt describing the image for a LoRA that follows prompts better",
+                code="caption.trigger_only",
+            )
+        )
+        return
+    if missing == "vlm":
+        report.uncaptioned.append(name)
+        return
+    report.findings.append(
+        Finding.error(
+            name,
+            f"has no caption ({stem}.txt is missing and no {metadata.METADATA_FILE} line names it; "
+            'missing_captions = "refuse")',
+            f"write {stem}.txt describing the image, or set missing_captions in lora.toml: "
+            '"refuse" (default), "trigger" (the trigger word alone) or "vlm" (a local model captions it)',
+            code="caption.missing",
+        )
+    )
+
+
+def _check_captioner(report: Report, model: str) -> None:
+    """missing_captions = "vlm" with a captioner that is not on this machine: refused here, with
+    how to fetch it (lorad never downloads it unasked), rather than failing the job later."""
+    from daemon.captions import model_problem
+
+    problem = model_problem(model)
+    if problem is not None:
+        report.findings.append(
+            Finding.error(
+                contract.OPTIONS_FILE if "caption_model" in report.options else ".",
+                f'{len(report.uncaptioned)} images need captions (missing_captions = "vlm"), but {problem}',
+                'fetch the model, then create READY again; or write captions, or set missing_captions = "trigger"',
+                code="caption.model",
+            )
+        )

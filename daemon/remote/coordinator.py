@@ -349,6 +349,11 @@ class Coordinator:
         if published_by(self.settings.loras, job) or self._result_ready(job):
             self._publish_verified(job)
             return
+        from daemon.captions import REMOTE_UNSUPPORTED, uncaptioned_count
+
+        if uncaptioned_count(workdir):  # the captioning phase runs in the embedded pipeline only
+            self._transition(job.id, "failed", expect=RUNNABLE, error=REMOTE_UNSUPPORTED)
+            return
         spec = job_input(job, workdir)
         base = lease.files_key(job.id)
         snapshot = self.files.put_tree(f"{base}:snapshot", workdir / "data")

@@ -191,6 +191,7 @@ class Dashboard:
             warnings=[str(w) for w in settings.get("warnings") or []],
             errors=[line for line in (job.error or "").splitlines() if line.strip()],
             series=views.read_series(workdir / "progress.jsonl"),
+            captions=views.read_captions(workdir / "manifest.json"),
             images=images,
             render_urls={n: views.file_url("jobs", f"{job.id}/render/{n}.png") for n in ("compare", "lora")},
             outputs={k: v for k, v in (job.outputs or {}).items() if isinstance(v, str)},

@@ -88,6 +88,38 @@ def read_series(path: Path, limit: int = MAX_SERIES_POINTS) -> list[list[float]]
     return points
 
 
+CAPTION_SOURCES = {
+    "file": ".txt file",
+    "metadata.jsonl": "metadata.jsonl",
+    "model": "captioner",
+    "trigger": "trigger word",
+}
+
+
+def read_captions(manifest_path: Path) -> list[dict]:
+    """Each image of a job's snapshot with the caption it trains on and where the caption came
+    from (an image still waiting for the captioner has none yet). Empty if there is no snapshot."""
+    try:
+        images = json.loads(manifest_path.read_text(encoding="utf-8"))["images"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    rows = []
+    for entry in images if isinstance(images, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        caption, source = entry.get("caption"), entry.get("caption_source")
+        rows.append(
+            {
+                "file": str(entry.get("source", "")),
+                "caption": caption if isinstance(caption, str) else "",
+                "source": CAPTION_SOURCES.get(str(source), str(source or ""))
+                if caption is not None
+                else "waiting for the captioner",
+            }
+        )
+    return rows
+
+
 _SAFE_PART = re.compile(r"[^\x00/\\]+")
 
 
