@@ -17,6 +17,7 @@ import psutil
 import structlog
 
 from daemon import space
+from daemon.intake import markers
 from daemon.jobs import FINISHED, RUNNABLE, Job, JobStore, StateChanged
 from daemon.logs import get_logger
 from daemon.publish import (
@@ -371,7 +372,7 @@ class Pipeline:
         workdir = self.settings.jobs_dir / job.id
         if not (workdir / "manifest.json").is_file():
             self.store.transition(
-                job_id, "failed", error=f"the job's snapshot is missing ({workdir}); drop READY again"
+                job_id, "failed", error=f"{markers.SNAPSHOT_MISSING} ({workdir}); drop READY again"
             )
             return
         try:
