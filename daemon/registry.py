@@ -78,9 +78,15 @@ def _holders_from_lsof(path: Path) -> list[int]:
     """macOS and others: processes with the lock file open (lsof, bounded to 5 s)."""
     import subprocess
 
+    from daemon.childenv import child_env
+
     try:
         out = subprocess.run(
-            ["lsof", "-t", "--", str(path)], capture_output=True, text=True, timeout=5
+            ["lsof", "-t", "--", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            env=child_env(os.environ),
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
