@@ -329,6 +329,16 @@ LONGEST_MARKER = "FAILED.txt"
 NAME_MAX, PATH_MAX = 255, 1024  # macOS's limits; validate asks the file system for its own
 
 
+def name_key(name: str) -> str:
+    """The identity of a LoRA name as a case- and normalisation-insensitive file system sees it
+    (macOS's APFS, Windows, ext4 casefold): `Alice` = `alice`, NFC `é` = NFD `e\u0301`, `ß` =
+    `ss`. Two names with one key are one LoRA for versioning, publishing and the registry (pure;
+    Unicode canonical caseless matching, NFD(casefold(NFD(name))), kept in NFC)."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", name).casefold())
+
+
 def _folded(name: str) -> str:
     import unicodedata
 
