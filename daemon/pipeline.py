@@ -26,6 +26,7 @@ from daemon.publish import (
     provenance,
     publish,
     published_by,
+    spelling_on_disk,
     write_with_metadata,
 )
 from daemon.settings import Settings, SettingsError
@@ -498,7 +499,8 @@ class Pipeline:
         """The job's LoRA is already published (its header names this job): only its registry
         entry is missing (the lock was held, or lorad stopped mid-publish). Nothing is
         retrained or rendered again, and no `.v<N>` of its own file is made."""
-        self.log.info("job.registry_only", lora=str(self.settings.loras / f"{job.name}.safetensors"))
+        spelling = spelling_on_disk(self.settings.loras, job.name)
+        self.log.info("job.registry_only", lora=str(self.settings.loras / f"{spelling}.safetensors"))
         if not self._advance(job.id, "publishing", ("preparing",)):
             return
         try:
