@@ -496,6 +496,26 @@ def test_choose_spelling(name, entries, spelling):
 
 
 @pytest.mark.parametrize(
+    "name, entries, other",
+    [
+        ("alice", [], None),
+        ("alice", ["alice.safetensors", "Alice.safetensors"], None),  # its own spelling exists
+        ("alice", ["Alice.safetensors", "Alice.png"], "Alice"),
+        ("e\u0301lodie", ["\u00e9lodie.safetensors"], "\u00e9lodie"),
+        ("alice", ["Alice.v1.safetensors", ".Alice.safetensors.1.ab.tmp"], None),
+        ("bob", ["Alice.safetensors"], None),
+    ],
+)
+def test_name_spelling_warning(name, entries, other):
+    found = contract.check_name_spelling(name, "READY", entries)
+    if other is None:
+        assert found == []
+    else:
+        assert [(f.level, f.code) for f in found] == [("warning", "name.spelling")]
+        assert f"{other}.safetensors" in found[0].message and f"{other}.v<N>" in found[0].message
+
+
+@pytest.mark.parametrize(
     "name, entries, n",
     [
         ("alice", [], 1),
@@ -558,3 +578,4 @@ def test_datasets_differing_only_in_case_are_one_lora_name(daemons):
     }
     assert jobs["ohwx_alice"]["outputs"]["lora"] == str(loras / "Alice.safetensors")
     assert d.log_has("publish.spelling", name="alice", published_as="Alice")
+    assert "is the LoRA 'Alice' already published" in (second / "DONE").read_text()  # said up front
