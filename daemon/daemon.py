@@ -67,6 +67,24 @@ def _resume_fields(settings: Settings, workdir: Path, engine_name: str) -> dict:
     return fields
 
 
+def _finished_fields(row: dict, workdir: Path) -> dict:
+    """The plan of a finished job's work dir (the dashboard shows it) and, for a record written
+    before it kept progress, the total steps (a done job ended at its total)."""
+    try:
+        plan = json.loads((workdir / "plan.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(plan, dict):
+        return {}
+    fields: dict = {"plan": json.dumps(plan)}
+    total = plan.get("total_steps")
+    if row.get("total_steps") is None and isinstance(total, int) and not isinstance(total, bool):
+        fields["total_steps"] = total
+        if row["state"] == "done" and row.get("step") is None:
+            fields["step"] = total
+    return fields
+
+
 def recover_work_dirs(settings: Settings, store: JobStore) -> list:
     """Re-adopt work dirs the jobs table does not know (the table was lost or rebuilt): each one's
     job.json becomes its row again, unfinished jobs as `interrupted`. A dir without a usable
@@ -95,6 +113,8 @@ def recover_work_dirs(settings: Settings, store: JobStore) -> list:
     for row, path in sorted(found, key=lambda item: (item[0]["created_at"], item[0]["id"])):
         if row["state"] == "interrupted":
             row.update(_resume_fields(settings, path, _engine_of(row)))
+        else:
+            row.update(_finished_fields(row, path))
         job = store.adopt(row)
         recovered.append(job)
         log.info(

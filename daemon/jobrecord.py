@@ -32,6 +32,9 @@ _KEPT = (
     "finished_at",
     "error",
     "outputs",
+    "step",
+    "total_steps",
+    "loss",
 )
 _REQUIRED = ("id", "dataset_path", "name", "state", "created_at", "ready_at")
 FINISHED = ("done", "failed", "cancelled")
@@ -114,8 +117,32 @@ def row_from_record(record: object, job_id: str) -> tuple[dict | None, str | Non
         "finished_at": record.get("finished_at") if state in FINISHED else None,
         "error": record.get("error") if state == "failed" else None,
         "outputs": json.dumps(record.get("outputs") or {}, default=str),
+        **_progress(record, finished=state in FINISHED),
     }
     return row, None
+
+
+def _number(value: object, kind: type) -> int | float | None:
+    """A record's progress value as `kind`, or None when absent or not a plain number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return kind(value)
+
+
+def _progress(record: dict, *, finished: bool) -> dict:
+    """step / total_steps / loss for a rebuilt row (pure). A finished job keeps the progress it
+    ended at (status and the dashboard show it); an unfinished one keeps only its total: its
+    step is the checkpoint it resumes from, which the caller reads from the work dir."""
+    fields: dict = {}
+    total = _number(record.get("total_steps"), int)
+    if total is not None:
+        fields["total_steps"] = total
+    if finished:
+        for key, kind in (("step", int), ("loss", float)):
+            value = _number(record.get(key), kind)
+            if value is not None:
+                fields[key] = value
+    return fields
 
 
 def read_record(workdir: Path) -> tuple[dict | None, str | None]:

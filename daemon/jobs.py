@@ -231,7 +231,8 @@ def marker_text(job: Job) -> str:
         return "\n".join(lines) + "\n" + _warnings_text(job)
     if job.state == "failed":
         refused = job.settings.get("intake") == "refused"  # nothing to retry: fix and drop READY
-        text = markers.failed_text((job.error or "unknown error").splitlines(), None if refused else job.id)
+        kind = markers.failure_kind(job.error or "", refused_at_intake=refused)
+        text = markers.failed_text((job.error or "unknown error").splitlines(), job.id, kind)
         return text + ("\n" + _warnings_text(job) if job.settings.get("warnings") else "")
     return f"{head} cancelled at {iso(job.finished_at)}\nCreate READY again to train it.\n"
 

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
+from daemon.childenv import child_env
+
 # apprise URL schemes of the generic webhooks: their path is the user's own, often a token.
 WEBHOOK_SCHEMES = ("json", "jsons", "xml", "xmls", "form", "forms")
 MASK = "****"
@@ -386,6 +388,7 @@ class Notifier:
         try:
             self._proc = proc = subprocess.Popen(
                 [sys.executable, "-m", "daemon.notify"],
+                env=child_env(os.environ),  # the URLs go on stdin; no secret in its environment
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,  # apprise's own output may quote a URL

@@ -17,6 +17,7 @@ import psutil
 import structlog
 
 from daemon import space
+from daemon.intake import markers
 from daemon.intake.snapshot import CAPTIONS_LIST
 from daemon.jobs import FINISHED, RUNNABLE, Job, JobStore, StateChanged
 from daemon.logs import get_logger
@@ -26,6 +27,7 @@ from daemon.publish import (
     provenance,
     publish,
     published_by,
+    spelling_on_disk,
     write_with_metadata,
 )
 from daemon.settings import Settings, SettingsError
@@ -376,7 +378,7 @@ class Pipeline:
         workdir = self.settings.jobs_dir / job.id
         if not (workdir / "manifest.json").is_file():
             self.store.transition(
-                job_id, "failed", error=f"the job's snapshot is missing ({workdir}); drop READY again"
+                job_id, "failed", error=f"{markers.SNAPSHOT_MISSING} ({workdir}); drop READY again"
             )
             return
         try:
@@ -518,7 +520,8 @@ class Pipeline:
         """The job's LoRA is already published (its header names this job): only its registry
         entry is missing (the lock was held, or lorad stopped mid-publish). Nothing is
         retrained or rendered again, and no `.v<N>` of its own file is made."""
-        self.log.info("job.registry_only", lora=str(self.settings.loras / f"{job.name}.safetensors"))
+        spelling = spelling_on_disk(self.settings.loras, job.name)
+        self.log.info("job.registry_only", lora=str(self.settings.loras / f"{spelling}.safetensors"))
         if not self._advance(job.id, "publishing", ("preparing",)):
             return
         try:

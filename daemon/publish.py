@@ -13,6 +13,12 @@ An existing `<name>.safetensors` from another job is never overwritten: it and i
 to `<name>.v<N>.*` (N = 1, 2, ... the lowest unused number; higher N = newer). Re-publishing
 the same job (after a crash mid-publish) replaces its own files in place. Registry entries are
 derived from the files on disk (registry.plan_entries), so a retry lists the moved version too.
+
+Names are compared as macOS's file system compares them (contract.name_key: case and Unicode
+normalisation folded), on every platform: `alice` published where `Alice.safetensors` exists is
+the same LoRA name, so it goes under the existing spelling (`Alice.*`, the old one kept as
+`Alice.v1.*`), never beside it (on APFS the two spellings are one file: the second publish
+would silently replace the first's LoRA and renders).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pathlib import Path
 
 from daemon import __version__, registry, safetensors_file
 from daemon.fsutil import fsync_dir, temp_beside, temp_dir_beside
+from daemon.intake.contract import name_key
 from daemon.logs import get_logger
 from daemon.safetensors_file import read_header
 
@@ -78,12 +85,59 @@ def provenance(
 # -- versioning ------------------------------------------------------------------------------
 
 
-def versioned_name(loras: Path, name: str) -> str:
-    """The lowest `<name>.v<N>` with no file of that stem yet."""
+_VERSION_STEM = re.compile(r"(.+)\.v([0-9]+)")
+
+
+def output_stem(entry: str) -> str | None:
+    """`Alice` for `Alice.compare.png`, `Alice.v2` for `Alice.v2.report` (pure); None for a file
+    lorad does not publish (hidden temp files included)."""
+    if entry.startswith("."):
+        return None
+    for suffix in (".compare.png", ".safetensors", ".png", REPORT_SUFFIX):
+        if entry.endswith(suffix) and len(entry) > len(suffix):
+            return entry[: -len(suffix)]
+    return None
+
+
+def choose_spelling(name: str, entries: list[str]) -> str:
+    """The spelling a LoRA called `name` publishes under, given the loras folder's entries
+    (pure): `name` itself when its files exist or no other spelling of it does, else the
+    existing spelling (a LoRA file's first, in sorted order)."""
+    stems = [output_stem(e) for e in sorted(entries, key=lambda e: (not e.endswith(".safetensors"), e))]
+    if name in stems:
+        return name
+    key = name_key(name)
+    return next((stem for stem in stems if stem is not None and name_key(stem) == key), name)
+
+
+def next_version(name: str, entries: list[str]) -> int:
+    """The lowest N with no `<name>.v<N>` output in any spelling of `name` (pure)."""
+    key, used = name_key(name), set()
+    for entry in entries:
+        match = _VERSION_STEM.fullmatch(output_stem(entry) or "")
+        if match and name_key(match.group(1)) == key:
+            used.add(int(match.group(2)))
     n = 1
-    while any((loras / f"{name}.v{n}{suffix}").exists() for suffix in (*LORA_SUFFIXES, REPORT_SUFFIX)):
+    while n in used:
         n += 1
-    return f"{name}.v{n}"
+    return n
+
+
+def _entries(loras: Path) -> list[str]:
+    try:
+        return os.listdir(loras)
+    except OSError:
+        return []
+
+
+def spelling_on_disk(loras: Path, name: str) -> str:
+    """The spelling under which the LoRA `name` is (or will be) published in `loras`."""
+    return choose_spelling(name, _entries(loras))
+
+
+def versioned_name(loras: Path, name: str) -> str:
+    """The lowest `<name>.v<N>` with no file of that stem (in any spelling of the name) yet."""
+    return f"{name}.v{next_version(name, _entries(loras))}"
 
 
 # -- publish ---------------------------------------------------------------------------------
@@ -115,14 +169,16 @@ def published_by(loras: Path, job) -> bool:
     """True when `<name>.safetensors` in the loras folder is this job's (its header says so):
     its files are in place and at most its registry entry is missing."""
     try:
-        return metadata_of(loras / f"{job.name}.safetensors").get("lorad.job_id") == job.id
+        path = loras / f"{spelling_on_disk(loras, job.name)}.safetensors"
+        return metadata_of(path).get("lorad.job_id") == job.id
     except (OSError, ValueError):
         return False
 
 
 def version_owners(loras: Path, name: str) -> dict[str, str]:
-    """job id -> `<name>.v<N>` for the older versions of `name` on disk (from their headers)."""
-    pattern = re.compile(re.escape(name) + r"\.v[0-9]+")
+    """job id -> `<name>.v<N>` for the older versions of `name` (any spelling) on disk (from
+    their headers)."""
+    key = name_key(name)
     owners: dict[str, str] = {}
     try:
         entries = list(os.scandir(loras))
@@ -130,7 +186,8 @@ def version_owners(loras: Path, name: str) -> dict[str, str]:
         return owners
     for entry in entries:
         stem = entry.name[: -len(".safetensors")] if entry.name.endswith(".safetensors") else ""
-        if not pattern.fullmatch(stem):
+        match = _VERSION_STEM.fullmatch(stem)
+        if not match or name_key(match.group(1)) != key:
             continue
         try:
             job_id = metadata_of(Path(entry.path)).get("lorad.job_id")
@@ -152,10 +209,10 @@ def _outputs(loras: Path, name: str, registry_path: Path) -> dict:
 
 
 def _register(
-    *, loras: Path, registry_path: Path, job, lock_timeout_s: float | None, moved: str | None
+    *, loras: Path, registry_path: Path, job, name: str, lock_timeout_s: float | None, moved: str | None
 ) -> dict:
-    """List the published LoRA in the registry (entry built from the file itself); the outputs."""
-    name = job.name
+    """List the published LoRA `name` (its spelling on disk) in the registry (entry built from
+    the file itself); the outputs."""
     outputs = _outputs(loras, name, registry_path)
     dest = Path(outputs["lora"])
     meta = metadata_of(dest)
@@ -213,12 +270,18 @@ def _registry_failed(
 
 def complete_registry(*, loras: Path, registry_path: Path, job, lock_timeout_s: float | None = 30.0) -> dict:
     """The registry step alone, for a job whose files are already published (published_by)."""
+    name = spelling_on_disk(loras, job.name)
     try:
         return _register(
-            loras=loras, registry_path=registry_path, job=job, lock_timeout_s=lock_timeout_s, moved=None
+            loras=loras,
+            registry_path=registry_path,
+            job=job,
+            name=name,
+            lock_timeout_s=lock_timeout_s,
+            moved=None,
         )
     except (registry.RegistryError, OSError) as exc:
-        raise _registry_failed(exc, job, loras / f"{job.name}.safetensors", registry_path) from None
+        raise _registry_failed(exc, job, loras / f"{name}.safetensors", registry_path) from None
 
 
 def publish(
@@ -234,10 +297,13 @@ def publish(
     lock_timeout_s: float | None = 30.0,
 ) -> dict:
     """Put the job's outputs in place, then list them in the registry; returns the outputs dict."""
-    name = job.name
     temps: list[Path] = []
+    name = job.name
     try:
         loras.mkdir(parents=True, exist_ok=True)
+        name = spelling_on_disk(loras, job.name)  # `alice` where `Alice` exists publishes as `Alice`
+        if name != job.name:
+            get_logger().info("publish.spelling", name=job.name, published_as=name)
         if not os.access(loras, os.W_OK):
             raise PermissionError(13, "permission denied", str(loras))
         registry.load(registry_path)  # a broken registry fails the job before anything changes
@@ -304,7 +370,12 @@ def publish(
     # -- register: the files are in place; a failure here leaves only the entry to write ----
     try:
         return _register(
-            loras=loras, registry_path=registry_path, job=job, lock_timeout_s=lock_timeout_s, moved=previous
+            loras=loras,
+            registry_path=registry_path,
+            job=job,
+            name=name,
+            lock_timeout_s=lock_timeout_s,
+            moved=previous,
         )
     except (registry.RegistryError, OSError) as exc:
         raise _registry_failed(exc, job, loras / f"{name}.safetensors", registry_path) from None

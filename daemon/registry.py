@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.fsutil import fsync_dir, temp_beside
+from daemon.intake.contract import name_key
 
 LOCK_POLL_S = 0.05
 LOCK_LOG_EVERY_S = 10.0
@@ -78,9 +79,15 @@ def _holders_from_lsof(path: Path) -> list[int]:
     """macOS and others: processes with the lock file open (lsof, bounded to 5 s)."""
     import subprocess
 
+    from daemon.childenv import child_env
+
     try:
         out = subprocess.run(
-            ["lsof", "-t", "--", str(path)], capture_output=True, text=True, timeout=5
+            ["lsof", "-t", "--", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            env=child_env(os.environ),
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
@@ -125,11 +132,33 @@ def _path_of(entry: object) -> str:
     return str(entry.get("path")) if isinstance(entry, dict) else json.dumps(entry)
 
 
+def same_path(a: str, b: str) -> bool:
+    """Do two registry paths name one file, as a case-folding file system sees it? (pure; the
+    folder must match exactly, the file name by contract.name_key)."""
+    if a == b:
+        return True
+    head_a, _, file_a = a.rpartition("/")
+    head_b, _, file_b = b.rpartition("/")
+    return head_a == head_b and name_key(file_a) == name_key(file_b)
+
+
+def _holder(key: str, taken: dict) -> str | None:
+    """The key in `taken` that is `key` by name_key (the exact spelling first), or None."""
+    if key in taken:
+        return key
+    folded = name_key(key)
+    return next((k for k in taken if name_key(k) == folded), None)
+
+
 def _key_for(stem: str, path: str, taken: dict, tag: str) -> tuple[str, Clash | None]:
-    """`stem`, unless it describes another file: then `stem@tag` (again while that is taken)."""
+    """`stem` (in the spelling the registry already has for it), unless that key describes
+    another file: then `stem@tag` (again while that is taken). Keys differing only in case or
+    normalisation are one key."""
     key, clash = stem, None
-    while key in taken and _path_of(taken[key]) != path:
-        clash = clash or Clash(stem, "", _path_of(taken[key]))
+    while (holder := _holder(key, taken)) is not None:
+        if same_path(_path_of(taken[holder]), path):
+            return holder, (Clash(clash.key, holder, clash.other) if clash else None)
+        clash = clash or Clash(stem, "", _path_of(taken[holder]))
         key = f"{key}@{tag}"
     return key, (Clash(clash.key, key, clash.other) if clash else None)
 
@@ -156,7 +185,7 @@ def plan_entries(
     plan = EntryPlan()
     view = dict(entries)
     for key, old in entries.items():
-        if not isinstance(old, dict) or old.get("path") != path:
+        if not isinstance(old, dict) or not same_path(str(old.get("path")), path):
             continue
         if old.get("job_id") == entry.get("job_id"):
             plan.removals.add(key)  # our own entry: listed again below, under its current key

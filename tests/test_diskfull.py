@@ -8,6 +8,7 @@ line with the free bytes) and be retryable without restarting the daemon.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import sqlite3
@@ -221,3 +222,86 @@ def test_a_marker_that_cannot_be_written_never_breaks_a_transition(tmp_path):
     assert store.get(job.id).state == "queued"  # created (and enqueued by intake) although QUEUED failed
     assert store.transition(job.id, "preparing").state == "preparing"
     assert (folder / "TRAINING").is_file()
+
+
+# -- FAILED.txt's footer says what fixes this kind of failure (issue 19) -------------------------
+
+
+@pytest.mark.parametrize(
+    "error, refused, kind",
+    [
+        ("image.corrupt: a.png cannot be decoded", True, "dataset"),
+        ("intake stopped: no space left on the disk holding /s/jobs", True, "dataset"),
+        ("the job's snapshot is missing (/s/jobs/j); drop READY again", False, "redrop"),
+        (
+            "/l/alice.safetensors is published, but its registry entry in /c.json was not written",
+            False,
+            "retry",
+        ),
+        (
+            "the disk holding /s is full (1 MB free): OSError. Free some space there, then run: lorad retry j",
+            False,
+            "retry",
+        ),
+        ("internal error: RuntimeError: boom", False, "retry"),
+        ("test render failed: out of memory", False, "retry"),
+    ],
+)
+def test_failure_kind(error, refused, kind):
+    from daemon.intake import markers
+
+    assert markers.failure_kind(error, refused_at_intake=refused) == kind
+
+
+@pytest.mark.parametrize(
+    "kind, says, never",
+    [
+        (
+            "retry",
+            ["lorad retry J1", "resumes from its last checkpoint", "only gets its registry entry"],
+            ["READY"],
+        ),
+        (
+            "dataset",
+            ["fix the files above", "create READY in this folder again", "from scratch", ".v<N>"],
+            ["lorad retry"],
+        ),  # fmt: skip
+        (
+            "redrop",
+            ["create READY in this folder again", "from scratch", ".v<N>"],
+            ["fix the files", "run: lorad retry"],
+        ),
+    ],
+)
+def test_failed_footer_matches_the_kind(kind, says, never):
+    from daemon.intake import markers
+
+    footer = "\n".join(markers.failed_footer(kind, "J1"))
+    for text in says:
+        assert text in footer, (kind, text)
+    for text in never:
+        assert text not in footer, (kind, text)
+
+
+def test_registry_disk_full_after_publish_says_lorad_retry(mounts, daemon_factory, tmp_path):
+    """The LoRA is published, the registry's disk is full: FAILED.txt says `lorad retry` (which
+    writes only the registry entry), not "create READY again" (a retrain that orphans it as .v1)."""
+    regdir = tmp_path / "regdisk"
+    _mount_tmpfs(regdir, "1m")
+    mounts.append(regdir)
+    d = daemon_factory(extra_env={"LORAD_REGISTRY": str(regdir / "config.json")})
+    filler = _fill(regdir)
+    d.start()
+    folder = make_dataset(d.training_data / "ohwx_reg", images=1)
+    (folder / "READY").write_text("steps = 2\n")
+    wait_for(lambda: d.job_states().get("ohwx_reg") == "failed", 60, message="fails on the registry write")
+    job = d.jobs()[0]
+    assert "is published" in job["error"] and (d.assets / "loras" / "reg.safetensors").is_file()
+    text = (folder / "FAILED.txt").read_text()
+    assert f"lorad retry {job['id']}" in text and "create READY" not in text, text
+    filler.unlink()
+    assert d.cli("retry", job["id"]).returncode == 0
+    wait_for(lambda: d.job_states().get("ohwx_reg") == "done", 60, message="retry writes the registry entry")
+    assert json.loads((regdir / "config.json").read_text())["loras"]["reg"]["job_id"] == job["id"]
+    assert not list((d.assets / "loras").glob("reg.v*"))  # not retrained, nothing orphaned
+    assert d.log_has("job.registry_only", job_id=job["id"])

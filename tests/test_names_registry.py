@@ -389,6 +389,17 @@ OLD_V1 = {
             [("alice.v1", "alice.v1@TAG", "/B/loras/alice.v1.safetensors")],
         ),
         ({"alice@TAG": NEW}, {}, None, {"alice": NEW}, {"alice@TAG"}, []),  # back to its plain key
+        # Keys and paths differing only in case are one (issue 19 case 9):
+        ({"ALICE": B_ALICE}, {}, None, {"alice@TAG": NEW}, set(), [("alice", "alice@TAG", B_ALICE["path"])]),
+        (
+            {"Alice": {**OLD, "path": f"{A}/Alice.safetensors"}},
+            {"j1": "alice.v1"},
+            None,
+            {"alice": NEW, "alice.v1": OLD_V1},
+            {"Alice"},
+            [],
+        ),  # the entry of the file now kept as alice.v1 follows it, whatever its path's case
+        ({"ALICE": {**NEW, "path": f"{A}/ALICE.safetensors"}}, {}, None, {"alice": NEW}, {"ALICE"}, []),
     ],
 )
 def test_registry_plan(entries, versions, moved, updates, removals, clashes):
@@ -440,3 +451,131 @@ def test_lock_timeout_setting():
     assert resolve(env={"LORAD_LOCK_TIMEOUT_S": "2.5"}).lock_timeout_s == 2.5
     with pytest.raises(SettingsError, match="lock_timeout_s"):
         resolve(file_values={"lock_timeout_s": 0})
+
+
+# -- names compared as the file system compares them (issue 19 case 9) ---------------------------
+
+
+@pytest.mark.parametrize(
+    "a, b, same",
+    [
+        ("Alice", "alice", True),
+        ("ALICE", "alice", True),
+        ("\u00e9lodie", "e\u0301lodie", True),  # NFC vs NFD (APFS folds both)
+        ("\u00c9LODIE", "e\u0301lodie", True),
+        ("stra\u00dfe", "STRASSE", True),  # full case folding
+        ("\u212bngstr\u00f6m", "\u00e5ngstr\u00f6m", True),  # the Angstrom sign is A-ring
+        ("alice", "alice2", False),
+        ("alice", "al ice", False),
+        ("e\u0301", "e", False),  # an accent is not dropped
+        ("alice", "alice.v1", False),
+    ],
+)
+def test_name_key(a, b, same):
+    assert (contract.name_key(a) == contract.name_key(b)) is same
+    assert contract.name_key(a) == contract.name_key(contract.name_key(a))  # a fixed point
+
+
+@pytest.mark.parametrize(
+    "name, entries, spelling",
+    [
+        ("alice", [], "alice"),
+        ("alice", ["Alice.safetensors", "Alice.png"], "Alice"),
+        ("Alice", ["alice.safetensors", "Alice.png"], "Alice"),  # its own files exist: itself
+        ("alice", ["Alice.png", "ALICE.safetensors"], "ALICE"),  # the LoRA file's spelling first
+        ("alice", ["Alice.v1.safetensors"], "alice"),  # only an old version: nothing to follow
+        ("e\u0301lodie", ["\u00e9lodie.safetensors"], "\u00e9lodie"),
+        ("alice", [".Alice.safetensors.12.abcd.tmp", "Alice.report"], "Alice"),
+        ("bob", ["Alice.safetensors"], "bob"),
+    ],
+)
+def test_choose_spelling(name, entries, spelling):
+    from daemon.publish import choose_spelling
+
+    assert choose_spelling(name, entries) == spelling
+
+
+@pytest.mark.parametrize(
+    "name, entries, other",
+    [
+        ("alice", [], None),
+        ("alice", ["alice.safetensors", "Alice.safetensors"], None),  # its own spelling exists
+        ("alice", ["Alice.safetensors", "Alice.png"], "Alice"),
+        ("e\u0301lodie", ["\u00e9lodie.safetensors"], "\u00e9lodie"),
+        ("alice", ["Alice.v1.safetensors", ".Alice.safetensors.1.ab.tmp"], None),
+        ("bob", ["Alice.safetensors"], None),
+    ],
+)
+def test_name_spelling_warning(name, entries, other):
+    found = contract.check_name_spelling(name, "READY", entries)
+    if other is None:
+        assert found == []
+    else:
+        assert [(f.level, f.code) for f in found] == [("warning", "name.spelling")]
+        assert f"{other}.safetensors" in found[0].message and f"{other}.v<N>" in found[0].message
+
+
+@pytest.mark.parametrize(
+    "name, entries, n",
+    [
+        ("alice", [], 1),
+        ("alice", ["alice.v1.safetensors"], 2),
+        ("Alice", ["alice.v1.safetensors", "ALICE.v2.png"], 3),  # any spelling holds the number
+        ("alice", ["alice.v2.report"], 1),
+        ("alice", ["bob.v1.safetensors", "alice.safetensors"], 1),
+    ],
+)
+def test_next_version(name, entries, n):
+    from daemon.publish import next_version
+
+    assert next_version(name, entries) == n
+
+
+@pytest.mark.parametrize(
+    "a, b, same",
+    [
+        ("/A/loras/alice.safetensors", "/A/loras/alice.safetensors", True),
+        ("/A/loras/Alice.safetensors", "/A/loras/alice.safetensors", True),
+        ("/A/loras/alice.safetensors", "/B/loras/alice.safetensors", False),
+        ("/A/Loras/alice.safetensors", "/A/loras/alice.safetensors", False),  # folders: exactly
+    ],
+)
+def test_registry_same_path(a, b, same):
+    assert registry.same_path(a, b) is same
+
+
+def test_datasets_differing_only_in_case_are_one_lora_name(daemons):
+    """`ohwx_Alice` then `ohwx_alice`: the second publishes under the first's spelling and keeps
+    it as `Alice.v1` with its renders (on APFS the two spellings are one file, and the second
+    publish silently replaced the first's LoRA and renders)."""
+    d = daemons("case").start()
+    first = make_dataset(d.training_data / "ohwx_Alice", images=1)
+    (first / "READY").write_text("steps = 2\n")
+    wait_for(lambda: d.job_states().get("ohwx_Alice") == "done", 60, message="Alice done")
+    loras = d.assets / "loras"
+    before = {p.name: p.read_bytes() for p in loras.iterdir() if p.is_file()}
+    second = make_dataset(d.training_data / "ohwx_alice", images=1, seed=7)
+    (second / "READY").write_text("steps = 2\n")
+    wait_for(lambda: d.job_states().get("ohwx_alice") == "done", 60, message="alice done")
+    jobs = {j["dataset"]: j for j in d.jobs()}
+    assert sorted(p.name for p in loras.iterdir()) == [
+        "Alice.compare.png",
+        "Alice.png",
+        "Alice.report",
+        "Alice.safetensors",
+        "Alice.v1.compare.png",
+        "Alice.v1.png",
+        "Alice.v1.report",
+        "Alice.v1.safetensors",
+    ]
+    for name, data in before.items():
+        assert (loras / name.replace("Alice", "Alice.v1", 1)).read_bytes() == data, name
+    assert metadata_of(loras / "Alice.safetensors")["lorad.job_id"] == jobs["ohwx_alice"]["id"]
+    entries = json.loads(d.registry.read_text())["loras"]
+    assert {k: v["job_id"] for k, v in entries.items()} == {
+        "Alice": jobs["ohwx_alice"]["id"],
+        "Alice.v1": jobs["ohwx_Alice"]["id"],
+    }
+    assert jobs["ohwx_alice"]["outputs"]["lora"] == str(loras / "Alice.safetensors")
+    assert d.log_has("publish.spelling", name="alice", published_as="Alice")
+    assert "is the LoRA 'Alice' already published" in (second / "DONE").read_text()  # said up front

@@ -63,12 +63,12 @@ def _inputs(tmp_path: Path, tag: str, value: float = 1.0):
     return lora, src / "with.png", src / "compare.png", [src / "loss.html"]
 
 
-def _publish(tmp_path, job_id: str, value: float = 1.0, registry_path=None):
+def _publish(tmp_path, job_id: str, value: float = 1.0, registry_path=None, name: str = "alice", loras=None):
     lora, render, compare, report = _inputs(tmp_path, job_id, value)
     return publish(
-        loras=tmp_path / "loras",
+        loras=loras or tmp_path / "loras",
         registry_path=registry_path or tmp_path / "config.json",
-        job=FakeJob(job_id),
+        job=FakeJob(job_id, name),
         lora_file=lora,
         render_with=render,
         render_compare=compare,
@@ -267,3 +267,125 @@ def _held(path: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+# -- names compared as the file system compares them (issue 19 case 9) ---------------------------
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _two_spellings_publish(tmp_path: Path, loras: Path, registry_path: Path, first: str, second: str):
+    """Publish LoRA `first` (job1), then `second` (job2): names equal but for case/normalisation."""
+    _publish(tmp_path, "job1", 1.0, registry_path=registry_path, name=first, loras=loras)
+    old_lora = (loras / f"{first}.safetensors").read_bytes()
+    old_render = (loras / f"{first}.png").read_bytes()
+    outputs = _publish(tmp_path, "job2", 2.0, registry_path=registry_path, name=second, loras=loras)
+    return old_lora, old_render, outputs
+
+
+def _assert_one_name_two_versions(
+    loras: Path, registry_path: Path, spelling: str, old_lora, old_render, outputs
+):
+    """The existing spelling won: job2 is `<spelling>`, job1 kept whole as `<spelling>.v1`, and
+    every registry entry describes the file at its path (nothing listed twice or lost)."""
+    stems = sorted({p.name.split(".")[0] for p in loras.iterdir() if not p.name.startswith(".")})
+    assert stems == [spelling], stems  # one spelling on disk
+    assert metadata_of(loras / f"{spelling}.safetensors")["lorad.job_id"] == "job2"
+    assert (loras / f"{spelling}.v1.safetensors").read_bytes() == old_lora
+    assert (loras / f"{spelling}.v1.png").read_bytes() == old_render
+    assert (loras / f"{spelling}.v1.compare.png").is_file() and (loras / f"{spelling}.v1.report").is_dir()
+    assert outputs["lora"] == str(loras / f"{spelling}.safetensors")
+    assert outputs["previous"] == str(loras / f"{spelling}.v1.safetensors")
+    entries = json.loads(registry_path.read_text())["loras"]
+    assert sorted(entries) == [spelling, f"{spelling}.v1"], entries
+    assert {e["job_id"] for e in entries.values()} == {"job1", "job2"}
+    for key, entry in entries.items():
+        assert metadata_of(Path(entry["path"]))["lorad.job_id"] == entry["job_id"], key
+        assert _sha(Path(entry["path"])) == entry["sha256"], key
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        ("Alice", "alice"),
+        ("alice", "ALICE"),
+        ("\u00e9lodie", "e\u0301lodie"),  # NFC then NFD: one name on APFS
+        ("E\u0301LODIE", "\u00e9lodie"),
+    ],
+)
+def test_names_differing_in_case_or_normalisation_are_one_name(tmp_path, first, second):
+    """On Linux (case-sensitive ext4) as on APFS: the second publish goes under the first's
+    spelling and keeps the first as .v1; it never adds a second spelling beside it."""
+    loras, registry_path = tmp_path / "loras", tmp_path / "config.json"
+    old_lora, old_render, outputs = _two_spellings_publish(tmp_path, loras, registry_path, first, second)
+    _assert_one_name_two_versions(loras, registry_path, first, old_lora, old_render, outputs)
+    from daemon.publish import complete_registry, published_by
+
+    job2 = FakeJob("job2", second)
+    assert published_by(loras, job2)  # a retry finds its LoRA under the existing spelling
+    again = complete_registry(loras=loras, registry_path=registry_path, job=job2, lock_timeout_s=5)
+    assert again["registry_key"] == first
+    _assert_one_name_two_versions(loras, registry_path, first, old_lora, old_render, outputs)
+
+
+def _mount_case_folding(path: Path) -> str | None:
+    """Mount a case-insensitive file system at `path`; None, or why none can be mounted here."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return "needs root to mount a file system"
+    tried = []
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m,casefold", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode == 0:
+        return None
+    tried.append(f"tmpfs -o casefold: {' '.join(done.stderr.split()) or done.returncode}")
+    image = path.parent / "casefold.img"
+    steps = [
+        ["truncate", "-s", "64M", str(image)],
+        ["mkfs.ext4", "-q", "-F", "-O", "casefold", str(image)],
+        ["mount", "-o", "loop", str(image), str(path)],
+        ["chattr", "+F", str(path)],
+    ]
+    for step in steps:
+        try:
+            done = subprocess.run(step, capture_output=True, text=True)
+        except OSError as exc:
+            done = subprocess.CompletedProcess(step, 127, "", str(exc))
+        if done.returncode != 0:
+            if step[0] == "chattr":
+                subprocess.run(["umount", "-l", str(path)], capture_output=True)
+            tried.append(f"ext4 -O casefold ({step[0]}): {' '.join(done.stderr.split()) or done.returncode}")
+            if not Path("/sys/fs/ext4/features/casefold").exists():
+                tried.append("this kernel has no case folding (built without CONFIG_UNICODE)")
+            return "no case-insensitive file system can be mounted here (" + "; ".join(tried) + ")"
+    return None
+
+
+def test_case_variant_names_on_a_case_folding_file_system(tmp_path):
+    """The real thing where it can be mounted (ext4/tmpfs casefold; macOS's APFS folds the same
+    way): `Alice` then `alice` must leave both LoRAs and their renders, listed correctly."""
+    where = tmp_path / "cf"
+    why = _mount_case_folding(where)
+    if why:
+        pytest.skip(why)
+    try:
+        (where / "Probe").write_text("x")
+        if not (where / "probe").exists():
+            pytest.skip("the mounted file system does not fold case")
+        (where / "Probe").unlink()
+        loras, registry_path = where / "loras", where / "config.json"
+        loras.mkdir()
+        subprocess.run(["chattr", "+F", str(loras)], capture_output=True)  # ext4: per folder
+        old_lora, old_render, outputs = _two_spellings_publish(
+            tmp_path, loras, registry_path, "Alice", "alice"
+        )
+        _assert_one_name_two_versions(loras, registry_path, "Alice", old_lora, old_render, outputs)
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

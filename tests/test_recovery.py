@@ -94,6 +94,10 @@ def test_finished_jobs_stay_finished_after_rebuild(daemon_factory, damage):
     wait_for(lambda: d.job_states().get("ohwx_done") == "done", 30, message="recovered as done")
     again = d.jobs()[0]
     assert again["id"] == job["id"] and again["outputs"]["lora"] == job["outputs"]["lora"]
+    # Its progress too (issue 19): not a blank bar in status and the dashboard.
+    assert job["step"] == job["total_steps"] == 2
+    assert (again["step"], again["total_steps"], again["loss"]) == (2, 2, job["loss"])
+    assert again["plan"].get("total_steps") == 2
     assert len([e for e in d.events() if e["event"] == "job.started"]) == 1  # never retrained
     assert d.log_has("job.recovered", job_id=job["id"], state="done")
     # An unchanged re-drop is still recognised: the rebuilt row kept the fingerprint.
@@ -188,6 +192,26 @@ def test_record_round_trip(state, outputs, error, expected_state):
         assert json.loads(row["outputs"]) == {"lora": "/l/a.safetensors"}
     if state == "failed":
         assert row["error"] == "boom"
+
+
+@pytest.mark.parametrize(
+    "state, step, total, loss, expected",
+    [
+        ("done", 40, 40, 0.125, (40, 40, 0.125)),
+        ("failed", 7, 40, 0.5, (7, 40, 0.5)),
+        ("cancelled", 3, 40, None, (3, 40, None)),
+        ("done", None, None, None, (None, None, None)),  # a record written before the progress keys
+    ],
+)
+def test_record_keeps_progress_of_finished_jobs(state, step, total, loss, expected):
+    """After a jobs.db rebuild a finished job shows the progress it ended at (issue 19)."""
+    job = _job(state=state, step=step, total_steps=total, loss=loss)
+    record = json.loads(json.dumps(jobrecord.record_of(job)))
+    if step is None:
+        record = {k: v for k, v in record.items() if k not in ("step", "total_steps", "loss")}
+    row, problem = jobrecord.row_from_record(record, job.id)
+    assert problem is None
+    assert (row.get("step"), row.get("total_steps"), row.get("loss")) == expected
 
 
 @pytest.mark.parametrize(

@@ -329,6 +329,16 @@ LONGEST_MARKER = "FAILED.txt"
 NAME_MAX, PATH_MAX = 255, 1024  # macOS's limits; validate asks the file system for its own
 
 
+def name_key(name: str) -> str:
+    """The identity of a LoRA name as a case- and normalisation-insensitive file system sees it
+    (macOS's APFS, Windows, ext4 casefold): `Alice` = `alice`, NFC `é` = NFD `e\u0301`, `ß` =
+    `ss`. Two names with one key are one LoRA for versioning, publishing and the registry (pure;
+    Unicode canonical caseless matching, NFD(casefold(NFD(name))), kept in NFC)."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", name).casefold())
+
+
 def _folded(name: str) -> str:
     import unicodedata
 
@@ -375,6 +385,33 @@ def check_lora_name(name: str, where: str) -> list[Finding]:
                 )
             ]
     return []
+
+
+def check_name_spelling(name: str, where: str, loras_entries: list[str]) -> list[Finding]:
+    """A warning when the loras folder holds this LoRA under another spelling (same name_key:
+    case or Unicode normalisation differ): it is one name, so the job publishes under that
+    spelling and the current LoRA is kept as a version (pure)."""
+    stems = sorted(
+        e[: -len(".safetensors")]
+        for e in loras_entries
+        if e.endswith(".safetensors") and not e.startswith(".")
+    )
+    if name in stems:
+        return []
+    key = name_key(name)
+    other = next((s for s in stems if name_key(s) == key), None)
+    if other is None:
+        return []
+    return [
+        Finding.warning(
+            where,
+            f"LoRA name {name!r} is the LoRA {other!r} already published (names are compared without case "
+            f"or Unicode normalisation, as macOS's file system compares them): it is published as "
+            f"{other}.safetensors and the current {other} is kept as {other}.v<N>",
+            "to keep both as separate LoRAs, choose a name that differs in more than case",
+            code="name.spelling",
+        )
+    ]
 
 
 def created_names(name: str) -> list[str]:

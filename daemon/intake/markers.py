@@ -60,12 +60,52 @@ def write_marker(folder: Path, state: str, text: str) -> bool:
     return True
 
 
-def failed_text(reasons: list[str], job_id: str | None) -> str:
+# The pipeline's error when a job's work dir lost its snapshot: only a new READY can help.
+SNAPSHOT_MISSING = "the job's snapshot is missing"
+# What a new READY does, said wherever FAILED.txt tells the user to create one.
+_REDROP_DOES = (
+    "That takes a new copy of the dataset and trains it from scratch; a LoRA already published "
+    "under this name is kept as <name>.v<N>."
+)
+
+
+def failure_kind(error: str, *, refused_at_intake: bool) -> str:
+    """What fixes a failure (pure): `dataset` (refused at intake: fix the files, new READY),
+    `redrop` (lorad's copy of the dataset is gone: new READY) or `retry` (everything else:
+    `lorad retry` goes on from where the job stopped)."""
+    if refused_at_intake:
+        return "dataset"
+    if SNAPSHOT_MISSING in (error or ""):
+        return "redrop"
+    return "retry"
+
+
+def failed_footer(kind: str, job_id: str | None) -> list[str]:
+    """FAILED.txt's last lines for a failure kind (pure): the one action that fixes it, and what
+    that action does. A `retry` footer never says to create READY (that would retrain from
+    scratch and keep the LoRA this job already published as a .v<N>)."""
+    if kind == "retry" and job_id:
+        return [
+            f"To retry: run `lorad retry {job_id}` once the cause above is resolved.",
+            "It queues this job again with the copy of the dataset lorad already took: training "
+            "resumes from its last checkpoint, and a LoRA that is already published only gets "
+            "its registry entry written (nothing is trained or rendered again).",
+        ]
+    if kind == "redrop":
+        return [
+            "To retry: create READY in this folder again (`lorad retry` cannot help: lorad's copy "
+            "of the dataset is gone).",
+            _REDROP_DOES,
+        ]
+    return ["To retry: fix the files above, then create READY in this folder again.", _REDROP_DOES]
+
+
+def failed_text(reasons: list[str], job_id: str | None, kind: str | None = None) -> str:
+    """FAILED.txt: the reasons, then the footer for the failure kind (default: `retry` when
+    there is a job to retry, else `dataset`)."""
     lines = ["lorad could not train this dataset:", ""]
     lines += [f"- {r}" for r in reasons]
-    lines += ["", "To retry: fix the files above, then create READY in this folder again"]
-    if job_id:
-        lines.append(f"(or run: lorad retry {job_id})")
+    lines += ["", *failed_footer(kind or ("retry" if job_id else "dataset"), job_id)]
     return "\n".join(lines)
 
 

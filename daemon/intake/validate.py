@@ -243,8 +243,16 @@ def name_findings(folder: Path, name: str, where: str) -> list[Finding]:
     folder = folder.absolute()
     loras = folder.parent.parent / "loras"
     name_max, path_max = _fs_limits(loras)
-    return contract.check_lora_name(name, where) + contract.check_name_lengths(
-        name, where, loras_dir=str(loras), dataset_dir=str(folder), name_max=name_max, path_max=path_max
+    try:
+        entries = os.listdir(loras)
+    except OSError:
+        entries = []
+    return (
+        contract.check_lora_name(name, where)
+        + contract.check_name_lengths(
+            name, where, loras_dir=str(loras), dataset_dir=str(folder), name_max=name_max, path_max=path_max
+        )
+        + contract.check_name_spelling(name, where, entries)
     )
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from daemon.childenv import HF_TOKENS, child_env
 from daemon.fsutil import atomic_write_text, temp_beside
 from daemon.logs import get_logger
 from engines.base import (
@@ -467,7 +468,7 @@ class FalEngine:
         args = [sys.executable, "-m", "engines.fal.loadcheck", "--lora", str(adapter), "--model", model]
         if model == "tiny-z-image":
             args += ["--tiny-dir", str(self.state_dir / "models" / "tiny-z-image")]
-        env = {k: v for k, v in os.environ.items() if k != "FAL_KEY"}
+        env = child_env(os.environ, keep=HF_TOKENS)  # no FAL_KEY: it only loads the file in mflux
         try:
             done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         except subprocess.TimeoutExpired:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.childenv import child_env
 from engines.base import Machine, PlanError
 
 PROBE_TIMEOUT_S = 120.0  # importing mlx on a cold disk, plus CUDA initialisation
@@ -78,7 +79,7 @@ def run_probe(*, doctor_model: str | None = None, timeout_s: float = PROBE_TIMEO
     args = [sys.executable, "-m", "engines.mflux.probe"]
     if doctor_model is not None:
         args += ["--doctor", doctor_model]
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"}
+    env = child_env(os.environ, extra={"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1"})
     try:
         proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:

@@ -7,12 +7,14 @@ device (backend, name, memory) comes from the `engines.mflux.probe` child, once 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from daemon.childenv import HF_TOKENS, child_env
 from daemon.fsutil import atomic_write_text
 from daemon.logs import get_logger
 from engines.base import (
@@ -319,6 +321,7 @@ class MFluxEngine:
                     check=True,
                     cwd=ROOT,
                     capture_output=True,
+                    env=child_env(os.environ),
                 )
             return None
         check = self.model_check(plan.model)  # the same words as `lorad run` and `doctor`
@@ -388,6 +391,7 @@ class MFluxEngine:
             stop=stop,
             stop_timeout_s=self.stop_timeout_s,
             env=self._env(),
+            keep_secrets=HF_TOKENS,
             keep_awake=self.keep_awake,
             on_spawn=on_spawn,
         )
@@ -470,6 +474,7 @@ class MFluxEngine:
             stop=stop,
             stop_timeout_s=self.stop_timeout_s,
             env=self._env(),
+            keep_secrets=HF_TOKENS,
             keep_awake=self.keep_awake,
         )
         done = outcome.last("done")

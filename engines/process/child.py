@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from daemon.childenv import child_env
 from engines.base import StopToken
 
 EXIT_MEMORY = 75  # the worker's code for an allocation failure
@@ -83,18 +84,20 @@ def run_child(
     env: dict | None = None,
     keep_awake: bool = True,
     on_spawn: Callable[[int], None] | None = None,
+    keep_secrets: tuple[str, ...] = (),
 ) -> ChildOutcome:
-    """Run `python <args>` in cwd; progress events arrive on fd passed as --progress-fd."""
+    """Run `python <args>` in cwd; progress events arrive on fd passed as --progress-fd. The
+    child's environment is the daemon's without secrets (daemon/childenv.py; `keep_secrets`
+    names the ones it needs) plus `env`."""
     read_fd, write_fd = os.pipe()
-    child_env = with_bytecode_cache(
-        {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "LORAD_PARENT_PID": str(os.getpid())}
-    )
+    extra = {**(env or {}), "PYTHONUNBUFFERED": "1", "LORAD_PARENT_PID": str(os.getpid())}
+    environment = with_bytecode_cache(child_env(os.environ, extra=extra, keep=keep_secrets))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, *args, "--progress-fd", str(write_fd)],
             cwd=cwd,
-            env=child_env,
+            env=environment,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -107,7 +110,9 @@ def run_child(
     caffeinate: subprocess.Popen[bytes] | None = None
     if keep_awake and sys.platform == "darwin":
         try:
-            caffeinate = subprocess.Popen(["caffeinate", "-i", "-w", str(proc.pid)], start_new_session=True)
+            caffeinate = subprocess.Popen(
+                ["caffeinate", "-i", "-w", str(proc.pid)], start_new_session=True, env=child_env(os.environ)
+            )
         except OSError:
             caffeinate = None
     outcome = ChildOutcome(returncode=0)

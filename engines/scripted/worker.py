@@ -54,7 +54,16 @@ def _save_checkpoint(out: Path, step: int, config: dict) -> Path:
     return path
 
 
+def _dump_env_names(mode: str) -> None:
+    """Test hook: with SCRIPTED_ENGINE_ENV_DUMP=<dir>, write the *names* in this child's
+    environment (never the values) to <dir>/<mode>.json (tests/test_child_env.py)."""
+    folder = os.environ.get("SCRIPTED_ENGINE_ENV_DUMP")
+    if folder:
+        Path(folder, f"{mode}.json").write_text(json.dumps(sorted(os.environ)))
+
+
 def train(args, reporter: Reporter, stop: StopFlag) -> int:
+    _dump_env_names("train")
     plan = json.loads(Path(args.plan).read_text())
     config = plan["config"]
     out = Path(config["output_path"])
@@ -91,6 +100,7 @@ def render(args, reporter: Reporter, stop: StopFlag) -> int:
 
     from engines.process.compare import side_by_side
 
+    _dump_env_names("render")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stop.training_started = True  # a stop while rendering is checked below, not raised
