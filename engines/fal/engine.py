@@ -98,7 +98,7 @@ def zip_snapshot(data_dir: Path, dest: Path) -> int:
         for p in Path(data_dir).iterdir()
         if p.is_file()
         and (p.suffix.lower() in IMAGE_SUFFIXES or p.suffix == ".txt")
-        and p.name != "preview.txt"
+        and not (p.suffix == ".txt" and p.stem.startswith("preview"))  # preview.txt, preview_2.txt: prompts
     )
     fd, tmp = temp_beside(dest)
     import os
