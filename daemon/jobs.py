@@ -580,9 +580,9 @@ class JobStore:
         if new == "failed" and job.error:
             fields["error"] = job.error
         if new == "done":
-            fields["outputs"] = job.outputs
+            fields["outputs"] = {k: v for k, v in job.outputs.items() if k != "metrics"}
             if isinstance(job.outputs.get("metrics"), dict):
-                fields["metrics"] = job.outputs["metrics"]
+                fields["metrics"] = job.outputs["metrics"]  # once, as its own object
         level = "warning" if new in ("failed", "interrupted") else "info"
         from daemon.logs import get_logger  # here, not at import: `lorad status` never loads structlog
 

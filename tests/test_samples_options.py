@@ -94,3 +94,18 @@ def test_settings_keys():
     assert defaults.sample_every is None and defaults.preview_prompts == ()
     with pytest.raises(SettingsError, match="sample_every"):
         resolve(env={"LORAD_SAMPLE_EVERY": "0"})
+
+
+def test_fal_upload_leaves_out_every_preview_prompt_file(tmp_path):
+    import zipfile
+
+    from engines.fal.engine import zip_snapshot
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "0001.png").write_bytes(b"\x89PNG")
+    (data / "0001.txt").write_text("ohwx, a caption")
+    (data / "preview.txt").write_text("first")
+    (data / "preview_2.txt").write_text("second")
+    zip_snapshot(data, tmp_path / "up.zip")
+    assert sorted(zipfile.ZipFile(tmp_path / "up.zip").namelist()) == ["0001.png", "0001.txt"]
