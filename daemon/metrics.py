@@ -28,7 +28,7 @@ from pathlib import Path
 
 WINDOW_FRACTION = 0.25  # loss_start / loss_end: the first / last quarter of the logged steps
 TRIM_FRACTION = 0.2  # the highest and lowest 20% of a window's values are left out of its mean
-CURVE_POINTS = 50
+CURVE_POINTS = 30  # the chart's smoothed line: ~5 raw points a slice on a 120-step run
 # Measured on tiny-z-image (see the module docstring): a learning run moved the render by
 # ~0.06-0.2, a vanishing learning rate by < 0.001. 0.01 sits well between the two.
 EFFECT_MIN = 0.01

@@ -119,7 +119,7 @@ function drawLoss(points) {
   for (const p of points) {
     svg.appendChild(svgEl("circle", { cx: sx(p[0]).toFixed(1), cy: sy(p[1]).toFixed(1), r: 1.8, class: "lossraw" }));
   }
-  const smoothed = smooth(points, 50);
+  const smoothed = smooth(points, 30);  // CURVE_POINTS in daemon/metrics.py
   svg.appendChild(svgEl("polyline", {
     points: smoothed.map((p) => sx(p[0]).toFixed(1) + "," + sy(p[1]).toFixed(1)).join(" "),
     class: "losssmooth",
