@@ -161,3 +161,23 @@ def test_done_marker_lists_the_metrics():
     text = marker_text(job)
     for line in ("loss_start: 0.42", "loss_end: 0.31", "lora_effect: 0.004", f"warning: {BARELY_CHANGES}"):
         assert line in text
+
+
+def test_status_json_carries_the_metrics():
+    from daemon.status import render_status
+
+    job = Job(
+        id="j1",
+        name="alice",
+        dataset="ohwx_alice",
+        state="done",
+        created_at=0.0,
+        updated_at=0.0,
+        finished_at=0.0,
+        outputs=json.dumps({"lora": "/x/alice.safetensors", "metrics": METRICS}),
+        settings="{}",
+        plan="{}",
+        remote="{}",
+    )
+    data = json.loads(render_status([job], show_all=True, as_json=True, daemon_pid=None, now=0.0))
+    assert data["jobs"][0]["metrics"] == METRICS and data["jobs"][0]["outputs"]["metrics"] == METRICS
