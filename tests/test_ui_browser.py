@@ -159,9 +159,17 @@ def test_dashboard_in_a_browser_while_the_tiny_model_trains(daemon_factory, brow
         message="the second job's link clicked",
     )
     wait_for(lambda: browser.find_elements(By.ID, "state"), 20, message="the second job's page")
+    browser.execute_script("window.__job_page_once = true")  # gone if the page reloads
     wait_for(
         lambda: _text(browser, "#state") == "done", 300, interval=0.5, message="second job done, shown live"
     )
+    # The last step's sample joins the grid without a reload (samples.json, fetched on live updates).
+    wait_for(
+        lambda: browser.find_elements(By.CSS_SELECTOR, '#samplegrid tr[data-step="4"] img.sample'),
+        30,
+        message="the final sample in the grid, live",
+    )
+    assert browser.execute_script("return window.__job_page_once === true")
     compare = browser.find_element(By.ID, "compare")
     wait_for(lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", compare), 20,
              message="comparison image loaded")  # fmt: skip
