@@ -181,3 +181,20 @@ def test_status_json_carries_the_metrics():
     )
     data = json.loads(render_status([job], show_all=True, as_json=True, daemon_pid=None, now=0.0))
     assert data["jobs"][0]["metrics"] == METRICS and data["jobs"][0]["outputs"]["metrics"] == METRICS
+
+
+@pytest.mark.parametrize(
+    "logs, expected",
+    [
+        ([], None),
+        ([{"message": "Training step 3/10"}], None),
+        ([{"message": "step 3/10, loss: 0.42"}], 0.42),
+        ([{"message": "step 3/10 loss=4.2e-1"}, {"message": "uploading"}], 0.42),
+        ([{"message": "loss 0.9"}, {"message": "step 5/10 Loss 0.31"}], 0.31),  # the newest
+        (["step 1/2 loss: 1.5"], 1.5),
+    ],
+)
+def test_fal_loss_from_logs(logs, expected):
+    from engines.fal.engine import loss_from_logs
+
+    assert loss_from_logs(logs) == (None if expected is None else pytest.approx(expected))
