@@ -202,6 +202,19 @@ def _warnings_text(job: Job) -> str:
     return "\nWarnings from intake:\n" + "".join(f"- {w}\n" for w in warnings)
 
 
+def _metrics_text(metrics: object) -> str:
+    """The learning metrics (daemon/metrics.py) for the DONE marker: the figures, then the verdicts."""
+    if not isinstance(metrics, dict):
+        return ""
+    lines = ["", "Learning metrics:"]
+    for key in ("steps", "loss_start", "loss_end", "lora_effect"):
+        value = metrics.get(key)
+        lines.append(f"{key}: {'-' if value is None else value}")
+    warnings = metrics.get("warnings") or []
+    lines += [f"warning: {w}" for w in warnings] if warnings else ["warnings: none (the run learned)"]
+    return "\n".join(lines) + "\n"
+
+
 def marker_text(job: Job) -> str:
     """What the dataset's marker file says for this job (pure)."""
     head = f"job {job.id} ({job.name})"
@@ -228,7 +241,7 @@ def marker_text(job: Job) -> str:
     if job.state == "done":
         lines = [f"{head} finished at {iso(job.finished_at)}", ""]
         lines += [f"{k}: {v}" for k, v in job.outputs.items() if isinstance(v, str)]
-        return "\n".join(lines) + "\n" + _warnings_text(job)
+        return "\n".join(lines) + "\n" + _metrics_text(job.outputs.get("metrics")) + _warnings_text(job)
     if job.state == "failed":
         refused = job.settings.get("intake") == "refused"  # nothing to retry: fix and drop READY
         kind = markers.failure_kind(job.error or "", refused_at_intake=refused)
@@ -568,7 +581,9 @@ class JobStore:
         if new == "failed" and job.error:
             fields["error"] = job.error
         if new == "done":
-            fields["outputs"] = job.outputs
+            fields["outputs"] = {k: v for k, v in job.outputs.items() if k != "metrics"}
+            if isinstance(job.outputs.get("metrics"), dict):
+                fields["metrics"] = job.outputs["metrics"]  # once, as its own object
         level = "warning" if new in ("failed", "interrupted") else "info"
         from daemon.logs import get_logger  # here, not at import: `lorad status` never loads structlog
 

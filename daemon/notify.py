@@ -89,7 +89,22 @@ def job_view(job) -> dict:
         "ended_at": job.finished_at or job.updated_at,
         "error": job.error,
         "render": outputs.get("render") if isinstance(outputs, dict) else None,
+        "metrics": outputs.get("metrics") if isinstance(outputs, dict) else None,
     }
+
+
+def _learning_text(metrics: object) -> str:
+    """ ", loss 0.42 → 0.31" and the first learning warning, for a done message (pure)."""
+    if not isinstance(metrics, dict):
+        return ""
+    text = ""
+    start, end = metrics.get("loss_start"), metrics.get("loss_end")
+    if isinstance(start, (int, float)) and isinstance(end, (int, float)):
+        text += f", loss {start:.3g} → {end:.3g}"
+    warnings = metrics.get("warnings") or []
+    if warnings:
+        text += f"; warning: {warnings[0]}"
+    return text
 
 
 def build_message(view: Mapping[str, object]) -> Message:
@@ -105,7 +120,7 @@ def build_message(view: Mapping[str, object]) -> Message:
     at_step = f" at step {step}/{total}" if step and total else ""
     if state == "done":
         steps = f", {total} steps" if total else ""
-        body = f"{name}: done{steps}" + (f" in {took}" if took else "")
+        body = f"{name}: done{steps}" + (f" in {took}" if took else "") + _learning_text(view.get("metrics"))
     elif state == "failed":
         body = (
             f"{name}: failed{at_step}"

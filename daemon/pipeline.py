@@ -17,11 +17,14 @@ import psutil
 import structlog
 
 from daemon import space
+from daemon.fsutil import atomic_write_text
 from daemon.intake import markers
 from daemon.intake.snapshot import CAPTIONS_LIST
 from daemon.jobs import FINISHED, RUNNABLE, Job, JobStore, StateChanged
 from daemon.logs import get_logger
+from daemon.metrics import learning_metrics, read_series, render_difference
 from daemon.publish import (
+    METRICS_FILE,
     PublishError,
     complete_registry,
     provenance,
@@ -98,6 +101,13 @@ def check_engine_settings(settings: Settings) -> None:
 def job_input(job, workdir: Path) -> JobInput:
     manifest = json.loads((workdir / "manifest.json").read_text(encoding="utf-8"))
     images = manifest["images"]
+    preview_prompt = manifest.get("preview_prompt") or f"{job.trigger_word}, portrait photo"
+    options = dict(manifest.get("options", {}))
+    options["preview_prompts"] = manifest.get("preview_prompts") or [
+        preview_prompt
+    ]  # samples during training
+    if manifest.get("sample_every"):
+        options["sample_every"] = manifest["sample_every"]
     return JobInput(
         job_id=job.id,
         name=job.name,
@@ -105,9 +115,9 @@ def job_input(job, workdir: Path) -> JobInput:
         model=job.settings.get("model", "z-image-turbo"),
         image_count=len(images),
         max_side=max((max(i["width"], i["height"]) for i in images), default=0),
-        options=manifest.get("options", {}),
+        options=options,
         data_dir=workdir / "data",
-        preview_prompt=manifest.get("preview_prompt") or f"{job.trigger_word}, portrait photo",
+        preview_prompt=preview_prompt,
     )
 
 
@@ -128,6 +138,19 @@ def stamp_adapter(
     )
 
 
+def write_metrics(workdir: Path, plan: TrainingPlan, rendered: RenderResult) -> Path:
+    """metrics.json in the work dir: the loss series (progress.jsonl) and the renders' difference."""
+    effect = None
+    if Path(rendered.base) != Path(rendered.with_lora):  # a render without its base: no effect to measure
+        effect = render_difference(Path(rendered.base), Path(rendered.with_lora))
+    metrics = learning_metrics(
+        read_series(workdir / "progress.jsonl"), steps=plan.total_steps, lora_effect=effect
+    )
+    path = workdir / METRICS_FILE
+    atomic_write_text(path, json.dumps(metrics, indent=2))
+    return path
+
+
 def publish_job(
     settings: Settings,
     job: Job,
@@ -137,10 +160,12 @@ def publish_job(
     report_files: list[Path],
 ) -> dict:
     """The normal publish path (daemon/publish.py) for a job trained here or on a worker. The
-    snapshot's captions.jsonl (each image's caption and its source) joins the report."""
+    snapshot's captions.jsonl (each image's caption and its source) joins the report, and the
+    learning metrics (daemon/metrics.py) go into it as metrics.json."""
     captions = settings.jobs_dir / job.id / CAPTIONS_LIST
     if captions.is_file() and all(p.name != CAPTIONS_LIST for p in report_files):
         report_files = [*report_files, captions]
+    metrics_file = write_metrics(settings.jobs_dir / job.id, plan, rendered)
     return publish(
         loras=settings.loras,
         registry_path=settings.registry,
@@ -148,7 +173,7 @@ def publish_job(
         lora_file=lora_file,
         render_with=rendered.with_lora,
         render_compare=rendered.compare,
-        report_files=report_files,
+        report_files=[*report_files, metrics_file],
         plan=plan.to_dict(),
         lock_timeout_s=settings.lock_timeout_s,
     )
@@ -175,6 +200,7 @@ class ProgressSink:
         self._timer: threading.Timer | None = None
         self._closed = False
         self._remote: dict | None = None
+        self._last_point: int | None = None
 
     def __call__(self, p: Progress) -> None:
         now = time.monotonic()
@@ -195,6 +221,7 @@ class ProgressSink:
         with self._lock:
             self._closed = False
             self._pending = p
+            self._append_point(p)
             self._flush(now, final)
         if final or now - self._last_log >= 30.0:
             self._last_log = now
@@ -223,7 +250,6 @@ class ProgressSink:
                 fields["eta_s"] = p.eta_s
             job = self.store.update(self.job_id, **fields)
             self._marker_stale = True
-            self._append_point(p)
         if self._marker_stale and (final or now - self._last_marker >= self.marker_refresh_s):
             job = job or self.store.get(self.job_id)
             if job is not None and job.state == "training":
@@ -241,10 +267,12 @@ class ProgressSink:
             self._timer.start()
 
     def _append_point(self, p: Progress) -> None:
-        """One line per db write (at most one a second): cheap, and a torn last line is skipped
-        by the reader. Best effort: the curve is a view, never a reason to stop training."""
-        if self.series is None or p.loss is None:
+        """One line per training step (the learning metrics' loss series, daemon/metrics.py):
+        a short append, and a torn last line is skipped by the reader. Best effort: the series
+        is a view, never a reason to stop training."""
+        if self.series is None or p.loss is None or p.step == self._last_point:
             return
+        self._last_point = p.step
         try:
             with self.series.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"step": p.step, "loss": p.loss, "t": round(time.time(), 2)}) + "\n")

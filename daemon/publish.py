@@ -39,6 +39,7 @@ from daemon.safetensors_file import read_header
 
 LORA_SUFFIXES = (".safetensors", ".png", ".compare.png")
 REPORT_SUFFIX = ".report"
+METRICS_FILE = "metrics.json"  # the learning metrics (daemon/metrics.py) inside <name>.report/
 
 
 class PublishError(Exception):
@@ -208,6 +209,15 @@ def _outputs(loras: Path, name: str, registry_path: Path) -> dict:
     }
 
 
+def read_metrics(report: Path) -> dict | None:
+    """The published `<name>.report/metrics.json` (None when absent or unreadable)."""
+    try:
+        data = json.loads((report / METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _register(
     *, loras: Path, registry_path: Path, job, name: str, lock_timeout_s: float | None, moved: str | None
 ) -> dict:
@@ -248,6 +258,9 @@ def _register(
         log.warning(
             "registry.clash", key=clash.key, kept_as=clash.kept_as, other=clash.other, path=entry["path"]
         )
+    metrics = read_metrics(loras / f"{name}{REPORT_SUFFIX}")
+    if metrics is not None:
+        outputs["metrics"] = metrics
     outputs["registry_key"] = next(k for k, v in plan.updates.items() if v is entry)
     previous = [v["path"] for v in plan.updates.values() if v is not entry]
     if moved or previous:
@@ -322,7 +335,10 @@ def publish(
         report_tmp = temp_dir_beside(loras / f"{name}{REPORT_SUFFIX}")
         temps.append(report_tmp)
         for src in report_files:
-            shutil.copy2(src, report_tmp / src.name)
+            if src.is_dir():  # samples/: the previews made during training
+                shutil.copytree(src, report_tmp / src.name)
+            else:
+                shutil.copy2(src, report_tmp / src.name)
         (report_tmp / "plan.json").write_text(json.dumps(plan, indent=2, default=str))
         fsync_dir(report_tmp)
 

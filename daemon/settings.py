@@ -93,6 +93,11 @@ FIELDS: dict[str, tuple[str, object]] = {
     "notify_on": ("list", ("done", "failed", "interrupted")),
     # Longest wait for one delivery attempt to one target.
     "notify_timeout_s": ("float", 10.0),
+    # Samples during training (a dataset's lora.toml / READY may set its own): render the preview
+    # prompts every sample_every steps (None: about four times a run) ...
+    "sample_every": ("int | None", None),
+    # ... with these prompts (empty: the dataset's preview prompt). LORAD_PREVIEW_PROMPTS: "|"-separated.
+    "preview_prompts": ("list", ()),
     # Messages about deprecated keys that were used (logged when the daemon starts).
     "deprecations": ("tuple", ()),
 }
@@ -143,6 +148,8 @@ class Settings:
     notify: tuple[str, ...]
     notify_on: tuple[str, ...]
     notify_timeout_s: float
+    sample_every: int | None
+    preview_prompts: tuple[str, ...]
     deprecations: tuple[str, ...]
 
     def __init__(self, **values):
@@ -200,7 +207,7 @@ class Settings:
 # What a user sets as a plain key (the engines' sections and the notes are filled by resolve).
 KEYS = {k: v for k, v in FIELDS.items() if k not in ("engines", "deprecations")}
 _PATH_KEYS = {"assets", "state_dir", "registry"}
-_OPTIONAL = {"state_dir", "ram_gb", "ui_token"}
+_OPTIONAL = {"state_dir", "ram_gb", "ui_token", "sample_every"}
 UI_TOKEN_MIN_CHARS = 16  # the dashboard's token is its only lock off loopback
 _OFF = ("0", "false", "no", "off")
 
@@ -299,7 +306,10 @@ def split_list(key: str, text: str) -> list[str]:
     """A comma-separated setting (an environment variable) -> its items (pure)."""
     import re
 
-    parts = re.split(_URL_SPLIT, text) if key == "notify" else text.split(",")
+    if key == "preview_prompts":  # a prompt holds commas ("ohwx, portrait photo")
+        parts = text.split("|")
+    else:
+        parts = re.split(_URL_SPLIT, text) if key == "notify" else text.split(",")
     return [p.strip() for p in parts if p.strip()]
 
 

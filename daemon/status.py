@@ -64,13 +64,22 @@ def visible(jobs: list, *, show_all: bool, now: float) -> list:
     return [j for j in jobs if j.state not in FINISHED or (now - (j.finished_at or j.updated_at)) < 86400]
 
 
+def _json_row(job) -> dict:
+    """A job for `status --json`; a done job's learning metrics also as top-level `metrics`."""
+    row = job.to_dict()
+    outputs = row.get("outputs")
+    if isinstance(outputs, dict) and isinstance(outputs.get("metrics"), dict):
+        row["metrics"] = outputs["metrics"]
+    return row
+
+
 def render_status(jobs: list, *, show_all: bool, as_json: bool, daemon_pid: int | None, now: float) -> str:
     shown = visible(jobs, show_all=show_all, now=now)
     if as_json:
         import json
 
         return json.dumps(
-            {"daemon_pid": daemon_pid, "jobs": [j.to_dict() for j in shown]},
+            {"daemon_pid": daemon_pid, "jobs": [_json_row(j) for j in shown]},
             indent=2,
             default=str,
             ensure_ascii=False,

@@ -331,7 +331,8 @@ class Engine(Protocol):
         ...
 
     def report_files(self, workdir: Path) -> list[Path]:
-        """Files of the training report to publish beside the LoRA (loss plot, preview, ...)."""
+        """Files of the training report to publish beside the LoRA (loss plot, preview, ...); a
+        folder named `samples` (samples during training) is published as that folder."""
         ...
 
     def adapter_metadata(self, plan: TrainingPlan) -> dict[str, str]:

@@ -109,6 +109,12 @@ def test_remote_worker_trains_and_the_coordinator_publishes(cluster, redis_serve
         assert (d.assets / "loras" / f"alice{suffix}").is_file()
     assert list(json.loads(d.registry.read_text())["loras"]) == ["alice"]
     assert (folder / "DONE").exists()
+    # The learning metrics of a remote job: the losses the coordinator received, and the base
+    # render the worker sent back (not the LoRA render twice, which would make lora_effect 0).
+    metrics = json.loads((d.assets / "loras" / "alice.report" / "metrics.json").read_text())
+    assert metrics["loss_start"] is not None and metrics["loss_end"] is not None
+    assert metrics["lora_effect"] is not None and metrics["lora_effect"] > 0
+    assert job["metrics"] == metrics
     # The worker trained it; nothing of the job is left on the worker, and it never published.
     assert w.log_has("worker.claimed", job_id=job["id"]) and w.log_has("worker.delivered", job_id=job["id"])
     assert not (w.state / "work" / job["id"]).exists()
@@ -347,6 +353,21 @@ def test_coordinator_refuses_a_tampered_or_malformed_result(tmp_path, redis_serv
         with pytest.raises(ResultRefused, match="plain file name"):
             c.collect_result(job, {"files": good, "report": report})
     assert not (tmp_path / "x").exists() and not (tmp_path / "assets" / "loras").exists()
+
+
+def test_a_result_may_carry_samples_in_its_one_subfolder(tmp_path, redis_server):
+    from daemon.jobs import Job
+    from daemon.remote.coordinator import ResultRefused
+
+    c = _coordinator(tmp_path, redis_server.url)
+    job = Job(id="j1", plan={})
+    good = _upload(c.files, _result_parts(tmp_path))
+    report = [{"name": "samples/0000040_1.png", "ref": good["render"]}]
+    folder = c.collect_result(job, {"files": good, "report": report})
+    assert (folder / "report" / "samples" / "0000040_1.png").is_file()
+    for hostile in ("samples/../x", "samples/a/b", "other/x", "/samples/x"):
+        with pytest.raises(ResultRefused, match="plain file name"):
+            c.collect_result(job, {"files": good, "report": [{"name": hostile, "ref": good["render"]}]})
 
 
 def test_a_refused_result_fails_the_job_and_publishes_nothing(cluster, redis_server, tmp_path):

@@ -129,6 +129,13 @@ def test_dashboard_in_a_browser_while_the_tiny_model_trains(daemon_factory, brow
     wait_for(lambda: _click(browser, f"{row} .id a"), 20, message="the job's link clicked")
     wait_for(lambda: browser.find_elements(By.ID, "steps"), 20, message="the job page")
     wait_for(lambda: _text(browser, "#steps").startswith("2/"), 10, message="job page progress")
+    # Samples during training: mflux's preview at step 0 (and after) in the grid, step × prompt.
+    wait_for(
+        lambda: browser.find_elements(By.CSS_SELECTOR, '#samplegrid tr[data-step="0"] img.sample'),
+        30,
+        message="the step-0 sample in the grid while the job trains",
+    )
+    assert "ohwx, portrait photo" in _text(browser, "#samplegrid thead")
     browser.save_screenshot(str(shots / "job-training.png"))
     assert (first / "TRAINING").is_file()
     browser.find_element(By.ID, "action-cancel").click()
@@ -152,9 +159,17 @@ def test_dashboard_in_a_browser_while_the_tiny_model_trains(daemon_factory, brow
         message="the second job's link clicked",
     )
     wait_for(lambda: browser.find_elements(By.ID, "state"), 20, message="the second job's page")
+    browser.execute_script("window.__job_page_once = true")  # gone if the page reloads
     wait_for(
         lambda: _text(browser, "#state") == "done", 300, interval=0.5, message="second job done, shown live"
     )
+    # The last step's sample joins the grid without a reload (samples.json, fetched on live updates).
+    wait_for(
+        lambda: browser.find_elements(By.CSS_SELECTOR, '#samplegrid tr[data-step="4"] img.sample'),
+        30,
+        message="the final sample in the grid, live",
+    )
+    assert browser.execute_script("return window.__job_page_once === true")
     compare = browser.find_element(By.ID, "compare")
     wait_for(lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", compare), 20,
              message="comparison image loaded")  # fmt: skip
@@ -168,6 +183,24 @@ def test_dashboard_in_a_browser_while_the_tiny_model_trains(daemon_factory, brow
     )
     assert "carol.safetensors" in browser.page_source  # the output paths
     assert browser.find_elements(By.CSS_SELECTOR, "#losschart polyline")  # the loss curve has points
+    # The chart: axes with values, raw points faint, a smoothed line bold; caption first → last (smoothed).
+    assert browser.find_elements(By.CSS_SELECTOR, "#losschart circle.lossraw")
+    assert browser.find_elements(By.CSS_SELECTOR, "#losschart polyline.losssmooth")
+    ticks = [t.text for t in browser.find_elements(By.CSS_SELECTOR, "#losschart text.ytick")]
+    assert len(ticks) == 5 and all(float(t) > 0 for t in ticks), ticks
+    assert browser.find_elements(By.CSS_SELECTOR, "#losschart text.xtick")
+    caption = _text(browser, "#losscount")
+    assert "→" in caption and caption.endswith("(smoothed)"), caption
+    carol = next(j for j in d.jobs() if j["dataset"] == "ohwx_carol")
+    first, last = (float(v) for v in caption.split("loss ")[-1].split(" (")[0].split(" → "))
+    series = carol["metrics"]["loss_curve"]  # the same smoothing as metrics.json's curve
+    assert first == pytest.approx(series[0][1], rel=0.01) and last == pytest.approx(series[-1][1], rel=0.01)
+    # The learning metrics, the report's loss.html and metrics.json, and the finished samples grid.
+    assert "steps" in _text(browser, "#metricsline") and "LoRA effect" in _text(browser, "#metricsline")
+    links = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "#reportlinks a")]
+    assert any(h.endswith("/carol.report/loss.html") for h in links), links
+    assert any(h.endswith("/carol.report/metrics.json") for h in links), links
+    assert browser.find_elements(By.CSS_SELECTOR, "#samplegrid img.sample")
     browser.save_screenshot(str(shots / "job-done.png"))
 
     browser.find_element(By.LINK_TEXT, "LoRA library").click()
@@ -179,6 +212,16 @@ def test_dashboard_in_a_browser_while_the_tiny_model_trains(daemon_factory, brow
         lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image), 20
     )
     assert "lorad.job_id" in browser.page_source
+    # The daemon's real state (the live marker connects here too), the trigger word, the metrics
+    # line and download links for the LoRA and its renders.
+    wait_for(lambda: "live" in _text(browser, "#live"), 30, message="the library page's live marker")
+    assert "ohwx" in _text(browser, "#lora-carol .trigger")
+    assert "loss" in _text(browser, "#lora-carol .metrics")
+    downloads = [
+        a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "#lora-carol .downloads a")
+    ]
+    for name in ("carol.safetensors", "carol.png", "carol.compare.png"):
+        assert any(h.endswith(f"/files/loras/{name}") for h in downloads), downloads
     browser.save_screenshot(str(shots / "loras.png"))
     for name in ("queue", "job-training", "confirm-cancel", "job-done", "loras"):
         assert (shots / f"{name}.png").stat().st_size > 1000

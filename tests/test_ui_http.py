@@ -549,3 +549,101 @@ def test_an_action_body_too_large_is_refused_before_it_is_read(served):
     assert conn.makefile("rb").readline().startswith(b"HTTP/1.1 413")
     conn.close()
     assert not store.get(job.id).cancel_requested
+
+
+# -- learning made visible (issue 22) -------------------------------------------------------
+
+
+def test_sample_grid_table(tmp_path):
+    samples = tmp_path / "samples"
+    assert views.sample_grid(samples, "/u") == {"prompts": [], "rows": []}
+    samples.mkdir()
+    (samples / "prompts.json").write_text('["a red square", "a red circle"]')
+    for name in ("0000000_1.png", "0000000_2.png", "0000040_1.png", ".0000080_1.png.tmp", "x.png"):
+        (samples / name).write_bytes(b"\x89PNG")
+    assert views.sample_grid(samples, "/u") == {
+        "prompts": ["a red square", "a red circle"],
+        "rows": [
+            {"step": 0, "images": ["/u/0000000_1.png", "/u/0000000_2.png"]},
+            {"step": 40, "images": ["/u/0000040_1.png", None]},  # the second prompt not rendered yet
+        ],
+    }
+    (samples / "prompts.json").unlink()  # no prompts file: numbered columns
+    assert views.sample_grid(samples, "/u")["prompts"] == ["prompt 1", "prompt 2"]
+
+
+def test_metrics_line():
+    assert views.metrics_line(None) == ""
+    line = views.metrics_line({"steps": 120, "loss_start": 1.2087, "loss_end": 0.903, "lora_effect": 0.0425})
+    assert line == "120 steps · loss 1.21 → 0.903, LoRA effect 0.043"
+
+
+def _published(s, store, name: str = "alice"):
+    """A done job with a published LoRA, its report (metrics, loss.html, samples) and renders."""
+    from daemon.safetensors_file import write as write_safetensors
+
+    job = _job(store, s, name)
+    for state in ("rendering", "publishing"):
+        store.transition(job.id, state)
+    raw = s.loras / "raw.bin"
+    header = {"__metadata__": {"modelspec.trigger_phrase": "ohwx", "lorad.job_id": job.id}}
+    raw.write_bytes(b"")
+    write_safetensors(raw, s.loras / f"{name}.safetensors", header, offset=0, data_len=0)
+    raw.unlink()
+    (s.loras / f"{name}.png").write_bytes(b"\x89PNG render")
+    (s.loras / f"{name}.compare.png").write_bytes(b"\x89PNG compare")
+    report = s.loras / f"{name}.report"
+    (report / "samples").mkdir(parents=True)
+    metrics = {"steps": 120, "loss_start": 1.2, "loss_end": 0.9, "loss_curve": [[1, 1.2], [120, 0.9]],
+               "lora_effect": 0.004, "warnings": ["the LoRA barely changes the picture (train longer or raise the learning rate)"]}  # fmt: skip
+    (report / "metrics.json").write_text(json.dumps(metrics))
+    (report / "loss.html").write_text("<script>1</script>")
+    (report / "samples" / "prompts.json").write_text('["ohwx, portrait photo"]')
+    (report / "samples" / "0000040_1.png").write_bytes(b"\x89PNG sample")
+    outputs = {"lora": str(s.loras / f"{name}.safetensors"), "report": str(report), "metrics": metrics}
+    store.transition(job.id, "done", outputs=outputs)
+    return store.get(job.id)
+
+
+def test_job_page_shows_metrics_report_links_and_samples(served):
+    s, port, store = served()
+    job = _published(s, store)
+    status, _h, body = get(port, f"/jobs/{job.id}")
+    page = body.decode()
+    assert status == 200
+    assert "120 steps · loss 1.2 → 0.9, LoRA effect 0.004" in page
+    assert "the LoRA barely changes the picture" in page
+    assert (
+        'href="/files/loras/alice.report/loss.html"' in page
+        and "/files/loras/alice.report/metrics.json" in page
+    )
+    assert 'src="/files/loras/alice.report/samples/0000040_1.png"' in page and 'data-step="40"' in page
+    status, headers, body = get(port, "/files/loras/alice.report/loss.html")
+    assert status == 200 and "sandbox allow-scripts" in headers["content-security-policy"]
+    grid = json.loads(get(port, f"/jobs/{job.id}/samples.json")[2])
+    assert grid["rows"] == [{"step": 40, "images": ["/files/loras/alice.report/samples/0000040_1.png"]}]
+
+
+def test_samples_of_a_training_job_are_served_from_its_work_dir_only(served):
+    s, port, store = served()
+    job = _job(store, s)
+    samples = s.jobs_dir / job.id / "samples"
+    samples.mkdir(parents=True)
+    (samples / "0000000_1.png").write_bytes(b"\x89PNG live sample")
+    (s.jobs_dir / job.id / "secret.txt").write_text(SECRET)
+    grid = json.loads(get(port, f"/jobs/{job.id}/samples.json")[2])
+    assert grid["rows"][0]["images"] == [f"/files/jobs/{job.id}/samples/0000000_1.png"]
+    assert get(port, f"/files/jobs/{job.id}/samples/0000000_1.png")[2] == b"\x89PNG live sample"
+    assert get(port, f"/files/jobs/{job.id}/samples/../secret.txt")[0] == 404
+
+
+def test_library_page_shows_trigger_metrics_downloads_and_connects_live(served):
+    s, port, store = served()
+    _published(s, store)
+    status, _h, body = get(port, "/loras")
+    page = body.decode()
+    assert status == 200 and 'data-page="loras"' in page  # app.js connects the live marker there too
+    assert "trigger word: <code>ohwx</code>" in page
+    assert "120 steps · loss 1.2 → 0.9, LoRA effect 0.004" in page
+    for name in ("alice.safetensors", "alice.png", "alice.compare.png"):
+        assert f'href="/files/loras/{name}" download' in page

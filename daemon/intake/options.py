@@ -5,6 +5,7 @@ Every problem is a Finding that names the file and the key, says what is wrong a
 
 from __future__ import annotations
 
+import json
 import tomllib
 from typing import Any
 
@@ -13,6 +14,7 @@ from daemon.intake.findings import Finding
 CAPTION_POLICIES = ("prepend", "require")
 # What an image without a caption gets (apart from caption_policy, which governs captions that exist).
 MISSING_CAPTIONS = ("refuse", "trigger", "vlm")
+MAX_PREVIEW_PROMPTS = 8  # each one is rendered at every sample: more would slow training down
 
 # key -> (type, lower bound, upper bound, help)
 OPTION_SPECS: dict[str, tuple[type, Any, Any]] = {
@@ -27,6 +29,9 @@ OPTION_SPECS: dict[str, tuple[type, Any, Any]] = {
     "resolution": (int, 256, 4096),
     "priority": (int, -1000, 1000),
     "preview_prompt": (str, 1, 2000),
+    # Samples during training: mflux renders each prompt every sample_every steps (default: ~4 a run).
+    "preview_prompts": (list, 1, MAX_PREVIEW_PROMPTS),
+    "sample_every": (int, 1, 1_000_000),
     "caption_policy": (str, None, None),
     "engine": (str, 1, 50),  # one of engines.base.known_engines(): "mflux", "fal", ...
     "max_cost_usd": (float, 0.0, 100_000.0),  # a cloud engine refuses the job above this estimate
@@ -43,6 +48,8 @@ def _check_value(
     kind, low, high = spec
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if kind is list:
+        return _check_prompts(key, value, filename)
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is int:
@@ -114,6 +121,34 @@ def _check_value(
     return value, None
 
 
+def _check_prompts(key: str, value: Any, filename: str) -> tuple[Any, Finding | None]:
+    """preview_prompts: a list of 1 to MAX_PREVIEW_PROMPTS plain-text prompts."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return None, Finding.error(
+            filename,
+            f"key '{key}' must be a list of strings, got {type(value).__name__} {value!r}",
+            f"write e.g. {key} = {_example(key)}",
+            code="option.type",
+        )
+    prompts = [v.strip() for v in value]
+    if not 1 <= len(prompts) <= MAX_PREVIEW_PROMPTS:
+        return None, Finding.error(
+            filename,
+            f"key '{key}' must hold 1 to {MAX_PREVIEW_PROMPTS} prompts, got {len(prompts)}",
+            f"keep at most {MAX_PREVIEW_PROMPTS} prompts in '{key}'",
+            code="option.range",
+        )
+    for prompt in prompts:
+        if not 1 <= len(prompt) <= 2000 or any(ord(ch) < 32 for ch in prompt):
+            return None, Finding.error(
+                filename,
+                f"key '{key}' has a prompt that is empty, longer than 2000 characters or holds control characters",
+                f"use 1 to 2000 characters of plain text per prompt in '{key}'",
+                code="option.value",
+            )
+    return prompts, None
+
+
 def _example(key: str) -> str:
     return {
         "name": '"my_character"',
@@ -127,6 +162,8 @@ def _example(key: str) -> str:
         "resolution": "1024",
         "priority": "0",
         "preview_prompt": '"ohwx, portrait photo"',
+        "preview_prompts": '["ohwx, portrait photo", "ohwx, full body, on a beach"]',
+        "sample_every": "250",
         "caption_policy": '"prepend"',
         "force": "true",
         "engine": '"fal"',
@@ -215,6 +252,8 @@ def render_ready(options: dict) -> str:
             lines.append(f"{key} = {'true' if value else 'false'}")
         elif isinstance(value, (int, float)):
             lines.append(f"{key} = {value!r}")
+        elif isinstance(value, list):
+            lines.append(f"{key} = {json.dumps([str(v) for v in value], ensure_ascii=False)}")
         else:
             escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
             lines.append(f'{key} = "{escaped}"')

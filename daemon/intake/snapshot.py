@@ -91,8 +91,18 @@ def _convert_open(opened, dst: Path) -> None:
         im.convert("RGB").save(dst, format="PNG")
 
 
-def take_snapshot(report: Report, job_dir: Path, *, preview_prompt: str, effective: dict) -> dict:
-    """Write job_dir/data (images + captions + preview.txt) and job_dir/manifest.json."""
+def take_snapshot(
+    report: Report,
+    job_dir: Path,
+    *,
+    preview_prompt: str,
+    effective: dict,
+    preview_prompts: list[str] | None = None,
+    sample_every: int | None = None,
+) -> dict:
+    """Write job_dir/data (images + captions + preview*.txt) and job_dir/manifest.json.
+
+    The sample prompts become mflux's own preview files: preview.txt (the first), preview_2.txt, ..."""
     data = job_dir / "data"
     if data.exists():
         shutil.rmtree(data)
@@ -121,7 +131,10 @@ def take_snapshot(report: Report, job_dir: Path, *, preview_prompt: str, effecti
                 "converted": image.convert,
             }
         )
-    (data / "preview.txt").write_text(preview_prompt + "\n", encoding="utf-8")
+    prompts = list(preview_prompts or [preview_prompt])
+    for index, prompt in enumerate(prompts, start=1):
+        name = "preview.txt" if index == 1 else f"preview_{index}.txt"
+        (data / name).write_text(prompt + "\n", encoding="utf-8")
     fsync_dir(data)
     manifest = {
         "dataset": str(report.folder),
@@ -130,6 +143,8 @@ def take_snapshot(report: Report, job_dir: Path, *, preview_prompt: str, effecti
         "options": report.options,
         "effective": effective,
         "preview_prompt": preview_prompt,
+        "preview_prompts": prompts,
+        "sample_every": sample_every,
         "images": entries,
     }
     atomic_write_text(job_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
@@ -149,6 +164,18 @@ def write_captions_list(job_dir: Path, entries: list[dict]) -> None:
         if e.get("caption") is not None
     ]
     atomic_write_text(job_dir / CAPTIONS_LIST, "".join(line + "\n" for line in lines))
+
+
+def choose_preview_prompts(report: Report, default_prompts: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The prompts sampled during training (pure): the dataset's `preview_prompts`, else its
+    one-prompt form `preview_prompt`, else the `preview_prompts` setting, else the preview prompt."""
+    if report.options.get("preview_prompts"):
+        return list(report.options["preview_prompts"])
+    if report.options.get("preview_prompt"):
+        return [report.options["preview_prompt"]]
+    if default_prompts:
+        return list(default_prompts)
+    return [choose_preview_prompt(report)]
 
 
 def choose_preview_prompt(report: Report) -> str:

@@ -19,7 +19,13 @@ from typing import Any
 from daemon import jobrecord
 from daemon.fsutil import file_kind
 from daemon.intake import contract, markers
-from daemon.intake.snapshot import DatasetChanged, choose_preview_prompt, fingerprint, take_snapshot
+from daemon.intake.snapshot import (
+    DatasetChanged,
+    choose_preview_prompt,
+    choose_preview_prompts,
+    fingerprint,
+    take_snapshot,
+)
 from daemon.intake.validate import limits, read_options_file, validate_dataset
 from daemon.jobs import JobStore, iso, marker_text, new_job_id
 from daemon.logs import get_logger
@@ -271,7 +277,12 @@ class Intake:
         staging = jobs_dir / f".intake-{job_id}"
         try:
             manifest = take_snapshot(
-                report, staging, preview_prompt=choose_preview_prompt(report), effective=effective
+                report,
+                staging,
+                preview_prompt=choose_preview_prompt(report),
+                effective=effective,
+                preview_prompts=choose_preview_prompts(report, self.settings.preview_prompts),
+                sample_every=report.options.get("sample_every") or self.settings.sample_every,
             )
         except DatasetChanged as exc:
             shutil.rmtree(staging, ignore_errors=True)

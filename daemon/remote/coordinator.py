@@ -42,6 +42,9 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+SAMPLES_DIR = "samples"  # the one report subfolder a result may carry (samples during training)
+
+
 class ResultRefused(Exception):
     """An artifact from a worker that does not check out: never published."""
 
@@ -508,13 +511,20 @@ class Coordinator:
                 if key not in files:
                     raise ResultRefused(f"the {key} is missing")
                 self.files.get_file(FileRef.from_dict(files[key]), folder / name)
+            if "base" in files:  # the render without the LoRA: the learning metrics' lora_effect
+                self.files.get_file(FileRef.from_dict(files["base"]), folder / "base.png")
             report = []
             for item in data.get("report") or []:
                 name = str(item.get("name", ""))
                 rel = safe_relative(name)
-                if rel is None or len(rel.parts) != 1:
-                    raise ResultRefused(f"report file name {name!r} is not a plain file name")
-                self.files.get_file(FileRef.from_dict(item["ref"]), folder / "report" / name)
+                if rel is None or not (
+                    len(rel.parts) == 1 or (len(rel.parts) == 2 and rel.parts[0] == SAMPLES_DIR)
+                ):
+                    raise ResultRefused(
+                        f"report file name {name!r} is not a plain file name (or samples/<file>)"
+                    )
+                (folder / "report" / rel).parent.mkdir(exist_ok=True)
+                self.files.get_file(FileRef.from_dict(item["ref"]), folder / "report" / rel)
                 report.append(name)
         except ResultRefused:
             raise
@@ -523,7 +533,7 @@ class Coordinator:
         problem = safetensors_problem(folder / "adapter.safetensors")
         if problem:
             raise ResultRefused(f"the LoRA is not a valid safetensors file ({problem})")
-        for name in ("render.png", "compare.png"):
+        for name in ("render.png", "compare.png", *(["base.png"] if "base" in files else [])):
             problem = png_problem(folder / name)
             if problem:
                 raise ResultRefused(f"{name}: {problem}")
@@ -574,10 +584,16 @@ class Coordinator:
                 lora_file,
                 job_input(job, workdir).image_count,
             )
+            base = folder / "base.png"  # absent from an older worker's result: no lora_effect then
             rendered = RenderResult(
-                with_lora=folder / "render.png", base=folder / "render.png", compare=folder / "compare.png"
+                with_lora=folder / "render.png",
+                base=base if base.is_file() else folder / "render.png",
+                compare=folder / "compare.png",
             )
-            report = [folder / "report" / name for name in record.get("report") or []]
+            names = record.get("report") or []
+            report = [folder / "report" / name for name in names if "/" not in name]
+            if any(name.startswith(SAMPLES_DIR + "/") for name in names):
+                report.append(folder / "report" / SAMPLES_DIR)  # published as one folder
             outputs = publish_job(self.settings, job, plan, lora_file, rendered, report)
         except (PublishError, SettingsError) as exc:
             self._transition(job.id, "failed", error=str(exc))
@@ -617,7 +633,12 @@ class Coordinator:
 
     def _sink(self, job_id: str) -> ProgressSink:
         if job_id not in self.sinks:
-            self.sinks[job_id] = ProgressSink(self.store, job_id, self.settings.marker_refresh_s)
+            self.sinks[job_id] = ProgressSink(
+                self.store,
+                job_id,
+                self.settings.marker_refresh_s,
+                series=self.settings.jobs_dir / job_id / "progress.jsonl",  # the learning metrics' losses
+            )
         return self.sinks[job_id]
 
     def _close_sink(self, job_id: str) -> None:

@@ -448,11 +448,12 @@ class RemoteWorker:
         refs = {
             "adapter": self.files.put_file(f"{prefix}:adapter", result.adapter).to_dict(),
             "render": self.files.put_file(f"{prefix}:render", rendered.with_lora).to_dict(),
+            "base": self.files.put_file(f"{prefix}:base", rendered.base).to_dict(),
             "compare": self.files.put_file(f"{prefix}:compare", rendered.compare).to_dict(),
         }
         report = [
-            {"name": path.name, "ref": self.files.put_file(f"{prefix}:report:{i}", path).to_dict()}
-            for i, path in enumerate(engine.report_files(workdir))
+            {"name": name, "ref": self.files.put_file(f"{prefix}:report:{i}", path).to_dict()}
+            for i, (name, path) in enumerate(report_entries(engine.report_files(workdir)))
         ]
         if not self.emit_retrying(
             current, "done", files=refs, report=report, plan=plan.to_dict(), step=result.step
@@ -468,6 +469,17 @@ class RemoteWorker:
             )
         except Exception:
             pass  # it lapses by itself
+
+
+def report_entries(paths: list[Path]) -> list[tuple[str, Path]]:
+    """(name, file) of each report file to send; a folder (samples/) as "<folder>/<file>" entries."""
+    entries: list[tuple[str, Path]] = []
+    for path in paths:
+        if path.is_dir():
+            entries += [(f"{path.name}/{f.name}", f) for f in sorted(path.iterdir()) if f.is_file()]
+        else:
+            entries.append((path.name, path))
+    return entries
 
 
 class RemoteProgress:

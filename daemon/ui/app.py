@@ -61,6 +61,9 @@ PAGE_HEADERS = {
 FILE_HEADERS = {"Content-Security-Policy": "sandbox", "X-Content-Type-Options": "nosniff"}
 ACTION_BODY_MAX = 4096  # an action's form is a CSRF token: anything longer is refused unread
 ACTION_BODY_TIMEOUT_S = 10.0
+# mflux's loss.html draws its chart with an inline script: it may run, but sandboxed (an opaque
+# origin: no cookies, no dashboard session) and with nothing to load from elsewhere.
+LOSS_PLOT_CSP = "sandbox allow-scripts; default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:"
 LOG_TAIL_BYTES = 2_000_000  # the job page reads at most this much of the end of lorad.jsonl
 
 
@@ -180,6 +183,7 @@ class Dashboard:
         images = {n: views.file_url("jobs", f"{job.id}/render/{n}.png") for n in ("compare", "lora", "base")
                   if (workdir / "render" / f"{n}.png").is_file()}  # fmt: skip
         settings = job.settings if isinstance(job.settings, dict) else {}
+        metrics = (job.outputs or {}).get("metrics") if isinstance(job.outputs, dict) else None
         return self.render(
             request,
             "job.html",
@@ -195,11 +199,48 @@ class Dashboard:
             images=images,
             render_urls={n: views.file_url("jobs", f"{job.id}/render/{n}.png") for n in ("compare", "lora")},
             outputs={k: v for k, v in (job.outputs or {}).items() if isinstance(v, str)},
+            samples=self._samples(job),
+            metrics=metrics if isinstance(metrics, dict) else None,
+            metrics_line=views.metrics_line(metrics),
+            report_links=self._report_links(job),
             workdir=str(workdir),
             logs=self._log_lines(job.id),
             actions=_actions_for(job),
             message=request.query_params.get("msg", ""),
         )
+
+    def _report_dir(self, job: Job) -> Path | None:
+        """The published `<name>.report/` of a done job (inside the loras folder), or None."""
+        outputs = job.outputs if isinstance(job.outputs, dict) else {}
+        report = outputs.get("report")
+        if job.state != "done" or not isinstance(report, str):
+            return None
+        path = self.settings.loras / Path(report).name
+        return path if path.is_dir() else None
+
+    def _samples(self, job: Job) -> dict:
+        """The samples grid: the published report's once done, the work dir's while training."""
+        report = self._report_dir(job)
+        if report is not None and (report / "samples").is_dir():
+            return views.sample_grid(report / "samples", f"/files/loras/{report.name}/samples")
+        workdir = self.settings.jobs_dir / job.id
+        return views.sample_grid(workdir / "samples", f"/files/jobs/{job.id}/samples")
+
+    def _report_links(self, job: Job) -> list[tuple[str, str]]:
+        """(label, URL) of the report's files worth opening: mflux's loss.html, metrics.json."""
+        report = self._report_dir(job)
+        if report is None:
+            return []
+        labels = {"loss.html": "loss plot (mflux's loss.html)", "metrics.json": "metrics.json"}
+        return [
+            (label, f"/files/loras/{report.name}/{name}")
+            for name, label in labels.items()
+            if (report / name).is_file()
+        ]
+
+    def samples(self, request: Request) -> Response:
+        job = self.store.get(request.path_params["job_id"])
+        return JSONResponse(self._samples(job) if job is not None else {"prompts": [], "rows": []})
 
     def _log_lines(self, job_id: str, limit: int = 200) -> list[dict]:
         """This job's lines from the end of the JSON log (daemon/logview.py formats them)."""
@@ -299,6 +340,7 @@ class Dashboard:
             return 1, f"{type(exc).__name__}: {exc}"
 
     def loras_page(self, request: Request) -> Response:
+        from daemon import publish
         from daemon.publish import metadata_of
 
         loras = self.settings.loras
@@ -313,8 +355,14 @@ class Dashboard:
                     problem = ""
                 except (OSError, ValueError) as exc:
                     meta, problem = {}, f"header unreadable: {exc}"
+                learned = publish.read_metrics(loras / f"{stem}{publish.REPORT_SUFFIX}")
                 versions.append({
                     "stem": stem,
+                    "trigger": meta.get("modelspec.trigger_phrase", ""),
+                    "metrics": views.metrics_line(learned),
+                    "warnings": (learned or {}).get("warnings") or [],
+                    "downloads": [(f"{stem}{suffix}", views.file_url("loras", f"{stem}{suffix}")) for suffix in publish.LORA_SUFFIXES
+                                  if (loras / f"{stem}{suffix}").is_file()],
                     "render": views.file_url("loras", f"{stem}.png") if (loras / f"{stem}.png").is_file() else None,
                     "compare": views.file_url("loras", f"{stem}.compare.png") if (loras / f"{stem}.compare.png").is_file() else None,
                     "meta": sorted(meta.items()),
@@ -340,14 +388,17 @@ class Dashboard:
             path = views.inside(self.settings.loras, relative)
         elif kind == "jobs":
             parts = relative.split("/")
-            if len(parts) >= 3 and parts[1] == "render":
+            if len(parts) >= 3 and parts[1] in ("render", "samples"):
                 path = views.inside(self.settings.jobs_dir, relative)  # inside the jobs folder...
-                render_dir = self.settings.jobs_dir / parts[0] / "render"
+                render_dir = self.settings.jobs_dir / parts[0] / parts[1]
                 if path is not None and not path.is_relative_to(os.path.realpath(render_dir)):
-                    path = None  # ...and inside that job's render folder, links resolved
+                    path = None  # ...and inside that job's render (samples) folder, links resolved
         if path is None:
             return PlainTextResponse("not found", 404)
-        return FileResponse(path, headers=FILE_HEADERS)
+        headers = FILE_HEADERS
+        if kind == "loras" and path.name == "loss.html":
+            headers = {**FILE_HEADERS, "Content-Security-Policy": LOSS_PLOT_CSP}
+        return FileResponse(path, headers=headers)
 
     # -- live updates ------------------------------------------------------------------------
 
@@ -473,6 +524,7 @@ def create_app(settings: Settings, *, token: str | None = None, port: int | None
         Route("/", ui.queue_page),
         Route("/jobs/{job_id}", ui.job_page),
         Route("/jobs/{job_id}/loss.json", ui.loss),
+        Route("/jobs/{job_id}/samples.json", ui.samples),
         Route("/jobs/{job_id}/confirm/{action}", ui.confirm_page),
         Route("/jobs/{job_id}/{action}", ui.action, methods=["POST"]),
         Route("/loras", ui.loras_page),

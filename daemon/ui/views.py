@@ -232,3 +232,45 @@ def host_allowed(host_header: str | None, port: int) -> bool:
     if port_text and port_text != str(port):
         return False
     return name.lower() in LOOPBACK_NAMES or is_loopback(name)
+
+
+_SAMPLE_NAME = re.compile(r"([0-9]{7})_([0-9]{1,2})\.png")
+
+
+def sample_grid(folder: Path, url_prefix: str) -> dict:
+    """The samples made during training (engines write `<step:07d>_<prompt number>.png` and
+    prompts.json into samples/) as a grid: {prompts: [...], rows: [{step, images: [url or
+    None per prompt]}]}, oldest step first. An empty grid when there are none yet."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return {"prompts": [], "rows": []}
+    try:
+        prompts = json.loads((folder / "prompts.json").read_text(encoding="utf-8"))
+        prompts = [str(p) for p in prompts] if isinstance(prompts, list) else []
+    except (OSError, ValueError):
+        prompts = []
+    cells: dict[int, dict[int, str]] = {}
+    for name in names:
+        match = _SAMPLE_NAME.fullmatch(name)
+        if match:
+            cells.setdefault(int(match.group(1)), {})[int(match.group(2))] = f"{url_prefix}/{name}"
+    columns = max([len(prompts), *(max(c) for c in cells.values())]) if cells else len(prompts)
+    prompts += [f"prompt {i}" for i in range(len(prompts) + 1, columns + 1)]
+    rows = [
+        {"step": step, "images": [cells[step].get(i) for i in range(1, columns + 1)]}
+        for step in sorted(cells)
+    ]
+    return {"prompts": prompts, "rows": rows}
+
+
+def metrics_line(metrics: dict | None) -> str:
+    """ "steps 120 · loss 1.21 → 0.903 · LoRA effect 0.043" for the job and library pages."""
+    if not isinstance(metrics, dict):
+        return ""
+    from daemon.metrics import summary_line
+
+    steps = metrics.get("steps")
+    parts = [f"{steps} steps"] if steps else []
+    summary = summary_line(metrics)
+    return " · ".join(parts + ([summary] if summary else []))

@@ -79,6 +79,20 @@ _STEP_PATTERNS = (
 )
 
 
+_LOSS_PATTERN = re.compile(r"(?i)\bloss\b\s*[=:]?\s*([0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)")
+
+
+def loss_from_logs(logs: list[dict]) -> float | None:
+    """The newest training loss the logs mention ("loss: 0.42", "loss=4.2e-1"), for the learning
+    metrics (pure); None when none does."""
+    for entry in reversed(logs):
+        message = str(entry.get("message", "")) if isinstance(entry, dict) else str(entry)
+        found = _LOSS_PATTERN.findall(message)
+        if found:
+            return float(found[-1])
+    return None
+
+
 def step_from_logs(logs: list[dict], total: int) -> int | None:
     """The newest training step the logs mention (pure); None when none does."""
     for entry in reversed(logs):
@@ -99,7 +113,7 @@ def zip_snapshot(data_dir: Path, dest: Path) -> int:
         for p in Path(data_dir).iterdir()
         if p.is_file()
         and (p.suffix.lower() in IMAGE_SUFFIXES or p.suffix == ".txt")
-        and p.name != "preview.txt"
+        and not (p.suffix == ".txt" and p.stem.startswith("preview"))  # preview.txt, preview_2.txt: prompts
     )
     fd, tmp = temp_beside(dest)
     import os
@@ -278,10 +292,10 @@ class FalEngine:
         atomic_write_text(workdir / "plan.json", json.dumps(plan.to_dict(), indent=2))
         config, total = plan.config, plan.total_steps
         endpoint = str(config["endpoint"])
-        last = {"step": 0}
+        last: dict[str, Any] = {"step": 0, "loss": None}
 
         def note(text: str, remote: dict | None = None) -> None:
-            progress(Progress(last["step"], total, note=text, remote=remote))
+            progress(Progress(last["step"], total, last["loss"], note=text, remote=remote))
 
         try:
             service = self._service()
@@ -391,6 +405,9 @@ class FalEngine:
                 step = step_from_logs(status.logs, total)
                 if step is not None:
                     last["step"] = step
+                    last["loss"] = loss_from_logs(
+                        status.logs
+                    )  # the learning metrics' series, where fal logs it
                 note(
                     f"training on fal.ai{f' (step {step}/{total})' if step is not None else ''}",
                     {**remote, "state": "IN_PROGRESS"},

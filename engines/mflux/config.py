@@ -62,6 +62,14 @@ def training_length(model: str, options: dict, image_count: int, batch_size: int
     return epochs, epochs * per_epoch
 
 
+def sample_interval(options: dict, total: int) -> int:
+    """Steps between samples: the `sample_every` option, else about four samples a run (pure)."""
+    every = options.get("sample_every")
+    if isinstance(every, int) and not isinstance(every, bool) and every > 0:
+        return every
+    return max(1, math.ceil(total / 4))
+
+
 def build_config(
     *,
     model: str,
@@ -125,8 +133,9 @@ def build_config(
             "preview_width": preview,
             "preview_height": preview,
             "plot_frequency": max(1, total // 20),
-            # One preview at the start (mflux always makes it) and one at the end.
-            "generate_image_frequency": total,
+            # Samples (mflux's previews of data/preview*.txt): at the start (mflux always makes
+            # one), then every sample_every steps; by default about four times a run.
+            "generate_image_frequency": sample_interval(options, total),
         },
         "lora_layers": {"targets": targets},
     }

@@ -48,6 +48,7 @@ from engines.mflux.weights import weights_check
 from engines.process.child import run_child
 
 TRAIN_DIR = "train"
+SAMPLES_DIR = "samples"  # written by the child (engines/mflux/worker.py _hook_samples)
 PLAN_FILE = "plan.json"
 CONFIG_FILE = "train.json"
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,9 +197,12 @@ class MFluxEngine:
     # -- what the daemon publishes and checks ---------------------------------------------------
 
     def report_files(self, workdir: Path) -> list[Path]:
-        """mflux's loss plot and its last preview image."""
+        """mflux's loss plot, its last preview image and the samples/ folder (every preview)."""
         train_dir = Path(workdir) / TRAIN_DIR
         out = []
+        samples = Path(workdir) / SAMPLES_DIR
+        if samples.is_dir() and any(samples.glob("*.png")):
+            out.append(samples)
         loss = train_dir / "loss" / "loss.html"
         if loss.is_file():
             out.append(loss)
@@ -375,6 +379,7 @@ class MFluxEngine:
         else:
             # mflux makes a new timestamped folder when output_path exists on a fresh start.
             shutil.rmtree(workdir / TRAIN_DIR, ignore_errors=True)
+            shutil.rmtree(workdir / SAMPLES_DIR, ignore_errors=True)
             args += ["--config", str(workdir / CONFIG_FILE)]
 
         def on_event(event: dict[str, Any]) -> None:

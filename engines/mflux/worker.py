@@ -65,6 +65,44 @@ def _hook_training(reporter: Reporter, stop: StopFlag, overrides: dict) -> None:
         TrainingSpec.resolve = staticmethod(resolve)
 
 
+SAMPLES_DIR = "samples"  # <job dir>/samples/<step:07d>_<prompt number>.png + prompts.json
+
+
+def _hook_samples(job_dir: Path, reporter: Reporter) -> None:
+    """Copy each of mflux's previews (its own preview mechanism, data/preview*.txt) into the job's
+    samples/ folder as <step>_<prompt number>.png, beside prompts.json: the dashboard's grid."""
+    import shutil
+
+    from mflux.models.common.training.trainer import TrainingTrainer
+
+    original = TrainingTrainer._generate_previews
+
+    def generate_previews(adapter, training_spec, training_state, *args, **kwargs):
+        result = original(adapter, training_spec, training_state, *args, **kwargs)
+        monitoring = training_spec.monitoring
+        if monitoring is None:
+            return result
+        samples = job_dir / SAMPLES_DIR
+        samples.mkdir(exist_ok=True)
+        prompts = samples / "prompts.json"
+        if not prompts.is_file():
+            prompts.write_text(json.dumps(list(monitoring.preview_prompts)), encoding="utf-8")
+        step = training_state.iterator.num_iterations
+        names = monitoring.preview_prompt_names
+        for idx in range(len(monitoring.preview_prompts)):
+            src = training_state.get_current_preview_image_path(
+                training_spec, preview_index=idx, preview_name=names[idx] if idx < len(names) else None
+            )
+            if src.is_file():
+                tmp = samples / f".{step:07d}_{idx + 1}.png.tmp"
+                shutil.copyfile(src, tmp)
+                tmp.replace(samples / f"{step:07d}_{idx + 1}.png")
+        reporter.emit("sample", step=step)
+        return result
+
+    TrainingTrainer._generate_previews = staticmethod(generate_previews)
+
+
 def _prepare_model(plan: dict) -> None:
     if plan["model"] == "tiny-z-image":
         from engines.mflux import tiny_model
@@ -85,6 +123,7 @@ def train(args, reporter: Reporter, stop: StopFlag) -> int:
             for k in ("quantize", "low_ram", "gradient_checkpointing", "cache_limit_gb", "max_resolution")
         }
     _hook_training(reporter, stop, overrides)
+    _hook_samples(job_dir, reporter)
     from mflux.models.common.training.runner import TrainingRunner
     from mflux.models.common.training.state.training_spec import TrainingSpec
     from mflux.utils.exceptions import StopTrainingException

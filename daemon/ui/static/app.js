@@ -62,6 +62,31 @@ function updateQueue(payload) {
   }
 }
 
+const SVG = "http://www.w3.org/2000/svg";
+
+function svgEl(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// The same smoothing as daemon/metrics.py smooth_curve: at most `slices` means of equal,
+// consecutive slices (a moving average that also thins a long run).
+function smooth(points, slices) {
+  const n = Math.min(slices, points.length);
+  const out = [];
+  for (let i = 0; i < n; i++) {
+    const chunk = points.slice(Math.floor((i * points.length) / n), Math.floor(((i + 1) * points.length) / n));
+    out.push([chunk.reduce((a, p) => a + p[0], 0) / chunk.length, chunk.reduce((a, p) => a + p[1], 0) / chunk.length]);
+  }
+  return out;
+}
+
+function fmt(v) {
+  return Math.abs(v) >= 100 ? v.toFixed(0) : Number(v.toPrecision(3)).toString();
+}
+
 function drawLoss(points) {
   const svg = document.getElementById("losschart");
   if (!svg) return;
@@ -71,17 +96,89 @@ function drawLoss(points) {
     if (count) count.textContent = points.length ? "1 point" : "no loss reported yet";
     return;
   }
+  const W = 640, H = 240, L = 56, R = 10, T = 10, B = 34;
   const xs = points.map((p) => p[0]);
   const ys = points.map((p) => p[1]);
   const x0 = Math.min(...xs), x1 = Math.max(...xs);
-  const y0 = Math.min(...ys), y1 = Math.max(...ys);
-  const sx = (x) => (x1 === x0 ? 0 : ((x - x0) / (x1 - x0)) * 590 + 5);
-  const sy = (y) => (y1 === y0 ? 100 : 195 - ((y - y0) / (y1 - y0)) * 190);
-  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
-  line.setAttribute("points", points.map((p) => sx(p[0]).toFixed(1) + "," + sy(p[1]).toFixed(1)).join(" "));
-  line.setAttribute("class", "lossline");
-  svg.appendChild(line);
-  if (count) count.textContent = points.length + " points, steps " + x0 + "–" + x1 + ", loss " + y1.toFixed(4) + " → " + ys[ys.length - 1].toFixed(4);
+  let y0 = Math.min(...ys), y1 = Math.max(...ys);
+  if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
+  const sx = (x) => (x1 === x0 ? L : L + ((x - x0) / (x1 - x0)) * (W - L - R));
+  const sy = (y) => T + (1 - (y - y0) / (y1 - y0)) * (H - T - B);
+  svg.appendChild(svgEl("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, class: "lossaxis" }));
+  svg.appendChild(svgEl("line", { x1: L, y1: T, x2: L, y2: H - B, class: "lossaxis" }));
+  for (let i = 0; i <= 4; i++) {
+    const y = y0 + ((y1 - y0) * i) / 4;
+    svg.appendChild(svgEl("line", { x1: L - 4, y1: sy(y), x2: L, y2: sy(y), class: "lossaxis" }));
+    svg.appendChild(svgEl("text", { x: L - 6, y: sy(y) + 4, "text-anchor": "end", class: "losstick ytick" }, fmt(y)));
+    const x = x0 + ((x1 - x0) * i) / 4;
+    svg.appendChild(svgEl("line", { x1: sx(x), y1: H - B, x2: sx(x), y2: H - B + 4, class: "lossaxis" }));
+    svg.appendChild(svgEl("text", { x: sx(x), y: H - B + 16, "text-anchor": "middle", class: "losstick xtick" }, String(Math.round(x))));
+  }
+  svg.appendChild(svgEl("text", { x: (L + W - R) / 2, y: H - 2, "text-anchor": "middle", class: "losstick" }, "step"));
+  svg.appendChild(svgEl("text", { x: 12, y: (T + H - B) / 2, "text-anchor": "middle", class: "losstick", transform: "rotate(-90 12 " + (T + H - B) / 2 + ")" }, "loss"));
+  for (const p of points) {
+    svg.appendChild(svgEl("circle", { cx: sx(p[0]).toFixed(1), cy: sy(p[1]).toFixed(1), r: 1.8, class: "lossraw" }));
+  }
+  const smoothed = smooth(points, 30);  // CURVE_POINTS in daemon/metrics.py
+  svg.appendChild(svgEl("polyline", {
+    points: smoothed.map((p) => sx(p[0]).toFixed(1) + "," + sy(p[1]).toFixed(1)).join(" "),
+    class: "losssmooth",
+  }));
+  const first = smoothed[0][1], last = smoothed[smoothed.length - 1][1];
+  if (count) count.textContent = points.length + " points, steps " + x0 + "–" + x1 + ", loss " + fmt(first) + " → " + fmt(last) + " (smoothed)";
+}
+
+function sampleCell(url, step, prompt) {
+  const td = el("td");
+  if (!url) return td;
+  const a = el("a");
+  a.href = url;
+  a.target = "_blank";
+  a.rel = "noopener";
+  const img = el("img", "sample");
+  img.src = url;
+  img.alt = "step " + step + ", " + prompt;
+  a.appendChild(img);
+  td.appendChild(a);
+  return td;
+}
+
+function drawSamples(grid) {
+  const box = document.getElementById("samples");
+  if (!box || !grid.rows.length) return;
+  const table = el("table", "samples");
+  table.id = "samplegrid";
+  const head = el("tr");
+  head.appendChild(el("th", null, "step"));
+  for (const p of grid.prompts) head.appendChild(el("th", null, p));
+  const thead = el("thead");
+  thead.appendChild(head);
+  const body = el("tbody");
+  for (const r of grid.rows) {
+    const tr = el("tr");
+    tr.dataset.step = r.step;
+    tr.appendChild(el("th", null, String(r.step)));
+    r.images.forEach((url, i) => tr.appendChild(sampleCell(url, r.step, grid.prompts[i])));
+    body.appendChild(tr);
+  }
+  table.append(thead, body);
+  box.replaceChildren(table);
+}
+
+let samplesFetched = 0;
+
+function refreshSamples() {
+  const box = document.getElementById("samples");
+  if (!box || Date.now() - samplesFetched < 2000) return;
+  samplesFetched = Date.now();
+  fetch(box.dataset.url, { cache: "no-store" })
+    .then((r) => r.json())
+    .then((grid) => {
+      const shown = box.querySelectorAll("img.sample").length;
+      const now = grid.rows.reduce((a, r) => a + r.images.filter(Boolean).length, 0);
+      if (now !== shown) drawSamples(grid);
+    })
+    .catch(() => {});
 }
 
 function jobPage() {
@@ -103,6 +200,7 @@ function jobPage() {
       document.getElementById("steps").textContent = r.total ? r.step + "/" + r.total : "";
       document.getElementById("eta").textContent = r.eta ? "ETA " + r.eta : "";
       document.getElementById("loss").textContent = r.loss === null ? "" : String(r.loss);
+      if (ACTIVE.includes(r.state.split(" ")[0]) || before !== r.state) refreshSamples();
       const last = this.points[this.points.length - 1];
       if (r.loss !== null && r.step && (!last || last[0] < r.step)) {
         this.points.push([r.step, r.loss]);
@@ -136,6 +234,7 @@ function connect(onJobs) {
 document.addEventListener("DOMContentLoaded", () => {
   const page = document.body.dataset.page;
   if (page === "queue") connect(updateQueue);
+  else if (page === "loras") connect(() => {});  // the live marker: the daemon's real state
   else if (page === "job") {
     const job = jobPage();
     connect((payload) => job.update(payload));
