@@ -137,7 +137,24 @@ class Failure(enum.Enum):
 
     MEMORY = "memory"  # killed or allocation failed: a lower memory tier may fit
     UNSUPPORTED = "unsupported"  # the backend lacks a kernel for this plan (e.g. a quantized shape)
+    SUBMISSION_UNCERTAIN = "submission_uncertain"  # a paid cloud submit whose outcome is unknown
     OTHER = "other"
+
+
+# A paid cloud submission whose outcome is unknown leaves UNCERTAIN_FILE in the job's workdir;
+# `lorad retry` refuses such a job unless told `--resubmit`, which writes RESUBMIT_FILE: the one
+# permission for the engine's next attempt to pay again (engines/cloud/submission.py).
+UNCERTAIN_FILE = "SUBMISSION_UNCERTAIN.json"
+RESUBMIT_FILE = "resubmit.allowed"
+
+
+def submission_uncertain(workdir: Path) -> bool:
+    return (Path(workdir) / UNCERTAIN_FILE).is_file()
+
+
+def allow_resubmit(workdir: Path) -> None:
+    """`lorad retry JOB --resubmit`: the next attempt may send a new paid request."""
+    (Path(workdir) / RESUBMIT_FILE).write_text(f"{time.time()}\n", encoding="utf-8")
 
 
 @dataclass

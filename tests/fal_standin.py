@@ -55,6 +55,43 @@ def diffusers_lora(path: Path, rank: int = RANK, alpha: float = ALPHA, layers: i
     return Path(path).read_bytes()
 
 
+STANDIN_ENDPOINT = "lorad-standin/tiny-z-image-trainer"
+# The stand-in's trainer takes the Z-Image trainer's fields (fal.ai/models/fal-ai/z-image-trainer)
+# but any step count, so tests train the miniature model in a few steps.
+STANDIN_SCHEMA = {
+    STANDIN_ENDPOINT: {
+        "trains": ["tiny-z-image"],
+        "usd_per_step": 0.00226,
+        "min_steps": 100,
+        "fields": {
+            "image_data_url": {"type": "url", "required": True, "role": "archive"},
+            "steps": {"type": "int", "min": 1, "max": 10000, "default": 1000, "role": "steps"},
+            "learning_rate": {"type": "float", "min": 0, "max": 1, "role": "learning_rate"},
+            "default_caption": {"type": "str", "role": "trigger"},
+            "training_type": {"type": "enum", "choices": ["content", "style", "balanced"]},
+        },
+    }
+}
+# What each endpoint accepts (fal answers 422 to an unknown field): checked on every submit.
+ACCEPTED_FIELDS = {
+    STANDIN_ENDPOINT: set(STANDIN_SCHEMA[STANDIN_ENDPOINT]["fields"]),
+    "fal-ai/z-image-trainer": {"image_data_url", "steps", "learning_rate", "default_caption", "training_type"},
+    "fal-ai/flux-lora-fast-training": {
+        "images_data_url", "trigger_word", "steps", "is_style", "create_masks",
+        "is_input_format_already_preprocessed", "data_archive_format",
+    },
+}  # fmt: skip
+
+
+def standin_options(folder: Path) -> dict[str, str]:
+    """[engines.fal] settings that send the miniature model to the stand-in's trainer (its
+    endpoint and its schema named explicitly, as a user reaches a trainer lorad does not know)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    schema_file = folder / "standin-schemas.json"
+    schema_file.write_text(json.dumps(STANDIN_SCHEMA))
+    return {"endpoints": f"tiny-z-image={STANDIN_ENDPOINT}", "schemas": str(schema_file)}
+
+
 class FalStandIn:
     """Knobs: queue_polls / progress_polls (answers before moving on), hold (an Event: stay
     IN_PROGRESS until set), fail (path kind -> list of HTTP codes to answer first: "submit",
@@ -94,8 +131,13 @@ class FalStandIn:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def options(self) -> dict[str, str]:
+        return standin_options(self.folder)
+
     def env(self, key: str | None = "test-fal-key-DO-NOT-LOG-3f9c") -> dict[str, str]:
         env = {
+            "LORAD_ENGINES_FAL_ENDPOINTS": self.options()["endpoints"],
+            "LORAD_ENGINES_FAL_SCHEMAS": self.options()["schemas"],
             "FAL_QUEUE_RUN_HOST": self.host,
             "FAL_RUN_HOST": self.host,
             "FAL_REST_URL": self.base,
