@@ -100,7 +100,7 @@ def _check_value(endpoint: str, name: str, spec: Field, value: Any) -> None:
     if spec.type == "enum" and value not in spec.choices:
         raise SchemaError(f"{endpoint}: {name} must be one of {', '.join(spec.choices)}, not {value!r}")
     low, high = spec.minimum, spec.maximum
-    number = float(value) if spec.type in ("int", "float") else 0.0
+    number = float(value) if isinstance(value, (int, float)) else 0.0
     if spec.type in ("int", "float") and (
         (low is not None and number < low) or (high is not None and number > high)
     ):
