@@ -18,7 +18,9 @@ def _log_to_file(settings: Settings) -> None:
     """Commands that change jobs log their events to the daemon's log file too."""
     from daemon import logs
 
-    logs.configure(level=settings.log_level, log_file=settings.log_file, console=False)
+    logs.configure(
+        level=settings.log_level, log_file=settings.log_file, console=False, secrets=logs.secrets_of(settings)
+    )
 
 
 def _store(settings: Settings, *, must_exist: bool = True):
@@ -225,16 +227,18 @@ def cmd_retry(settings: Settings, args) -> int:
     _log_to_file(settings)
     store = _store(settings)
     job = _find_job(store, args.job)
-    code, message = retry_job(settings, store, job)
+    code, message = retry_job(settings, store, job, resubmit=getattr(args, "resubmit", False))
     print(message if code == 0 else f"lorad retry: {message}", file=sys.stdout if code == 0 else sys.stderr)
     return code
 
 
-def retry_job(settings: Settings, store, job) -> tuple[int, str]:
+def retry_job(settings: Settings, store, job, resubmit: bool = False) -> tuple[int, str]:
     """(exit code, what to say) of queueing `job` again; `lorad retry` and the dashboard both
-    call it. UsageError when the job cannot be retried (its state, or refused at intake)."""
+    call it. UsageError when the job cannot be retried (its state, or refused at intake, or a
+    cloud submission whose outcome is unknown, unless `resubmit`: paying again is explicit)."""
     from daemon.jobs import StateChanged
     from daemon.queue import Queue
+    from engines.base import allow_resubmit, submission_uncertain
 
     if job.state not in ("failed", "cancelled", "interrupted"):
         raise UsageError(
@@ -245,6 +249,14 @@ def retry_job(settings: Settings, store, job) -> tuple[int, str]:
             f"{job.dataset} was refused at intake ({job.dataset_path}/FAILED.txt says why); "
             f"fix it, then create READY again (or: lorad enqueue '{job.dataset_path}')"
         )
+    workdir = settings.jobs_dir / job.id
+    if submission_uncertain(workdir) and not resubmit:
+        raise UsageError(
+            f"job {job.id}: submission uncertain: its cloud training request may have been accepted and "
+            f"billed (check fal's dashboard). lorad retry {job.id} --resubmit sends a new paid request"
+        )
+    if resubmit and submission_uncertain(workdir):
+        allow_resubmit(workdir)
     try:  # compare-and-set: only the retry that finds the job still in the state read above wins
         job = store.transition(job.id, "queued", expect=job.state, attempt=job.attempt + 1, error=None)
     except StateChanged as exc:

@@ -181,7 +181,11 @@ class Daemon:
     def run(self) -> int:
         s = self.settings
         logs.configure(
-            level=s.log_level, log_file=s.log_file, max_bytes=s.log_max_bytes, backups=s.log_backups
+            level=s.log_level,
+            log_file=s.log_file,
+            max_bytes=s.log_max_bytes,
+            backups=s.log_backups,
+            secrets=logs.secrets_of(s),
         )
         try:
             check_engine_settings(s)  # an unknown engine or a bad [engines.*] value stops the start

@@ -117,6 +117,15 @@ class FalStandIn:
         self.submissions: list[dict] = []
         self.cancels: list[str] = []
         self.uploads: list[bytes] = []
+        # Hostile-network knobs (issue 20): accept a submit, then drop the connection without an
+        # answer (this many times); answer a submit only after this many seconds; let a cancelled
+        # IN_PROGRESS request run on and bill (fal only signals the runner); junk bytes to serve
+        # as the LoRA with a smaller declared size.
+        self.drop_submit_replies = 0
+        self.submit_delay_s = 0.0
+        self.cancel_runs_on = False
+        self.multipart: dict[str, dict[int, bytes]] = {}  # multipart upload id -> parts received
+        self.lifecycles: list[str | None] = []  # the X-Fal-Object-Lifecycle of each upload
         self.auth_headers: set[str] = set()
         self.requests: dict[str, dict] = {}
         self.lock = threading.Lock()
@@ -163,7 +172,7 @@ class FalStandIn:
             req = self.requests[request_id]
             req["polls"] += 1
             polls = req["polls"]
-        if req["cancelled"]:
+        if req["cancelled"] and not (self.cancel_runs_on and req.get("started")):
             return {
                 "status": "COMPLETED",
                 "logs": [],
@@ -172,6 +181,7 @@ class FalStandIn:
             }
         if polls <= self.queue_polls:
             return {"status": "IN_QUEUE", "queue_position": self.queue_polls - polls}
+        req["started"] = True
         if polls <= self.queue_polls + self.progress_polls or not self.hold.is_set():
             k = min(polls - self.queue_polls, self.progress_polls)
             step = self.steps * k // (self.progress_polls + 1)
@@ -236,12 +246,22 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path == "/files/upload":
             if not self._fail("upload"):
+                s.lifecycles.append(self.headers.get("X-Fal-Object-Lifecycle"))
                 s.uploads.append(body)
                 self._send(200, {"access_url": f"{s.base}/files/upload-{len(s.uploads)}.zip"})
+            return
+        if self._multipart_post(path, body):
             return
         match = re.fullmatch(r"/([\w-]+)/([\w.-]+)", path)
         if match:
             if self._fail("submit"):
+                return
+            arguments = json.loads(body or b"{}")
+            unknown = sorted(set(arguments) - ACCEPTED_FIELDS.get(f"{match[1]}/{match[2]}", set(arguments)))
+            if unknown:  # fal validates the input against the endpoint's schema: 422
+                self._send(
+                    422, {"detail": [{"loc": ["body", unknown[0]], "msg": "extra fields not permitted"}]}
+                )
                 return
             with s.lock:
                 request_id = f"req-{len(s.submissions) + 1:04d}"
@@ -249,6 +269,15 @@ class _Handler(BaseHTTPRequestHandler):
                     {"endpoint": f"{match[1]}/{match[2]}", "arguments": json.loads(body or b"{}")}
                 )
                 s.requests[request_id] = {"polls": 0, "cancelled": False, "endpoint": path}
+            if s.submit_delay_s:
+                time.sleep(s.submit_delay_s)  # accepted, but the answer comes late
+            with s.lock:
+                drop = s.drop_submit_replies > 0
+                s.drop_submit_replies -= drop
+            if drop:  # accepted (and billed), the reply lost: close without a byte
+                self.close_connection = True
+                self.connection.close()
+                return
             url = f"{s.base}{path}/requests/{request_id}"
             self._send(
                 200,
@@ -297,10 +326,36 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
+    def _multipart_post(self, path: str, body: bytes) -> bool:
+        """fal-client's multipart upload (files over MULTIPART_THRESHOLD): create, then complete."""
+        s = self.standin
+        if path == "/files/upload/multipart":
+            upload_id = f"mp{len(s.multipart) + 1}"
+            s.multipart[upload_id] = {}
+            s.lifecycles.append(self.headers.get("X-Fal-Object-Lifecycle"))
+            self._send(200, {"access_url": f"{s.base}/files/{upload_id}.zip", "uploadId": upload_id})
+            return True
+        match = re.fullmatch(r"/files/(mp\d+)\.zip/multipart/(mp\d+)/complete", path)
+        if match and match[2] in s.multipart:
+            parts = json.loads(body)["parts"]
+            assert [p["partNumber"] for p in parts] == sorted(s.multipart[match[2]])
+            s.uploads.append(b"".join(s.multipart[match[2]][n] for n in sorted(s.multipart[match[2]])))
+            self._send(200, {"access_url": f"{s.base}/files/{match[1]}.zip"})
+            return True
+        return False
+
     def do_PUT(self) -> None:
         s, path = self.standin, self.path.split("?")[0]
-        self._body()
+        body = self._body()
         self._seen()
+        part = re.fullmatch(r"/files/mp\d+\.zip/multipart/(mp\d+)/(\d+)", path)
+        if part and part[1] in s.multipart:
+            s.multipart[part[1]][int(part[2])] = body
+            self.send_response(200)
+            self.send_header("ETag", f'"etag-{part[2]}"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         match = re.fullmatch(r"/[\w-]+/[\w.-]+/requests/([\w-]+)/cancel", path)
         if match and match[1] in s.requests:
             s.cancels.append(match[1])

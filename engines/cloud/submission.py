@@ -106,11 +106,11 @@ class Records:
         except (OSError, ValueError):
             return {}
 
-    def mark_uncertain(self, reason: str) -> str:
+    def mark_uncertain(self, reason: str, job_id: str | None = None) -> str:
         """The job-level marker `lorad retry` reads; returns the user-facing error text."""
         intent = self.read_intent()
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(intent.get("at") or time.time()))
-        text = uncertain_message(str(intent.get("endpoint", "?")), when, reason)
+        text = uncertain_message(str(intent.get("endpoint", "?")), when, reason, job_id or "JOB")
         atomic_write_text(self.workdir / UNCERTAIN_FILE, json.dumps({**intent, "reason": reason}))
         return text
 
@@ -130,13 +130,13 @@ class Records:
         (self.workdir / RESUBMIT_FILE).unlink(missing_ok=True)
 
 
-def uncertain_message(endpoint: str, when: str, reason: str) -> str:
+def uncertain_message(endpoint: str, when: str, reason: str, job_id: str = "JOB") -> str:
     """The error of a submission-uncertain job (pure): what happened and what to do."""
     return (
         f"submission uncertain: a training request to {endpoint} was being sent at {when} and lorad "
         f"never got fal's answer ({reason}); it may have been accepted and billed. Check fal's dashboard "
         f"(https://fal.ai/dashboard/requests) before paying again; lorad will not send it again by itself. "
-        f"To pay for a new request: lorad retry JOB --resubmit"
+        f"To pay for a new request: lorad retry {job_id} --resubmit"
     )
 
 

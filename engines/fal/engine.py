@@ -157,6 +157,13 @@ class FalEngine:
             "a JSON file describing trainer endpoints lorad does not know (fields, ranges, price)",
         ),
         Option(
+            "upload_expires_s",
+            int,
+            3 * 86400,
+            "seconds fal keeps the uploaded photos (they must outlive the queue and the training)",
+            3600,
+        ),
+        Option(
             "result_timeout_s",
             float,
             300.0,
@@ -182,6 +189,7 @@ class FalEngine:
         self.unreachable_timeout_s = float(values["unreachable_timeout_s"])  # type: ignore[arg-type]
         self.timeout_s = float(values["timeout_s"])  # type: ignore[arg-type]
         self.result_timeout_s = float(values["result_timeout_s"])  # type: ignore[arg-type]
+        self.upload_expires_s = int(values["upload_expires_s"])  # type: ignore[call-overload]
         self.schemas = {**SCHEMAS, **self._user_schemas(str(values["schemas"]))}
         self.prices = {
             e: pricing.Price(s.usd_per_step, s.min_steps, self._default_steps(s))
@@ -408,7 +416,10 @@ class FalEngine:
         if step is Next.UNCERTAIN:
             self.log.warning("fal.submission_uncertain", endpoint=records.read_intent().get("endpoint"))
             raise _Uncertain(
-                records.mark_uncertain("the attempt that sent it ended before fal's answer was recorded")
+                records.mark_uncertain(
+                    "the attempt that sent it ended before fal's answer was recorded",
+                    plan.config.get("job_id"),
+                )
             )
         if step is Next.RESUBMIT:
             records.start_resubmit()
@@ -426,7 +437,7 @@ class FalEngine:
         archive = records.folder / "dataset.zip"
         count = zip_snapshot(Path(plan.config["data"]), archive)
         note(f"uploading the dataset ({count} files)")
-        url = self._call("upload", lambda: service.upload(archive), stop, note)
+        url = self._call("upload", lambda: service.upload(archive, self.upload_expires_s), stop, note)
         self.log.info("fal.uploaded", files=count, bytes=archive.stat().st_size)
         arguments = request_arguments(schema, url, plan.config)
         check_arguments(schema, arguments)
@@ -450,7 +461,7 @@ class FalEngine:
             request_id = self._call("submit", lambda: service.submit(endpoint, arguments), stop, note)
         except SubmissionUncertain as exc:
             self.log.warning("fal.submission_uncertain", endpoint=endpoint, reason=str(exc))
-            raise _Uncertain(records.mark_uncertain(str(exc))) from None
+            raise _Uncertain(records.mark_uncertain(str(exc), plan.config.get("job_id"))) from None
         except (Unreachable, Rejected, _Stopped):
             records.archive(records.intent, "not_sent")  # fal answered no, or nothing left: not queued
             raise

@@ -193,8 +193,13 @@ class FalService:
         except Exception as exc:
             raise classify(exc) from None
 
-    def upload(self, path: Path) -> str:
-        return self._guard(lambda: self.client.upload_file(path))
+    def upload(self, path: Path, expires_s: int | None = None) -> str:
+        """The dataset zip to fal's storage (multipart above fal-client's MULTIPART_THRESHOLD),
+        expiring after `expires_s` (uploaded files are public by default: not longer than needed)."""
+        from fal_client.client import StorageSettings
+
+        lifecycle = StorageSettings(expires_in=int(expires_s)) if expires_s else None
+        return self._guard(lambda: self.client.upload_file(path, lifecycle=lifecycle))
 
     def submit(self, endpoint: str, arguments: dict) -> str:
         """One POST to fal's queue, sent here with httpx to the URL and headers fal-client's
