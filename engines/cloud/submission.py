@@ -123,6 +123,12 @@ class Records:
         os.replace(which, dest)
         return dest
 
+    def close_request(self, why: str) -> None:
+        """The request on record ended on the cloud's side (failed, cancelled): its intent and
+        record go aside together, so the next attempt (`lorad retry`) submits anew."""
+        self.archive(self.intent, why)
+        self.archive(self.record, why)
+
     def start_resubmit(self) -> None:
         """The user said --resubmit: the uncertain intent goes aside, the permission is used up."""
         self.archive(self.intent, "uncertain")

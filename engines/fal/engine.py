@@ -377,7 +377,7 @@ class FalEngine:
             remote["request_id"] = request_id
             error = self._wait(service, endpoint, request_id, total, stop, note, remote, last)
             if error is not None:
-                records.archive(records.record, "failed")  # a retry submits anew (it failed on fal)
+                records.close_request("failed")  # a retry submits anew (it failed on fal)
                 self.log.warning("fal.remote_failed", request_id=request_id, error=error)
                 return TrainResult(
                     TrainStatus.FAILED,
