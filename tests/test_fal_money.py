@@ -321,10 +321,10 @@ def test_daemon_shows_submission_uncertain_and_retry_needs_resubmit(daemon_facto
     ],
 )
 def test_kill9_around_the_submit_never_pays_twice(daemon_factory, fal, point, paid, final):
-    d = _daemon(daemon_factory, fal, LORAD_TEST_KILL_AT=point).start()
+    d = _daemon(daemon_factory, fal, TEST_LORAD_KILL_AT=point).start()
     _drop(d, f"ohwx_{point}")
     d.wait(120)  # the daemon killed itself (SIGKILL) at the point
-    d.env.pop("LORAD_TEST_KILL_AT")
+    d.env.pop("TEST_LORAD_KILL_AT")
     d.start()
     name = f"ohwx_{point}"
     wait_for(

@@ -31,7 +31,7 @@ from engines.base import RESUBMIT_FILE, UNCERTAIN_FILE
 
 INTENT_FILE = "intent.json"
 REQUEST_FILE = "request.json"
-KILL_ENV = "LORAD_TEST_KILL_AT"  # tests only: kill -9 this process at a named submit point
+KILL_ENV = "TEST_LORAD_KILL_AT"  # tests only: kill -9 this process at a named submit point
 KILL_POINTS = ("before_intent", "after_intent", "after_accept", "after_record")
 
 
@@ -56,7 +56,7 @@ def arguments_hash(arguments: dict) -> str:
 
 
 def kill_point(name: str) -> None:
-    """Tests only (LORAD_TEST_KILL_AT=<point>): die by SIGKILL here, as a power cut would."""
+    """Tests only (TEST_LORAD_KILL_AT=<point>): die by SIGKILL here, as a power cut would."""
     if os.environ.get(KILL_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
