@@ -10,7 +10,7 @@ import struct
 
 import pytest
 from conftest import wait_for
-from fal_standin import ALPHA, RANK, FalStandIn, diffusers_lora, standin_options
+from fal_standin import ALPHA, RANK, STANDIN_ENDPOINT, FalStandIn, diffusers_lora, standin_options
 
 from daemon.sample import make_dataset
 from engines.base import (
@@ -371,13 +371,13 @@ def test_daemon_publishes_a_fal_lora_and_never_shows_the_key(daemon_factory, fal
     wait_for(lambda: d.job_states().get("ohwx_alice") in ("done", "failed"), 300, message="fal job finished")
     job = d.jobs()[0]
     assert job["state"] == "done", job["error"]
-    assert job["remote"]["request_id"] == "req-0001" and job["remote"]["endpoint"] == "fal-ai/z-image-trainer"
+    assert job["remote"]["request_id"] == "req-0001" and job["remote"]["endpoint"] == STANDIN_ENDPOINT
     lora = d.assets / "loras" / "alice.safetensors"
     meta = metadata_of(lora)
     assert (meta["lorad.engine"], meta["lorad.fal_request_id"], meta["lorad.fal_endpoint"]) == (
         "fal",
         "req-0001",
-        "fal-ai/z-image-trainer",
+        STANDIN_ENDPOINT,
     )
     assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == (str(RANK), f"{ALPHA:g}")
     assert "alice" in json.loads(d.registry.read_text())["loras"]
