@@ -273,7 +273,7 @@ def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None
     from daemon.pipeline import machine_now, make_engine
     from engines.base import JobInput, PlanError, TrainingPlan
 
-    image_count, max_side, options = 20, 1024, {}
+    image_count, max_side, options, trigger = 20, 1024, {}, "x"
     model = settings.model
     if path is not None:
         from daemon.intake.validate import validate_dataset
@@ -283,10 +283,11 @@ def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None
         max_side = max((max(i.width, i.height) for i in report.images), default=max_side)
         options = report.options
         model = options.get("model", model)
+        trigger = report.trigger or trigger
     machine = machine_now(ram_gb)
-    engine = make_engine(settings)
+    engine = make_engine(settings, str(options.get("engine") or settings.engine))  # the dataset's own
     job = JobInput(
-        "plan", "plan", "x", model, image_count, max_side, options, Path("/tmp/lorad-plan/data"), ""
+        "plan", "plan", trigger, model, image_count, max_side, options, Path("/tmp/lorad-plan/data"), ""
     )
     plan: TrainingPlan | PlanError
     try:

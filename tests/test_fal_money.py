@@ -360,3 +360,32 @@ def test_daemon_with_a_malformed_key_never_shows_it(daemon_factory, fal):
     for text in texts:
         for part in ("SECRETKEYPART", "NEXTLINE-0123"):
             assert part not in text
+
+
+def test_lorad_plan_honours_the_datasets_engine_and_shows_the_cloud_request(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folder = make_dataset(tmp_path / "training_data" / "ohwx_plan", images=2, trigger="ohwx")
+    (folder / "READY").write_text('engine = "fal"\nmodel = "z-image-turbo"\nsteps = 100\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LORAD_", "FAL_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--assets", str(tmp_path), "plan", str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "engine       fal" in done.stdout and "endpoint     fal-ai/z-image-trainer" in done.stdout
+    assert '"steps": 100' in done.stdout and "at least 100 steps ($0.226)" in done.stdout
+    (folder / "READY").write_text('engine = "fal"\nmodel = "z-image-turbo"\nsteps = 50\n')
+    refused = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--assets", str(tmp_path), "plan", str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert refused.returncode != 0 and "100..10000" in refused.stderr
