@@ -205,11 +205,38 @@ def cancel_job(settings: Settings, store, job) -> tuple[int, str]:
         )
     if action == "cancel":
         return 0, f"cancelled {job.id} ({job.name})"
+    from engines.base import CANCEL_OUTCOME_FILE
+
+    workdir = settings.jobs_dir / job.id
+    (workdir / CANCEL_OUTCOME_FILE).unlink(missing_ok=True)  # only this cancel's outcome counts
     pid = _wake_daemon(settings)
-    return 0, (
-        f"cancelling {job.id} ({job.name}, {job.state}): it stops at its next step and publishes nothing"
-        + ("" if pid else "; lorad is not running, so it is cancelled when lorad next starts")
-    )
+    said = f"cancelling {job.id} ({job.name}, {job.state}): it stops at its next step and publishes nothing"
+    if not pid:
+        return 0, said + "; lorad is not running, so it is cancelled when lorad next starts"
+    if job.remote.get("request_id"):
+        said += "; " + _cloud_cancel_outcome(settings, job, workdir)
+    return 0, said
+
+
+def _cloud_cancel_outcome(settings: Settings, job, workdir: Path) -> str:
+    """A cloud job: wait (bounded by the engine's cancel_wait_s) for what the cloud did with the
+    cancel, and say it: stopped, finished anyway (paid; retry publishes it), or still pending."""
+    import time
+
+    from daemon.pipeline import make_engine
+    from engines.base import CANCEL_WORDS, read_cancel_outcome
+
+    try:
+        wait_s = float(getattr(make_engine(settings, job.settings.get("engine")), "cancel_wait_s", 60.0))
+    except Exception:
+        wait_s = 60.0
+    deadline = time.monotonic() + wait_s + 10  # the daemon's own wait, and its next tick
+    while time.monotonic() < deadline:
+        outcome = read_cancel_outcome(workdir)
+        if outcome:
+            return CANCEL_WORDS[outcome].replace("JOB", job.id)
+        time.sleep(0.2)
+    return CANCEL_WORDS["still_pending"].replace("JOB", job.id)
 
 
 def retry_lost_message(job_id: str, current: str | None) -> str:

@@ -439,7 +439,8 @@ def test_lorad_cancel_cancels_the_fal_request(daemon_factory, fal):
         120,
         message="remote training",
     )
-    assert d.cli("cancel", d.jobs()[0]["id"]).returncode == 0
+    said = d.cli("cancel", d.jobs()[0]["id"], timeout=120)
+    assert said.returncode == 0 and "the training on the cloud stopped" in said.stdout, said.stdout
     wait_for(lambda: d.job_states().get("ohwx_carol") == "cancelled", 60, message="cancelled")
     assert fal.cancels == ["req-0001"]
     assert not (d.assets / "loras" / "carol.safetensors").exists()

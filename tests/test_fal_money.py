@@ -389,3 +389,30 @@ def test_lorad_plan_honours_the_datasets_engine_and_shows_the_cloud_request(tmp_
         timeout=120,
     )
     assert refused.returncode != 0 and "100..10000" in refused.stderr
+
+
+@pytest.mark.parametrize("runs_on, outcome", [(False, "stopped"), (True, "finished_anyway")])
+def test_cancel_learns_what_fal_did(fal, tmp_path, runs_on, outcome):
+    from engines.base import read_cancel_outcome
+
+    fal.hold.clear()  # IN_PROGRESS until set
+    fal.cancel_runs_on = runs_on  # fal only signals the runner: this one trains on and bills
+    engine = _engine(tmp_path, cancel_wait_s=30, **fal.options())
+    job = _job(tmp_path)
+    plan = engine.plan(job, MACHINE)
+    stop = StopToken()
+
+    def progress(p):
+        if p.step and not stop.requested():
+            stop.stop("cancel")
+            fal.hold.set()  # the runner gets to its end
+
+    result = engine.train(plan, tmp_path / "j1", progress, stop)
+    assert result.status is TrainStatus.STOPPED and fal.cancels == ["req-0001"]
+    assert read_cancel_outcome(tmp_path / "j1") == outcome
+    again = engine.train(plan, tmp_path / "j1", lambda p: None, StopToken())  # lorad retry
+    assert again.status is TrainStatus.COMPLETED, again.error
+    if outcome == "finished_anyway":  # paid once: the retry publishes it without paying again
+        assert (tmp_path / "j1" / "adapter.safetensors").is_file() and len(fal.submissions) == 1
+    else:  # stopped: the record went aside, the retry submits anew
+        assert len(fal.submissions) == 2

@@ -44,6 +44,7 @@ from engines.base import (
     TrainResult,
     TrainStatus,
     coerce_options,
+    write_cancel_outcome,
 )
 from engines.cloud.schema import Schema, SchemaError, build_arguments, check_arguments, resolve
 from engines.cloud.submission import Ledger, Next, Records, kill_point
@@ -157,6 +158,13 @@ class FalEngine:
             "a JSON file describing trainer endpoints lorad does not know (fields, ranges, price)",
         ),
         Option(
+            "cancel_wait_s",
+            float,
+            60.0,
+            "after a cancel, how long to wait for fal's outcome (stopped, finished anyway, pending)",
+            0,
+        ),
+        Option(
             "upload_expires_s",
             int,
             3 * 86400,
@@ -189,6 +197,7 @@ class FalEngine:
         self.unreachable_timeout_s = float(values["unreachable_timeout_s"])  # type: ignore[arg-type]
         self.timeout_s = float(values["timeout_s"])  # type: ignore[arg-type]
         self.result_timeout_s = float(values["result_timeout_s"])  # type: ignore[arg-type]
+        self.cancel_wait_s = float(values["cancel_wait_s"])  # type: ignore[arg-type]
         self.upload_expires_s = int(values["upload_expires_s"])  # type: ignore[call-overload]
         self.schemas = {**SCHEMAS, **self._user_schemas(str(values["schemas"]))}
         self.prices = {
@@ -388,7 +397,7 @@ class FalEngine:
             note("downloading the LoRA", remote)
             adapter = self._fetch_result(service, endpoint, request_id, plan, workdir, stop, note)
         except _Stopped:
-            return self._stopped(stop, fal_dir, last["step"])
+            return self._stopped(stop, fal_dir, last["step"], plan)
         except _Uncertain as exc:
             note(str(exc), {**remote, "error_kind": Failure.SUBMISSION_UNCERTAIN.value})
             return TrainResult(TrainStatus.FAILED, error=str(exc), failure=Failure.SUBMISSION_UNCERTAIN)
@@ -520,21 +529,57 @@ class FalEngine:
             if stop.wait(self.poll_s):
                 raise _Stopped()
 
-    def _stopped(self, stop: StopToken, fal_dir: Path, step: int) -> TrainResult:
-        """Shutdown: the request keeps running (re-attached at the next start). Cancel: cancel it remotely."""
+    def _stopped(self, stop: StopToken, fal_dir: Path, step: int, plan: TrainingPlan) -> TrainResult:
+        """Shutdown: the request keeps running (re-attached at the next start). Cancel: cancel it
+        on fal and learn, within cancel_wait_s, what fal did (cancel_outcome)."""
         record = fal_dir / REQUEST_FILE
         if stop.reason == "cancel" and record.is_file():
             saved = json.loads(record.read_text(encoding="utf-8"))
             try:
-                self._service().cancel(saved["endpoint"], saved["request_id"])
+                service = self._service()
+                service.cancel(saved["endpoint"], saved["request_id"])
                 self.log.info("fal.cancelled", request_id=saved["request_id"])
+                outcome = self._cancel_outcome(service, saved, plan, Records(fal_dir))
             except Exception as exc:  # told, not fatal: the job is cancelled either way
                 self.log.warning("fal.cancel_failed", request_id=saved["request_id"], error=str(exc))
+                outcome = "still_pending"
+            write_cancel_outcome(fal_dir.parent, outcome, saved["request_id"])
         elif record.is_file():
             self.log.info(
                 "fal.detached", request_id=json.loads(record.read_text(encoding="utf-8"))["request_id"]
             )
         return TrainResult(TrainStatus.STOPPED, step=step or None)
+
+    def _cancel_outcome(self, service, saved: dict, plan: TrainingPlan, records: Records) -> str:
+        """fal only *signals* an in-progress runner: poll up to cancel_wait_s for what happened.
+        stopped: the record goes aside (a retry submits anew). finished_anyway: it was paid for;
+        its LoRA is downloaded into the job's folder and the record kept, so `lorad retry`
+        re-attaches and publishes it without paying. still_pending: kept; a retry re-attaches."""
+        deadline = time.monotonic() + self.cancel_wait_s
+        endpoint, request_id = saved["endpoint"], saved["request_id"]
+        outcome = "still_pending"
+        while True:
+            try:
+                status = service.status(endpoint, request_id)
+            except Exception:
+                status = None
+            if status is not None and status.state == "COMPLETED":
+                outcome = "stopped" if status.error else "finished_anyway"
+                break
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+        if outcome == "stopped":
+            records.close_request("cancelled")
+        elif outcome == "finished_anyway":
+            try:
+                self._fetch_result(
+                    service, endpoint, request_id, plan, records.workdir, StopToken(), lambda *a: None
+                )
+            except Exception as exc:
+                self.log.warning("fal.cancel_download_failed", request_id=request_id, error=str(exc))
+        self.log.info("fal.cancel_outcome", request_id=request_id, outcome=outcome)
+        return outcome
 
     def _fetch_result(
         self, service, endpoint: str, request_id: str, plan: TrainingPlan, workdir: Path, stop, note
