@@ -416,3 +416,34 @@ def test_cancel_learns_what_fal_did(fal, tmp_path, runs_on, outcome):
         assert (tmp_path / "j1" / "adapter.safetensors").is_file() and len(fal.submissions) == 1
     else:  # stopped: the record went aside, the retry submits anew
         assert len(fal.submissions) == 2
+
+
+def test_every_configured_secret_is_scrubbed_from_every_log_line(tmp_path, monkeypatch):
+    import logging
+    from types import SimpleNamespace
+
+    from daemon import logs
+
+    monkeypatch.setenv("FAL_KEY", "falkey-SECRET-1234")
+    settings = SimpleNamespace(
+        ui_token="uitoken-SECRET-5678",
+        queue="redis://:redispass-SECRET@127.0.0.1:6379/0",
+        notify=("ntfy://ntfytopic-SECRET-9",),
+    )
+    log_file = tmp_path / "lorad.jsonl"
+    logs.configure(log_file=log_file, console=False, secrets=logs.secrets_of(settings))
+    try:
+        log = logs.get_logger()
+        log.info("x.event", detail="key falkey-SECRET-1234 token uitoken-SECRET-5678", url=settings.notify[0])
+        try:
+            raise RuntimeError("Authorization: Key falkey-SECRET-1234 redispass-SECRET")
+        except RuntimeError:
+            log.exception("x.failed")
+        logging.getLogger("httpx").warning("HTTP Request: %s", "Key falkey-SECRET-1234")
+        logging.getLogger("fal_client").warning("Upload failed: ntfy://ntfytopic-SECRET-9")
+        text = log_file.read_text()
+    finally:
+        logs.configure(console=False)
+    assert "x.event" in text and "x.failed" in text and "[redacted]" in text
+    for secret in ("falkey-SECRET-1234", "uitoken-SECRET-5678", "redispass-SECRET", "ntfytopic-SECRET-9"):
+        assert secret not in text
