@@ -204,6 +204,11 @@ def cancel_job(settings: Settings, store, job) -> tuple[int, str]:
             f"(remove the LoRA from {settings.loras} afterwards if you do not want it)"
         )
     if action == "cancel":
+        if job.remote.get("request_id"):  # its cloud request may still run (and bill)
+            return 0, (
+                f"cancelled {job.id} ({job.name}); its request on the cloud runs on until lorad next "
+                f"starts, and is cancelled there then"
+            )
         return 0, f"cancelled {job.id} ({job.name})"
     from engines.base import CANCEL_OUTCOME_FILE
 
@@ -212,7 +217,12 @@ def cancel_job(settings: Settings, store, job) -> tuple[int, str]:
     pid = _wake_daemon(settings)
     said = f"cancelling {job.id} ({job.name}, {job.state}): it stops at its next step and publishes nothing"
     if not pid:
-        return 0, said + "; lorad is not running, so it is cancelled when lorad next starts"
+        cloud = (
+            "; its request on the cloud runs on until then, and is cancelled there then"
+            if job.remote.get("request_id")
+            else ""
+        )
+        return 0, said + f"; lorad is not running, so it is cancelled when lorad next starts{cloud}"
     if job.remote.get("request_id"):
         said += "; " + _cloud_cancel_outcome(settings, job, workdir)
     return 0, said

@@ -21,7 +21,7 @@ from daemon.fsutil import remove_stale_temps
 from daemon.intake.take import Intake
 from daemon.jobs import ACTIVE, CorruptDatabase, JobStore, move_aside
 from daemon.lock import AlreadyRunning, InstanceLock
-from daemon.pipeline import Pipeline, check_engine_settings
+from daemon.pipeline import Pipeline, cancel_cloud_requests, check_engine_settings
 from daemon.queue import Queue
 from daemon.settings import Settings, SettingsError
 from daemon.watch import IntakeLoop, Watcher
@@ -230,6 +230,9 @@ class Daemon:
         self.log.info(
             "queue.reconciled", removed_dirs=removed, recovered=[j.id for j in recovered], **summary
         )
+        threading.Thread(  # cancels given while lorad was down, carried out on the cloud (bounded waits)
+            target=cancel_cloud_requests, args=(s, store), name="cloud-cancels", daemon=True
+        ).start()
 
         consumer = self.queue.consumer(wake=s.queue_wake)
         consumer.start()

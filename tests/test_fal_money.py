@@ -447,3 +447,24 @@ def test_every_configured_secret_is_scrubbed_from_every_log_line(tmp_path, monke
     assert "x.event" in text and "x.failed" in text and "[redacted]" in text
     for secret in ("falkey-SECRET-1234", "uitoken-SECRET-5678", "redispass-SECRET", "ntfytopic-SECRET-9"):
         assert secret not in text
+
+
+@pytest.mark.slow
+def test_a_cancel_given_while_lorad_is_down_is_carried_out_on_fal_at_the_next_start(daemon_factory, fal):
+    fal.hold.clear()  # the request trains until told
+    d = _daemon(daemon_factory, fal, LORAD_ENGINES_FAL_CANCEL_WAIT_S="5").start()
+    _drop(d, "ohwx_down")
+    wait_for(
+        lambda: "training on fal.ai" in ((d.jobs() or [{}])[0].get("note") or ""),
+        120,
+        message="remote training",
+    )
+    d.stop()  # SIGTERM: the request keeps running on fal
+    job_id = d.jobs()[0]["id"]
+    said = d.cli("cancel", job_id)
+    assert said.returncode == 0 and "cancelled there then" in said.stdout, said.stdout
+    assert fal.cancels == []
+    d.start()
+    wait_for(lambda: fal.cancels == ["req-0001"], 60, message="the request cancelled on fal at start")
+    wait_for(lambda: d.log_has("fal.cancel_outcome", outcome="stopped"), 60, message="cancel outcome")
+    assert d.job_states()["ohwx_down"] == "cancelled" and len(fal.submissions) == 1

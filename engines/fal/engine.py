@@ -550,6 +550,22 @@ class FalEngine:
             )
         return TrainResult(TrainStatus.STOPPED, step=step or None)
 
+    def cancel_remote(self, workdir: Path) -> str | None:
+        """A cancel given while lorad was down, carried out now (daemon start): cancel the request
+        on record on fal and learn the outcome; None when there is no request to cancel."""
+        fal_dir = Path(workdir) / FAL_DIR
+        records = Records(fal_dir)
+        if not records.record.is_file():
+            return None
+        saved = records.read_record()
+        plan = TrainingPlan.from_dict(json.loads((Path(workdir) / "plan.json").read_text(encoding="utf-8")))
+        service = self._service()
+        service.cancel(saved["endpoint"], saved["request_id"])
+        self.log.info("fal.cancelled", request_id=saved["request_id"], while_down=True)
+        outcome = self._cancel_outcome(service, saved, plan, records)
+        write_cancel_outcome(Path(workdir), outcome, saved["request_id"])
+        return outcome
+
     def _cancel_outcome(self, service, saved: dict, plan: TrainingPlan, records: Records) -> str:
         """fal only *signals* an in-progress runner: poll up to cancel_wait_s for what happened.
         stopped: the record goes aside (a retry submits anew). finished_anyway: it was paid for;
