@@ -468,3 +468,39 @@ def test_a_cancel_given_while_lorad_is_down_is_carried_out_on_fal_at_the_next_st
     wait_for(lambda: fal.cancels == ["req-0001"], 60, message="the request cancelled on fal at start")
     wait_for(lambda: d.log_has("fal.cancel_outcome", outcome="stopped"), 60, message="cancel outcome")
     assert d.job_states()["ohwx_down"] == "cancelled" and len(fal.submissions) == 1
+
+
+@pytest.mark.parametrize(
+    "keys, layout",
+    [
+        (["transformer.layers.0.attention.to_q.lora_A.weight"], "diffusers"),
+        (["base_model.model.layers.0.attention.to_q.lora_B.default.weight"], "diffusers"),
+        (["diffusion_model.layers.0.attention.qkv.lora_down.weight"], "passthrough"),  # ComfyUI fused
+        (["lora_unet_layers_0_attention_to_q.lora_down.weight"], "passthrough"),  # kohya
+        (["diffusion_model.layers.0.attention.to_q.diff", "x.diff_b"], "passthrough"),
+    ],
+)
+def test_result_layout_table(keys, layout):
+    from engines.fal.convert import layout_of
+
+    assert layout_of(keys) == layout
+
+
+def test_a_passthrough_result_mflux_cannot_map_is_refused_with_its_keys_and_kept(fal, tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    odd = tmp_path / "kohya.safetensors"
+    save_file(
+        {
+            "lora_unet_nowhere_block_0.lora_down.weight": np.zeros((4, 192), np.float32),
+            "lora_unet_nowhere_block_0.lora_up.weight": np.zeros((192, 4), np.float32),
+        },
+        str(odd),
+    )
+    fal.lora = odd.read_bytes()
+    result, _ = _train(_engine(tmp_path, **fal.options()), tmp_path)
+    assert result.status is TrainStatus.FAILED and "does not load in mflux" in result.error
+    assert "lora_unet_nowhere_block_0" in result.error and "fal's file is kept" in result.error
+    assert (tmp_path / "j1" / "fal" / "download.safetensors").read_bytes() == fal.lora
+    assert not (tmp_path / "j1" / "adapter.safetensors").exists()

@@ -600,7 +600,9 @@ class FalEngine:
     def _fetch_result(
         self, service, endpoint: str, request_id: str, plan: TrainingPlan, workdir: Path, stop, note
     ) -> Path:
-        from engines.fal.convert import BadLoRA, convert
+        import shutil
+
+        from engines.fal.convert import BadLoRA, convert, layout_of, read_header
         from engines.fal.service import Rejected, Unreachable
 
         try:  # COMPLETED: an answer that keeps failing is the request's own failure, not an outage
@@ -627,16 +629,29 @@ class FalEngine:
         )
         self.log.info("fal.downloaded", bytes=nbytes, sha256=sha)
         adapter = workdir / "adapter.safetensors"
-        prefix = "transformer." if "flux" in endpoint else "diffusion_model."
+        kept = f"(fal's file is kept: {download})"
         try:
-            converted = convert(download, adapter, prefix)
+            layout = layout_of(list(read_header(download)[0]))
+            if layout == "passthrough":  # a layout mflux loads as is: unchanged, after its check
+                shutil.copyfile(download, adapter)
+                converted = None
+            else:
+                converted = convert(
+                    download, adapter, "transformer." if "flux" in plan.model else "diffusion_model."
+                )
         except BadLoRA as exc:
             adapter.unlink(missing_ok=True)
-            raise Rejected(f"the LoRA fal returned is not usable: {exc}") from None
+            raise Rejected(f"the LoRA fal returned is not usable: {exc} {kept}") from None
         problem = self._load_check(adapter, plan.model)
         if problem:
             adapter.unlink(missing_ok=True)
-            raise Rejected(f"the LoRA fal returned does not load in mflux: {problem}")
+            raise Rejected(f"the LoRA fal returned does not load in mflux: {problem} {kept}")
+        if converted is None:
+            atomic_write_text(
+                workdir / FAL_DIR / "adapter.json", json.dumps({"sha256_download": sha, "layout": layout})
+            )
+            self.log.info("fal.passthrough", layout=layout, sha256=sha)
+            return adapter
         atomic_write_text(
             workdir / FAL_DIR / "adapter.json",
             json.dumps(
