@@ -124,6 +124,7 @@ class FalStandIn:
         self.drop_submit_replies = 0
         self.submit_delay_s = 0.0
         self.cancel_runs_on = False
+        self.request_errors: dict[str, str] = {}  # request id -> its own failure (others succeed)
         self.multipart: dict[str, dict[int, bytes]] = {}  # multipart upload id -> parts received
         self.lifecycles: list[str | None] = []  # the X-Fal-Object-Lifecycle of each upload
         self.auth_headers: set[str] = set()
@@ -189,11 +190,12 @@ class FalStandIn:
                 "status": "IN_PROGRESS",
                 "logs": [{"message": f"Training step {step}/{self.steps}", "level": "INFO"}],
             }
-        if self.remote_error:
+        error = self.request_errors.get(request_id) or self.remote_error
+        if error:
             return {
                 "status": "COMPLETED",
                 "logs": [],
-                "error": self.remote_error,
+                "error": error,
                 "error_type": "training_error",
             }
         return {"status": "COMPLETED", "logs": [{"message": "done", "level": "INFO"}], "metrics": {}}
@@ -309,8 +311,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self._fail("result"):
             return
-        if s.remote_error:
-            self._send(422, {"detail": s.remote_error})
+        if s.request_errors.get(match[1]) or s.remote_error:
+            self._send(422, {"detail": s.request_errors.get(match[1]) or s.remote_error})
             return
         size = len(s.lora) if s.lora_size is None else s.lora_size
         self._send(

@@ -209,12 +209,11 @@ def test_completed_with_a_failing_result_fails_with_fals_detail(fal, tmp_path):
 
 
 def test_retry_after_a_remote_failure_archives_the_request_and_submits_anew(fal, tmp_path):
-    fal.remote_error = "Training failed on the runner"
+    fal.request_errors["req-0001"] = "Training failed on the runner"  # that request only
     engine = _engine(tmp_path, **fal.options())
     result, plan = _train(engine, tmp_path)
     assert result.status is TrainStatus.FAILED and "Training failed on the runner" in result.error
     assert list((tmp_path / "j1" / "fal").glob("request.failed.*.json"))
-    fal.remote_error = None
     again = engine.train(plan, tmp_path / "j1", lambda p: None, StopToken())
     assert again.status is TrainStatus.COMPLETED, again.error
     assert len(fal.submissions) == 2
