@@ -134,6 +134,11 @@ def build_parser(only: str | None = None):
 
     p = add("retry", "queue a failed, cancelled or interrupted job again")
     p.add_argument("job")
+    p.add_argument(
+        "--resubmit",
+        action="store_true",
+        help="a cloud job whose submission is uncertain: send a new paid request anyway",
+    )
 
     p = add("plan", "print the memory/training plan for this machine (or --ram-gb)")
     p.add_argument("path", type=Path, nargs="?")

@@ -18,7 +18,9 @@ def _log_to_file(settings: Settings) -> None:
     """Commands that change jobs log their events to the daemon's log file too."""
     from daemon import logs
 
-    logs.configure(level=settings.log_level, log_file=settings.log_file, console=False)
+    logs.configure(
+        level=settings.log_level, log_file=settings.log_file, console=False, secrets=logs.secrets_of(settings)
+    )
 
 
 def _store(settings: Settings, *, must_exist: bool = True):
@@ -208,12 +210,49 @@ def cancel_job(settings: Settings, store, job) -> tuple[int, str]:
             f"(remove the LoRA from {settings.loras} afterwards if you do not want it)"
         )
     if action == "cancel":
+        if job.remote.get("request_id"):  # its cloud request may still run (and bill)
+            return 0, (
+                f"cancelled {job.id} ({job.name}); its request on the cloud runs on until lorad next "
+                f"starts, and is cancelled there then"
+            )
         return 0, f"cancelled {job.id} ({job.name})"
+    from engines.base import CANCEL_OUTCOME_FILE
+
+    workdir = settings.jobs_dir / job.id
+    (workdir / CANCEL_OUTCOME_FILE).unlink(missing_ok=True)  # only this cancel's outcome counts
     pid = _wake_daemon(settings)
-    return 0, (
-        f"cancelling {job.id} ({job.name}, {job.state}): it stops at its next step and publishes nothing"
-        + ("" if pid else "; lorad is not running, so it is cancelled when lorad next starts")
-    )
+    said = f"cancelling {job.id} ({job.name}, {job.state}): it stops at its next step and publishes nothing"
+    if not pid:
+        cloud = (
+            "; its request on the cloud runs on until then, and is cancelled there then"
+            if job.remote.get("request_id")
+            else ""
+        )
+        return 0, said + f"; lorad is not running, so it is cancelled when lorad next starts{cloud}"
+    if job.remote.get("request_id"):
+        said += "; " + _cloud_cancel_outcome(settings, job, workdir)
+    return 0, said
+
+
+def _cloud_cancel_outcome(settings: Settings, job, workdir: Path) -> str:
+    """A cloud job: wait (bounded by the engine's cancel_wait_s) for what the cloud did with the
+    cancel, and say it: stopped, finished anyway (paid; retry publishes it), or still pending."""
+    import time
+
+    from daemon.pipeline import make_engine
+    from engines.base import CANCEL_WORDS, read_cancel_outcome
+
+    try:
+        wait_s = float(getattr(make_engine(settings, job.settings.get("engine")), "cancel_wait_s", 60.0))
+    except Exception:
+        wait_s = 60.0
+    deadline = time.monotonic() + wait_s + 10  # the daemon's own wait, and its next tick
+    while time.monotonic() < deadline:
+        outcome = read_cancel_outcome(workdir)
+        if outcome:
+            return CANCEL_WORDS[outcome].replace("JOB", job.id)
+        time.sleep(0.2)
+    return CANCEL_WORDS["still_pending"].replace("JOB", job.id)
 
 
 def retry_lost_message(job_id: str, current: str | None) -> str:
@@ -231,16 +270,18 @@ def cmd_retry(settings: Settings, args) -> int:
     _log_to_file(settings)
     store = _store(settings)
     job = _find_job(store, args.job)
-    code, message = retry_job(settings, store, job)
+    code, message = retry_job(settings, store, job, resubmit=getattr(args, "resubmit", False))
     print(message if code == 0 else f"lorad retry: {message}", file=sys.stdout if code == 0 else sys.stderr)
     return code
 
 
-def retry_job(settings: Settings, store, job) -> tuple[int, str]:
+def retry_job(settings: Settings, store, job, resubmit: bool = False) -> tuple[int, str]:
     """(exit code, what to say) of queueing `job` again; `lorad retry` and the dashboard both
-    call it. UsageError when the job cannot be retried (its state, or refused at intake)."""
+    call it. UsageError when the job cannot be retried (its state, or refused at intake, or a
+    cloud submission whose outcome is unknown, unless `resubmit`: paying again is explicit)."""
     from daemon.jobs import StateChanged
     from daemon.queue import Queue
+    from engines.base import allow_resubmit, submission_uncertain
 
     if job.state not in ("failed", "cancelled", "interrupted"):
         raise UsageError(
@@ -251,6 +292,14 @@ def retry_job(settings: Settings, store, job) -> tuple[int, str]:
             f"{job.dataset} was refused at intake ({job.dataset_path}/FAILED.txt says why); "
             f"fix it, then create READY again (or: lorad enqueue '{job.dataset_path}')"
         )
+    workdir = settings.jobs_dir / job.id
+    if submission_uncertain(workdir) and not resubmit:
+        raise UsageError(
+            f"job {job.id}: submission uncertain: its cloud training request may have been accepted and "
+            f"billed (check fal's dashboard). lorad retry {job.id} --resubmit sends a new paid request"
+        )
+    if resubmit and submission_uncertain(workdir):
+        allow_resubmit(workdir)
     try:  # compare-and-set: only the retry that finds the job still in the state read above wins
         job = store.transition(job.id, "queued", expect=job.state, attempt=job.attempt + 1, error=None)
     except StateChanged as exc:
@@ -267,7 +316,7 @@ def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None
     from daemon.pipeline import machine_now, make_engine
     from engines.base import JobInput, PlanError, TrainingPlan
 
-    image_count, max_side, options = 20, 1024, {}
+    image_count, max_side, options, trigger = 20, 1024, {}, "x"
     model = settings.model
     if path is not None:
         from daemon.intake.validate import validate_dataset
@@ -277,10 +326,11 @@ def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None
         max_side = max((max(i.width, i.height) for i in report.images), default=max_side)
         options = report.options
         model = options.get("model", model)
+        trigger = report.trigger or trigger
     machine = machine_now(ram_gb)
-    engine = make_engine(settings)
+    engine = make_engine(settings, str(options.get("engine") or settings.engine))  # the dataset's own
     job = JobInput(
-        "plan", "plan", "x", model, image_count, max_side, options, Path("/tmp/lorad-plan/data"), ""
+        "plan", "plan", trigger, model, image_count, max_side, options, Path("/tmp/lorad-plan/data"), ""
     )
     plan: TrainingPlan | PlanError
     try:

@@ -21,7 +21,7 @@ from daemon.fsutil import remove_stale_temps
 from daemon.intake.take import Intake
 from daemon.jobs import ACTIVE, CorruptDatabase, JobStore, move_aside
 from daemon.lock import AlreadyRunning, InstanceLock
-from daemon.pipeline import Pipeline, check_engine_settings
+from daemon.pipeline import Pipeline, cancel_cloud_requests, check_engine_settings
 from daemon.queue import Queue
 from daemon.settings import Settings, SettingsError
 from daemon.watch import IntakeLoop, Watcher
@@ -241,7 +241,11 @@ class Daemon:
     def run(self) -> int:
         s = self.settings
         logs.configure(
-            level=s.log_level, log_file=s.log_file, max_bytes=s.log_max_bytes, backups=s.log_backups
+            level=s.log_level,
+            log_file=s.log_file,
+            max_bytes=s.log_max_bytes,
+            backups=s.log_backups,
+            secrets=logs.secrets_of(s),
         )
         self.file_limit = raise_file_limit()
         try:
@@ -287,6 +291,9 @@ class Daemon:
         self.log.info(
             "queue.reconciled", removed_dirs=removed, recovered=[j.id for j in recovered], **summary
         )
+        threading.Thread(  # cancels given while lorad was down, carried out on the cloud (bounded waits)
+            target=cancel_cloud_requests, args=(s, store), name="cloud-cancels", daemon=True
+        ).start()
 
         consumer = self.queue.consumer(wake=s.queue_wake)
         consumer.start()

@@ -104,6 +104,77 @@ def _summarise(key: tuple, count: int) -> None:
                          message=f"… repeated {count} times", **context)  # fmt: skip
 
 
+# -- secrets: scrubbed from every event, whatever logged it (issue 20) -----------------------------
+# Every configured secret (FAL_KEY and its ID/SECRET pair, the queue URL's password, notification
+# URLs, ui_token) is registered here when logging is configured; `_redact` replaces each with
+# [redacted] in every string of every event (tracebacks included), and a filter on the loggers of
+# the HTTP clients (fal_client, httpx, httpcore) does the same to their records before anything
+# else sees them.
+_SECRETS: set[str] = set()
+REDACTED = "[redacted]"
+SECRET_ENV = ("FAL_KEY", "FAL_KEY_SECRET")
+
+
+def register_secrets(*values: object) -> None:
+    """Scrub these from every log event from now on (short or empty values are ignored: they
+    would scrub ordinary words)."""
+    for value in values:
+        if isinstance(value, str) and len(value.strip()) >= 6:
+            _SECRETS.add(value)
+            if value.strip() != value:
+                _SECRETS.add(value.strip())
+
+
+def secrets_of(settings: Any) -> list[str]:
+    """The secrets a Settings and the environment hold (pure but for the environment)."""
+    import os
+    from urllib.parse import urlsplit
+
+    found = [os.environ.get(name, "") for name in SECRET_ENV]
+    if os.environ.get("FAL_KEY_ID") and os.environ.get("FAL_KEY_SECRET"):
+        found.append(f"{os.environ['FAL_KEY_ID'].strip()}:{os.environ['FAL_KEY_SECRET'].strip()}")
+    found.append(getattr(settings, "ui_token", None) or "")
+    for url in [getattr(settings, "queue", "") or "", *(getattr(settings, "notify", ()) or ())]:
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            password = None
+        found += [password or ""] + ([url] if url in (getattr(settings, "notify", ()) or ()) else [])
+    return [f for f in found if f]
+
+
+def scrub(value: Any) -> Any:
+    """`value` with every registered secret replaced, through dicts, lists and tuples."""
+    if isinstance(value, str):
+        for secret in sorted(_SECRETS, key=len, reverse=True):
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(scrub(v) for v in value)
+    return value
+
+
+def _redact(_, __, event_dict):
+    if not _SECRETS:
+        return event_dict
+    return {k: scrub(v) for k, v in event_dict.items()}
+
+
+class _RedactFilter(logging.Filter):
+    """On the HTTP clients' loggers: their messages may quote a header or a URL with a key."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _SECRETS:
+            record.msg, record.args = scrub(record.getMessage()), None
+        return True
+
+
+_REDACT_FILTER = _RedactFilter()
+
+
 def _json_formatter() -> logging.Formatter:
     return structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=SHARED_PROCESSORS,
@@ -111,6 +182,7 @@ def _json_formatter() -> logging.Formatter:
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             _drop_noise,
             _dict_tracebacks,
+            _redact,
             structlog.processors.JSONRenderer(sort_keys=False, default=str),
         ],
     )
@@ -122,6 +194,8 @@ def _console_formatter() -> logging.Formatter:
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             _drop_noise,
+            structlog.processors.format_exc_info,
+            _redact,
             structlog.dev.ConsoleRenderer(colors=True, timestamp_key="ts"),
         ],
     )
@@ -135,8 +209,16 @@ def configure(
     backups: int = 5,
     console: bool = True,
     stream=None,
+    secrets: tuple[str, ...] | list[str] = (),
 ) -> None:
-    """Install the handlers on the root logger; safe to call again (replaces lorad's handlers)."""
+    """Install the handlers on the root logger; safe to call again (replaces lorad's handlers).
+    `secrets` (and the FAL_KEY family from the environment) are scrubbed from every event."""
+    import os
+
+    register_secrets(*secrets, *(os.environ.get(name, "") for name in SECRET_ENV))
+    for name in ("fal_client", "httpx", "httpcore"):
+        if _REDACT_FILTER not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_REDACT_FILTER)
     structlog.configure(
         processors=[*SHARED_PROCESSORS, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

@@ -98,6 +98,28 @@ def check_engine_settings(settings: Settings) -> None:
         raise SettingsError(str(exc)) from None
 
 
+def cancel_cloud_requests(settings: Settings, store) -> list[str]:
+    """At start: a cancel given while lorad was down (the job is `cancelled`, or will be when it
+    is next taken) is carried out on the cloud, whose request would otherwise run on and bill.
+    Each engine that can (`cancel_remote`) cancels and records the outcome; returns the job ids."""
+    from engines.base import CANCEL_OUTCOME_FILE
+
+    done = []
+    for job in store.list():
+        workdir = settings.jobs_dir / job.id
+        wanted = job.state == "cancelled" or bool(getattr(job, "cancel_requested", 0))
+        if not wanted or (workdir / CANCEL_OUTCOME_FILE).exists() or not job.remote.get("request_id"):
+            continue
+        try:
+            engine = make_engine(settings, job.settings.get("engine", "mflux"))
+            cancel_remote = getattr(engine, "cancel_remote", None)
+            if cancel_remote is not None and cancel_remote(workdir):
+                done.append(job.id)
+        except Exception as exc:  # told; the next start tries again
+            get_logger().warning("job.cloud_cancel_failed", job_id=job.id, error=str(exc))
+    return done
+
+
 def job_input(job, workdir: Path) -> JobInput:
     manifest = json.loads((workdir / "manifest.json").read_text(encoding="utf-8"))
     images = manifest["images"]

@@ -137,7 +137,55 @@ class Failure(enum.Enum):
 
     MEMORY = "memory"  # killed or allocation failed: a lower memory tier may fit
     UNSUPPORTED = "unsupported"  # the backend lacks a kernel for this plan (e.g. a quantized shape)
+    SUBMISSION_UNCERTAIN = "submission_uncertain"  # a paid cloud submit whose outcome is unknown
     OTHER = "other"
+
+
+# A paid cloud submission whose outcome is unknown leaves UNCERTAIN_FILE in the job's workdir;
+# `lorad retry` refuses such a job unless told `--resubmit`, which writes RESUBMIT_FILE: the one
+# permission for the engine's next attempt to pay again (engines/cloud/submission.py).
+UNCERTAIN_FILE = "SUBMISSION_UNCERTAIN.json"
+RESUBMIT_FILE = "resubmit.allowed"
+
+
+def submission_uncertain(workdir: Path) -> bool:
+    return (Path(workdir) / UNCERTAIN_FILE).is_file()
+
+
+# What a cloud did with a cancel (engines/fal: `fal.cancel_outcome`): "stopped", "finished_anyway"
+# (paid for; its LoRA is in the job's folder and `lorad retry` publishes it without paying) or
+# "still_pending". `lorad cancel` waits a bounded time for this file and says which.
+CANCEL_OUTCOME_FILE = "CANCEL_OUTCOME.json"
+CANCEL_WORDS = {
+    "stopped": "the training on the cloud stopped",
+    "finished_anyway": "the training on the cloud finished anyway (and was paid for): its LoRA is in the "
+    "job's folder; lorad retry JOB publishes it without paying again",
+    "still_pending": "the cloud has not confirmed the stop yet; lorad keeps the request on record "
+    "(lorad retry JOB re-attaches to it and reports what happened)",
+}
+
+
+def write_cancel_outcome(workdir: Path, outcome: str, request_id: str) -> None:
+    import json
+
+    (Path(workdir) / CANCEL_OUTCOME_FILE).write_text(
+        json.dumps({"outcome": outcome, "request_id": request_id, "at": time.time()}), encoding="utf-8"
+    )
+
+
+def read_cancel_outcome(workdir: Path) -> str | None:
+    import json
+
+    try:
+        outcome = json.loads((Path(workdir) / CANCEL_OUTCOME_FILE).read_text(encoding="utf-8"))["outcome"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return outcome if outcome in CANCEL_WORDS else None
+
+
+def allow_resubmit(workdir: Path) -> None:
+    """`lorad retry JOB --resubmit`: the next attempt may send a new paid request."""
+    (Path(workdir) / RESUBMIT_FILE).write_text(f"{time.time()}\n", encoding="utf-8")
 
 
 @dataclass

@@ -55,6 +55,43 @@ def diffusers_lora(path: Path, rank: int = RANK, alpha: float = ALPHA, layers: i
     return Path(path).read_bytes()
 
 
+STANDIN_ENDPOINT = "lorad-standin/tiny-z-image-trainer"
+# The stand-in's trainer takes the Z-Image trainer's fields (fal.ai/models/fal-ai/z-image-trainer)
+# but any step count, so tests train the miniature model in a few steps.
+STANDIN_SCHEMA = {
+    STANDIN_ENDPOINT: {
+        "trains": ["tiny-z-image"],
+        "usd_per_step": 0.00226,
+        "min_steps": 100,
+        "fields": {
+            "image_data_url": {"type": "url", "required": True, "role": "archive"},
+            "steps": {"type": "int", "min": 1, "max": 10000, "default": 1000, "role": "steps"},
+            "learning_rate": {"type": "float", "min": 0, "max": 1, "role": "learning_rate"},
+            "default_caption": {"type": "str", "role": "trigger"},
+            "training_type": {"type": "enum", "choices": ["content", "style", "balanced"]},
+        },
+    }
+}
+# What each endpoint accepts (fal answers 422 to an unknown field): checked on every submit.
+ACCEPTED_FIELDS = {
+    STANDIN_ENDPOINT: set(STANDIN_SCHEMA[STANDIN_ENDPOINT]["fields"]),
+    "fal-ai/z-image-trainer": {"image_data_url", "steps", "learning_rate", "default_caption", "training_type"},
+    "fal-ai/flux-lora-fast-training": {
+        "images_data_url", "trigger_word", "steps", "is_style", "create_masks",
+        "is_input_format_already_preprocessed", "data_archive_format",
+    },
+}  # fmt: skip
+
+
+def standin_options(folder: Path) -> dict[str, str]:
+    """[engines.fal] settings that send the miniature model to the stand-in's trainer (its
+    endpoint and its schema named explicitly, as a user reaches a trainer lorad does not know)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    schema_file = folder / "standin-schemas.json"
+    schema_file.write_text(json.dumps(STANDIN_SCHEMA))
+    return {"endpoints": f"tiny-z-image={STANDIN_ENDPOINT}", "schemas": str(schema_file)}
+
+
 class FalStandIn:
     """Knobs: queue_polls / progress_polls (answers before moving on), hold (an Event: stay
     IN_PROGRESS until set), fail (path kind -> list of HTTP codes to answer first: "submit",
@@ -80,6 +117,16 @@ class FalStandIn:
         self.submissions: list[dict] = []
         self.cancels: list[str] = []
         self.uploads: list[bytes] = []
+        # Hostile-network knobs (issue 20): accept a submit, then drop the connection without an
+        # answer (this many times); answer a submit only after this many seconds; let a cancelled
+        # IN_PROGRESS request run on and bill (fal only signals the runner); junk bytes to serve
+        # as the LoRA with a smaller declared size.
+        self.drop_submit_replies = 0
+        self.submit_delay_s = 0.0
+        self.cancel_runs_on = False
+        self.request_errors: dict[str, str] = {}  # request id -> its own failure (others succeed)
+        self.multipart: dict[str, dict[int, bytes]] = {}  # multipart upload id -> parts received
+        self.lifecycles: list[str | None] = []  # the X-Fal-Object-Lifecycle of each upload
         self.auth_headers: set[str] = set()
         self.requests: dict[str, dict] = {}
         self.lock = threading.Lock()
@@ -94,8 +141,13 @@ class FalStandIn:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def options(self) -> dict[str, str]:
+        return standin_options(self.folder)
+
     def env(self, key: str | None = "test-fal-key-DO-NOT-LOG-3f9c") -> dict[str, str]:
         env = {
+            "LORAD_ENGINES_FAL_ENDPOINTS": self.options()["endpoints"],
+            "LORAD_ENGINES_FAL_SCHEMAS": self.options()["schemas"],
             "FAL_QUEUE_RUN_HOST": self.host,
             "FAL_RUN_HOST": self.host,
             "FAL_REST_URL": self.base,
@@ -121,7 +173,7 @@ class FalStandIn:
             req = self.requests[request_id]
             req["polls"] += 1
             polls = req["polls"]
-        if req["cancelled"]:
+        if req["cancelled"] and not (self.cancel_runs_on and req.get("started")):
             return {
                 "status": "COMPLETED",
                 "logs": [],
@@ -130,6 +182,7 @@ class FalStandIn:
             }
         if polls <= self.queue_polls:
             return {"status": "IN_QUEUE", "queue_position": self.queue_polls - polls}
+        req["started"] = True
         if polls <= self.queue_polls + self.progress_polls or not self.hold.is_set():
             k = min(polls - self.queue_polls, self.progress_polls)
             step = self.steps * k // (self.progress_polls + 1)
@@ -137,11 +190,12 @@ class FalStandIn:
                 "status": "IN_PROGRESS",
                 "logs": [{"message": f"Training step {step}/{self.steps}", "level": "INFO"}],
             }
-        if self.remote_error:
+        error = self.request_errors.get(request_id) or self.remote_error
+        if error:
             return {
                 "status": "COMPLETED",
                 "logs": [],
-                "error": self.remote_error,
+                "error": error,
                 "error_type": "training_error",
             }
         return {"status": "COMPLETED", "logs": [{"message": "done", "level": "INFO"}], "metrics": {}}
@@ -194,12 +248,22 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if path == "/files/upload":
             if not self._fail("upload"):
+                s.lifecycles.append(self.headers.get("X-Fal-Object-Lifecycle"))
                 s.uploads.append(body)
                 self._send(200, {"access_url": f"{s.base}/files/upload-{len(s.uploads)}.zip"})
+            return
+        if self._multipart_post(path, body):
             return
         match = re.fullmatch(r"/([\w-]+)/([\w.-]+)", path)
         if match:
             if self._fail("submit"):
+                return
+            arguments = json.loads(body or b"{}")
+            unknown = sorted(set(arguments) - ACCEPTED_FIELDS.get(f"{match[1]}/{match[2]}", set(arguments)))
+            if unknown:  # fal validates the input against the endpoint's schema: 422
+                self._send(
+                    422, {"detail": [{"loc": ["body", unknown[0]], "msg": "extra fields not permitted"}]}
+                )
                 return
             with s.lock:
                 request_id = f"req-{len(s.submissions) + 1:04d}"
@@ -207,6 +271,15 @@ class _Handler(BaseHTTPRequestHandler):
                     {"endpoint": f"{match[1]}/{match[2]}", "arguments": json.loads(body or b"{}")}
                 )
                 s.requests[request_id] = {"polls": 0, "cancelled": False, "endpoint": path}
+            if s.submit_delay_s:
+                time.sleep(s.submit_delay_s)  # accepted, but the answer comes late
+            with s.lock:
+                drop = s.drop_submit_replies > 0
+                s.drop_submit_replies -= drop
+            if drop:  # accepted (and billed), the reply lost: close without a byte
+                self.close_connection = True
+                self.connection.close()
+                return
             url = f"{s.base}{path}/requests/{request_id}"
             self._send(
                 200,
@@ -238,8 +311,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self._fail("result"):
             return
-        if s.remote_error:
-            self._send(422, {"detail": s.remote_error})
+        if s.request_errors.get(match[1]) or s.remote_error:
+            self._send(422, {"detail": s.request_errors.get(match[1]) or s.remote_error})
             return
         size = len(s.lora) if s.lora_size is None else s.lora_size
         self._send(
@@ -255,10 +328,36 @@ class _Handler(BaseHTTPRequestHandler):
             },
         )
 
+    def _multipart_post(self, path: str, body: bytes) -> bool:
+        """fal-client's multipart upload (files over MULTIPART_THRESHOLD): create, then complete."""
+        s = self.standin
+        if path == "/files/upload/multipart":
+            upload_id = f"mp{len(s.multipart) + 1}"
+            s.multipart[upload_id] = {}
+            s.lifecycles.append(self.headers.get("X-Fal-Object-Lifecycle"))
+            self._send(200, {"access_url": f"{s.base}/files/{upload_id}.zip", "uploadId": upload_id})
+            return True
+        match = re.fullmatch(r"/files/(mp\d+)\.zip/multipart/(mp\d+)/complete", path)
+        if match and match[2] in s.multipart:
+            parts = json.loads(body)["parts"]
+            assert [p["partNumber"] for p in parts] == sorted(s.multipart[match[2]])
+            s.uploads.append(b"".join(s.multipart[match[2]][n] for n in sorted(s.multipart[match[2]])))
+            self._send(200, {"access_url": f"{s.base}/files/{match[1]}.zip"})
+            return True
+        return False
+
     def do_PUT(self) -> None:
         s, path = self.standin, self.path.split("?")[0]
-        self._body()
+        body = self._body()
         self._seen()
+        part = re.fullmatch(r"/files/mp\d+\.zip/multipart/(mp\d+)/(\d+)", path)
+        if part and part[1] in s.multipart:
+            s.multipart[part[1]][int(part[2])] = body
+            self.send_response(200)
+            self.send_header("ETag", f'"etag-{part[2]}"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         match = re.fullmatch(r"/[\w-]+/[\w.-]+/requests/([\w-]+)/cancel", path)
         if match and match[1] in s.requests:
             s.cancels.append(match[1])

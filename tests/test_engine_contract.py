@@ -68,7 +68,7 @@ def engine(request, tmp_path, monkeypatch) -> Engine:
         request.addfinalizer(standin.close)
         for name, value in standin.env().items():
             monkeypatch.setenv(name, value)
-        options = {"poll_s": 0.02, "retry_base_s": 0.02}
+        options = {"poll_s": 0.02, "retry_base_s": 0.02, **standin.options()}
     return get_engine(
         request.param, EngineContext(state_dir=tmp_path / "state", stop_timeout_s=60, options=options)
     )

@@ -600,7 +600,7 @@ def run_worker(settings: Settings, url: str) -> int:
     from daemon.lock import AlreadyRunning, InstanceLock
 
     logs.configure(level=settings.log_level, log_file=settings.log_file, max_bytes=settings.log_max_bytes,
-                   backups=settings.log_backups)  # fmt: skip
+                   backups=settings.log_backups, secrets=logs.secrets_of(settings))  # fmt: skip
     lock = InstanceLock(settings.state)
     try:
         lock.acquire()

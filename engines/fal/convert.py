@@ -29,6 +29,25 @@ _ALPHA = re.compile(r"^(?P<module>.+?)\.alpha$")
 _PREFIXES = ("diffusion_model.", "transformer.", "base_model.model.")
 
 
+# Layouts mflux loads as they are (its own LoRA mappings): ComfyUI's fused attention (`qkv` with
+# lora_down/lora_up), kohya's `lora_unet_*` names, and full-weight differences (`.diff`, `.diff_b`).
+# Those are passed through unchanged (after mflux's load check), never renamed by guesswork.
+_PASSTHROUGH = (
+    re.compile(r"(^|\.)qkv\.(lora_down|lora_up)\.weight$"),
+    re.compile(r"^lora_unet_"),
+    re.compile(r"\.diff(_b)?$"),
+)
+
+
+def layout_of(keys: list[str]) -> str:
+    """ "passthrough" when any key is in a layout mflux loads as is, else "diffusers" (the
+    diffusers/PEFT unfused layout `convert` understands; anything else it refuses) (pure)."""
+    tensors = [k for k in keys if k != "__metadata__"]
+    if any(p.search(k) for k in tensors for p in _PASSTHROUGH):
+        return "passthrough"
+    return "diffusers"
+
+
 class BadLoRA(ValueError):
     """The file is not a LoRA lorad can publish; the message says what is wrong with it."""
 

@@ -45,8 +45,12 @@ from engines.base import (
     TrainResult,
     TrainStatus,
     coerce_options,
+    write_cancel_outcome,
 )
+from engines.cloud.schema import Schema, SchemaError, build_arguments, check_arguments, resolve
+from engines.cloud.submission import Ledger, Next, Records, kill_point
 from engines.fal import pricing
+from engines.fal.endpoints import SCHEMAS
 
 ROOT = Path(__file__).resolve().parents[2]
 FAL_DIR = "fal"
@@ -61,16 +65,21 @@ class _Stopped(Exception):
     pass
 
 
-def request_arguments(endpoint: str, archive_url: str, config: dict) -> dict:
-    """The JSON a trainer endpoint takes (pure): its own name for the archive, steps, trigger."""
-    args: dict[str, Any] = {"steps": int(config["steps"])}
-    if "flux" in endpoint:
-        args.update(images_data_url=archive_url, trigger_word=config["trigger"])
-    else:
-        args.update(image_data_url=archive_url, default_caption=config["trigger"])
-    if config.get("learning_rate"):
-        args["learning_rate"] = float(config["learning_rate"])
-    return args
+class _Uncertain(Exception):
+    """The submission's outcome is unknown: fail visibly, never send it again by itself."""
+
+
+def request_arguments(schema: Schema, archive_url: str, config: dict) -> dict:
+    """The JSON a trainer endpoint takes (pure): its own field names, from its schema's roles."""
+    return build_arguments(
+        schema,
+        archive_url,
+        {
+            "steps": int(config["steps"]),
+            "trigger": config.get("trigger"),
+            "learning_rate": float(config["learning_rate"]) if config.get("learning_rate") else None,
+        },
+    )
 
 
 _STEP_PATTERNS = (
@@ -106,14 +115,19 @@ def step_from_logs(logs: list[dict], total: int) -> int | None:
     return None
 
 
+def _is_caption(path: Path) -> bool:
+    """A caption is `<image stem>.txt` beside its image; nothing else travels (preview*.txt, notes)."""
+    return path.suffix == ".txt" and any(
+        path.with_suffix(s).is_file() or path.with_suffix(s.upper()).is_file() for s in IMAGE_SUFFIXES
+    )
+
+
 def zip_snapshot(data_dir: Path, dest: Path) -> int:
     """Images and their captions from the snapshot, flat, into a zip (atomically); file count."""
     files = sorted(
         p
         for p in Path(data_dir).iterdir()
-        if p.is_file()
-        and (p.suffix.lower() in IMAGE_SUFFIXES or p.suffix == ".txt")
-        and not (p.suffix == ".txt" and p.stem.startswith("preview"))  # preview.txt, preview_2.txt: prompts
+        if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or _is_caption(p))
     )
     fd, tmp = temp_beside(dest)
     import os
@@ -151,7 +165,34 @@ class FalEngine:
             "fail the job when fal.ai stays unreachable this long",
             1,
         ),
-        Option("timeout_s", float, 120.0, "HTTP timeout of one call", 1),
+        Option("timeout_s", float, 120.0, "HTTP timeout of the submit and the upload", 1),
+        Option(
+            "schemas",
+            str,
+            "-",
+            "a JSON file describing trainer endpoints lorad does not know (fields, ranges, price)",
+        ),
+        Option(
+            "cancel_wait_s",
+            float,
+            60.0,
+            "after a cancel, how long to wait for fal's outcome (stopped, finished anyway, pending)",
+            0,
+        ),
+        Option(
+            "upload_expires_s",
+            int,
+            3 * 86400,
+            "seconds fal keeps the uploaded photos (they must outlive the queue and the training)",
+            3600,
+        ),
+        Option(
+            "result_timeout_s",
+            float,
+            300.0,
+            "fail a COMPLETED request whose result keeps answering 5xx after this long",
+            1,
+        ),
     )
 
     def __init__(self, context: EngineContext):
@@ -170,33 +211,70 @@ class FalEngine:
         self.retry_base_s = float(values["retry_base_s"])  # type: ignore[arg-type]
         self.unreachable_timeout_s = float(values["unreachable_timeout_s"])  # type: ignore[arg-type]
         self.timeout_s = float(values["timeout_s"])  # type: ignore[arg-type]
+        self.result_timeout_s = float(values["result_timeout_s"])  # type: ignore[arg-type]
+        self.cancel_wait_s = float(values["cancel_wait_s"])  # type: ignore[arg-type]
+        self.upload_expires_s = int(values["upload_expires_s"])  # type: ignore[call-overload]
+        self.schemas = {**SCHEMAS, **self._user_schemas(str(values["schemas"]))}
+        self.prices = {
+            e: pricing.Price(s.usd_per_step, s.min_steps, self._default_steps(s))
+            for e, s in self.schemas.items()
+            if s.usd_per_step is not None
+        }
         self.daily_jobs = int(context.cloud_daily_jobs)
         self.log = get_logger()
+
+    @staticmethod
+    def _user_schemas(path: str) -> dict[str, Schema]:
+        from engines.cloud.schema import schemas_from_json
+
+        if path == "-":
+            return {}
+        try:
+            return schemas_from_json(Path(path).expanduser().read_text(encoding="utf-8"), path)
+        except (OSError, SchemaError) as exc:
+            raise EngineSettingsError(f"setting 'schemas' in [engines.fal]: {exc}") from None
+
+    @staticmethod
+    def _default_steps(schema: Schema) -> int:
+        name = schema.role("steps")
+        default = schema.fields[name].default if name else None
+        return int(default) if isinstance(default, int) else 1000
 
     # -- plan --------------------------------------------------------------------------------
 
     def plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
-        endpoint = pricing.endpoint_for(job.model, self.endpoints)
-        if endpoint is None:
-            raise PlanError(
-                f"fal: no trainer endpoint for model {job.model!r}; known: {', '.join(sorted(pricing.ENDPOINTS))} "
-                f'(or add one: [engines.fal] endpoints = "{job.model}=owner/app")'
-            )
-        default_steps = pricing.PRICES.get(endpoint, pricing.UNKNOWN_PRICE).default_steps
+        try:
+            schema = resolve(job.model, pricing.ENDPOINTS, self.endpoints, self.schemas, "fal").schema
+        except SchemaError as exc:
+            raise PlanError(str(exc)) from None
+        endpoint = schema.endpoint
         steps = int(
-            job.options.get("steps") or job.options.get("epochs", 0) * job.image_count or default_steps
+            job.options.get("steps")
+            or job.options.get("epochs", 0) * job.image_count
+            or self._default_steps(schema)
         )
-        cost, price = pricing.estimate_usd(endpoint, steps, self.price_override)
+        config = {"steps": steps, "trigger": job.trigger, "learning_rate": job.options.get("learning_rate")}
+        try:  # before any upload: what fal would refuse (after the upload, and maybe billed)
+            arguments = request_arguments(schema, "<the uploaded dataset zip>", config)
+            check_arguments(schema, arguments)
+        except SchemaError as exc:
+            raise PlanError(str(exc)) from None
+        cost, price = pricing.estimate_usd(endpoint, steps, self.price_override, self.prices)
         max_cost = float(job.options.get("max_cost_usd", self.max_cost_usd))
         problem = pricing.cost_problem(cost, max_cost, steps, price, endpoint)
         if problem:
             raise PlanError(problem)
         warnings = (
             []
-            if endpoint in pricing.PRICES or self.price_override
+            if endpoint in self.prices or self.price_override
             else [
                 f"no published price for {endpoint} in lorad's table; estimated at ${price.usd_per_step}/step"
             ]
+        )
+        minimum = (
+            f"; fal bills at least {price.min_steps} steps (${price.min_steps * price.usd_per_step:.3f})"
+            if price.min_steps
+            else ""
         )
         return TrainingPlan(
             engine=self.name,
@@ -207,8 +285,9 @@ class FalEngine:
             total_steps=steps,
             summary=[
                 f"backend      fal.ai ({endpoint})",
-                f"steps        {steps}",
-                f"cost         about ${cost:.2f} (${price.usd_per_step:g}/step; guard ${max_cost:.2f})",
+                f"endpoint     {endpoint}",
+                f"arguments    {json.dumps(arguments, sort_keys=True)}",
+                f"cost         about ${cost:.2f} (${price.usd_per_step:g}/step{minimum}; guard ${max_cost:.2f})",
             ],
             warnings=warnings,
             config={
@@ -238,14 +317,24 @@ class FalEngine:
     # -- train -------------------------------------------------------------------------------
 
     def _service(self):
-        from engines.fal.service import HOW_TO_SET_KEY, FalService, find_key
+        from engines.fal.service import HOW_TO_SET_KEY, BadKey, FalService, find_key
 
-        key = find_key()
+        try:
+            key = find_key()
+        except BadKey as exc:
+            raise PlanError(str(exc)) from None
         if not key:
             raise PlanError(f"no fal.ai API key: {HOW_TO_SET_KEY}")
         return FalService(key, self.timeout_s)
 
-    def _call(self, what: str, fn: Callable[[], T], stop: StopToken, note: Callable[[str], None]) -> T:
+    def _call(
+        self,
+        what: str,
+        fn: Callable[[], T],
+        stop: StopToken,
+        note: Callable[[str], None],
+        bound_s: float | None = None,
+    ) -> T:
         """fn(), retried with backoff while fal.ai is unreachable (bounded by unreachable_timeout_s);
         `Rejected` goes up at once; a stop request ends the wait (_Stopped)."""
         from engines.fal.service import Unreachable
@@ -263,10 +352,10 @@ class FalEngine:
                 now = time.monotonic()
                 since = since if since is not None else now
                 waited = now - since
-                if waited >= self.unreachable_timeout_s:
+                limit = self.unreachable_timeout_s if bound_s is None else bound_s
+                if waited >= limit:
                     raise Unreachable(
-                        f"fal.ai unreachable for {waited:.0f} s ({what}: {exc}); "
-                        f"gave up after unreachable_timeout_s = {self.unreachable_timeout_s:g}"
+                        f"fal.ai unreachable for {waited:.0f} s ({what}: {exc}); gave up after {limit:g} s"
                     ) from None
                 self.log.warning(
                     "fal.retry", call=what, error=str(exc), retry_in_s=delay, waited_s=round(waited, 1)
@@ -301,24 +390,32 @@ class FalEngine:
             service = self._service()
         except PlanError as exc:
             return TrainResult(TrainStatus.FAILED, error=str(exc), failure=Failure.OTHER)
+        records = Records(fal_dir)
+        remote = {"engine": self.name, "endpoint": endpoint}
         try:
-            request_id = self._attach_or_submit(service, plan, fal_dir, stop, note)
+            request_id = self._attach_or_submit(service, plan, records, stop, note)
             if request_id is None:
                 return TrainResult(
                     TrainStatus.FAILED, error=self._refusal or "not sent", failure=Failure.OTHER
                 )
-            remote = {"engine": self.name, "endpoint": endpoint, "request_id": request_id}
+            remote["request_id"] = request_id
             error = self._wait(service, endpoint, request_id, total, stop, note, remote, last)
             if error is not None:
+                records.close_request("failed")  # a retry submits anew (it failed on fal)
+                self.log.warning("fal.remote_failed", request_id=request_id, error=error)
                 return TrainResult(
                     TrainStatus.FAILED,
-                    error=f"fal.ai ({endpoint}, request {request_id}) failed: {error}",
+                    error=f"fal.ai ({endpoint}, request {request_id}) failed: {error}; "
+                    f"lorad retry sends a new request (paid again)",
                     failure=Failure.OTHER,
                 )
             note("downloading the LoRA", remote)
             adapter = self._fetch_result(service, endpoint, request_id, plan, workdir, stop, note)
         except _Stopped:
-            return self._stopped(stop, fal_dir, last["step"])
+            return self._stopped(stop, fal_dir, last["step"], plan)
+        except _Uncertain as exc:
+            note(str(exc), {**remote, "error_kind": Failure.SUBMISSION_UNCERTAIN.value})
+            return TrainResult(TrainStatus.FAILED, error=str(exc), failure=Failure.SUBMISSION_UNCERTAIN)
         except Rejected as exc:
             return TrainResult(TrainStatus.FAILED, error=f"fal.ai ({endpoint}): {exc}", failure=Failure.OTHER)
         except Unreachable as exc:
@@ -331,42 +428,77 @@ class FalEngine:
     _refusal: str | None = None
 
     def _attach_or_submit(
-        self, service, plan: TrainingPlan, fal_dir: Path, stop: StopToken, note
+        self, service, plan: TrainingPlan, records: Records, stop: StopToken, note
     ) -> str | None:
-        """The request of this workdir: the one on record (re-attach), else a new submission,
-        recorded before anything waits on it."""
-        record = fal_dir / REQUEST_FILE
-        endpoint = str(plan.config["endpoint"])
-        if record.is_file():
-            saved = json.loads(record.read_text(encoding="utf-8"))
+        """The request of this workdir: the one on record (re-attach), else a new submission
+        (engines/cloud/submission.py: intent before the POST, record after; never twice)."""
+        step = records.next_step()
+        if step is Next.REATTACH:
+            saved = records.read_record()
             self.log.info("fal.reattach", request_id=saved["request_id"], endpoint=saved["endpoint"])
             return str(saved["request_id"])  # its first status poll reports it (with the step fal is at)
-        problem = pricing.daily_problem(self._submitted_last_day(), self.daily_jobs)
+        if step is Next.UNCERTAIN:
+            self.log.warning("fal.submission_uncertain", endpoint=records.read_intent().get("endpoint"))
+            raise _Uncertain(
+                records.mark_uncertain(
+                    "the attempt that sent it ended before fal's answer was recorded",
+                    plan.config.get("job_id"),
+                )
+            )
+        if step is Next.RESUBMIT:
+            records.start_resubmit()
+            self.log.info("fal.resubmit", job_id=plan.config.get("job_id"))
+        problem = pricing.daily_problem(self._ledger().last_day(), self.daily_jobs)
         if problem:
             self._refusal = problem
             return None
-        archive = fal_dir / "dataset.zip"
+        endpoint = str(plan.config["endpoint"])
+        schema = self.schemas.get(endpoint)
+        if schema is None:
+            from engines.fal.service import Rejected
+
+            raise Rejected(f"no schema for {endpoint} (plan it again)")
+        archive = records.folder / "dataset.zip"
         count = zip_snapshot(Path(plan.config["data"]), archive)
         note(f"uploading the dataset ({count} files)")
-        url = self._call("upload", lambda: service.upload(archive), stop, note)
+        url = self._call("upload", lambda: service.upload(archive, self.upload_expires_s), stop, note)
         self.log.info("fal.uploaded", files=count, bytes=archive.stat().st_size)
-        arguments = request_arguments(endpoint, url, plan.config)
+        arguments = request_arguments(schema, url, plan.config)
+        check_arguments(schema, arguments)
         if stop.requested():
             raise _Stopped()
-        request_id = self._call("submit", lambda: service.submit(endpoint, arguments), stop, note)
-        atomic_write_text(
-            record,
-            json.dumps(
-                {
-                    "request_id": request_id,
-                    "endpoint": endpoint,
-                    "submitted_at": time.time(),
-                    "job_id": plan.config.get("job_id"),
-                    "cost_usd": plan.config.get("cost_usd"),
-                }
-            ),
+        return self._submit_once(service, plan, records, endpoint, arguments, stop, note)
+
+    def _submit_once(
+        self, service, plan, records: Records, endpoint: str, arguments: dict, stop, note
+    ) -> str:
+        """The paid POST, at most once: intent and ledger line first, the record after."""
+        from engines.fal.service import Rejected, SubmissionUncertain, Unreachable
+
+        kill_point("before_intent")
+        records.write_intent(endpoint, arguments, plan.config.get("job_id"))
+        self._ledger().append(
+            endpoint=endpoint, job_id=plan.config.get("job_id"), cost_usd=plan.config.get("cost_usd")
         )
-        self._ledger_append(request_id, plan)
+        kill_point("after_intent")
+        try:
+            request_id = self._call("submit", lambda: service.submit(endpoint, arguments), stop, note)
+        except SubmissionUncertain as exc:
+            self.log.warning("fal.submission_uncertain", endpoint=endpoint, reason=str(exc))
+            raise _Uncertain(records.mark_uncertain(str(exc), plan.config.get("job_id"))) from None
+        except (Unreachable, Rejected, _Stopped):
+            records.archive(records.intent, "not_sent")  # fal answered no, or nothing left: not queued
+            raise
+        records.write_record(
+            {
+                "request_id": request_id,
+                "endpoint": endpoint,
+                "submitted_at": time.time(),
+                "job_id": plan.config.get("job_id"),
+                "cost_usd": plan.config.get("cost_usd"),
+            }
+        )
+        kill_point("after_record")
         self.log.info(
             "fal.submitted",
             request_id=request_id,
@@ -415,29 +547,90 @@ class FalEngine:
             if stop.wait(self.poll_s):
                 raise _Stopped()
 
-    def _stopped(self, stop: StopToken, fal_dir: Path, step: int) -> TrainResult:
-        """Shutdown: the request keeps running (re-attached at the next start). Cancel: cancel it remotely."""
+    def _stopped(self, stop: StopToken, fal_dir: Path, step: int, plan: TrainingPlan) -> TrainResult:
+        """Shutdown: the request keeps running (re-attached at the next start). Cancel: cancel it
+        on fal and learn, within cancel_wait_s, what fal did (cancel_outcome)."""
         record = fal_dir / REQUEST_FILE
         if stop.reason == "cancel" and record.is_file():
             saved = json.loads(record.read_text(encoding="utf-8"))
             try:
-                self._service().cancel(saved["endpoint"], saved["request_id"])
+                service = self._service()
+                service.cancel(saved["endpoint"], saved["request_id"])
                 self.log.info("fal.cancelled", request_id=saved["request_id"])
+                outcome = self._cancel_outcome(service, saved, plan, Records(fal_dir))
             except Exception as exc:  # told, not fatal: the job is cancelled either way
                 self.log.warning("fal.cancel_failed", request_id=saved["request_id"], error=str(exc))
+                outcome = "still_pending"
+            write_cancel_outcome(fal_dir.parent, outcome, saved["request_id"])
         elif record.is_file():
             self.log.info(
                 "fal.detached", request_id=json.loads(record.read_text(encoding="utf-8"))["request_id"]
             )
         return TrainResult(TrainStatus.STOPPED, step=step or None)
 
+    def cancel_remote(self, workdir: Path) -> str | None:
+        """A cancel given while lorad was down, carried out now (daemon start): cancel the request
+        on record on fal and learn the outcome; None when there is no request to cancel."""
+        fal_dir = Path(workdir) / FAL_DIR
+        records = Records(fal_dir)
+        if not records.record.is_file():
+            return None
+        saved = records.read_record()
+        plan = TrainingPlan.from_dict(json.loads((Path(workdir) / "plan.json").read_text(encoding="utf-8")))
+        service = self._service()
+        service.cancel(saved["endpoint"], saved["request_id"])
+        self.log.info("fal.cancelled", request_id=saved["request_id"], while_down=True)
+        outcome = self._cancel_outcome(service, saved, plan, records)
+        write_cancel_outcome(Path(workdir), outcome, saved["request_id"])
+        return outcome
+
+    def _cancel_outcome(self, service, saved: dict, plan: TrainingPlan, records: Records) -> str:
+        """fal only *signals* an in-progress runner: poll up to cancel_wait_s for what happened.
+        stopped: the record goes aside (a retry submits anew). finished_anyway: it was paid for;
+        its LoRA is downloaded into the job's folder and the record kept, so `lorad retry`
+        re-attaches and publishes it without paying. still_pending: kept; a retry re-attaches."""
+        deadline = time.monotonic() + self.cancel_wait_s
+        endpoint, request_id = saved["endpoint"], saved["request_id"]
+        outcome = "still_pending"
+        while True:
+            try:
+                status = service.status(endpoint, request_id)
+            except Exception:
+                status = None
+            if status is not None and status.state == "COMPLETED":
+                outcome = "stopped" if status.error else "finished_anyway"
+                break
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+        if outcome == "stopped":
+            records.close_request("cancelled")
+        elif outcome == "finished_anyway":
+            try:
+                self._fetch_result(
+                    service, endpoint, request_id, plan, records.workdir, StopToken(), lambda *a: None
+                )
+            except Exception as exc:
+                self.log.warning("fal.cancel_download_failed", request_id=request_id, error=str(exc))
+        self.log.info("fal.cancel_outcome", request_id=request_id, outcome=outcome)
+        return outcome
+
     def _fetch_result(
         self, service, endpoint: str, request_id: str, plan: TrainingPlan, workdir: Path, stop, note
     ) -> Path:
-        from engines.fal.convert import BadLoRA, convert
-        from engines.fal.service import Rejected
+        import shutil
 
-        result = self._call("result", lambda: service.result(endpoint, request_id), stop, note)
+        from engines.fal.convert import BadLoRA, convert, layout_of, read_header
+        from engines.fal.service import Rejected, Unreachable
+
+        try:  # COMPLETED: an answer that keeps failing is the request's own failure, not an outage
+            result = self._call(
+                "result", lambda: service.result(endpoint, request_id), stop, note, self.result_timeout_s
+            )
+        except Unreachable as exc:
+            raise Rejected(
+                f"request {request_id} COMPLETED but its result could not be fetched: {exc}"
+            ) from None
         atomic_write_text(workdir / FAL_DIR / RESULT_FILE, json.dumps(result, indent=2, default=str))
         lora = result.get("diffusers_lora_file") if isinstance(result, dict) else None
         if not isinstance(lora, dict) or not lora.get("url"):
@@ -454,16 +647,29 @@ class FalEngine:
         )
         self.log.info("fal.downloaded", bytes=nbytes, sha256=sha)
         adapter = workdir / "adapter.safetensors"
-        prefix = "transformer." if "flux" in endpoint else "diffusion_model."
+        kept = f"(fal's file is kept: {download})"
         try:
-            converted = convert(download, adapter, prefix)
+            layout = layout_of(list(read_header(download)[0]))
+            if layout == "passthrough":  # a layout mflux loads as is: unchanged, after its check
+                shutil.copyfile(download, adapter)
+                converted = None
+            else:
+                converted = convert(
+                    download, adapter, "transformer." if "flux" in plan.model else "diffusion_model."
+                )
         except BadLoRA as exc:
             adapter.unlink(missing_ok=True)
-            raise Rejected(f"the LoRA fal returned is not usable: {exc}") from None
+            raise Rejected(f"the LoRA fal returned is not usable: {exc} {kept}") from None
         problem = self._load_check(adapter, plan.model)
         if problem:
             adapter.unlink(missing_ok=True)
-            raise Rejected(f"the LoRA fal returned does not load in mflux: {problem}")
+            raise Rejected(f"the LoRA fal returned does not load in mflux: {problem} {kept}")
+        if converted is None:
+            atomic_write_text(
+                workdir / FAL_DIR / "adapter.json", json.dumps({"sha256_download": sha, "layout": layout})
+            )
+            self.log.info("fal.passthrough", layout=layout, sha256=sha)
+            return adapter
         atomic_write_text(
             workdir / FAL_DIR / "adapter.json",
             json.dumps(
@@ -501,34 +707,8 @@ class FalEngine:
             return f"{answer['total'] - answer['matched']} of {answer['total']} keys match no layer (e.g. {answer['unmatched'][:3]})"
         return None
 
-    def _submitted_last_day(self) -> int:
-        ledger = self.state_dir / FAL_DIR / LEDGER
-        if not ledger.is_file():
-            return 0
-        since = time.time() - 86400
-        count = 0
-        for line in ledger.read_text(encoding="utf-8").splitlines():
-            try:
-                count += json.loads(line)["ts"] >= since
-            except (ValueError, KeyError, TypeError):
-                continue
-        return count
-
-    def _ledger_append(self, request_id: str, plan: TrainingPlan) -> None:
-        ledger = self.state_dir / FAL_DIR / LEDGER
-        ledger.parent.mkdir(parents=True, exist_ok=True)
-        with ledger.open("a", encoding="utf-8") as fh:
-            fh.write(
-                json.dumps(
-                    {
-                        "ts": time.time(),
-                        "request_id": request_id,
-                        "job_id": plan.config.get("job_id"),
-                        "cost_usd": plan.config.get("cost_usd"),
-                    }
-                )
-                + "\n"
-            )
+    def _ledger(self) -> Ledger:
+        return Ledger(self.state_dir / FAL_DIR / LEDGER)
 
     # -- render and publish ------------------------------------------------------------------
 
@@ -614,16 +794,17 @@ class FalEngine:
         return checks
 
     def model_check(self, model: str) -> Check:
-        from engines.fal.service import HOW_TO_SET_KEY, find_key
+        from engines.fal.service import HOW_TO_SET_KEY, BadKey, find_key
 
-        endpoint = pricing.endpoint_for(model, self.endpoints)
-        if endpoint is None:
-            return Check(
-                "model",
-                CheckStatus.FAIL,
-                f"fal: no trainer endpoint for {model!r}; add one in [engines.fal] endpoints",
-            )
-        if not find_key():
+        try:
+            endpoint = resolve(model, pricing.ENDPOINTS, self.endpoints, self.schemas, "fal").endpoint
+        except SchemaError as exc:
+            return Check("model", CheckStatus.FAIL, str(exc))
+        try:
+            key = find_key()
+        except BadKey as exc:
+            return Check("model", CheckStatus.FAIL, str(exc))
+        if not key:
             return Check(
                 "model",
                 CheckStatus.FAIL,

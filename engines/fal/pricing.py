@@ -9,15 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# lorad model id -> fal endpoint. `tiny-z-image` (the miniature Z-Image lorad's tests train)
-# goes to the Z-Image trainer: only the local stand-in of the service ever sees it.
-ENDPOINTS: dict[str, str] = {
-    "z-image-turbo": "fal-ai/z-image-trainer",
-    "z-image": "fal-ai/z-image-trainer",
-    "tiny-z-image": "fal-ai/z-image-trainer",
-    "flux-dev": "fal-ai/flux-lora-fast-training",
-    "flux": "fal-ai/flux-lora-fast-training",
-}
+from engines.fal.endpoints import ENDPOINTS, SCHEMAS
+
+__all__ = ["ENDPOINTS", "PRICES", "Price", "estimate_usd"]
 
 
 @dataclass(frozen=True)
@@ -28,8 +22,9 @@ class Price:
 
 
 PRICES: dict[str, Price] = {
-    "fal-ai/z-image-trainer": Price(usd_per_step=0.00226, min_steps=0, default_steps=1000),
-    "fal-ai/flux-lora-fast-training": Price(usd_per_step=0.002, min_steps=0, default_steps=1000),
+    endpoint: Price(schema.usd_per_step, schema.min_steps, schema.fields[schema.role("steps") or ""].default)
+    for endpoint, schema in SCHEMAS.items()
+    if schema.usd_per_step is not None and schema.role("steps")
 }
 # An endpoint not in PRICES (set in [engines.fal] endpoints) is estimated at this, so the guard
 # never reads "$0" for something unknown; the plan warns.
@@ -54,9 +49,12 @@ def parse_endpoints(text: str) -> dict[str, str]:
     return out
 
 
-def estimate_usd(endpoint: str, steps: int, price_override: float = 0.0) -> tuple[float, Price]:
-    """What one training of `steps` steps costs at `endpoint` (dollars), and the price used."""
-    price = PRICES.get(endpoint, UNKNOWN_PRICE)
+def estimate_usd(
+    endpoint: str, steps: int, price_override: float = 0.0, prices: dict[str, Price] | None = None
+) -> tuple[float, Price]:
+    """What one training of `steps` steps costs at `endpoint` (dollars, with the endpoint's
+    minimum billed steps), and the price used."""
+    price = (prices or PRICES).get(endpoint, UNKNOWN_PRICE)
     if price_override > 0:
         price = Price(
             usd_per_step=price_override, min_steps=price.min_steps, default_steps=price.default_steps
