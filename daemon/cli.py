@@ -58,7 +58,12 @@ COMMANDS = (
     "worker",
     "workers",
     "ui",
+    "config",
+    "prune",
 )
+# Commands that do not take the running daemon's settings: the daemon itself, a worker (its own
+# machine's settings) and the self-test (its own temp folder).
+_OWN_SETTINGS = ("run", "worker", "selftest")
 _GLOBAL_WITH_VALUE = {"--assets", "--config", "--state-dir", "--model", "--registry", "--log-level"}
 
 
@@ -182,6 +187,16 @@ def build_parser(only: str | None = None):
 
     p = add("ui", "open the dashboard (served by `lorad run`, setting ui) in the browser")
     p.add_argument("--print", action="store_true", dest="print_only", help="only print its URL")
+
+    p = add("config", "print the effective settings and where each comes from (secrets masked)")
+    p.add_argument("--json", action="store_true")
+
+    p = add(
+        "prune",
+        "remove finished jobs beyond keep_jobs and old work dirs beyond keep_workdirs_days "
+        "(never running/queued/interrupted jobs, never assets/loras)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     return parser
 
 
@@ -196,7 +211,8 @@ def settings_from_args(args):
         "log_level": getattr(args, "log_level", None),
     }
     config = getattr(args, "config", None)
-    return settings_mod.load(config_file=Path(config) if config else None, flags=flags)
+    use_daemon = getattr(args, "command", None) not in _OWN_SETTINGS
+    return settings_mod.load(config_file=Path(config) if config else None, flags=flags, use_daemon=use_daemon)
 
 
 def fast_status_args(argv: list[str]):

@@ -45,8 +45,10 @@ def _wake_daemon(settings: Settings) -> int | None:
 
 def cmd_run(settings: Settings, args) -> int:
     from daemon.daemon import run
+    from daemon.settings import default_state_dir
 
-    return run(settings)
+    config = getattr(args, "config", None)
+    return run(settings, default_state_dir(Path(config) if config else None))
 
 
 def cmd_status(settings: Settings, args) -> int:
@@ -57,7 +59,49 @@ def cmd_status(settings: Settings, args) -> int:
     from daemon.lock import running_daemon_pid
 
     pid = running_daemon_pid(settings.state)
-    print(render_status(jobs, show_all=args.all, as_json=args.json, daemon_pid=pid, now=time.time()))
+    text = render_status(jobs, show_all=args.all, as_json=args.json, daemon_pid=pid, now=time.time())
+    if pid and not args.json:  # which model the daemon trains, and what set it
+        head, _, rest = text.partition("\n")
+        text = f"{head}, {daemon_model_line(settings)}" + ("\n" + rest if rest else "")
+    print(text)
+    return 0
+
+
+def daemon_model_line(settings: Settings) -> str:
+    """'model tiny-z-image from LORAD_MODEL': the running daemon's model and its own source."""
+    from daemon import effective
+
+    record = effective.running_record(settings.state) or {}
+    values, sources = record.get("settings") or {}, record.get("sources") or {}
+    model = values.get("model", settings.model)
+    source = sources.get("model") or settings.sources.get("model", "default")
+    return f"model {model} from {source}"
+
+
+def cmd_config(settings: Settings, args) -> int:
+    """`lorad config`: every effective setting and where it came from, secrets masked."""
+    from daemon import effective
+    from daemon.settings import KEYS
+
+    rows = [(key, effective.mask_value(key, getattr(settings, key)), settings.sources.get(key, "default"))
+            for key in KEYS]  # fmt: skip
+    rows.append(("state (folder)", str(settings.state), settings.sources.get("state_dir", "default")))
+    record = effective.running_record(settings.state)
+    daemon = f"running (pid {record['pid']})" if record else "not running"
+    if args.json:
+        import json
+
+        print(
+            json.dumps(
+                {"daemon": daemon, "settings": {k: {"value": v, "source": src} for k, v, src in rows}},
+                indent=2,
+            )
+        )
+        return 0
+    print(f"daemon: {daemon}")
+    width = max(len(k) for k, _v, _s in rows)
+    for key, value, source in rows:
+        print(f"{key:<{width}}  {value}  ({source})")
     return 0
 
 

@@ -152,8 +152,9 @@ def clean_work_dirs(settings: Settings, store: JobStore) -> list[str]:
 
 
 class Daemon:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, default_state: Path | None = None):
         self.settings = settings
+        self.default_state = default_state  # where the pointer to our settings goes (daemon/effective.py)
         self.shutdown = threading.Event()
         self.signals = 0
         self.log = logs.get_logger()
@@ -198,9 +199,17 @@ class Daemon:
             print(f"lorad: {exc}", file=sys.stderr)
             self.log.error("daemon.refused", reason=str(exc), pid=exc.pid)
             return 1
+        from daemon import effective
+
+        try:
+            published = effective.write(s, self.default_state)
+        except OSError as exc:  # commands then fall back to their own settings; the daemon runs on
+            published = []
+            self.log.warning("daemon.settings_unwritten", reason=str(exc))
         try:
             return self._run_locked()
         finally:
+            effective.remove(published)
             lock.release()
 
     def _run_locked(self) -> int:
@@ -248,6 +257,7 @@ class Daemon:
 
         announce_weights(s, self.log)  # missing weights: said now, not after a job fails
         ui = self._start_ui()
+        self._say_started(ui)
         self.log.info(
             "daemon.started",
             pid=os.getpid(),
@@ -311,6 +321,12 @@ class Daemon:
         removed = clean_work_dirs(s, store)
         space.ensure_reserve(s.state)  # room to record a job's end if the state disk fills up
         return notifier, recovered, removed
+
+    def _say_started(self, ui) -> None:
+        """One line on the terminal of `lorad run`: where the dashboard is (the log has it too)."""
+        s = self.settings
+        where = f"dashboard {ui.url}" if ui is not None else "dashboard off"
+        print(f"lorad: running (pid {os.getpid()}), model {s.model}, {where}", flush=True)
 
     def _start_ui(self):
         """The dashboard in a thread (daemon/ui/); None when `ui = false` or it cannot listen
@@ -384,6 +400,7 @@ class Daemon:
 
         announce_weights(s, self.log)
         ui = self._start_ui()
+        self._say_started(ui)
         self.log.info("daemon.started", pid=os.getpid(), assets=str(s.assets), state=str(s.state), model=s.model,
                       engine=s.engine, observer=s.observer, ready_found=found, queue=mask(s.queue),
                       local_worker=s.local_worker, notify_targets=len(s.notify), notify_on=list(s.notify_on),
@@ -437,5 +454,5 @@ def logging_flush() -> None:
             pass
 
 
-def run(settings: Settings) -> int:
-    return Daemon(settings).run()
+def run(settings: Settings, default_state: Path | None = None) -> int:
+    return Daemon(settings, default_state).run()

@@ -1,0 +1,183 @@
+"""Issue 24, daily use: one configuration every command sees, outputs that stay true, retention,
+a service that carries its environment, weights that are everything the engine loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, DaemonProc
+
+from daemon.settings import DEFAULT_SOURCE, resolve
+
+# -- 1. one configuration ----------------------------------------------------------------------
+
+
+def _clean_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAD_")}
+    return {**env, **extra}
+
+
+def _cli(cwd: Path, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *args],
+        cwd=cwd,
+        env=env if env is not None else _clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    "layers, want, source",
+    [
+        ({}, "z-image-turbo", DEFAULT_SOURCE),
+        ({"file": {"model": "flux2-klein-4b"}}, "flux2-klein-4b", "lorad.toml"),
+        ({"file": {"model": "a"}, "daemon": {"model": ("tiny-z-image", "LORAD_MODEL")}}, "tiny-z-image",
+         "daemon: LORAD_MODEL"),
+        ({"daemon": {"model": ("tiny-z-image", "LORAD_MODEL")}, "env": {"LORAD_MODEL": "b"}}, "b", "LORAD_MODEL"),
+        ({"env": {"LORAD_MODEL": "b"}, "flags": {"model": "c"}}, "c", "--model"),
+    ],
+)  # fmt: skip
+def test_precedence_flags_env_daemon_file_defaults(layers, want, source):
+    settings = resolve(
+        file_values=layers.get("file"),
+        env=layers.get("env"),
+        flags=layers.get("flags"),
+        daemon_values=layers.get("daemon"),
+    )
+    assert settings.model == want
+    assert settings.sources["model"] == source
+
+
+def test_mask_value_masks_secrets_and_url_passwords():
+    from daemon.effective import mask_value
+
+    assert mask_value("ui_token", "abc") == "***"
+    assert mask_value("FAL_KEY", "k") == "***"
+    assert mask_value("queue", "redis://:pw@127.0.0.1:6379/0") == "redis://:***@127.0.0.1:6379/0"
+    assert mask_value("queue", "redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
+    assert mask_value("model", "tiny-z-image") == "tiny-z-image"
+    assert "tok" not in mask_value("notify", ("ntfy://tok@ntfy.sh/topic",))
+
+
+def _pty_run(cwd: Path, args: list[str], env: dict, answers: int) -> str:
+    """A lorad command on a pseudo-terminal (so enqueue asks), pressing Enter at each prompt."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", *args], stdin=slave, stdout=slave,
+                            stderr=slave, cwd=cwd, env=env, close_fds=True)  # fmt: skip
+    os.close(slave)
+    out, answered = b"", 0
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    out += os.read(master, 4096)
+                except OSError:
+                    break
+                if out.count(b"]: ") > answered and answered < answers:
+                    os.write(master, b"\n")
+                    answered += 1
+        proc.wait(30)
+    finally:
+        os.close(master)
+    return out.decode(errors="replace")
+
+
+def test_every_command_sees_the_running_daemons_settings(tmp_path, redis_server):
+    """Acceptance: only LORAD_MODEL=tiny-z-image (and the queue) on `lorad run`; plan, enqueue,
+    ui --print, workers, status and config all use the daemon's settings and say so."""
+    from daemon.sample import make_dataset
+
+    d = DaemonProc(tmp_path, engine="mflux", extra_env={"LORAD_QUEUE": redis_server.url,
+                   "LORAD_LOCAL_WORKER": "false", "LORAD_UI": "127.0.0.1:8799", "LORAD_UI_TOKEN": "s3cret"})  # fmt: skip
+    dataset = make_dataset(tmp_path / "outside" / "ohwx_alice", images=3)
+    try:
+        d.start()
+        settings_file = d.state / "daemon-settings.json"
+        assert stat.S_IMODE(settings_file.stat().st_mode) == 0o600
+        assert json.loads(settings_file.read_text())["settings"]["ui_token"] == "s3cret"  # real values
+
+        status = _cli(tmp_path, "status")
+        assert status.returncode == 0, status.stderr
+        assert f"daemon: running (pid {d.proc.pid}), model tiny-z-image from LORAD_MODEL" in status.stdout
+
+        plan = _cli(tmp_path, "plan", str(dataset), "--json")
+        assert plan.returncode == 0, plan.stderr
+        assert json.loads(plan.stdout)["model"] == "tiny-z-image"
+
+        out = _pty_run(tmp_path, ["enqueue", str(dataset)], _clean_env(), answers=2)
+        assert "tiny-z-image" in out, out
+
+        ui = _cli(tmp_path, "ui", "--print")
+        assert ui.stdout.strip() == "http://127.0.0.1:8799/?token=***", ui.stdout
+        assert "not running" not in ui.stderr
+
+        workers = _cli(tmp_path, "workers")
+        assert workers.returncode == 0, workers.stderr
+        assert "queue: redis://127.0.0.1" in workers.stdout
+
+        config = _cli(tmp_path, "config")
+        assert config.returncode == 0, config.stderr
+        lines = {line.split()[0]: line for line in config.stdout.splitlines()[1:]}
+        assert "tiny-z-image" in lines["model"] and "(daemon: LORAD_MODEL)" in lines["model"]
+        assert "***" in lines["ui_token"] and "s3cret" not in config.stdout
+        # A command's own environment still wins over the daemon's settings.
+        own = _cli(tmp_path, "config", env=_clean_env(LORAD_MODEL="z-image-turbo"))
+        assert "z-image-turbo  (LORAD_MODEL)" in own.stdout
+    finally:
+        d.stop()
+    assert not settings_file.exists()  # a stopped daemon leaves no settings behind
+    after = _cli(tmp_path, "config")
+    assert "daemon: not running" in after.stdout and "z-image-turbo  (default)" in after.stdout
+
+
+def test_a_daemon_elsewhere_is_found_through_the_pointer(tmp_path):
+    """A daemon started with another assets folder: a plain command in the project finds it."""
+    project = tmp_path / "project"
+    (project / "assets").mkdir(parents=True)
+    d = DaemonProc(tmp_path / "elsewhere")
+    d.env.update({"LORAD_UI": "false"})
+    d.env.pop("LORAD_REGISTRY")
+    d.proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "run"], cwd=project, env=d.env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        from conftest import wait_for
+
+        wait_for(lambda: d.log_has("daemon.started", pid=d.proc.pid), 60, message="daemon start")
+        pointer = project / "assets" / ".lorad" / "daemon-pointer.json"
+        assert stat.S_IMODE(pointer.stat().st_mode) == 0o600
+        status = _cli(project, "status")
+        assert f"running (pid {d.proc.pid}), model tiny-z-image from LORAD_MODEL" in status.stdout
+        config = _cli(project, "config")
+        assert str(d.assets) in config.stdout and "(daemon: LORAD_ASSETS)" in config.stdout
+    finally:
+        d.stop()
+    assert not (project / "assets" / ".lorad" / "daemon-pointer.json").exists()
+
+
+def test_run_prints_the_dashboard_url(tmp_path):
+    d = DaemonProc(tmp_path, extra_env={"LORAD_UI": "127.0.0.1:0"})
+    try:
+        d.start()
+        text = d.out.name
+    finally:
+        d.stop()
+    assert "dashboard http://127.0.0.1:" in Path(text).read_text(), Path(text).read_text()
+
+
+_ = ROOT
