@@ -474,6 +474,20 @@ class JobStore:
         assert job is not None
         return job
 
+    def move_outputs(self, job_id: str, outputs: dict) -> Job:
+        """A done job's LoRA moved to `<name>.v<N>` (a newer one took its name): record where,
+        in the row, its job.json and its DONE marker (only while that marker still names it:
+        a retrain of the same folder wrote its own)."""
+        job = self.update(job_id, outputs=outputs)
+        self.write_record(job)
+        done = Path(job.dataset_path) / markers.MARKER_FOR_STATE["done"]
+        if markers.names_job(markers._first_line(done), job.id):
+            self.refresh_marker(job)
+        from daemon.logs import get_logger
+
+        get_logger().info("job.outputs_moved", job_id=job_id, lora=outputs.get("lora"))
+        return job
+
     def adopt(self, row: dict) -> Job:
         """Insert a row rebuilt from a work dir's record (jobrecord.row_from_record); seq is new."""
         now = time.time()

@@ -181,3 +181,61 @@ def test_run_prints_the_dashboard_url(tmp_path):
 
 
 _ = ROOT
+
+
+# -- 2. outputs that stay true ----------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_after_a_retrain_the_older_job_names_its_versioned_lora(daemon_factory):
+    """Acceptance: the older job's status, DONE and page name `<name>.v1.safetensors`, and that
+    file holds the older LoRA (sha256 as published)."""
+    import urllib.request
+
+    from conftest import wait_for
+
+    from daemon.sample import make_dataset
+
+    d = daemon_factory(extra_env={"LORAD_UI": "127.0.0.1:0"}).start()
+    first_folder = make_dataset(d.training_data / "ohwx_carol", images=2)
+    (first_folder / "READY").write_text("")
+    wait_for(lambda: d.job_states().get("ohwx_carol") == "done", 120, message="first")
+    loras = d.assets / "loras"
+    first_sha = _sha256(loras / "carol.safetensors")
+    second_folder = make_dataset(
+        d.training_data / "sks_carol", images=3, seed=7
+    )  # another dataset, same name
+    (second_folder / "READY").write_text("")
+    wait_for(lambda: d.job_states().get("sks_carol") == "done", 120, message="second")
+    old = next(j for j in d.jobs() if j["dataset"] == "ohwx_carol")
+    versioned = loras / "carol.v1.safetensors"
+    assert old["outputs"]["lora"] == str(versioned)
+    assert old["outputs"]["render"] == str(loras / "carol.v1.png")
+    assert _sha256(versioned) == first_sha
+    done = (first_folder / "DONE").read_text()
+    assert f"lora: {versioned}" in done and "carol.safetensors" not in done.replace("carol.v1.", "")
+    registry = json.loads(d.registry.read_text())["loras"]
+    assert registry[old["outputs"]["registry_key"]]["path"] == str(versioned)
+    with urllib.request.urlopen(d.ui_url().rstrip("/") + f"/jobs/{old['id']}", timeout=30) as page:
+        html = page.read().decode()
+    assert "carol.v1.safetensors" in html
+    new = next(j for j in d.jobs() if j["dataset"] == "sks_carol")
+    assert new["outputs"]["lora"] == str(loras / "carol.safetensors")
+    assert f"lora: {loras / 'carol.safetensors'}" in (second_folder / "DONE").read_text()
+
+
+def test_moved_outputs_is_pure_and_idempotent(tmp_path):
+    from daemon.publish import moved_outputs
+
+    loras = tmp_path / "loras"
+    outputs = {"lora": str(loras / "a.safetensors"), "render": str(loras / "a.png"), "registry": "/r.json",
+               "report": str(loras / "a.report"), "previous": str(loras / "a.v1.safetensors")}  # fmt: skip
+    moved = moved_outputs(outputs, loras, "a.v2", "a.v2")
+    assert moved == {"lora": str(loras / "a.v2.safetensors"), "render": str(loras / "a.v2.png"),
+                     "registry": "/r.json", "report": str(loras / "a.v2.report"), "registry_key": "a.v2"}  # fmt: skip
+    assert moved_outputs(moved, loras, "a.v2", "a.v2") is None

@@ -573,7 +573,7 @@ class Coordinator:
                 with_lora=folder / "render.png", base=folder / "render.png", compare=folder / "compare.png"
             )
             report = [folder / "report" / name for name in record.get("report") or []]
-            outputs = publish_job(self.settings, job, plan, lora_file, rendered, report)
+            outputs = publish_job(self.settings, job, plan, lora_file, rendered, report, self.store)
         except (PublishError, SettingsError) as exc:
             self._transition(job.id, "failed", error=str(exc))
             return
