@@ -163,6 +163,13 @@ def build_parser(only: str | None = None):
     p.add_argument(
         "--queue", metavar="URL", help="with --worker: the coordinator's redis:// or rediss:// URL"
     )
+    p.add_argument(
+        "--env",
+        action="append",
+        metavar="KEY[=VALUE]",
+        help="a variable the service runs with (repeatable; without a value, this shell's): "
+        "FAL_KEY, HF_HOME, LORAD_*; written 0600, printed masked",
+    )
 
     p = add("worker", "train jobs from a coordinator's Redis queue on this machine (scale-out)")
     p.add_argument(

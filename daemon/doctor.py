@@ -55,7 +55,18 @@ def run_checks(settings: Settings) -> list[Check]:
         Check("assets", OK if settings.training_data.is_dir() else WARN, str(settings.training_data))
     )
     checks.append(Check("state", OK, str(settings.state)))
+    checks.extend(folder_checks(settings, sys.platform))
     return checks
+
+
+def folder_checks(settings: Settings, platform_name: str) -> list[Check]:
+    """macOS: a checkout or assets folder in ~/Documents, ~/Desktop, ~/Downloads or iCloud Drive
+    is refused to a LaunchAgent unless granted: say what to grant or where to move."""
+    if platform_name != "darwin":
+        return []
+    from daemon.service import paths_for, protected_warnings
+
+    return [Check("folders", WARN, warning) for warning in protected_warnings(paths_for(settings))]
 
 
 def exit_code(checks: list[Check]) -> int:

@@ -239,3 +239,108 @@ def test_moved_outputs_is_pure_and_idempotent(tmp_path):
     assert moved == {"lora": str(loras / "a.v2.safetensors"), "render": str(loras / "a.v2.png"),
                      "registry": "/r.json", "report": str(loras / "a.v2.report"), "registry_key": "a.v2"}  # fmt: skip
     assert moved_outputs(moved, loras, "a.v2", "a.v2") is None
+
+
+# -- 3. the service carries its environment -----------------------------------------------------
+
+
+def test_service_print_carries_env_with_secrets_masked(tmp_path):
+    """Acceptance: both variables printed, the key masked."""
+    result = _cli(tmp_path, "--assets", str(tmp_path / "a"), "service", "print", "--platform", "launchd",
+                  "--env", "FAL_KEY=k-very-secret", "--env", "HF_HOME=/x")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    import plistlib
+
+    env = plistlib.loads(result.stdout.encode())["EnvironmentVariables"]
+    assert env["FAL_KEY"] == "***" and env["HF_HOME"] == "/x"
+    assert "k-very-secret" not in result.stdout
+    unit = _cli(tmp_path, "service", "print", "--platform", "systemd", "--env", "HF_TOKEN",
+                "--env", "LORAD_QUEUE=redis://:pw@h:6379/0", env=_clean_env(HF_TOKEN="hf_abc"))  # fmt: skip
+    assert unit.returncode == 0, unit.stderr
+    assert 'Environment="HF_TOKEN=***"' in unit.stdout and "hf_abc" not in unit.stdout
+    assert 'Environment="LORAD_QUEUE=redis://:***@h:6379/0"' in unit.stdout
+
+
+def test_service_install_writes_env_unmasked_0600(tmp_path):
+    import plistlib
+
+    from daemon.service import Launchd, Paths, Runner, Systemd, launchd_plist_path, systemd_unit_path
+    from daemon.settings import Settings
+
+    class Fake(Runner):
+        def __call__(self, *cmd, check=True):
+            self.calls.append(list(cmd))
+            return subprocess.CompletedProcess(list(cmd), 0, "", "")
+
+    paths = Paths(lorad=tmp_path / "bin" / "lorad", assets=tmp_path / "assets", workdir=tmp_path,
+                  logs=tmp_path / "logs", home=tmp_path / "home",
+                  env={"FAL_KEY": "k-very-secret", "HF_HOME": "/x", "P": 'a"b%c'})  # fmt: skip
+    settings = Settings(assets=tmp_path / "assets")
+    Launchd(settings, paths, Fake(), uid=501).install()
+    plist_path = launchd_plist_path(paths)
+    assert stat.S_IMODE(plist_path.stat().st_mode) == 0o600
+    env = plistlib.loads(plist_path.read_bytes())["EnvironmentVariables"]
+    assert env["FAL_KEY"] == "k-very-secret" and env["HF_HOME"] == "/x" and "PATH" in env
+    Systemd(settings, paths, Fake()).install()
+    unit = systemd_unit_path(paths)
+    assert stat.S_IMODE(unit.stat().st_mode) == 0o600
+    text = unit.read_text()
+    assert 'Environment="FAL_KEY=k-very-secret"' in text and 'Environment="P=a\\"b%%c"' in text
+
+
+@pytest.mark.parametrize(
+    "items, environ, want",
+    [
+        (["A=1", "B=x=y"], {}, {"A": "1", "B": "x=y"}),
+        (["HF_HOME"], {"HF_HOME": "/h"}, {"HF_HOME": "/h"}),
+        (["A="], {}, {"A": ""}),
+        (["MISSING"], {}, "not set in this shell"),
+        (["1BAD=x"], {}, "expected NAME=VALUE"),
+        (["A=x\ny"], {}, "line break"),
+    ],
+)
+def test_parse_env(items, environ, want):
+    from daemon.service import parse_env
+
+    if isinstance(want, dict):
+        assert parse_env(items, environ) == want
+    else:
+        with pytest.raises(ValueError, match=want):
+            parse_env(items, environ)
+
+
+@pytest.mark.parametrize(
+    "sub, warned",
+    [("Documents/lorad", "~/Documents"), ("Desktop", "~/Desktop"), ("Downloads/x/y", "~/Downloads"),
+     ("Library/Mobile Documents/com~apple~CloudDocs/lorad", "iCloud Drive"), ("code/lorad", None),
+     ("DocumentsX/lorad", None)],
+)  # fmt: skip
+def test_protected_folder_warning(tmp_path, sub, warned):
+    from daemon.service import protected_folder_warning
+
+    home = tmp_path / "home"
+    text = protected_folder_warning(home / sub, home, "checkout")
+    if warned is None:
+        assert text is None
+    else:
+        assert warned in text and "Full Disk Access" in text and "move it" in text
+
+
+def test_doctor_and_install_warn_about_a_protected_checkout(tmp_path, monkeypatch):
+    from daemon.doctor import folder_checks
+    from daemon.settings import Settings
+
+    home = tmp_path / "home"
+    checkout = home / "Documents" / "lorad"
+    checkout.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(checkout)
+    checks = folder_checks(Settings(assets=checkout / "assets"), "darwin")
+    assert [c.name for c in checks] == ["folders", "folders"]
+    assert "~/Documents" in checks[0].detail and folder_checks(Settings(), "linux") == []
+    result = _cli(checkout, "service", "install", "--platform", "launchd", "--dry-run",
+                  env=_clean_env(HOME=str(home)))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (
+        "warning" in result.stderr and "~/Documents" in result.stderr and "Full Disk Access" in result.stderr
+    )
