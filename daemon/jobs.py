@@ -206,7 +206,11 @@ def marker_text(job: Job) -> str:
     """What the dataset's marker file says for this job (pure)."""
     head = f"job {job.id} ({job.name})"
     if job.state == "queued":
-        return f"{head}\nqueued at {iso(job.ready_at)}\nlorad status shows the queue\n"
+        text = f"{head}\nqueued at {iso(job.ready_at)}\nlorad status shows the queue\n"
+        missing = job.settings.get("weights_missing")
+        if missing:  # flagged at intake: the job waits; it fails at start unless they are fetched
+            text += f"\nWaiting, but this machine cannot train it yet: {missing}\n"
+        return text
     if job.state == "interrupted":
         where = f" at step {job.step}/{job.total_steps}" if job.step else ""
         return f"{head}\ninterrupted{where}; resumes from its last checkpoint when lorad runs\n"

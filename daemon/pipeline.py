@@ -75,6 +75,7 @@ def make_engine(settings: Settings, name: str | None = None) -> Engine:
         settings.keep_awake,
         settings.engines.get(name, {}),
         cloud_daily_jobs=settings.cloud_daily_jobs,
+        download_models=settings.download_models,
     )
     try:
         return get_engine(name, context)

@@ -344,3 +344,110 @@ def test_doctor_and_install_warn_about_a_protected_checkout(tmp_path, monkeypatc
     assert (
         "warning" in result.stderr and "~/Documents" in result.stderr and "Full Disk Access" in result.stderr
     )
+
+
+# -- 4. weights = everything the engine loads ---------------------------------------------------
+
+TURBO_PIN = "f332072aa78be7aecdf3ee76d5c247082da564a6"
+ADAPTER_REPO, ADAPTER_FILE = (
+    "ostris/zimage_turbo_training_adapter",
+    "zimage_turbo_training_adapter_v2.safetensors",
+)
+
+
+def _fake_model(hub: Path) -> None:
+    snapshot = hub / "models--Tongyi-MAI--Z-Image-Turbo" / "snapshots" / TURBO_PIN
+    for folder in ("transformer", "text_encoder", "vae"):
+        (snapshot / folder).mkdir(parents=True)
+        (snapshot / folder / "model.safetensors").write_bytes(b"x")
+
+
+def _fake_adapter(hub: Path) -> Path:
+    path = hub / f"models--{ADAPTER_REPO.replace('/', '--')}" / "snapshots" / ("1" * 40) / ADAPTER_FILE
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"adapter")
+    return path
+
+
+@pytest.fixture
+def hf_env(tmp_path, monkeypatch):
+    """A fake Hugging Face cache holding the Z-Image-Turbo repo but not the training adapter."""
+    env = {"HF_HOME": str(tmp_path / "hf"), "MFLUX_CACHE_DIR": str(tmp_path / "mflux")}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    _fake_model(tmp_path / "hf" / "hub")
+    return env
+
+
+def test_training_extras_match_mflux():
+    """The adapter lorad checks is the one mflux's training runner loads (guards an upgrade)."""
+    import importlib.util
+
+    from engines.mflux.weights import TRAINING_EXTRAS
+
+    spec = importlib.util.find_spec("mflux")
+    source = Path(spec.submodule_search_locations[0], "models", "common", "training", "runner.py").read_text()
+    repo, filename = TRAINING_EXTRAS["z-image-turbo"][0]
+    assert f'ZIMAGE_TURBO_TRAINING_ADAPTER = "{repo}:{filename}"' in source
+
+
+def test_weights_check_names_the_missing_adapter_and_its_fetch_command(hf_env, tmp_path):
+    from engines.mflux.weights import find_extra, weights_check
+
+    check = weights_check("z-image-turbo", hf_env)
+    assert check.status.value == "warn"
+    assert (
+        ADAPTER_REPO in check.detail and f"uv run hf download {ADAPTER_REPO} {ADAPTER_FILE}" in check.detail
+    )
+    assert "Tongyi-MAI/Z-Image-Turbo --revision" not in check.detail  # the model itself is there
+    path = _fake_adapter(tmp_path / "hf" / "hub")
+    assert find_extra(ADAPTER_REPO, ADAPTER_FILE, hf_env) == path
+    assert weights_check("z-image-turbo", hf_env).status.value == "ok"
+    assert weights_check("z-image", hf_env).status.value == "warn"  # no adapter needed, but no repo
+
+
+def test_doctor_names_the_missing_adapter(hf_env, tmp_path):
+    result = _cli(tmp_path, "--assets", str(tmp_path / "assets"), "doctor", env=_clean_env(**hf_env))
+    line = next(line for line in result.stdout.splitlines() if "] model" in line)
+    assert line.startswith("[warn]") and ADAPTER_REPO in line, line
+    assert f"uv run hf download {ADAPTER_REPO} {ADAPTER_FILE}" in line
+
+
+def test_intake_flags_missing_weights_in_queued_and_status(hf_env, tmp_path):
+    from daemon.intake.take import Intake
+    from daemon.jobs import JobStore
+    from daemon.sample import make_dataset
+    from daemon.settings import Settings
+    from daemon.status import render_status
+
+    settings = Settings(assets=tmp_path / "assets", engine="mflux", model="z-image-turbo")
+    settings.training_data.mkdir(parents=True)
+    store = JobStore(settings.jobs_db, jobs_dir=settings.jobs_dir)
+    queued: list = []
+    folder = make_dataset(settings.training_data / "ohwx_alice", images=2)
+    (folder / "READY").write_text("")
+    outcome = Intake(settings, store, lambda *args: queued.append(args)).take(folder)
+    assert outcome.status == "queued" and queued  # it still waits
+    marker = (folder / "QUEUED").read_text()
+    assert ADAPTER_REPO in marker and f"hf download {ADAPTER_REPO} {ADAPTER_FILE}" in marker
+    job = store.get(outcome.job_id)
+    assert ADAPTER_REPO in job.to_dict()["settings"]["weights_missing"]
+    text = render_status([job], show_all=True, as_json=False, daemon_pid=None, now=time.time())
+    assert ADAPTER_REPO in text and ADAPTER_FILE in text
+
+
+def test_a_job_never_reaches_the_network(hf_env, tmp_path):
+    """The training child runs with the Hub offline unless download_models = true, and a job
+    whose adapter is missing fails before any child starts, naming it and its fetch command."""
+    from engines.base import EngineContext, TrainingPlan
+    from engines.mflux.engine import MFluxEngine
+
+    engine = MFluxEngine(EngineContext(state_dir=tmp_path / "state"))
+    assert engine._env()["HF_HUB_OFFLINE"] == "1"
+    assert "HF_HUB_OFFLINE" not in MFluxEngine(EngineContext(state_dir=tmp_path, download_models=True))._env()
+    plan = TrainingPlan(
+        engine="mflux", model="z-image-turbo", backend="cpu", tier="t", reason="", total_steps=4
+    )
+    problem = engine.prepare(plan)
+    assert problem and ADAPTER_REPO in problem and f"hf download {ADAPTER_REPO} {ADAPTER_FILE}" in problem
+    assert MFluxEngine(EngineContext(state_dir=tmp_path, download_models=True)).prepare(plan) is None
