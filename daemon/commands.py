@@ -284,6 +284,11 @@ def retry_job(settings: Settings, store, job) -> tuple[int, str]:
         raise UsageError(
             f"job {job.id} is {job.state}; only failed, cancelled or interrupted jobs can be retried"
         )
+    if job.settings.get("workdir_pruned"):
+        raise UsageError(
+            f"job {job.id}'s work dir was pruned (keep_workdirs_days); create READY in "
+            f"{job.dataset_path} again to train it (or: lorad enqueue '{job.dataset_path}')"
+        )
     if job.settings.get("intake") == "refused":
         raise UsageError(
             f"{job.dataset} was refused at intake ({job.dataset_path}/FAILED.txt says why); "
@@ -520,4 +525,34 @@ def cmd_ui(settings: Settings, args) -> int:
 
         if not webbrowser.open(opened):
             print("no browser found here: open the URL above", file=sys.stderr)
+    return 0
+
+
+def cmd_prune(settings: Settings, args) -> int:
+    """`lorad prune [--dry-run]`: apply keep_jobs and keep_workdirs_days now (daemon/retention.py)."""
+    from daemon import retention
+    from daemon.space import human
+
+    store = _store(settings)
+    if store is None:
+        print("nothing to prune (no jobs database)")
+        return 0
+    if not args.dry_run:
+        _log_to_file(settings)
+    actions = retention.plan_actions(settings, store)
+    if not args.dry_run:
+        from daemon.logs import get_logger
+
+        retention.apply(settings, store, actions, get_logger())
+    verb = "would remove" if args.dry_run else "removed"
+    for action in actions:
+        what = "job hidden, work dir" if action.kind == "drop" else "work dir pruned to its renders"
+        print(
+            f"{action.job_id}  {what}: {verb} {len(action.paths)} item(s), {human(action.bytes)} ({action.reason})"
+        )
+        for path in action.paths:
+            print(f"    {path}")
+    total = sum(a.bytes for a in actions)
+    print(f"{'would free' if args.dry_run else 'freed'} {human(total)} in {len(actions)} job(s); "
+          f"keep_jobs = {settings.keep_jobs}, keep_workdirs_days = {settings.keep_workdirs_days:g}")  # fmt: skip
     return 0

@@ -295,14 +295,35 @@ class Daemon:
     def _serve_then_stop_intake(self, loop: IntakeLoop, watcher: Watcher, ui) -> float:
         """Rescan periodically until a stop signal, then close the doors (dashboard, watcher,
         intake); returns when the stop began (monotonic), for the daemon.stopped line."""
+        self._prune()
         while not self.shutdown.wait(self.settings.rescan_interval_s):
             loop.rescan(self.settings.training_data)
+            self._prune()
         started = time.monotonic()
         if ui is not None:
             ui.stop()
         watcher.stop()
         loop.stop()
         return started
+
+    _pruned_at = 0.0
+
+    def _prune(self) -> None:
+        """Retention (daemon/retention.py), at start and then at most once an hour; a failure is
+        logged and the daemon goes on."""
+        from daemon import retention
+
+        if time.monotonic() - self._pruned_at < retention.INTERVAL_S and self._pruned_at:
+            return
+        self._pruned_at = time.monotonic()
+        try:
+            store = JobStore(self.settings.jobs_db, check=False, jobs_dir=self.settings.jobs_dir)
+            try:
+                retention.prune(self.settings, store, log=self.log)
+            finally:
+                store.close()
+        except Exception as exc:
+            self.log.warning("retention.failed", error=f"{type(exc).__name__}: {exc}")
 
     def _take_over_state(self, store: JobStore, jobs_moved: Path | None, jobs_problem: str | None):
         """What both modes do with the state they found: re-adopt work dirs the table lost, clean

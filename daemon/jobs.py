@@ -147,6 +147,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 _JSON_COLUMNS = ("settings", "outputs", "plan", "remote")
+# Rows retention pruned stay (their fingerprints keep an unchanged re-drop "unchanged"), hidden.
+_NOT_PRUNED = "COALESCE(json_extract(settings, '$.pruned'), 0) = 0"
 
 
 class Job:
@@ -304,20 +306,31 @@ class JobStore:
         return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
 
     def find(self, prefix: str) -> Job | None:
-        """A job by id or unique id prefix."""
-        rows = self._all("SELECT * FROM jobs WHERE id LIKE ? ORDER BY seq", (prefix + "%",))
+        """A job by id or unique id prefix (not a pruned one: daemon/retention.py)."""
+        rows = self._all(
+            f"SELECT * FROM jobs WHERE id LIKE ? AND {_NOT_PRUNED} ORDER BY seq", (prefix + "%",)
+        )
         exact = [r for r in rows if r["id"] == prefix]
         if exact:
             return _row_to_job(exact[0])
         return _row_to_job(rows[0]) if len(rows) == 1 else None
 
-    def list(self, states: tuple[str, ...] | None = None) -> list[Job]:
+    def list(self, states: tuple[str, ...] | None = None, *, include_pruned: bool = False) -> list[Job]:
+        """Jobs in seq order; pruned ones (retention: hidden rows that keep their fingerprints)
+        only with include_pruned."""
+        where = "1" if include_pruned else _NOT_PRUNED
         if states:
             marks = ",".join("?" * len(states))
-            rows = self._all(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq", states)
+            rows = self._all(f"SELECT * FROM jobs WHERE state IN ({marks}) AND {where} ORDER BY seq", states)
         else:
-            rows = self._all("SELECT * FROM jobs ORDER BY seq")
+            rows = self._all(f"SELECT * FROM jobs WHERE {where} ORDER BY seq")
         return [_row_to_job(r) for r in rows]
+
+    def mark_pruned(self, job_id: str, seen_state: str, settings: dict) -> bool:
+        """Record a prune on the row (settings flags) only while the job is still in the finished
+        state it was seen in (a retry since then wins); True when recorded."""
+        with self._tx() as conn:
+            return self._update_if(conn, job_id, seen_state, settings=settings)
 
     def runnable_in_order(self) -> builtins.list[Job]:
         """Queue order: priority first, then FIFO by READY time."""

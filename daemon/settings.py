@@ -85,6 +85,12 @@ FIELDS: dict[str, tuple[str, object]] = {
     "notify_on": ("list", ("done", "failed", "interrupted")),
     # Longest wait for one delivery attempt to one target.
     "notify_timeout_s": ("float", 10.0),
+    # Retention (daemon/retention.py): the newest this many finished jobs are listed; older ones
+    # are pruned (hidden rows that keep their fingerprints, work dirs removed).
+    "keep_jobs": ("int", 50),
+    # A finished job's work dir is pruned to what the dashboard shows after this many days (a
+    # failed or cancelled job keeps what `lorad retry` needs until then).
+    "keep_workdirs_days": ("float", 7.0),
     # Messages about deprecated keys that were used (logged when the daemon starts).
     "deprecations": ("tuple", ()),
     # Where each setting came from: "default", a lorad.toml path, "LORAD_MODEL", "--model", or
@@ -135,6 +141,8 @@ class Settings:
     notify: tuple[str, ...]
     notify_on: tuple[str, ...]
     notify_timeout_s: float
+    keep_jobs: int
+    keep_workdirs_days: float
     deprecations: tuple[str, ...]
     sources: dict[str, str]
 
@@ -263,7 +271,9 @@ def _coerce(key: str, value: object, source: str, base: Path) -> object:
             raise SettingsError(
                 f"{where}: expected {'an integer' if want_int else 'a number'}, got {value!r}"
             ) from None
-        if number < 0 or (number == 0 and key not in ("settle_s", "log_backups")):
+        if number < 0 or (
+            number == 0 and key not in ("settle_s", "log_backups", "keep_jobs", "keep_workdirs_days")
+        ):
             raise SettingsError(f"{where}: must be greater than 0, got {value!r}")
         return number
     if not isinstance(value, str) or not value.strip():

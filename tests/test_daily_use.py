@@ -451,3 +451,157 @@ def test_a_job_never_reaches_the_network(hf_env, tmp_path):
     problem = engine.prepare(plan)
     assert problem and ADAPTER_REPO in problem and f"hf download {ADAPTER_REPO} {ADAPTER_FILE}" in problem
     assert MFluxEngine(EngineContext(state_dir=tmp_path, download_models=True)).prepare(plan) is None
+
+
+# -- 5. retention -------------------------------------------------------------------------------
+
+DAY = 86400.0
+
+
+def _job_row(job_id: str, state: str, finished_at: float | None, **settings) -> dict:
+    return dict(id=job_id, dataset=f"ohwx_{job_id}", dataset_path=f"/nowhere/ohwx_{job_id}", name=job_id,
+                trigger_word="ohwx", fingerprint=f"fp-{job_id}", settings=json.dumps(settings), state=state,
+                ready_at=(finished_at or time.time()) - 60, created_at=(finished_at or time.time()) - 60,
+                finished_at=finished_at, outputs="{}")  # fmt: skip
+
+
+def _workdir(jobs_dir: Path, job_id: str, *, cloud: bool = False) -> Path:
+    workdir = jobs_dir / job_id
+    for rel, data in (("data/0001.png", b"p" * 1000), ("train/checkpoints/0000004_checkpoint.zip", b"c" * 5000),
+                      ("render/lora.png", b"r"), ("render/compare.png", b"r"), ("progress.jsonl", b"{}\n"),
+                      ("job.json", b"{}"), ("manifest.json", b"{}"), ("plan.json", b"{}"),
+                      ("adapter.safetensors", b"a" * 3000), ("train.log", b"log")):  # fmt: skip
+        (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / rel).write_bytes(data)
+    if cloud:
+        (workdir / "fal").mkdir()
+        (workdir / "fal" / "request.json").write_text('{"request_id": "r1", "endpoint": "e"}')
+        (workdir / "fal" / "dataset.zip").write_bytes(b"z" * 2000)
+    return workdir
+
+
+@pytest.fixture
+def full_state(tmp_path):
+    """A state dir with 55 done jobs (one every 6 hours), a queued, a training and an interrupted
+    job, a recent cancelled one, an old failed one with a pending cloud request, and LoRAs."""
+    from daemon.jobs import JobStore
+    from daemon.settings import Settings
+
+    settings = Settings(assets=tmp_path / "assets")
+    settings.loras.mkdir(parents=True)
+    for i in range(3):
+        (settings.loras / f"l{i}.safetensors").write_bytes(b"lora" * 100)
+    store = JobStore(settings.jobs_db, jobs_dir=settings.jobs_dir, write_markers=False)
+    now = time.time()
+    for i in range(55):
+        store.adopt(_job_row(f"done{i:02d}", "done", now - i * DAY / 4))
+        _workdir(settings.jobs_dir, f"done{i:02d}")
+    for state in ("queued", "training", "interrupted"):
+        store.adopt(_job_row(state, state, None))
+        _workdir(settings.jobs_dir, state)
+    store.adopt(_job_row("cancelled", "cancelled", now - 2 * DAY))
+    _workdir(settings.jobs_dir, "cancelled")
+    store.adopt(_job_row("cloudfail", "failed", now - 30 * DAY))
+    _workdir(settings.jobs_dir, "cloudfail", cloud=True)
+    store.close()
+    return settings
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_prune_dry_run_lists_and_changes_nothing(full_state, tmp_path):
+    from conftest import tree_hash
+
+    before = tree_hash(full_state.state, skip=("jobs.db-wal", "jobs.db-shm"))
+    result = _cli(tmp_path, "--assets", str(full_state.assets), "prune", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "done50" in out and "done54" in out and "cloudfail" in out and "would free" in out
+    assert str(full_state.jobs_dir / "done30" / "data") in out  # 7.5 days old: trimmed
+    for kept in ("queued", "training", "interrupted", "cancelled", "done00", "done27"):
+        assert f"{kept}  " not in out, out
+    assert tree_hash(full_state.state, skip=("jobs.db-wal", "jobs.db-shm")) == before
+
+
+def test_prune_keeps_running_queued_interrupted_and_loras(full_state, tmp_path):
+    from daemon.jobs import JobStore
+
+    loras_before = _tree(full_state.loras)
+    untouched = {
+        n: _tree(full_state.jobs_dir / n)
+        for n in ("queued", "training", "interrupted", "cancelled", "done00")
+    }
+    result = _cli(tmp_path, "--assets", str(full_state.assets), "prune")
+    assert result.returncode == 0, result.stderr
+    assert _tree(full_state.loras) == loras_before
+    for name, tree in untouched.items():
+        assert _tree(full_state.jobs_dir / name) == tree, name
+    for i in range(49, 55):  # beyond keep_jobs: work dir gone, row hidden but its fingerprint kept
+        assert not (full_state.jobs_dir / f"done{i}").exists()
+    trimmed = sorted(p.name for p in (full_state.jobs_dir / "done30").iterdir())
+    assert trimmed == ["job.json", "manifest.json", "plan.json", "progress.jsonl", "render"]
+    cloud = _tree(full_state.jobs_dir / "cloudfail")
+    assert set(cloud) == {"job.json", "fal/request.json"}  # the pending request's record stays
+    store = JobStore(full_state.jobs_db, check=False)
+    listed = {j.id for j in store.list()}
+    # the newest 50 finished: done00..done48 and the cancelled one (2 days old)
+    assert "done49" not in listed and "cloudfail" not in listed and "done48" in listed
+    assert len([j for j in store.list() if j.state in ("done", "failed", "cancelled")]) == 50
+    assert store.done_with_fingerprint("fp-done52").id == "done52"  # an unchanged re-drop stays unchanged
+    again = _cli(tmp_path, "--assets", str(full_state.assets), "prune", "--dry-run")
+    assert "in 0 job(s)" in again.stdout, again.stdout  # idempotent
+
+
+@pytest.mark.parametrize(
+    "ages, keep_jobs, keep_days, want",
+    [
+        ([1, 2, 3], 2, 7, [("j2", "drop")]),
+        ([1, 8], 50, 7, [("j1", "trim")]),
+        ([1, 8], 1, 7, [("j1", "drop")]),
+        ([8], 0, 7, [("j0", "drop")]),
+    ],
+)
+def test_decide_table(ages, keep_jobs, keep_days, want):
+    from daemon.jobs import Job
+    from daemon.retention import decide
+
+    now = 1_800_000_000.0
+    jobs = [Job(id=f"j{i}", state="done", finished_at=now - age * DAY, updated_at=now, settings="{}")
+            for i, age in enumerate(ages)]  # fmt: skip
+    jobs.append(Job(id="q", state="queued", finished_at=None, updated_at=now - 99 * DAY, settings="{}"))
+    assert [(j, k) for j, k, _ in decide(jobs, now=now, keep_jobs=keep_jobs, keep_days=keep_days)] == want
+
+
+def test_retry_refuses_a_pruned_work_dir(full_state, tmp_path):
+    result = _cli(tmp_path, "--assets", str(full_state.assets), "--log-level", "INFO", "prune")
+    assert result.returncode == 0
+    env = _clean_env(LORAD_KEEP_WORKDIRS_DAYS="1")
+    result = _cli(tmp_path, "--assets", str(full_state.assets), "prune", env=env)
+    assert "cancelled" in result.stdout
+    retry = _cli(tmp_path, "--assets", str(full_state.assets), "retry", "cancelled")
+    assert retry.returncode == 2 and "pruned" in retry.stderr and "READY" in retry.stderr
+
+
+def test_an_unchanged_redrop_of_a_pruned_job_stays_unchanged(tmp_path):
+    from daemon import retention
+    from daemon.intake.take import Intake
+    from daemon.jobs import JobStore
+    from daemon.sample import make_dataset
+    from daemon.settings import Settings
+
+    settings = Settings(assets=tmp_path / "assets", engine="scripted", model="tiny-z-image", keep_jobs=0)
+    settings.training_data.mkdir(parents=True)
+    store = JobStore(settings.jobs_db, jobs_dir=settings.jobs_dir)
+    intake = Intake(settings, store, lambda *args: None)
+    folder = make_dataset(settings.training_data / "ohwx_alice", images=2)
+    (folder / "READY").write_text("")
+    job_id = intake.take(folder).job_id
+    store.update(job_id, state="done", finished_at=time.time() - 1)
+    actions, _ = retention.prune(settings, store)
+    assert [a.kind for a in actions] == ["drop"] and not (settings.jobs_dir / job_id).exists()
+    assert store.list() == []
+    (folder / "READY").write_text("")
+    outcome = intake.take(folder)
+    assert outcome.status == "unchanged" and outcome.job_id == job_id
