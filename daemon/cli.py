@@ -140,8 +140,12 @@ def build_parser(only: str | None = None):
     p = add("retry", "queue a failed, cancelled or interrupted job again")
     p.add_argument("job")
 
-    p = add("plan", "print the memory/training plan for this machine (or --ram-gb)")
-    p.add_argument("path", type=Path, nargs="?")
+    p = add(
+        "plan",
+        "print the memory/training plan and how long it will take, for a dataset folder on this machine (or --ram-gb)",
+    )
+    p.add_argument("path", type=Path, nargs="?", help="the dataset folder (or give --images N)")
+    p.add_argument("--images", type=int, metavar="N", help="plan for N images without a folder")
     p.add_argument("--ram-gb", type=float)
     p.add_argument("--json", action="store_true")
 

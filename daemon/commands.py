@@ -304,13 +304,15 @@ def retry_job(settings: Settings, store, job) -> tuple[int, str]:
     return 0, f"queued {job.id} again (attempt {job.attempt})" + ("" if pid else "; it runs when lorad runs")
 
 
-def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None, read_ready: bool = True):
+def _dataset_plan(
+    settings: Settings, path: Path | None, *, ram_gb: float | None, read_ready: bool = True, images: int = 20
+):
     """(model, image count, max side, options, plan or PlanError) for a dataset folder, as the
     daemon would plan it on this machine (the engine's own plan: pure, no mlx/mflux import)."""
     from daemon.pipeline import machine_now, make_engine
     from engines.base import JobInput, PlanError, TrainingPlan
 
-    image_count, max_side, options = 20, 1024, {}
+    image_count, max_side, options = images, 1024, {}
     model = settings.model
     if path is not None:
         from daemon.intake.validate import validate_dataset
@@ -334,16 +336,34 @@ def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None
 
 
 def cmd_plan(settings: Settings, args) -> int:
+    images = getattr(args, "images", None)
+    if args.path is None and images is None:
+        raise UsageError(
+            "which dataset? give its folder (lorad plan assets/training_data/<trigger>_<name>) "
+            "or plan for a number of images without one: lorad plan --images N"
+        )
+    if images is not None and images < 1:
+        raise UsageError(f"--images must be 1 or more, got {images}")
+    if args.path is not None and not args.path.is_dir():
+        raise UsageError(f"{args.path} is not a dataset folder")
     ram = args.ram_gb if args.ram_gb is not None else settings.ram_gb
-    model, image_count, max_side, _options, plan = _dataset_plan(settings, args.path, ram_gb=ram)
+    model, image_count, max_side, _options, plan = _dataset_plan(
+        settings, args.path, ram_gb=ram, images=images or 20
+    )
     if isinstance(plan, Exception):
         print(f"lorad plan: {plan}", file=sys.stderr)
         return 1
+    from daemon.estimate import estimate
+    from daemon.status import duration
+
+    store = _store(settings)
+    seconds, source, words = estimate(plan, store.list(("done",)) if store else [], settings.jobs_dir)
     if args.json:
         import json
 
         data = plan.to_dict()
         data.pop("config")
+        data.update(duration_s=round(seconds), duration_source=source, duration_basis=words)
         print(json.dumps(data, indent=2))
         return 0
     print(f"model        {model} ({image_count} images, max side {max_side} px)")
@@ -351,6 +371,7 @@ def cmd_plan(settings: Settings, args) -> int:
     for line in plan.summary:  # the engine's own lines: backend, device, memory, its knobs
         print(line)
     print(f"steps        {plan.total_steps}")
+    print(f"duration     about {duration(seconds)} ({source}: {words})")
     print(f"reason       {plan.reason}")
     for warning in plan.warnings:
         print(f"warning      {warning}")

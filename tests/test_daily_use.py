@@ -605,3 +605,55 @@ def test_an_unchanged_redrop_of_a_pruned_job_stays_unchanged(tmp_path):
     (folder / "READY").write_text("")
     outcome = intake.take(folder)
     assert outcome.status == "unchanged" and outcome.job_id == job_id
+
+
+# -- 6. plans that answer -----------------------------------------------------------------------
+
+
+def test_plan_refuses_without_a_folder_unless_images(tmp_path):
+    result = _cli(tmp_path, "--assets", str(tmp_path / "assets"), "plan")
+    assert result.returncode == 2 and "--images N" in result.stderr
+    result = _cli(
+        tmp_path, "--assets", str(tmp_path / "assets"), "--model", "tiny-z-image", "plan", "--images", "7"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "7 images" in result.stdout
+    duration = next(line for line in result.stdout.splitlines() if line.startswith("duration"))
+    assert "derived" in duration and "s/step" in duration
+
+
+def test_plan_duration_recorded_from_finished_jobs_here(tmp_path):
+    from daemon.estimate import estimate, series_rate
+    from daemon.jobs import Job
+    from engines.base import TrainingPlan
+
+    assert series_rate([{"step": 1, "t": 10.0}, {"step": 5, "t": 30.0}]) == 5.0
+    assert series_rate([{"step": 3, "t": 10.0}]) is None
+    plan = TrainingPlan(
+        engine="mflux", model="tiny-z-image", backend="cpu", tier="tiny", reason="", total_steps=10
+    )
+    same = {"model": "tiny-z-image", "tier": "tiny", "backend": "cpu"}
+    jobs = []
+    for i, (plan_fields, rate) in enumerate([(same, 2.0), ({**same, "backend": "cuda"}, 0.1), (same, 4.0)]):
+        jobs.append(Job(id=f"j{i}", state="done", finished_at=float(i), plan=json.dumps(plan_fields)))
+        series = tmp_path / f"j{i}" / "progress.jsonl"
+        series.parent.mkdir()
+        series.write_text(
+            "".join(json.dumps({"step": s, "loss": 0.1, "t": 100 + s * rate}) + "\n" for s in (1, 2, 3))
+        )
+    seconds, source, words = estimate(plan, jobs, tmp_path)
+    assert source == "recorded" and seconds == 30.0 and "2 finished job(s)" in words  # median of 2 and 4
+    seconds, source, _ = estimate(plan, [], tmp_path)
+    assert source == "derived" and seconds > 0
+
+
+@pytest.mark.parametrize(
+    "available, total, need, close",
+    [(23, 24, 11, False), (12, 16, 11, True), (10, 16, 11, True), (15, 16, 11, False)],
+)
+def test_memory_warning_worded_by_headroom(available, total, need, close):
+    from engines.mflux.memory_plan import headroom_words
+
+    words = headroom_words(available, total, need)
+    assert ("close other apps" in words) is close, words
+    assert f"{available} of {total} GB free" in words

@@ -429,7 +429,7 @@ def test_doctor_and_plan_show_backend_device_and_plan_memory(tmp_path):
     doctor = _run_cli(tmp_path, "doctor")
     line = next(ln for ln in doctor.stdout.splitlines() if " backend " in ln)
     assert "cpu:" in line and "plans from" in line and "GB system RAM" in line
-    plan = _run_cli(tmp_path, "plan")
+    plan = _run_cli(tmp_path, "plan", "--images", "20")
     assert plan.returncode == 0, plan.stderr
     assert "backend      cpu (" in plan.stdout and "GB system RAM" in plan.stdout
 

@@ -221,7 +221,9 @@ def _cli(*args, cwd, env=None, input_text=None):
 
 
 def test_plan_labels_and_units(tmp_path):
-    result = _cli("--assets", str(tmp_path / "assets"), "plan", "--ram-gb", "24", cwd=tmp_path)
+    result = _cli(
+        "--assets", str(tmp_path / "assets"), "plan", "--images", "20", "--ram-gb", "24", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "checkpoint." not in out
