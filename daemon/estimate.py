@@ -81,7 +81,8 @@ def estimate(plan, jobs: list, jobs_dir: Path) -> tuple[float, str, str]:
                 f"{rate:.1f} s/step recorded from {count} finished job(s) of {plan.model}, {plan.tier}, "
                 f"{plan.backend} on this machine")  # fmt: skip
     config = plan.config if isinstance(plan.config, dict) else {}
-    loop = config.get("training_loop") if isinstance(config.get("training_loop"), dict) else {}
+    raw_loop = config.get("training_loop")
+    loop: dict = raw_loop if isinstance(raw_loop, dict) else {}
     batch = config.get("batch_size") or loop.get("batch_size")
     rate = derived_rate(plan.model, plan.backend, config.get("max_resolution"), batch)
     return (rate * plan.total_steps, "derived",
