@@ -657,3 +657,60 @@ def test_memory_warning_worded_by_headroom(available, total, need, close):
     words = headroom_words(available, total, need)
     assert ("close other apps" in words) is close, words
     assert f"{available} of {total} GB free" in words
+
+
+# -- 7. papercuts -------------------------------------------------------------------------------
+
+
+def test_logs_job_honours_n(tmp_path):
+    import io
+
+    from daemon.logview import show
+
+    log = tmp_path / "lorad.jsonl"
+    lines = [json.dumps({"event": f"e{i}", "job_id": "jobX" if i % 3 == 0 else "other", "level": "info"})
+             for i in range(300)]  # fmt: skip
+    log.write_text("\n".join(lines) + "\n")
+    out = io.StringIO()
+    show(log, lines=2, follow=False, job="jobX", raw=True, out=out)
+    shown = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
+    assert shown == ["e294", "e297"]
+    out = io.StringIO()
+    show(log, lines=3, follow=False, job=None, raw=True, out=out)
+    assert len(out.getvalue().splitlines()) == 3
+
+
+def test_marker_refresh_default_is_5_s():
+    from daemon.settings import Settings
+
+    assert Settings().marker_refresh_s == 5.0
+
+
+@pytest.mark.parametrize(
+    "kind_line, images, warned",
+    [("", 3, "character"), ("", 12, None), ('kind = "style"\n', 12, "style"), ('kind = "style"\n', 25, None),
+     ('kind = "character"\n', 12, None)],
+)  # fmt: skip
+def test_image_count_advice_depends_on_kind(tmp_path, kind_line, images, warned):
+    from daemon.intake.validate import validate_dataset
+    from daemon.sample import make_dataset
+
+    folder = make_dataset(tmp_path / "ohwx_alice", images=images)
+    (folder / "lora.toml").write_text(kind_line)
+    report = validate_dataset(folder, read_ready=False)
+    few = [f.message for f in report.warnings if f.code == "folder.few"]
+    assert report.valid
+    if warned is None:
+        assert few == []
+    else:
+        assert len(few) == 1 and warned in few[0]
+
+
+def test_unknown_kind_is_refused_naming_the_key(tmp_path):
+    from daemon.intake.validate import validate_dataset
+    from daemon.sample import make_dataset
+
+    folder = make_dataset(tmp_path / "ohwx_alice", images=2)
+    (folder / "lora.toml").write_text('kind = "landscape"\n')
+    report = validate_dataset(folder, read_ready=False)
+    assert not report.valid and any("'kind'" in f.message for f in report.errors)

@@ -11,6 +11,9 @@ from typing import Any
 from daemon.intake.findings import Finding
 
 CAPTION_POLICIES = ("prepend", "require")
+# What the LoRA teaches: a subject ("character", the default) or a look ("style"); only the
+# image-count advice depends on it (daemon/intake/validate.py), not the training.
+KINDS = ("character", "style")
 
 # key -> (type, lower bound, upper bound, help)
 OPTION_SPECS: dict[str, tuple[type, Any, Any]] = {
@@ -28,6 +31,7 @@ OPTION_SPECS: dict[str, tuple[type, Any, Any]] = {
     "caption_policy": (str, None, None),
     "engine": (str, 1, 50),  # one of engines.base.known_engines(): "mflux", "fal", ...
     "max_cost_usd": (float, 0.0, 100_000.0),  # a cloud engine refuses the job above this estimate
+    "kind": (str, None, None),  # one of KINDS
 }
 READY_ONLY = {"force": (bool, None, None)}
 
@@ -56,6 +60,13 @@ def _check_value(
             filename,
             f"key 'caption_policy' must be one of {', '.join(CAPTION_POLICIES)}, got {value!r}",
             'write caption_policy = "prepend" (default) or "require"',
+            code="option.value",
+        )
+    if key == "kind" and value not in KINDS:
+        return None, Finding.error(
+            filename,
+            f"key 'kind' must be one of {', '.join(KINDS)}, got {value!r}",
+            'write kind = "character" (default: a person, pet or object) or kind = "style" (a look)',
             code="option.value",
         )
     if key == "engine":
@@ -119,6 +130,7 @@ def _example(key: str) -> str:
         "force": "true",
         "engine": '"fal"',
         "max_cost_usd": "5.0",
+        "kind": '"style"',
     }.get(key, "...")
 
 
