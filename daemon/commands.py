@@ -145,7 +145,7 @@ def _ask_int(prompt: str, default: int) -> int:
 def _enqueue_defaults(settings: Settings, folder: Path) -> tuple[int, int, str] | str:
     """(rank, steps, one-line summary) that a plain READY would train with (lora.toml's options,
     else the engine's plan for this dataset on this machine), or why there is no plan here."""
-    model, images, max_side, options, plan = _dataset_plan(
+    model, images, max_side, options, plan, _bytes = _dataset_plan(
         settings, folder, ram_gb=settings.ram_gb, read_ready=False
     )
     if isinstance(plan, Exception):
@@ -307,21 +307,25 @@ def retry_job(settings: Settings, store, job) -> tuple[int, str]:
 def _dataset_plan(
     settings: Settings, path: Path | None, *, ram_gb: float | None, read_ready: bool = True, images: int = 20
 ):
-    """(model, image count, max side, options, plan or PlanError) for a dataset folder, as the
-    daemon would plan it on this machine (the engine's own plan: pure, no mlx/mflux import)."""
+    """(model, image count, max side, options, plan or PlanError, snapshot bytes) for a dataset
+    folder, as the daemon would plan it on this machine (the engine's own plan: pure, no mlx/mflux
+    import). Without a folder the snapshot is assumed at 2 MB an image."""
     from daemon.pipeline import machine_now, make_engine
     from engines.base import JobInput, PlanError, TrainingPlan
 
     image_count, max_side, options = images, 1024, {}
+    data_bytes = images * 2 * 1024 * 1024
     model = settings.model
     if path is not None:
         from daemon.intake.validate import validate_dataset
+        from daemon.space import snapshot_bytes
 
         report = validate_dataset(path, read_ready=read_ready)
         image_count = len(report.images) or image_count
         max_side = max((max(i.width, i.height) for i in report.images), default=max_side)
         options = report.options
         model = options.get("model", model)
+        data_bytes = snapshot_bytes(report.images, report.captions)
     machine = machine_now(ram_gb)
     engine = make_engine(settings)
     job = JobInput(
@@ -332,7 +336,17 @@ def _dataset_plan(
         plan = engine.plan(job, machine)
     except PlanError as exc:
         plan = exc
-    return model, image_count, max_side, options, plan
+    return model, image_count, max_side, options, plan, data_bytes
+
+
+def workdir_bytes(settings: Settings, plan, data_bytes: int) -> int:
+    """What the job's work dir holds when it is done, kept keep_workdirs_days: the dataset copy,
+    what training writes (the engine's estimate: checkpoints, adapter) and a margin."""
+    from daemon.pipeline import make_engine
+    from daemon.space import space_needed
+
+    engine_bytes = make_engine(settings, plan.engine).disk_needed(plan, Path("/nonexistent/lorad-plan"))
+    return data_bytes + space_needed("train", engine_bytes=engine_bytes)
 
 
 def cmd_plan(settings: Settings, args) -> int:
@@ -347,7 +361,7 @@ def cmd_plan(settings: Settings, args) -> int:
     if args.path is not None and not args.path.is_dir():
         raise UsageError(f"{args.path} is not a dataset folder")
     ram = args.ram_gb if args.ram_gb is not None else settings.ram_gb
-    model, image_count, max_side, _options, plan = _dataset_plan(
+    model, image_count, max_side, _options, plan, data_bytes = _dataset_plan(
         settings, args.path, ram_gb=ram, images=images or 20
     )
     if isinstance(plan, Exception):
@@ -358,12 +372,14 @@ def cmd_plan(settings: Settings, args) -> int:
 
     store = _store(settings)
     seconds, source, words = estimate(plan, store.list(("done",)) if store else [], settings.jobs_dir)
+    disk = workdir_bytes(settings, plan, data_bytes)
     if args.json:
         import json
 
         data = plan.to_dict()
         data.pop("config")
-        data.update(duration_s=round(seconds), duration_source=source, duration_basis=words)
+        data.update(duration_s=round(seconds), duration_source=source, duration_basis=words,
+                    workdir_bytes=disk, keep_workdirs_days=settings.keep_workdirs_days)  # fmt: skip
         print(json.dumps(data, indent=2))
         return 0
     print(f"model        {model} ({image_count} images, max side {max_side} px)")
@@ -372,6 +388,10 @@ def cmd_plan(settings: Settings, args) -> int:
         print(line)
     print(f"steps        {plan.total_steps}")
     print(f"duration     about {duration(seconds)} ({source}: {words})")
+    from daemon.space import human
+
+    print(f"disk         about {human(disk)} in its work dir (dataset copy, checkpoints), kept "
+          f"{settings.keep_workdirs_days:g} days (keep_workdirs_days), then pruned to its renders")  # fmt: skip
     print(f"reason       {plan.reason}")
     for warning in plan.warnings:
         print(f"warning      {warning}")

@@ -714,3 +714,17 @@ def test_unknown_kind_is_refused_naming_the_key(tmp_path):
     (folder / "lora.toml").write_text('kind = "landscape"\n')
     report = validate_dataset(folder, read_ready=False)
     assert not report.valid and any("'kind'" in f.message for f in report.errors)
+
+
+def test_plan_disk_estimate_counts_the_work_dir_left_behind(tmp_path):
+    from daemon.sample import make_dataset
+
+    folder = make_dataset(tmp_path / "ohwx_alice", images=3)
+    data = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    args = ("--assets", str(tmp_path / "assets"), "--model", "tiny-z-image", "plan")
+    result = _cli(tmp_path, *args, str(folder), "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["workdir_bytes"] > data and plan["keep_workdirs_days"] == 7
+    text = _cli(tmp_path, *args, "--images", "4").stdout
+    assert "disk         about" in text and "keep_workdirs_days" in text
