@@ -59,23 +59,27 @@ def cmd_status(settings: Settings, args) -> int:
     from daemon.lock import running_daemon_pid
 
     pid = running_daemon_pid(settings.state)
-    text = render_status(jobs, show_all=args.all, as_json=args.json, daemon_pid=pid, now=time.time())
+    model, source = daemon_model(settings) if pid else (None, None)
+    daemon = {"pid": pid, "model": model, "model_source": source} if pid else None
+    text = render_status(
+        jobs, show_all=args.all, as_json=args.json, daemon_pid=pid, now=time.time(), daemon=daemon
+    )
     if pid and not args.json:  # which model the daemon trains, and what set it
         head, _, rest = text.partition("\n")
-        text = f"{head}, {daemon_model_line(settings)}" + ("\n" + rest if rest else "")
+        text = f"{head}, model {model} from {source}" + ("\n" + rest if rest else "")
     print(text)
     return 0
 
 
-def daemon_model_line(settings: Settings) -> str:
-    """'model tiny-z-image from LORAD_MODEL': the running daemon's model and its own source."""
+def daemon_model(settings: Settings) -> tuple[str, str]:
+    """(model, its source in the daemon, e.g. "LORAD_MODEL"): what the running daemon trains."""
     from daemon import effective
 
     record = effective.running_record(settings.state) or {}
     values, sources = record.get("settings") or {}, record.get("sources") or {}
     model = values.get("model", settings.model)
     source = sources.get("model") or settings.sources.get("model", "default")
-    return f"model {model} from {source}"
+    return str(model), str(source)
 
 
 def cmd_config(settings: Settings, args) -> int:

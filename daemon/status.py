@@ -71,13 +71,26 @@ def visible(jobs: list, *, show_all: bool, now: float) -> list:
     return [j for j in jobs if j.state not in FINISHED or (now - (j.finished_at or j.updated_at)) < 86400]
 
 
-def render_status(jobs: list, *, show_all: bool, as_json: bool, daemon_pid: int | None, now: float) -> str:
+def render_status(
+    jobs: list,
+    *,
+    show_all: bool,
+    as_json: bool,
+    daemon_pid: int | None,
+    now: float,
+    daemon: dict | None = None,
+) -> str:
+    """`daemon`: what the running daemon trains with ({"model", "model_source"}), for the JSON."""
     shown = visible(jobs, show_all=show_all, now=now)
     if as_json:
         import json
 
         return json.dumps(
-            {"daemon_pid": daemon_pid, "jobs": [j.to_dict() for j in shown]},
+            {
+                "daemon_pid": daemon_pid,
+                **({"daemon": daemon} if daemon else {}),
+                "jobs": [j.to_dict() for j in shown],
+            },
             indent=2,
             default=str,
             ensure_ascii=False,

@@ -113,6 +113,8 @@ def test_every_command_sees_the_running_daemons_settings(tmp_path, redis_server)
         status = _cli(tmp_path, "status")
         assert status.returncode == 0, status.stderr
         assert f"daemon: running (pid {d.proc.pid}), model tiny-z-image from LORAD_MODEL" in status.stdout
+        daemon = json.loads(_cli(tmp_path, "status", "--json").stdout)["daemon"]
+        assert daemon == {"pid": d.proc.pid, "model": "tiny-z-image", "model_source": "LORAD_MODEL"}
 
         plan = _cli(tmp_path, "plan", str(dataset), "--json")
         assert plan.returncode == 0, plan.stderr
