@@ -107,6 +107,15 @@ def masked_env(env: dict[str, str]) -> dict[str, str]:
     return {name: mask_value(name, value) for name, value in env.items()}
 
 
+def env_not_carried(sources: dict[str, str], env: dict[str, str]) -> list[str]:
+    """LORAD_* variables that gave a setting (here or to the running daemon) but are not passed
+    with --env: the service would start without them (pure). --assets is on its command line."""
+    names = {
+        src.rpartition(" ")[2] for src in sources.values() if src.rpartition(" ")[2].startswith("LORAD_")
+    }
+    return sorted(names - set(env) - {"LORAD_ASSETS"})
+
+
 PROTECTED_FOLDERS = ("Documents", "Desktop", "Downloads", "Library/Mobile Documents")
 
 
@@ -434,6 +443,10 @@ def main(settings: Settings, args) -> int:
     if args.action == "install" and platform == "launchd":
         for warning in protected_warnings(paths):
             print(f"lorad service install: warning: {warning}", file=sys.stderr)
+    if args.action in ("install", "print"):
+        for name in env_not_carried(settings.sources, env):
+            print(f"lorad service {args.action}: note: {name} is set here (or in the running daemon) but the "
+                  f"service would not see it: add --env {name}", file=sys.stderr)  # fmt: skip
     try:
         if args.action == "print":
             print(svc.render(), end="")

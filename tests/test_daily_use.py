@@ -730,3 +730,16 @@ def test_plan_disk_estimate_counts_the_work_dir_left_behind(tmp_path):
     assert plan["workdir_bytes"] > data and plan["keep_workdirs_days"] == 7
     text = _cli(tmp_path, *args, "--images", "4").stdout
     assert "disk         about" in text and "keep_workdirs_days" in text
+
+
+def test_service_names_the_lorad_variables_it_would_not_carry():
+    from daemon.service import env_not_carried
+
+    sources = {
+        "model": "daemon: LORAD_MODEL",
+        "queue": "LORAD_QUEUE",
+        "assets": "LORAD_ASSETS",
+        "ui": "default",
+    }
+    assert env_not_carried(sources, {}) == ["LORAD_MODEL", "LORAD_QUEUE"]
+    assert env_not_carried(sources, {"LORAD_MODEL": "x"}) == ["LORAD_QUEUE"]
