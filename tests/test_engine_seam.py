@@ -183,8 +183,8 @@ def test_unknown_engine_stops_the_daemon_at_start_with_exit_2(tmp_path):
 
 def test_bad_engine_section_stops_the_daemon_and_plan_with_exit_2(tmp_path):
     env = {"LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY": "often"}
-    for command in ("run", "plan"):
-        result = _run_cli(tmp_path, command, env=env)
+    for command in (("run",), ("plan", "--images", "20")):
+        result = _run_cli(tmp_path, *command, env=env)
         assert result.returncode == 2, result.stderr
         assert "checkpoint_every' in [engines.mflux]" in result.stderr
 
