@@ -202,7 +202,7 @@ class Daemon:
         from daemon import effective
 
         try:
-            published = effective.write(s, self.default_state)
+            published = effective.write(s, self.default_state, self.log)
         except OSError as exc:  # commands then fall back to their own settings; the daemon runs on
             published = []
             self.log.warning("daemon.settings_unwritten", reason=str(exc))

@@ -52,20 +52,21 @@ def _write_private(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str), mode=0o600)
 
 
-def write(settings, default_state: Path | None) -> list[Path]:
-    """At daemon start: the settings file, and the pointer when the default state dir is elsewhere
-    (only where that folder's assets folder exists: nothing is created outside lorad's folders)."""
+def write(settings, default_state: Path | None, log=None) -> list[Path]:
+    """At daemon start: the settings file, and the pointer when the default state dir (lorad's own
+    folder, `./assets/.lorad` unless lorad.toml says otherwise) is elsewhere. A pointer that cannot
+    be written (read-only folder) is logged; the settings file is still there."""
     data = snapshot(settings, os.getpid())
     written = [settings.state / SETTINGS_FILE]
     _write_private(written[0], data)
-    if (
-        default_state is not None
-        and _differs(default_state, settings.state)
-        and default_state.parent.is_dir()
-    ):
+    if default_state is not None and _differs(default_state, settings.state):
         pointer = default_state / POINTER_FILE
-        _write_private(pointer, {"pid": data["pid"], "state": data["state"]})
-        written.append(pointer)
+        try:
+            _write_private(pointer, {"pid": data["pid"], "state": data["state"]})
+            written.append(pointer)
+        except OSError as exc:
+            if log is not None:
+                log.warning("daemon.pointer_unwritten", path=str(pointer), reason=str(exc))
     return written
 
 

@@ -148,8 +148,8 @@ def test_every_command_sees_the_running_daemons_settings(tmp_path, redis_server)
 
 def test_a_daemon_elsewhere_is_found_through_the_pointer(tmp_path):
     """A daemon started with another assets folder: a plain command in the project finds it."""
-    project = tmp_path / "project"
-    (project / "assets").mkdir(parents=True)
+    project = tmp_path / "project"  # no assets folder yet: the default state dir is lorad's own to create
+    project.mkdir()
     d = DaemonProc(tmp_path / "elsewhere")
     d.env.update({"LORAD_UI": "false"})
     d.env.pop("LORAD_REGISTRY")
