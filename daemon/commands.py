@@ -14,6 +14,17 @@ class UsageError(Exception):
     pass
 
 
+def say_settings(settings: Settings) -> None:
+    """On stderr, when the running daemon's settings were used: say so, with the model and what
+    set it (stdout stays what scripts parse)."""
+    from daemon.settings import DAEMON_SOURCE
+
+    source = settings.sources.get("model", "")
+    if any(src.startswith(DAEMON_SOURCE) for src in settings.sources.values()):
+        print(f"lorad: using the running daemon's settings (model {settings.model} from "
+              f"{source.removeprefix(DAEMON_SOURCE)}; lorad config lists them)", file=sys.stderr)  # fmt: skip
+
+
 def _log_to_file(settings: Settings) -> None:
     """Commands that change jobs log their events to the daemon's log file too."""
     from daemon import logs
@@ -163,6 +174,7 @@ def _enqueue_defaults(settings: Settings, folder: Path) -> tuple[int, int, str] 
 
 
 def cmd_enqueue(settings: Settings, args) -> int:
+    say_settings(settings)
     folder = args.path
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a dataset folder")
@@ -364,6 +376,7 @@ def cmd_plan(settings: Settings, args) -> int:
         raise UsageError(f"--images must be 1 or more, got {images}")
     if args.path is not None and not args.path.is_dir():
         raise UsageError(f"{args.path} is not a dataset folder")
+    say_settings(settings)
     ram = args.ram_gb if args.ram_gb is not None else settings.ram_gb
     model, image_count, max_side, _options, plan, data_bytes = _dataset_plan(
         settings, args.path, ram_gb=ram, images=images or 20
@@ -523,6 +536,7 @@ def cmd_workers(settings: Settings, args) -> int:
     from daemon.remote.redisurl import make_client, mask
 
     url = _queue_url(settings, args)
+    say_settings(settings)
     client = make_client(url, socket_timeout=5.0)
     try:
         workers = []
@@ -555,6 +569,7 @@ def cmd_ui(settings: Settings, args) -> int:
         raise UsageError('the dashboard is off (ui = false); set ui = "127.0.0.1:8765" and restart lorad')
     from daemon.settings import parse_ui_address
 
+    say_settings(settings)
     host, port = parse_ui_address(settings.ui)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}/"

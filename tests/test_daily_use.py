@@ -119,6 +119,7 @@ def test_every_command_sees_the_running_daemons_settings(tmp_path, redis_server)
         plan = _cli(tmp_path, "plan", str(dataset), "--json")
         assert plan.returncode == 0, plan.stderr
         assert json.loads(plan.stdout)["model"] == "tiny-z-image"
+        assert "using the running daemon's settings (model tiny-z-image from LORAD_MODEL" in plan.stderr
 
         out = _pty_run(tmp_path, ["enqueue", str(dataset)], _clean_env(), answers=2)
         assert "tiny-z-image" in out, out
