@@ -58,7 +58,12 @@ COMMANDS = (
     "worker",
     "workers",
     "ui",
+    "config",
+    "prune",
 )
+# Commands that do not take the running daemon's settings: the daemon itself, a worker (its own
+# machine's settings) and the self-test (its own temp folder).
+_OWN_SETTINGS = ("run", "worker", "selftest")
 _GLOBAL_WITH_VALUE = {"--assets", "--config", "--state-dir", "--model", "--registry", "--log-level"}
 
 
@@ -140,8 +145,12 @@ def build_parser(only: str | None = None):
         help="a cloud job whose submission is uncertain: send a new paid request anyway",
     )
 
-    p = add("plan", "print the memory/training plan for this machine (or --ram-gb)")
-    p.add_argument("path", type=Path, nargs="?")
+    p = add(
+        "plan",
+        "print the memory/training plan and how long it will take, for a dataset folder on this machine (or --ram-gb)",
+    )
+    p.add_argument("path", type=Path, nargs="?", help="the dataset folder (or give --images N)")
+    p.add_argument("--images", type=int, metavar="N", help="plan for N images without a folder")
     p.add_argument("--ram-gb", type=float)
     p.add_argument("--json", action="store_true")
 
@@ -162,6 +171,13 @@ def build_parser(only: str | None = None):
     )
     p.add_argument(
         "--queue", metavar="URL", help="with --worker: the coordinator's redis:// or rediss:// URL"
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        metavar="KEY[=VALUE]",
+        help="a variable the service runs with (repeatable; without a value, this shell's): "
+        "FAL_KEY, HF_HOME, LORAD_*; written 0600, printed masked",
     )
 
     p = add("worker", "train jobs from a coordinator's Redis queue on this machine (scale-out)")
@@ -187,6 +203,16 @@ def build_parser(only: str | None = None):
 
     p = add("ui", "open the dashboard (served by `lorad run`, setting ui) in the browser")
     p.add_argument("--print", action="store_true", dest="print_only", help="only print its URL")
+
+    p = add("config", "print the effective settings and where each comes from (secrets masked)")
+    p.add_argument("--json", action="store_true")
+
+    p = add(
+        "prune",
+        "remove finished jobs beyond keep_jobs and old work dirs beyond keep_workdirs_days "
+        "(never running/queued/interrupted jobs, never assets/loras)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     return parser
 
 
@@ -201,7 +227,8 @@ def settings_from_args(args):
         "log_level": getattr(args, "log_level", None),
     }
     config = getattr(args, "config", None)
-    return settings_mod.load(config_file=Path(config) if config else None, flags=flags)
+    use_daemon = getattr(args, "command", None) not in _OWN_SETTINGS
+    return settings_mod.load(config_file=Path(config) if config else None, flags=flags, use_daemon=use_daemon)
 
 
 def fast_status_args(argv: list[str]):

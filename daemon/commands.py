@@ -14,6 +14,17 @@ class UsageError(Exception):
     pass
 
 
+def say_settings(settings: Settings) -> None:
+    """On stderr, when the running daemon's settings were used: say so, with the model and what
+    set it (stdout stays what scripts parse)."""
+    from daemon.settings import DAEMON_SOURCE
+
+    source = settings.sources.get("model", "")
+    if any(src.startswith(DAEMON_SOURCE) for src in settings.sources.values()):
+        print(f"lorad: using the running daemon's settings (model {settings.model} from "
+              f"{source.removeprefix(DAEMON_SOURCE)}; lorad config lists them)", file=sys.stderr)  # fmt: skip
+
+
 def _log_to_file(settings: Settings) -> None:
     """Commands that change jobs log their events to the daemon's log file too."""
     from daemon import logs
@@ -47,8 +58,10 @@ def _wake_daemon(settings: Settings) -> int | None:
 
 def cmd_run(settings: Settings, args) -> int:
     from daemon.daemon import run
+    from daemon.settings import default_state_dir
 
-    return run(settings)
+    config = getattr(args, "config", None)
+    return run(settings, default_state_dir(Path(config) if config else None))
 
 
 def cmd_status(settings: Settings, args) -> int:
@@ -59,7 +72,53 @@ def cmd_status(settings: Settings, args) -> int:
     from daemon.lock import running_daemon_pid
 
     pid = running_daemon_pid(settings.state)
-    print(render_status(jobs, show_all=args.all, as_json=args.json, daemon_pid=pid, now=time.time()))
+    model, source = daemon_model(settings) if pid else (None, None)
+    daemon = {"pid": pid, "model": model, "model_source": source} if pid else None
+    text = render_status(
+        jobs, show_all=args.all, as_json=args.json, daemon_pid=pid, now=time.time(), daemon=daemon
+    )
+    if pid and not args.json:  # which model the daemon trains, and what set it
+        head, _, rest = text.partition("\n")
+        text = f"{head}, model {model} from {source}" + ("\n" + rest if rest else "")
+    print(text)
+    return 0
+
+
+def daemon_model(settings: Settings) -> tuple[str, str]:
+    """(model, its source in the daemon, e.g. "LORAD_MODEL"): what the running daemon trains."""
+    from daemon import effective
+
+    record = effective.running_record(settings.state) or {}
+    values, sources = record.get("settings") or {}, record.get("sources") or {}
+    model = values.get("model", settings.model)
+    source = sources.get("model") or settings.sources.get("model", "default")
+    return str(model), str(source)
+
+
+def cmd_config(settings: Settings, args) -> int:
+    """`lorad config`: every effective setting and where it came from, secrets masked."""
+    from daemon import effective
+    from daemon.settings import KEYS
+
+    rows = [(key, effective.mask_value(key, getattr(settings, key)), settings.sources.get(key, "default"))
+            for key in KEYS]  # fmt: skip
+    rows.append(("state (folder)", str(settings.state), settings.sources.get("state_dir", "default")))
+    record = effective.running_record(settings.state)
+    daemon = f"running (pid {record['pid']})" if record else "not running"
+    if args.json:
+        import json
+
+        print(
+            json.dumps(
+                {"daemon": daemon, "settings": {k: {"value": v, "source": src} for k, v, src in rows}},
+                indent=2,
+            )
+        )
+        return 0
+    print(f"daemon: {daemon}")
+    width = max(len(k) for k, _v, _s in rows)
+    for key, value, source in rows:
+        print(f"{key:<{width}}  {value}  ({source})")
     return 0
 
 
@@ -109,7 +168,7 @@ def _ask_int(prompt: str, default: int) -> int:
 def _enqueue_defaults(settings: Settings, folder: Path) -> tuple[int, int, str] | str:
     """(rank, steps, one-line summary) that a plain READY would train with (lora.toml's options,
     else the engine's plan for this dataset on this machine), or why there is no plan here."""
-    model, images, max_side, options, plan = _dataset_plan(
+    model, images, max_side, options, plan, _bytes = _dataset_plan(
         settings, folder, ram_gb=settings.ram_gb, read_ready=False
     )
     if isinstance(plan, Exception):
@@ -123,6 +182,7 @@ def _enqueue_defaults(settings: Settings, folder: Path) -> tuple[int, int, str] 
 
 
 def cmd_enqueue(settings: Settings, args) -> int:
+    say_settings(settings)
     folder = args.path
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a dataset folder")
@@ -287,6 +347,11 @@ def retry_job(settings: Settings, store, job, resubmit: bool = False) -> tuple[i
         raise UsageError(
             f"job {job.id} is {job.state}; only failed, cancelled or interrupted jobs can be retried"
         )
+    if job.settings.get("workdir_pruned"):
+        raise UsageError(
+            f"job {job.id}'s work dir was pruned (keep_workdirs_days); create READY in "
+            f"{job.dataset_path} again to train it (or: lorad enqueue '{job.dataset_path}')"
+        )
     if job.settings.get("intake") == "refused":
         raise UsageError(
             f"{job.dataset} was refused at intake ({job.dataset_path}/FAILED.txt says why); "
@@ -310,16 +375,21 @@ def retry_job(settings: Settings, store, job, resubmit: bool = False) -> tuple[i
     return 0, f"queued {job.id} again (attempt {job.attempt})" + ("" if pid else "; it runs when lorad runs")
 
 
-def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None, read_ready: bool = True):
-    """(model, image count, max side, options, plan or PlanError) for a dataset folder, as the
-    daemon would plan it on this machine (the engine's own plan: pure, no mlx/mflux import)."""
+def _dataset_plan(
+    settings: Settings, path: Path | None, *, ram_gb: float | None, read_ready: bool = True, images: int = 20
+):
+    """(model, image count, max side, options, plan or PlanError, snapshot bytes) for a dataset
+    folder, as the daemon would plan it on this machine (the engine's own plan: pure, no mlx/mflux
+    import). Without a folder the snapshot is assumed at 2 MB an image."""
     from daemon.pipeline import machine_now, make_engine
     from engines.base import JobInput, PlanError, TrainingPlan
 
-    image_count, max_side, options, trigger = 20, 1024, {}, "x"
+    image_count, max_side, options, trigger = images, 1024, {}, "x"
+    data_bytes = images * 2 * 1024 * 1024
     model = settings.model
     if path is not None:
         from daemon.intake.validate import validate_dataset
+        from daemon.space import snapshot_bytes
 
         report = validate_dataset(path, read_ready=read_ready)
         image_count = len(report.images) or image_count
@@ -327,6 +397,7 @@ def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None
         options = report.options
         model = options.get("model", model)
         trigger = report.trigger or trigger
+        data_bytes = snapshot_bytes(report.images, report.captions)
     machine = machine_now(ram_gb)
     engine = make_engine(settings, str(options.get("engine") or settings.engine))  # the dataset's own
     job = JobInput(
@@ -337,20 +408,51 @@ def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None
         plan = engine.plan(job, machine)
     except PlanError as exc:
         plan = exc
-    return model, image_count, max_side, options, plan
+    return model, image_count, max_side, options, plan, data_bytes
+
+
+def workdir_bytes(settings: Settings, plan, data_bytes: int) -> int:
+    """What the job's work dir holds when it is done, kept keep_workdirs_days: the dataset copy,
+    what training writes (the engine's estimate: checkpoints, adapter) and a margin."""
+    from daemon.pipeline import make_engine
+    from daemon.space import space_needed
+
+    engine_bytes = make_engine(settings, plan.engine).disk_needed(plan, Path("/nonexistent/lorad-plan"))
+    return data_bytes + space_needed("train", engine_bytes=engine_bytes)
 
 
 def cmd_plan(settings: Settings, args) -> int:
+    images = getattr(args, "images", None)
+    if args.path is None and images is None:
+        raise UsageError(
+            "which dataset? give its folder (lorad plan assets/training_data/<trigger>_<name>) "
+            "or plan for a number of images without one: lorad plan --images N"
+        )
+    if images is not None and images < 1:
+        raise UsageError(f"--images must be 1 or more, got {images}")
+    if args.path is not None and not args.path.is_dir():
+        raise UsageError(f"{args.path} is not a dataset folder")
+    say_settings(settings)
     ram = args.ram_gb if args.ram_gb is not None else settings.ram_gb
-    model, image_count, max_side, _options, plan = _dataset_plan(settings, args.path, ram_gb=ram)
+    model, image_count, max_side, _options, plan, data_bytes = _dataset_plan(
+        settings, args.path, ram_gb=ram, images=images or 20
+    )
     if isinstance(plan, Exception):
         print(f"lorad plan: {plan}", file=sys.stderr)
         return 1
+    from daemon.estimate import estimate
+    from daemon.status import duration
+
+    store = _store(settings)
+    seconds, source, words = estimate(plan, store.list(("done",)) if store else [], settings.jobs_dir)
+    disk = workdir_bytes(settings, plan, data_bytes)
     if args.json:
         import json
 
         data = plan.to_dict()
         data.pop("config")
+        data.update(duration_s=round(seconds), duration_source=source, duration_basis=words,
+                    workdir_bytes=disk, keep_workdirs_days=settings.keep_workdirs_days)  # fmt: skip
         print(json.dumps(data, indent=2))
         return 0
     print(f"model        {model} ({image_count} images, max side {max_side} px)")
@@ -358,6 +460,11 @@ def cmd_plan(settings: Settings, args) -> int:
     for line in plan.summary:  # the engine's own lines: backend, device, memory, its knobs
         print(line)
     print(f"steps        {plan.total_steps}")
+    print(f"duration     about {duration(seconds)} ({source}: {words})")
+    from daemon.space import human
+
+    print(f"disk         about {human(disk)} in its work dir (dataset copy, checkpoints), kept "
+          f"{settings.keep_workdirs_days:g} days (keep_workdirs_days), then pruned to its renders")  # fmt: skip
     print(f"reason       {plan.reason}")
     for warning in plan.warnings:
         print(f"warning      {warning}")
@@ -485,6 +592,7 @@ def cmd_workers(settings: Settings, args) -> int:
     from daemon.remote.redisurl import make_client, mask
 
     url = _queue_url(settings, args)
+    say_settings(settings)
     client = make_client(url, socket_timeout=5.0)
     try:
         workers = []
@@ -519,6 +627,7 @@ def cmd_ui(settings: Settings, args) -> int:
 
     from daemon.settings import parse_ui_address
 
+    say_settings(settings)
     host, port = parse_ui_address(settings.ui)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{'[' + shown + ']' if ':' in shown else shown}:{port}/"
@@ -535,4 +644,34 @@ def cmd_ui(settings: Settings, args) -> int:
 
         if not webbrowser.open(opened):
             print("no browser found here: open the URL above", file=sys.stderr)
+    return 0
+
+
+def cmd_prune(settings: Settings, args) -> int:
+    """`lorad prune [--dry-run]`: apply keep_jobs and keep_workdirs_days now (daemon/retention.py)."""
+    from daemon import retention
+    from daemon.space import human
+
+    store = _store(settings)
+    if store is None:
+        print("nothing to prune (no jobs database)")
+        return 0
+    if not args.dry_run:
+        _log_to_file(settings)
+    actions = retention.plan_actions(settings, store)
+    if not args.dry_run:
+        from daemon.logs import get_logger
+
+        retention.apply(settings, store, actions, get_logger())
+    verb = "would remove" if args.dry_run else "removed"
+    for action in actions:
+        what = "job hidden, work dir" if action.kind == "drop" else "work dir pruned to its renders"
+        print(
+            f"{action.job_id}  {what}: {verb} {len(action.paths)} item(s), {human(action.bytes)} ({action.reason})"
+        )
+        for path in action.paths:
+            print(f"    {path}")
+    total = sum(a.bytes for a in actions)
+    print(f"{'would free' if args.dry_run else 'freed'} {human(total)} in {len(actions)} job(s); "
+          f"keep_jobs = {settings.keep_jobs}, keep_workdirs_days = {settings.keep_workdirs_days:g}")  # fmt: skip
     return 0

@@ -210,8 +210,9 @@ def rescan_wait(interval_s: float, failures: int) -> float:
 
 
 class Daemon:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, default_state: Path | None = None):
         self.settings = settings
+        self.default_state = default_state  # where the pointer to our settings goes (daemon/effective.py)
         self.shutdown = threading.Event()
         self.signals = 0
         self.log = logs.get_logger()
@@ -263,9 +264,17 @@ class Daemon:
             print(f"lorad: {exc}", file=sys.stderr)
             self.log.error("daemon.refused", reason=str(exc), pid=exc.pid)
             return 1
+        from daemon import effective
+
+        try:
+            published = effective.write(s, self.default_state, self.log)
+        except OSError as exc:  # commands then fall back to their own settings; the daemon runs on
+            published = []
+            self.log.warning("daemon.settings_unwritten", reason=str(exc))
         try:
             return self._run_locked()
         finally:
+            effective.remove(published)
             lock.release()
 
     def _run_locked(self) -> int:
@@ -316,6 +325,7 @@ class Daemon:
 
         announce_weights(s, self.log)  # missing weights: said now, not after a job fails
         ui = self._start_ui()
+        self._say_started(ui)
         self.log.info(
             "daemon.started",
             pid=os.getpid(),
@@ -354,8 +364,10 @@ class Daemon:
     def _serve_then_stop_intake(self, loop: IntakeLoop, watcher: Watcher, ui) -> float:
         """Rescan periodically until a stop signal, then close the doors (dashboard, watcher,
         intake); returns when the stop began (monotonic), for the daemon.stopped line."""
+        self._prune()
         while not self.shutdown.wait(rescan_wait(self.settings.rescan_interval_s, self.rescan_failures)):
             self._rescan(loop)
+            self._prune()
         started = time.monotonic()
         if ui is not None:
             ui.stop()
@@ -381,6 +393,25 @@ class Daemon:
             self.rescan_failures = 0
         return found
 
+    _pruned_at = 0.0
+
+    def _prune(self) -> None:
+        """Retention (daemon/retention.py), at start and then at most once an hour; a failure is
+        logged and the daemon goes on."""
+        from daemon import retention
+
+        if time.monotonic() - self._pruned_at < retention.INTERVAL_S and self._pruned_at:
+            return
+        self._pruned_at = time.monotonic()
+        try:
+            store = JobStore(self.settings.jobs_db, check=False, jobs_dir=self.settings.jobs_dir)
+            try:
+                retention.prune(self.settings, store, log=self.log)
+            finally:
+                store.close()
+        except Exception as exc:
+            self.log.warning("retention.failed", error=f"{type(exc).__name__}: {exc}")
+
     def _take_over_state(self, store: JobStore, jobs_moved: Path | None, jobs_problem: str | None):
         """What both modes do with the state they found: re-adopt work dirs the table lost, clean
         what a killed daemon half-wrote, keep the disk-full reserve; (notifier, recovered, removed)."""
@@ -398,6 +429,12 @@ class Daemon:
         removed = clean_work_dirs(s, store)
         space.ensure_reserve(s.state)  # room to record a job's end if the state disk fills up
         return notifier, recovered, removed
+
+    def _say_started(self, ui) -> None:
+        """One line on the terminal of `lorad run`: where the dashboard is (the log has it too)."""
+        s = self.settings
+        where = f"dashboard {ui.url}" if ui is not None else "dashboard off"
+        print(f"lorad: running (pid {os.getpid()}), model {s.model}, {where}", flush=True)
 
     def _start_ui(self):
         """The dashboard in a thread (daemon/ui/); None when `ui = false` or it cannot listen
@@ -471,6 +508,7 @@ class Daemon:
 
         announce_weights(s, self.log)
         ui = self._start_ui()
+        self._say_started(ui)
         self.log.info("daemon.started", pid=os.getpid(), assets=str(s.assets), state=str(s.state), model=s.model,
                       engine=s.engine, observer=s.observer, ready_found=found, file_limit=self.file_limit, queue=mask(s.queue),
                       local_worker=s.local_worker, notify_targets=len(s.notify), notify_on=list(s.notify_on),
@@ -524,5 +562,5 @@ def logging_flush() -> None:
             pass
 
 
-def run(settings: Settings) -> int:
-    return Daemon(settings).run()
+def run(settings: Settings, default_state: Path | None = None) -> int:
+    return Daemon(settings, default_state).run()

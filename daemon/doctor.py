@@ -58,7 +58,18 @@ def run_checks(settings: Settings) -> list[Check]:
     from daemon.captions import doctor_check
 
     checks.append(doctor_check(settings))
+    checks.extend(folder_checks(settings, sys.platform))
     return checks
+
+
+def folder_checks(settings: Settings, platform_name: str) -> list[Check]:
+    """macOS: a checkout or assets folder in ~/Documents, ~/Desktop, ~/Downloads or iCloud Drive
+    is refused to a LaunchAgent unless granted: say what to grant or where to move."""
+    if platform_name != "darwin":
+        return []
+    from daemon.service import paths_for, protected_warnings
+
+    return [Check("folders", WARN, warning) for warning in protected_warnings(paths_for(settings))]
 
 
 def exit_code(checks: list[Check]) -> int:

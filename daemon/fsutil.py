@@ -93,6 +93,8 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> N
     fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
+            if mode is not None:  # before any byte is written: a secret is never readable by others
+                os.fchmod(fh.fileno(), mode)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

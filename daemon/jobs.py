@@ -147,6 +147,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 _JSON_COLUMNS = ("settings", "outputs", "plan", "remote")
+# Rows retention pruned stay (their fingerprints keep an unchanged re-drop "unchanged"), hidden.
+_NOT_PRUNED = "COALESCE(json_extract(settings, '$.pruned'), 0) = 0"
 
 
 class Job:
@@ -219,7 +221,11 @@ def marker_text(job: Job) -> str:
     """What the dataset's marker file says for this job (pure)."""
     head = f"job {job.id} ({job.name})"
     if job.state == "queued":
-        return f"{head}\nqueued at {iso(job.ready_at)}\nlorad status shows the queue\n"
+        text = f"{head}\nqueued at {iso(job.ready_at)}\nlorad status shows the queue\n"
+        missing = job.settings.get("weights_missing")
+        if missing:  # flagged at intake: the job waits; it fails at start unless they are fetched
+            text += f"\nWaiting, but this machine cannot train it yet: {missing}\n"
+        return text
     if job.state == "interrupted":
         where = f" at step {job.step}/{job.total_steps}" if job.step else ""
         return f"{head}\ninterrupted{where}; resumes from its last checkpoint when lorad runs\n"
@@ -314,20 +320,31 @@ class JobStore:
         return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
 
     def find(self, prefix: str) -> Job | None:
-        """A job by id or unique id prefix."""
-        rows = self._all("SELECT * FROM jobs WHERE id LIKE ? ORDER BY seq", (prefix + "%",))
+        """A job by id or unique id prefix (not a pruned one: daemon/retention.py)."""
+        rows = self._all(
+            f"SELECT * FROM jobs WHERE id LIKE ? AND {_NOT_PRUNED} ORDER BY seq", (prefix + "%",)
+        )
         exact = [r for r in rows if r["id"] == prefix]
         if exact:
             return _row_to_job(exact[0])
         return _row_to_job(rows[0]) if len(rows) == 1 else None
 
-    def list(self, states: tuple[str, ...] | None = None) -> list[Job]:
+    def list(self, states: tuple[str, ...] | None = None, *, include_pruned: bool = False) -> list[Job]:
+        """Jobs in seq order; pruned ones (retention: hidden rows that keep their fingerprints)
+        only with include_pruned."""
+        where = "1" if include_pruned else _NOT_PRUNED
         if states:
             marks = ",".join("?" * len(states))
-            rows = self._all(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY seq", states)
+            rows = self._all(f"SELECT * FROM jobs WHERE state IN ({marks}) AND {where} ORDER BY seq", states)
         else:
-            rows = self._all("SELECT * FROM jobs ORDER BY seq")
+            rows = self._all(f"SELECT * FROM jobs WHERE {where} ORDER BY seq")
         return [_row_to_job(r) for r in rows]
+
+    def mark_pruned(self, job_id: str, seen_state: str, settings: dict) -> bool:
+        """Record a prune on the row (settings flags) only while the job is still in the finished
+        state it was seen in (a retry since then wins); True when recorded."""
+        with self._tx() as conn:
+            return self._update_if(conn, job_id, seen_state, settings=settings)
 
     def runnable_in_order(self) -> builtins.list[Job]:
         """Queue order: priority first, then FIFO by READY time."""
@@ -486,6 +503,20 @@ class JobStore:
             self._update(conn, job_id, **fields)
         job = self.get(job_id)
         assert job is not None
+        return job
+
+    def move_outputs(self, job_id: str, outputs: dict) -> Job:
+        """A done job's LoRA moved to `<name>.v<N>` (a newer one took its name): record where,
+        in the row, its job.json and its DONE marker (only while that marker still names it:
+        a retrain of the same folder wrote its own)."""
+        job = self.update(job_id, outputs=outputs)
+        self.write_record(job)
+        done = Path(job.dataset_path) / markers.MARKER_FOR_STATE["done"]
+        if markers.names_job(markers._first_line(done), job.id):
+            self.refresh_marker(job)
+        from daemon.logs import get_logger
+
+        get_logger().info("job.outputs_moved", job_id=job_id, lora=outputs.get("lora"))
         return job
 
     def adopt(self, row: dict) -> Job:

@@ -61,6 +61,16 @@ def _tail_lines(path: Path, n: int) -> list[str]:
         return list(deque(fh, maxlen=max(n, 0) or None)) if n else []
 
 
+def _last_matching(path: Path, n: int, job: str) -> list[str]:
+    """The last n lines of the log that belong to `job` (memory: n lines)."""
+    if n <= 0 or not path.exists():
+        return []
+    with path.open("r", encoding="utf-8", errors="replace") as fh:
+        return list(
+            deque((line for line in fh if (r := parse(line)) is not None and matches(r, job)), maxlen=n)
+        )
+
+
 def _follow(path: Path, poll_s: float = 0.5) -> Iterator[str]:
     while not path.exists():
         time.sleep(poll_s)
@@ -98,8 +108,8 @@ def show(
     if not path.exists() and not follow:
         print(f"no log yet at {path} (the daemon writes it once it runs)", file=sys.stderr)
         return 0
-    # Read more than asked when filtering by job, so the last N of that job show.
-    emit(_tail_lines(path, lines * 20 if job else lines))
+    # With --job: the last N lines *of that job* (the whole file streams through an N-line window).
+    emit(_last_matching(path, lines, job) if job else _tail_lines(path, lines))
     if follow:
         emit(_follow(path))
     return 0

@@ -81,6 +81,7 @@ def make_engine(settings: Settings, name: str | None = None) -> Engine:
         settings.keep_awake,
         settings.engines.get(name, {}),
         cloud_daily_jobs=settings.cloud_daily_jobs,
+        download_models=settings.download_models,
     )
     try:
         return get_engine(name, context)
@@ -180,15 +181,17 @@ def publish_job(
     lora_file: Path,
     rendered: RenderResult,
     report_files: list[Path],
+    store: JobStore | None = None,
 ) -> dict:
     """The normal publish path (daemon/publish.py) for a job trained here or on a worker. The
     snapshot's captions.jsonl (each image's caption and its source) joins the report, and the
-    learning metrics (daemon/metrics.py) go into it as metrics.json."""
+    learning metrics (daemon/metrics.py) go into it as metrics.json; with `store`, older jobs
+    whose LoRA just moved to `<name>.v<N>` are told (follow_versions)."""
     captions = settings.jobs_dir / job.id / CAPTIONS_LIST
     if captions.is_file() and all(p.name != CAPTIONS_LIST for p in report_files):
         report_files = [*report_files, captions]
     metrics_file = write_metrics(settings.jobs_dir / job.id, plan, rendered)
-    return publish(
+    outputs = publish(
         loras=settings.loras,
         registry_path=settings.registry,
         job=job,
@@ -199,6 +202,36 @@ def publish_job(
         plan=plan.to_dict(),
         lock_timeout_s=settings.lock_timeout_s,
     )
+    if store is not None:
+        follow_versions(settings, store, job.name)
+    return outputs
+
+
+def follow_versions(settings: Settings, store: JobStore, name: str) -> list[str]:
+    """Rewrite the outputs (row, job.json, DONE) of every done job whose LoRA now lives under
+    `<name>.v<N>` (read from the files' headers, so a crash mid-way is caught by the next
+    publish); returns their ids. Best effort: the LoRA files themselves are already right."""
+    from daemon import registry
+    from daemon.publish import moved_outputs, version_owners
+
+    owners = version_owners(settings.loras, name)
+    if not owners:
+        return []
+    try:
+        entries = registry.load(settings.registry).get("loras") or {}
+    except registry.RegistryError:
+        entries = {}
+    keys = {v.get("job_id"): k for k, v in entries.items() if isinstance(v, dict)}
+    moved = []
+    for job_id, stem in owners.items():
+        job = store.get(job_id)
+        if job is None or job.state != "done":
+            continue
+        outputs = moved_outputs(job.outputs, settings.loras, stem, keys.get(job_id))
+        if outputs is not None:
+            store.move_outputs(job_id, outputs)
+            moved.append(job_id)
+    return moved
 
 
 class ProgressSink:
@@ -524,7 +557,9 @@ class Pipeline:
         if not self._advance(job_id, "publishing", "rendering"):
             return  # cancelled after the render: nothing is published
         try:
-            outputs = publish_job(self.settings, job, plan, lora_file, rendered, engine.report_files(workdir))
+            outputs = publish_job(
+                self.settings, job, plan, lora_file, rendered, engine.report_files(workdir), self.store
+            )
         except PublishError as exc:
             self.store.transition(job_id, "failed", error=str(exc))
             return

@@ -199,6 +199,25 @@ def version_owners(loras: Path, name: str) -> dict[str, str]:
     return owners
 
 
+_OUTPUT_SUFFIXES = (("lora", ".safetensors"), ("render", ".png"), ("compare", ".compare.png"),
+                    ("report", REPORT_SUFFIX))  # fmt: skip
+
+
+def moved_outputs(outputs: dict, loras: Path, stem: str, registry_key: str | None) -> dict | None:
+    """A job's outputs after its LoRA moved to `<stem>.*` (`<name>.v<N>`), or None when they
+    already name those files (pure): status, DONE and the dashboard then name what holds *its* LoRA."""
+    if outputs.get("lora") == str(loras / f"{stem}.safetensors"):
+        return None
+    new = dict(outputs)
+    for key, suffix in _OUTPUT_SUFFIXES:
+        if key in new:
+            new[key] = str(loras / f"{stem}{suffix}")
+    if registry_key:
+        new["registry_key"] = registry_key
+    new.pop("previous", None)  # that was the version before it; it is not this job's file
+    return new
+
+
 def _outputs(loras: Path, name: str, registry_path: Path) -> dict:
     return {
         "lora": str(loras / f"{name}.safetensors"),

@@ -55,6 +55,9 @@ class Paths:
     worker: bool = False  # the service runs `lorad worker` (its own state dir)
     state: Path | None = None
     queue: str | None = None  # the worker's queue URL (secret: files written 0600, printed masked)
+    # `--env KEY[=VALUE]`: variables the service runs with (FAL_KEY, HF_HOME, LORAD_*); the file
+    # is written 0600 with the real values, printed masked (effective.mask_value).
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def paths_for(
@@ -72,6 +75,71 @@ def paths_for(
         logs=(settings.state / "logs").absolute(),
         home=(home or Path.home()).absolute(),
     )
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_env(items: list[str], environ: dict[str, str] | os._Environ) -> dict[str, str]:
+    """`--env KEY=VALUE` / `--env KEY` (this shell's value) -> {KEY: VALUE} (pure); ValueError
+    names the item that is wrong and what to do."""
+    env: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"--env {item!r}: expected NAME=VALUE or NAME (letters, digits, _)")
+        if not sep:
+            if name not in environ:
+                raise ValueError(f"--env {name}: {name} is not set in this shell; give --env {name}=VALUE")
+            value = environ[name]
+        if "\n" in value or "\r" in value or "\0" in value:
+            raise ValueError(
+                f"--env {name}: the value holds a line break or NUL, which a service file cannot carry"
+            )
+        env[name] = value
+    return env
+
+
+def masked_env(env: dict[str, str]) -> dict[str, str]:
+    """The variables as printed: secrets (KEY, TOKEN, SECRET, PASSWORD in the name) and passwords
+    inside URLs masked."""
+    from daemon.effective import mask_value
+
+    return {name: mask_value(name, value) for name, value in env.items()}
+
+
+def env_not_carried(sources: dict[str, str], env: dict[str, str]) -> list[str]:
+    """LORAD_* variables that gave a setting (here or to the running daemon) but are not passed
+    with --env: the service would start without them (pure). --assets is on its command line."""
+    names = {
+        src.rpartition(" ")[2] for src in sources.values() if src.rpartition(" ")[2].startswith("LORAD_")
+    }
+    return sorted(names - set(env) - {"LORAD_ASSETS"})
+
+
+PROTECTED_FOLDERS = ("Documents", "Desktop", "Downloads", "Library/Mobile Documents")
+
+
+def protected_folder_warning(path: Path, home: Path, what: str) -> str | None:
+    """macOS (TCC) refuses a LaunchAgent access to ~/Documents, ~/Desktop, ~/Downloads and iCloud
+    Drive unless granted: what to grant or where to move when `path` lies there (pure)."""
+    for folder in PROTECTED_FOLDERS:
+        root = home / folder
+        if path == root or root in path.parents:
+            shown = "iCloud Drive" if folder.startswith("Library") else f"~/{folder}"
+            return (
+                f"the {what} ({path}) is in {shown}, which macOS protects: the service cannot read it "
+                f"unless you grant Full Disk Access to {lorad_executable().parent / 'python'} (System Settings > "
+                f"Privacy & Security > Full Disk Access), or move it out, e.g. to {home / 'lorad'}"
+            )
+    return None
+
+
+def protected_warnings(paths: Paths) -> list[str]:
+    """The checkout (working directory) and the assets folder, each checked."""
+    found = [protected_folder_warning(p.absolute(), paths.home, what)
+             for p, what in ((paths.workdir, "checkout"), (paths.assets, "assets folder"))]  # fmt: skip
+    return [w for w in found if w]
 
 
 def _fill(node, values: dict):
@@ -103,6 +171,7 @@ def render_launchd(settings: Settings, paths: Paths, template: Path = TEMPLATE) 
         plist["ProgramArguments"] = [str(paths.lorad), "worker", "--state-dir", str(paths.state)]
         if paths.queue:
             plist["EnvironmentVariables"]["LORAD_QUEUE"] = paths.queue
+    plist["EnvironmentVariables"].update(paths.env)
     return plist
 
 
@@ -115,8 +184,17 @@ def _masked(text: str, paths: Paths) -> str:
     if paths.queue:
         from daemon.remote.redisurl import mask
 
-        return text.replace(paths.queue, mask(paths.queue))
+        text = text.replace(paths.queue, mask(paths.queue))
     return text
+
+
+def _systemd_env_lines(env: dict[str, str]) -> str:
+    """Environment="NAME=VALUE" lines (systemd quoting: backslash, quote; % doubled)."""
+    lines = []
+    for name, value in env.items():
+        quoted = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+        lines.append(f'Environment="{name}={quoted}"\n')
+    return "".join(lines)
 
 
 def render_systemd(settings: Settings, paths: Paths) -> str:
@@ -135,7 +213,7 @@ Type=simple
 ExecStart={paths.lorad} worker --state-dir {paths.state}
 WorkingDirectory={paths.workdir}
 Environment=PYTHONUNBUFFERED=1
-# LORAD_QUEUE=redis://... (mode 0600; `lorad service install --worker --queue URL` writes it)
+{_systemd_env_lines(paths.env)}# LORAD_QUEUE=redis://... (mode 0600; `lorad service install --worker --queue URL` writes it)
 EnvironmentFile=-{worker_env_file(paths)}
 Restart=on-failure
 RestartSec=30
@@ -161,7 +239,7 @@ Type=simple
 ExecStart={paths.lorad} run --assets {paths.assets}
 WorkingDirectory={paths.workdir}
 Environment=PYTHONUNBUFFERED=1
-# Restart after a crash; a graceful stop (exit 0 after SIGTERM) stays stopped.
+{_systemd_env_lines(paths.env)}# Restart after a crash; a graceful stop (exit 0 after SIGTERM) stays stopped.
 Restart=on-failure
 RestartSec=30
 # SIGTERM to the daemon only: it stops the trainer itself after a checkpoint, then exits.
@@ -234,7 +312,9 @@ class Launchd:
         self.target = f"{self.domain}/{self.label}"
 
     def render(self) -> str:
-        return _masked(plistlib.dumps(render_launchd(self.settings, self.paths)).decode(), self.paths)
+        plist = render_launchd(self.settings, self.paths)
+        plist["EnvironmentVariables"].update(masked_env(self.paths.env))
+        return _masked(plistlib.dumps(plist).decode(), self.paths)
 
     def install(self) -> None:
         plist = launchd_plist_path(self.paths)
@@ -245,9 +325,7 @@ class Launchd:
 
             plist.parent.mkdir(parents=True, exist_ok=True)
             (self.paths.logs).mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(plist, data)
-            if self.paths.queue:
-                os.chmod(plist, 0o600)  # it holds the queue URL (password)
+            atomic_write_bytes(plist, data, mode=0o600)  # it may hold secrets (queue URL, --env)
         self.run("launchctl", "bootstrap", self.domain, str(plist))
         self.run("launchctl", "enable", self.target)
 
@@ -288,7 +366,9 @@ class Systemd:
         self.unit = WORKER_UNIT if paths.worker else UNIT
 
     def render(self) -> str:
-        return render_systemd(self.settings, self.paths)
+        """The unit as printed: --env secrets masked (install writes the real values)."""
+        shown = Paths(**{**self.paths.__dict__, "env": masked_env(self.paths.env)})
+        return render_systemd(self.settings, shown)
 
     def install(self) -> None:
         if not self.run.dry_run:
@@ -296,7 +376,7 @@ class Systemd:
 
             unit = systemd_unit_path(self.paths)
             unit.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(unit, self.render())
+            atomic_write_text(unit, render_systemd(self.settings, self.paths), mode=0o600)
             if self.paths.worker and self.paths.queue:
                 env = worker_env_file(self.paths)
                 env.parent.mkdir(parents=True, exist_ok=True)
@@ -359,9 +439,21 @@ def main(settings: Settings, args) -> int:
         print("lorad service install --worker: needs the queue URL: --queue redis://host:6379/0 "
               "(or the queue setting / LORAD_QUEUE)", file=sys.stderr)  # fmt: skip
         return 2
-    svc = manager(
-        settings, platform, run, paths_for(settings, worker=worker, queue=queue) if worker else None
-    )
+    try:
+        env = parse_env(list(getattr(args, "env", None) or []), os.environ)
+    except ValueError as exc:
+        print(f"lorad service {args.action}: {exc}", file=sys.stderr)
+        return 2
+    paths = paths_for(settings, worker=worker, queue=queue)
+    paths.env = env
+    svc = manager(settings, platform, run, paths)
+    if args.action == "install" and platform == "launchd":
+        for warning in protected_warnings(paths):
+            print(f"lorad service install: warning: {warning}", file=sys.stderr)
+    if args.action in ("install", "print"):
+        for name in env_not_carried(settings.sources, env):
+            print(f"lorad service {args.action}: note: {name} is set here (or in the running daemon) but the "
+                  f"service would not see it: add --env {name}", file=sys.stderr)  # fmt: skip
     try:
         if args.action == "print":
             print(svc.render(), end="")

@@ -1,4 +1,5 @@
-"""One `Settings` object: defaults <- lorad.toml <- environment (LORAD_*) <- CLI flags.
+"""One `Settings` object: defaults <- lorad.toml <- the running daemon's settings <- environment
+(LORAD_*) <- CLI flags. Each value remembers where it came from (`Settings.sources`).
 
 The merge and validation are pure (`resolve`), so precedence and error messages are
 table-tested; only `load` touches the file system and `os.environ`.
@@ -39,8 +40,8 @@ FIELDS: dict[str, tuple[str, object]] = {
     "settle_s": ("float", 0.05),
     # How long SIGTERM waits for the trainer to checkpoint; launchd's ExitTimeOut is set above it.
     "stop_timeout_s": ("float", 60.0),
-    # Minimum gap between TRAINING marker refreshes.
-    "marker_refresh_s": ("float", 30.0),
+    # Minimum gap between TRAINING marker refreshes (a progress change shows within this).
+    "marker_refresh_s": ("float", 5.0),
     "log_max_bytes": ("int", 10_000_000),
     "log_backups": ("int", 5),
     # macOS: keep the Mac awake while training (caffeinate -i -w <pid>).
@@ -98,8 +99,17 @@ FIELDS: dict[str, tuple[str, object]] = {
     "sample_every": ("int | None", None),
     # ... with these prompts (empty: the dataset's preview prompt). LORAD_PREVIEW_PROMPTS: "|"-separated.
     "preview_prompts": ("list", ()),
+    # Retention (daemon/retention.py): the newest this many finished jobs are listed; older ones
+    # are pruned (hidden rows that keep their fingerprints, work dirs removed).
+    "keep_jobs": ("int", 50),
+    # A finished job's work dir is pruned to what the dashboard shows after this many days (a
+    # failed or cancelled job keeps what `lorad retry` needs until then).
+    "keep_workdirs_days": ("float", 7.0),
     # Messages about deprecated keys that were used (logged when the daemon starts).
     "deprecations": ("tuple", ()),
+    # Where each setting came from: "default", a lorad.toml path, "LORAD_MODEL", "--model", or
+    # "daemon: <its source>" (the running daemon's settings). Filled by resolve.
+    "sources": ("dict", None),
 }
 
 # Old top-level keys that moved into an engine's section: key -> (engine, key there).
@@ -150,7 +160,10 @@ class Settings:
     notify_timeout_s: float
     sample_every: int | None
     preview_prompts: tuple[str, ...]
+    keep_jobs: int
+    keep_workdirs_days: float
     deprecations: tuple[str, ...]
+    sources: dict[str, str]
 
     def __init__(self, **values):
         unknown = set(values) - set(FIELDS)
@@ -160,12 +173,16 @@ class Settings:
             object.__setattr__(self, name, values.get(name, default))
         if values.get("engines") is None:
             object.__setattr__(self, "engines", {})
+        if values.get("sources") is None:
+            object.__setattr__(self, "sources", {})
 
     def __setattr__(self, name, value):
         raise AttributeError("Settings are read-only")
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Settings) and all(getattr(self, n) == getattr(other, n) for n in FIELDS)
+        return isinstance(other, Settings) and all(
+            getattr(self, n) == getattr(other, n) for n in FIELDS if n != "sources"
+        )
 
     def __repr__(self) -> str:
         return "Settings(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in FIELDS) + ")"
@@ -205,7 +222,9 @@ class Settings:
 
 
 # What a user sets as a plain key (the engines' sections and the notes are filled by resolve).
-KEYS = {k: v for k, v in FIELDS.items() if k not in ("engines", "deprecations")}
+KEYS = {k: v for k, v in FIELDS.items() if k not in ("engines", "deprecations", "sources")}
+DEFAULT_SOURCE = "default"
+DAEMON_SOURCE = "daemon: "
 _PATH_KEYS = {"assets", "state_dir", "registry"}
 _OPTIONAL = {"state_dir", "ram_gb", "ui_token", "sample_every"}
 UI_TOKEN_MIN_CHARS = 16  # the dashboard's token is its only lock off loopback
@@ -272,7 +291,9 @@ def _coerce(key: str, value: object, source: str, base: Path) -> object:
             raise SettingsError(
                 f"{where}: expected {'an integer' if want_int else 'a number'}, got {value!r}"
             ) from None
-        if number < 0 or (number == 0 and key not in ("settle_s", "log_backups")):
+        if number < 0 or (
+            number == 0 and key not in ("settle_s", "log_backups", "keep_jobs", "keep_workdirs_days")
+        ):
             raise SettingsError(f"{where}: must be greater than 0, got {value!r}")
         return number
     if not isinstance(value, str) or not value.strip():
@@ -340,22 +361,35 @@ def resolve(
     flags: Mapping[str, object] | None = None,
     base: Path = Path("."),
     project_root: Path | None = None,
+    daemon_values: Mapping[str, tuple[object, str]] | None = None,
 ) -> Settings:
-    """Pure merge: defaults <- file <- env <- flags.
+    """Pure merge: defaults <- file <- the running daemon's settings <- env <- flags.
 
     Relative paths in the file resolve against `project_root` (the file's folder); defaults too
     (`./assets`, `config.json` sit at the project root); env and flags resolve against `base` (CWD).
+    `daemon_values` maps a key to (its value, where the daemon got it) (daemon/effective.py).
     """
     root = project_root if project_root is not None else base
     merged: dict[str, object] = {}
-    file_values, engines, deprecations = _engine_sections(file_values or {}, env or {}, file_source)
-    merged["engines"], merged["deprecations"] = engines, deprecations
-    for key, value in file_values.items():
+    sources: dict[str, str] = {}
+    file_values = file_values or {}
+    rest, file_engines, notes = _engine_sections(file_values, {}, file_source)
+    _, env_engines, env_notes = _engine_sections({}, env or {}, file_source)
+    daemon_engines = (daemon_values or {}).get("engines", ({}, ""))[0]
+    merged["engines"] = _merge_engines(
+        file_engines, daemon_engines if isinstance(daemon_engines, Mapping) else {}, env_engines
+    )
+    merged["deprecations"] = notes + env_notes
+    for key, value in rest.items():
         if key not in KEYS:
             raise SettingsError(
                 f"unknown setting '{key}' in {file_source}; known settings: {', '.join(sorted(KEYS))}"
             )
-        merged[key] = _coerce(key, value, file_source, root)
+        merged[key], sources[key] = _coerce(key, value, file_source, root), file_source
+    for key, (value, source) in (daemon_values or {}).items():
+        if key in KEYS:
+            where = f"the running daemon's settings ({source})"
+            merged[key], sources[key] = _coerce(key, value, where, base), DAEMON_SOURCE + source
     for name, value in (env or {}).items():
         if not name.startswith(ENV_PREFIX) or name.startswith(ENGINES_ENV_PREFIX) or _alias_of_env(name):
             continue
@@ -365,14 +399,26 @@ def resolve(
                 f"unknown setting '{key}' from environment variable {name}; "
                 f"known: {', '.join(ENV_PREFIX + k.upper() for k in sorted(KEYS))}"
             )
-        merged[key] = _coerce(key, value, f"environment variable {name}", base)
+        merged[key], sources[key] = _coerce(key, value, f"environment variable {name}", base), name
     for key, value in (flags or {}).items():
         if value is None:
             continue
-        merged[key] = _coerce(key, value, f"command-line flag --{key.replace('_', '-')}", base)
+        flag = f"--{key.replace('_', '-')}"
+        merged[key], sources[key] = _coerce(key, value, f"command-line flag {flag}", base), flag
     for key in ("assets", "registry"):
         merged.setdefault(key, root / str(FIELDS[key][1]))
+    merged["sources"] = {key: sources.get(key, DEFAULT_SOURCE) for key in KEYS}
     return Settings(**merged)
+
+
+def _merge_engines(*layers: Mapping[str, Mapping[str, object]]) -> dict[str, dict[str, object]]:
+    """Engines' raw sections, later layers winning key by key."""
+    merged: dict[str, dict[str, object]] = {}
+    for layer in layers:
+        for engine, values in layer.items():
+            if isinstance(values, Mapping):
+                merged.setdefault(str(engine), {}).update(values)
+    return merged
 
 
 def _alias_of_env(name: str) -> str | None:
@@ -431,11 +477,8 @@ def find_config_file(start: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def load(
-    *, config_file: Path | None = None, flags: Mapping[str, object] | None = None, cwd: Path | None = None
-) -> Settings:
-    """Read lorad.toml (the given one, or the project root's) and the environment, then resolve."""
-    cwd = (cwd or Path.cwd()).resolve()
+def read_config(config_file: Path | None, cwd: Path) -> tuple[dict[str, object], str, Path]:
+    """(values, source name, project root) of lorad.toml: the given one, or the project root's."""
     file_values: dict[str, object] = {}
     source = CONFIG_FILE_NAME
     root = cwd
@@ -452,6 +495,50 @@ def load(
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
         root = path.resolve().parent
-    return resolve(
-        file_values=file_values, file_source=source, env=os.environ, flags=flags, base=cwd, project_root=root
+    return file_values, source, root
+
+
+_LOCATION_KEYS = ("assets", "state_dir")
+
+
+def load(
+    *,
+    config_file: Path | None = None,
+    flags: Mapping[str, object] | None = None,
+    cwd: Path | None = None,
+    use_daemon: bool = False,
+) -> Settings:
+    """Read lorad.toml and the environment, then resolve. With `use_daemon` (every command but the
+    daemon and a worker), the running daemon's settings come between lorad.toml and the
+    environment: found in this state dir, or through the pointer in the default one."""
+    cwd = (cwd or Path.cwd()).resolve()
+    file_values, source, root = read_config(config_file, cwd)
+
+    def merged(env: Mapping[str, str], flag_values: Mapping[str, object] | None, daemon_values=None):
+        return resolve(file_values=file_values, file_source=source, env=env, flags=flag_values, base=cwd,
+                       project_root=root, daemon_values=daemon_values)  # fmt: skip
+
+    settings = merged(os.environ, flags)
+    if not use_daemon:
+        return settings
+    from daemon import effective
+
+    own_location = any((flags or {}).get(k) for k in _LOCATION_KEYS) or any(
+        ENV_PREFIX + k.upper() in os.environ for k in _LOCATION_KEYS
     )
+    default_state = None if own_location else merged({}, {}).state
+    values = effective.daemon_values(settings.state, default_state)
+    if not values:
+        return settings
+    try:
+        return merged(os.environ, flags, values)
+    except SettingsError:  # a settings file this version cannot read: as if no daemon ran
+        return settings
+
+
+def default_state_dir(config_file: Path | None = None, cwd: Path | None = None) -> Path:
+    """The state dir a command with no flags and no LORAD_* variables looks in (lorad.toml's,
+    else ./assets/.lorad): where the daemon leaves its pointer."""
+    cwd = (cwd or Path.cwd()).resolve()
+    file_values, source, root = read_config(config_file, cwd)
+    return resolve(file_values=file_values, file_source=source, base=cwd, project_root=root).state

@@ -48,6 +48,13 @@ def error_lines(error: str, indent: str, width: int = 100) -> list[str]:
     return lines
 
 
+def _wrapped(text: str, indent: str, width: int = 100) -> list[str]:
+    """Every word of a notice (it holds a command to copy), wrapped under the job's row."""
+    import textwrap
+
+    return [indent + line for line in textwrap.wrap(text, width=width, break_long_words=False)]
+
+
 def remote_lines(job, indent: str) -> list[str]:
     """Scale-out: the worker a running job is on, or why a queued job waits (no worker fits)."""
     worker, waiting = getattr(job, "worker", None), getattr(job, "waiting", None)
@@ -73,13 +80,26 @@ def _json_row(job) -> dict:
     return row
 
 
-def render_status(jobs: list, *, show_all: bool, as_json: bool, daemon_pid: int | None, now: float) -> str:
+def render_status(
+    jobs: list,
+    *,
+    show_all: bool,
+    as_json: bool,
+    daemon_pid: int | None,
+    now: float,
+    daemon: dict | None = None,
+) -> str:
+    """`daemon`: what the running daemon trains with ({"model", "model_source"}), for the JSON."""
     shown = visible(jobs, show_all=show_all, now=now)
     if as_json:
         import json
 
         return json.dumps(
-            {"daemon_pid": daemon_pid, "jobs": [_json_row(j) for j in shown]},
+            {
+                "daemon_pid": daemon_pid,
+                **({"daemon": daemon} if daemon else {}),
+                "jobs": [_json_row(j) for j in shown],
+            },
             indent=2,
             default=str,
             ensure_ascii=False,
@@ -103,5 +123,7 @@ def render_status(jobs: list, *, show_all: bool, as_json: bool, daemon_pid: int 
             lines += error_lines(job.error, f"{'':<22} ")
         elif job.state not in FINISHED and getattr(job, "note", None):
             lines.append(f"{'':<22} {job.note}")
+        elif job.state == "queued" and job.settings.get("weights_missing"):
+            lines += _wrapped("cannot train here yet: " + str(job.settings["weights_missing"]), f"{'':<22} ")
         lines += remote_lines(job, f"{'':<22} ")
     return "\n".join(lines)

@@ -60,6 +60,8 @@ class EngineContext:
     keep_awake: bool = True
     options: Mapping[str, object] = field(default_factory=dict)  # raw `[engines.<name>]` values
     cloud_daily_jobs: int = 0  # engines that pay per job (fal): at most this many sent a day; 0 = no limit
+    # false: the engine's children run with the Hub offline (HF_HUB_OFFLINE=1), nothing fetched unasked.
+    download_models: bool = False
 
 
 # -- plans -----------------------------------------------------------------------------------

@@ -117,14 +117,36 @@ def test_plan_cli_prints_the_plan(tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "--assets", str(tmp_path), "plan", "--ram-gb", "24"],
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "--assets",
+            str(tmp_path),
+            "plan",
+            "--images",
+            "20",
+            "--ram-gb",
+            "24",
+        ],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stderr
     assert "q4-lowram" in result.stdout and "quantize     4" in result.stdout and "768" in result.stdout
     result = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "--assets", str(tmp_path), "plan", "--ram-gb", "8"],
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "--assets",
+            str(tmp_path),
+            "plan",
+            "--images",
+            "20",
+            "--ram-gb",
+            "8",
+        ],
         capture_output=True,
         text=True,
     )

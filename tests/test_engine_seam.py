@@ -183,8 +183,8 @@ def test_unknown_engine_stops_the_daemon_at_start_with_exit_2(tmp_path):
 
 def test_bad_engine_section_stops_the_daemon_and_plan_with_exit_2(tmp_path):
     env = {"LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY": "often"}
-    for command in ("run", "plan"):
-        result = _run_cli(tmp_path, command, env=env)
+    for command in (("run",), ("plan", "--images", "20")):
+        result = _run_cli(tmp_path, *command, env=env)
         assert result.returncode == 2, result.stderr
         assert "checkpoint_every' in [engines.mflux]" in result.stderr
 
@@ -429,7 +429,7 @@ def test_doctor_and_plan_show_backend_device_and_plan_memory(tmp_path):
     doctor = _run_cli(tmp_path, "doctor")
     line = next(ln for ln in doctor.stdout.splitlines() if " backend " in ln)
     assert "cpu:" in line and "plans from" in line and "GB system RAM" in line
-    plan = _run_cli(tmp_path, "plan")
+    plan = _run_cli(tmp_path, "plan", "--images", "20")
     assert plan.returncode == 0, plan.stderr
     assert "backend      cpu (" in plan.stdout and "GB system RAM" in plan.stdout
 

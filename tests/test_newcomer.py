@@ -221,7 +221,9 @@ def _cli(*args, cwd, env=None, input_text=None):
 
 
 def test_plan_labels_and_units(tmp_path):
-    result = _cli("--assets", str(tmp_path / "assets"), "plan", "--ram-gb", "24", cwd=tmp_path)
+    result = _cli(
+        "--assets", str(tmp_path / "assets"), "plan", "--images", "20", "--ram-gb", "24", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "checkpoint." not in out
@@ -417,6 +419,12 @@ def test_weights_check_finds_the_hf_cache_like_mflux(tmp_path):
     assert weights_check("z-image-turbo", env).status.value == "warn"
     shutil.rmtree(home / "hub" / "models--Tongyi-MAI--Z-Image-Turbo" / "snapshots" / TURBO_PIN)
     _fake_snapshot(home / "hub", "Tongyi-MAI/Z-Image-Turbo", TURBO_PIN)
+    # Issue 24: the training adapter mflux loads for every z-image-turbo run is part of the weights.
+    env["MFLUX_CACHE_DIR"] = str(tmp_path / "mflux")
+    assert weights_check("z-image-turbo", env).status.value == "warn"
+    adapter = home / "hub" / "models--ostris--zimage_turbo_training_adapter" / "snapshots" / ("1" * 40)
+    adapter.mkdir(parents=True)
+    (adapter / "zimage_turbo_training_adapter_v2.safetensors").write_bytes(b"x")
     assert weights_check("z-image-turbo", env).status.value == "ok"
     assert weights_check("tiny-z-image", env).status.value == "ok"
     assert weights_check("sdxl", env).status.value == "fail"

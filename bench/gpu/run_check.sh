@@ -75,7 +75,7 @@ ASSETS=$(mktemp -d /tmp/lorad-gpu-check.XXXX)
 
 stage backend 120 "${PY[@]}" -c "import mlx.core as mx; print('mlx', mx.__version__, 'default device', mx.default_device(), 'cuda', mx.cuda.is_available()); print(mx.device_info() if hasattr(mx, 'device_info') else '')"
 stage doctor 60 "${LORAD[@]}" --assets "$ASSETS" doctor
-stage plan 60 "${LORAD[@]}" --assets "$ASSETS" plan
+stage plan 60 "${LORAD[@]}" --assets "$ASSETS" plan --images 20
 stage selftest 150 "${LORAD[@]}" --assets "$ASSETS" selftest --clean
 stage p4 $(( $(left) - 200 > 240 ? 240 : $(left) - 200 )) "${PY[@]}" bench/p4_engine_overhead.py --rounds "${P4_ROUNDS:-1}" --steps "${P4_STEPS:-20}"
 grep -h '^RESULT' "$OUT/p4.log" >> "$SUMMARY" 2>/dev/null

@@ -15,6 +15,9 @@ CAPTION_POLICIES = ("prepend", "require")
 # What an image without a caption gets (apart from caption_policy, which governs captions that exist).
 MISSING_CAPTIONS = ("refuse", "trigger", "vlm")
 MAX_PREVIEW_PROMPTS = 8  # each one is rendered at every sample: more would slow training down
+# What the LoRA teaches: a subject ("character", the default) or a look ("style"); only the
+# image-count advice depends on it (daemon/intake/validate.py), not the training.
+KINDS = ("character", "style")
 
 # key -> (type, lower bound, upper bound, help)
 OPTION_SPECS: dict[str, tuple[type, Any, Any]] = {
@@ -38,6 +41,7 @@ OPTION_SPECS: dict[str, tuple[type, Any, Any]] = {
     "missing_captions": (str, None, None),  # one of MISSING_CAPTIONS
     "caption_model": (str, 1, 200),  # the captioner for missing_captions = "vlm"
     "write_captions": (bool, None, None),  # generated captions also as .txt sidecars in the folder
+    "kind": (str, None, None),  # one of KINDS
 }
 READY_ONLY = {"force": (bool, None, None)}
 
@@ -75,6 +79,13 @@ def _check_value(
             filename,
             f"key 'missing_captions' must be one of {', '.join(MISSING_CAPTIONS)}, got {value!r}",
             'write missing_captions = "refuse" (default), "trigger" or "vlm"',
+            code="option.value",
+        )
+    if key == "kind" and value not in KINDS:
+        return None, Finding.error(
+            filename,
+            f"key 'kind' must be one of {', '.join(KINDS)}, got {value!r}",
+            'write kind = "character" (default: a person, pet or object) or kind = "style" (a look)',
             code="option.value",
         )
     if key == "engine":
@@ -171,6 +182,7 @@ def _example(key: str) -> str:
         "missing_captions": '"trigger"',
         "caption_model": '"tiny-vlm"',
         "write_captions": "true",
+        "kind": '"style"',
     }.get(key, "...")
 
 

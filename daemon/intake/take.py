@@ -29,7 +29,7 @@ from daemon.intake.snapshot import (
 from daemon.intake.validate import limits, read_options_file, validate_dataset
 from daemon.jobs import JobStore, iso, marker_text, new_job_id
 from daemon.logs import get_logger
-from daemon.settings import Settings
+from daemon.settings import Settings, SettingsError
 
 TRAINING_KEYS = (
     "rank",
@@ -311,6 +311,12 @@ class Intake:
             priority=int(report.options.get("priority", 0)),
             ready_at=ready_st.st_mtime,
         )
+        missing = self._weights_missing(effective)
+        if missing:  # said now, in QUEUED and status; the job still waits so the user can fetch them
+            row["settings"]["weights_missing"] = missing
+            log.warning(
+                "dataset.weights_missing", job_id=job_id, model=effective.get("model"), detail=missing
+            )
         # The work dir carries its own record before it exists under its id: a lost jobs table
         # is rebuilt from these (daemon.recover_work_dirs), never mistaken for garbage.
         jobrecord.write_record(staging, jobrecord.new_record(**row, created_at=time.time()))
@@ -332,6 +338,23 @@ class Intake:
             )
         self.enqueue(job.id, job.priority, job.ready_at)
         return Outcome("queued", job.id)
+
+    def _weights_missing(self, effective: dict) -> str | None:
+        """The engine's words when the job's model cannot train on this machine yet (its weights,
+        or a piece of them, are missing); None otherwise, or when workers train (scale-out: this
+        machine's cache says nothing about theirs)."""
+        if self.settings.scale_out:
+            return None
+        from daemon.pipeline import make_engine
+        from engines.base import CheckStatus
+
+        try:
+            check = make_engine(self.settings, str(effective.get("engine"))).model_check(
+                str(effective.get("model"))
+            )
+        except SettingsError:
+            return None  # an unknown engine fails the job with its own message when it runs
+        return None if check.status is CheckStatus.OK else check.detail
 
     def _already_queued(self, folder: Path, ready: Path, token: str, pending, fp: str, log) -> Outcome:
         """The same dataset (same fingerprint) is queued or running: READY is consumed, nothing is

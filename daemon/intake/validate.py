@@ -630,15 +630,10 @@ def validate_dataset(
                 code="folder.noimages",
             )
         )
-    elif len(images) < contract.FEW_IMAGES:
-        add(
-            Finding.warning(
-                ".",
-                f"only {len(images)} images; 10-30 give a more reliable character LoRA",
-                "add more varied images",
-                code="folder.few",
-            )
-        )
+    else:
+        advice = image_count_advice(len(images), str(report.options.get("kind", "character")))
+        if advice is not None:
+            add(Finding.warning(".", advice[0], advice[1], code="folder.few"))
     return report
 
 
@@ -739,3 +734,20 @@ def _check_captioner(report: Report, model: str) -> None:
                 code="caption.model",
             )
         )
+
+
+# kind -> (fewest images before the advice, what to say). A style is learned from many varied
+# pictures in that look; a character from 10-30 of the same subject.
+FEW_FOR_KIND = {
+    "character": (contract.FEW_IMAGES, "10-30 give a more reliable character LoRA", "add more varied images of the subject"),
+    "style": (20, "a style LoRA learns the look more reliably from 20-50 varied images in that style",
+              "add more images in the style, with different subjects"),
+}  # fmt: skip
+
+
+def image_count_advice(count: int, kind: str) -> tuple[str, str] | None:
+    """(message, what to do) when a dataset of this kind has few images, else None (pure)."""
+    fewest, message, todo = FEW_FOR_KIND.get(kind, FEW_FOR_KIND["character"])
+    if count >= fewest:
+        return None
+    return f"only {count} images; {message}", todo

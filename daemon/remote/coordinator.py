@@ -594,7 +594,7 @@ class Coordinator:
             report = [folder / "report" / name for name in names if "/" not in name]
             if any(name.startswith(SAMPLES_DIR + "/") for name in names):
                 report.append(folder / "report" / SAMPLES_DIR)  # published as one folder
-            outputs = publish_job(self.settings, job, plan, lora_file, rendered, report)
+            outputs = publish_job(self.settings, job, plan, lora_file, rendered, report, self.store)
         except (PublishError, SettingsError) as exc:
             self._transition(job.id, "failed", error=str(exc))
             return

@@ -105,6 +105,7 @@ class MFluxEngine:
         self.state_dir = Path(context.state_dir)
         self.stop_timeout_s = context.stop_timeout_s
         self.keep_awake = context.keep_awake
+        self.download_models = context.download_models
         self.metal_timeout_workaround = bool(values["metal_timeout_workaround"])
         self.checkpoint_every = int(values["checkpoint_every"])  # type: ignore[call-overload]
         self.device: Device | None = None  # probed on first use; a test may set it
@@ -303,6 +304,8 @@ class MFluxEngine:
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",
             "TQDM_MININTERVAL": "5",
         }
+        if not self.download_models:  # mflux would otherwise fetch what is missing behind lorad's back
+            env["HF_HUB_OFFLINE"] = "1"
         if sys.platform == "darwin" and self.metal_timeout_workaround:
             env["AGX_RELAX_CDM_CTXSTORE_TIMEOUT"] = "1"  # mlx issue #3267: Metal watchdog kills long runs
         return env
@@ -329,7 +332,9 @@ class MFluxEngine:
                 )
             return None
         check = self.model_check(plan.model)  # the same words as `lorad run` and `doctor`
-        return None if check.status is CheckStatus.OK else check.detail
+        if check.status is CheckStatus.OK or (self.download_models and check.status is CheckStatus.WARN):
+            return None  # download_models = true: the child fetches what is missing
+        return check.detail
 
     def train(
         self,

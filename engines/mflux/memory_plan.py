@@ -55,9 +55,25 @@ TIERS: tuple[Tier, ...] = (
         512,
         2,
         11,
-        "the floor tier: training runs at {resolution} px with every memory saver on; close other apps",
+        "the floor tier: training runs at {resolution} px with every memory saver on",
     ),
 )
+
+
+# Below this much to spare over the tier's estimated peak, other apps can tip training over.
+TIGHT_HEADROOM_GB = 3.0
+
+
+def headroom_words(available_gb: float, total_gb: float, need_gb: float) -> str:
+    """The memory advice worded by the actual headroom (pure): "close other apps" only when
+    what is free now leaves little over the plan's estimated peak."""
+    spare = available_gb - need_gb
+    if spare < TIGHT_HEADROOM_GB:
+        return (
+            f"only ~{max(spare, 0):.0f} GB to spare ({available_gb:.0f} of {total_gb:.0f} GB free now, "
+            f"~{need_gb:.0f} GB needed): close other apps before it runs"
+        )
+    return f"{available_gb:.0f} of {total_gb:.0f} GB free now, ~{spare:.0f} GB to spare over the ~{need_gb:.0f} GB it needs"
 
 
 @dataclass(frozen=True)
@@ -191,7 +207,13 @@ def plan_memory(
         else:
             max_resolution = resolution
     if tier.warning:
-        warnings.insert(0, tier.warning.format(resolution=max_resolution))
+        need = tier.need_gb * profile.scale
+        warnings.insert(
+            0,
+            tier.warning.format(resolution=max_resolution)
+            + "; "
+            + headroom_words(available_gb, total_gb, need),
+        )
     batch = (
         2
         if tier.quantize is None

@@ -26,6 +26,14 @@ MODEL_WEIGHTS: dict[str, tuple[str, int]] = {
     "flux2-klein-9b": ("black-forest-labs/FLUX.2-klein-9B", 32),
     "flux2-klein-base-9b": ("black-forest-labs/FLUX.2-klein-base-9B", 32),
 }
+# What else mflux loads from the Hub when it *trains* a model, beyond the model's repo: (repo, file).
+# mflux/models/common/training/runner.py, TrainingRunner.ZIMAGE_TURBO_TRAINING_ADAPTER (an
+# assistant LoRA applied to every Z-Image-Turbo training run). A test keeps this equal to mflux's.
+TRAINING_EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
+    "z-image-turbo": (
+        ("ostris/zimage_turbo_training_adapter", "zimage_turbo_training_adapter_v2.safetensors"),
+    ),
+}
 # The folders whose *.safetensors mflux requires in a cached snapshot (its download patterns).
 WEIGHT_FOLDERS = ("transformer", "text_encoder", "vae")
 
@@ -41,6 +49,41 @@ def hf_hub_cache(env: Mapping[str, str] | None = None) -> Path:
         env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
     )
     return Path(os.path.expandvars(os.path.expanduser(home))) / "hub"
+
+
+def mflux_lora_cache(env: Mapping[str, str] | None = None) -> Path:
+    """Where mflux keeps the LoRAs it fetched itself (MFLUX_CACHE_DIR/loras; platformdirs' user
+    cache otherwise), computed without importing mflux."""
+    import sys
+
+    env = os.environ if env is None else env
+    if env.get("MFLUX_CACHE_DIR"):
+        return Path(os.path.expanduser(env["MFLUX_CACHE_DIR"])) / "loras"
+    if sys.platform == "darwin":
+        return Path(os.path.expanduser("~/Library/Caches/mflux/loras"))
+    cache = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "mflux" / "loras"
+
+
+def find_extra(repo: str, filename: str, env: Mapping[str, str] | None = None) -> Path | None:
+    """A training extra on this machine: in mflux's own LoRA cache (its link or snapshot) or in
+    the Hugging Face cache (`hf download`); None when absent. The training child hands the
+    path found to mflux, so it never looks it up on the Hub."""
+    lora_cache = mflux_lora_cache(env)
+    candidates = [lora_cache / filename]
+    for cache in (lora_cache, hf_hub_cache(env)):
+        snapshots = cache / f"models--{repo.replace('/', '--')}" / "snapshots"
+        try:
+            candidates += [snapshot / filename for snapshot in sorted(snapshots.iterdir())]
+        except OSError:
+            continue
+    for path in candidates:
+        try:
+            if path.is_file() and path.stat().st_size > 0:
+                return path
+        except OSError:
+            continue
+    return None
 
 
 @lru_cache(maxsize=None)
@@ -86,10 +129,46 @@ def _snapshot_complete(snapshot: Path) -> bool:
     return True
 
 
+def _model_repo_present(repo: str, cache: Path) -> tuple[bool, str | None]:
+    """(the pinned, complete snapshot of `repo` is in the cache, the pin)."""
+    snapshots = cache / f"models--{repo.replace('/', '--')}" / "snapshots"
+    pin = pinned_revisions().get(repo)
+    try:
+        candidates = [snapshots / pin] if pin else sorted(snapshots.iterdir())
+    except OSError:
+        candidates = []
+    return any(s.is_dir() and _snapshot_complete(s) for s in candidates), pin
+
+
+def missing_pieces(model: str, env: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """(what is missing, the command that fetches it) for every piece mflux loads to train
+    `model` that is not on this machine (pure file look-ups)."""
+    repo, size_gb = MODEL_WEIGHTS[model]
+    cache = hf_hub_cache(env)
+    missing = []
+    present, pin = _model_repo_present(repo, cache)
+    if not present:
+        where = f"no complete {repo}{' at ' + pin[:7] if pin else ''} in {cache}"
+        revision = f" --revision {pin}" if pin else ""
+        missing.append(
+            (f"the model weights, about {size_gb} GB ({where})", f"uv run hf download {repo}{revision}")
+        )
+    for extra_repo, filename in TRAINING_EXTRAS.get(model, ()):
+        if find_extra(extra_repo, filename, env) is None:
+            missing.append(
+                (
+                    f"mflux's training adapter {extra_repo} ({filename}), loaded by every {model} training "
+                    f"run (not in {cache} nor {mflux_lora_cache(env)})",
+                    f"uv run hf download {extra_repo} {filename}",
+                )
+            )
+    return missing
+
+
 def weights_check(model: str, env: Mapping[str, str] | None = None) -> Check:
-    """Are this model's weights on this machine? Looks in the Hugging Face cache the way mflux
-    does (the pinned snapshot, weight folders complete); never downloads. The detail of a
-    missing model says what to do; `lorad run`, `lorad doctor` and a job all show it."""
+    """Is everything mflux loads to train this model on this machine (the model's pinned
+    snapshot, and its training adapter)? Never downloads. The detail of a missing piece names
+    it and the command that fetches it; `lorad run`, `lorad doctor`, intake and a job all show it."""
     if model == "tiny-z-image":
         return Check("model", CheckStatus.OK, "tiny-z-image is generated locally on first use (no download)")
     if model not in MODEL_WEIGHTS:
@@ -98,22 +177,23 @@ def weights_check(model: str, env: Mapping[str, str] | None = None) -> Check:
             CheckStatus.FAIL,
             f"unknown model {model!r}; known: {', '.join([*MODEL_WEIGHTS, 'tiny-z-image'])}",
         )
-    repo, size_gb = MODEL_WEIGHTS[model]
-    cache = hf_hub_cache(env)
-    snapshots = cache / f"models--{repo.replace('/', '--')}" / "snapshots"
-    pin = pinned_revisions().get(repo)
-    try:
-        candidates = [snapshots / pin] if pin else sorted(snapshots.iterdir())
-    except OSError:
-        candidates = []
-    for snapshot in candidates:
-        if snapshot.is_dir() and _snapshot_complete(snapshot):
-            return Check("model", CheckStatus.OK, f"{model} weights present ({repo} in {cache})")
-    revision = f" --revision {pin}" if pin else ""
+    repo = MODEL_WEIGHTS[model][0]
+    missing = missing_pieces(model, env)
+    if not missing:
+        extras = " and its training adapter" if model in TRAINING_EXTRAS else ""
+        return Check(
+            "model", CheckStatus.OK, f"{model} weights present ({repo}{extras}, {hf_hub_cache(env)})"
+        )
+    what = "; ".join(piece for piece, _ in missing)
+    fetch = " ; ".join(command for _, command in missing)
+    head = (
+        f"{model} weights are not on this machine"
+        if missing[0][0].startswith("the model weights")
+        else f"{model} weights are incomplete on this machine"
+    )
     return Check(
         "model",
         CheckStatus.WARN,
-        f"{model} weights are not on this machine (no complete {repo}{' at ' + pin[:7] if pin else ''} in {cache}); "
-        f"jobs fail until they are. Download them once (about {size_gb} GB) with: uv run hf download {repo}{revision} ; "
-        f"to try the pipeline first without them: LORAD_MODEL=tiny-z-image uv run lorad run",
+        f"{head}: missing {what}; jobs fail until they are there (nothing is downloaded unasked). "
+        f"Fetch with: {fetch} ; to try the pipeline first without them: LORAD_MODEL=tiny-z-image uv run lorad run",
     )

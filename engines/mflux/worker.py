@@ -109,6 +109,27 @@ def _prepare_model(plan: dict) -> None:
 
         model_path = plan["config"]["model_path"]
         tiny_model.install_patch(Path(model_path))
+    _use_local_extras(plan["model"])
+
+
+def _use_local_extras(model: str) -> None:
+    """Hand mflux the training adapter's local path (found in its cache or the Hugging Face
+    cache), so it never resolves it on the Hub; when absent (download_models = true) mflux
+    fetches it as usual."""
+    from engines.mflux.weights import TRAINING_EXTRAS, find_extra
+
+    for repo, filename in TRAINING_EXTRAS.get(model, ()):
+        path = find_extra(repo, filename)
+        if path is not None and f"{repo}:{filename}" == _runner_adapter():
+            from mflux.models.common.training.runner import TrainingRunner
+
+            TrainingRunner.ZIMAGE_TURBO_TRAINING_ADAPTER = str(path)
+
+
+def _runner_adapter() -> str:
+    from mflux.models.common.training.runner import TrainingRunner
+
+    return TrainingRunner.ZIMAGE_TURBO_TRAINING_ADAPTER
 
 
 def train(args, reporter: Reporter, stop: StopFlag) -> int:
