@@ -96,19 +96,31 @@ def _pty_run(cwd: Path, args: list[str], env: dict, answers: int) -> str:
     return out.decode(errors="replace")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_every_command_sees_the_running_daemons_settings(tmp_path, redis_server):
     """Acceptance: only LORAD_MODEL=tiny-z-image (and the queue) on `lorad run`; plan, enqueue,
     ui --print, workers, status and config all use the daemon's settings and say so."""
     from daemon.sample import make_dataset
 
+    port = _free_port()
     d = DaemonProc(tmp_path, engine="mflux", extra_env={"LORAD_QUEUE": redis_server.url,
-                   "LORAD_LOCAL_WORKER": "false", "LORAD_UI": "127.0.0.1:8799", "LORAD_UI_TOKEN": "s3cret"})  # fmt: skip
+                   "LORAD_LOCAL_WORKER": "false", "LORAD_UI": f"127.0.0.1:{port}",
+                   "LORAD_UI_TOKEN": "s3cret-token-0123456789"})  # fmt: skip
     dataset = make_dataset(tmp_path / "outside" / "ohwx_alice", images=3)
     try:
         d.start()
         settings_file = d.state / "daemon-settings.json"
         assert stat.S_IMODE(settings_file.stat().st_mode) == 0o600
-        assert json.loads(settings_file.read_text())["settings"]["ui_token"] == "s3cret"  # real values
+        assert (
+            json.loads(settings_file.read_text())["settings"]["ui_token"] == "s3cret-token-0123456789"
+        )  # real values
 
         status = _cli(tmp_path, "status")
         assert status.returncode == 0, status.stderr
@@ -125,7 +137,7 @@ def test_every_command_sees_the_running_daemons_settings(tmp_path, redis_server)
         assert "tiny-z-image" in out, out
 
         ui = _cli(tmp_path, "ui", "--print")
-        assert ui.stdout.strip() == "http://127.0.0.1:8799/?token=***", ui.stdout
+        assert ui.stdout.strip() == f"http://127.0.0.1:{port}/?token=***", ui.stdout
         assert "not running" not in ui.stderr
 
         workers = _cli(tmp_path, "workers")
