@@ -442,3 +442,85 @@ def test_a_hostile_checkpoint_zip_is_refused_before_resume(tmp_path, monkeypatch
     monkeypatch.undo()
     evil = _checkpoint_zip(tmp_path / "0000030_checkpoint.zip", plan, {"../../escape.txt": b"x"})
     assert "outside the archive" in (checkpoints.verify(evil) or "")
+
+
+# -- unlucky Redis: a full one, a checkpoint whose files are gone --------------------------------
+
+
+def test_a_full_redis_leaves_the_job_queued_with_the_reason_then_it_runs(cluster, redis_server):
+    make_coordinator, make_worker = cluster
+    d = make_coordinator(redis_server).start()
+    wait_for(lambda: d.log_has("coordinator.attached"), 30, message="coordinator attached")
+    admin = redis_server.client()
+    used = int(admin.info("memory")["used_memory"])
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", str(max(1, used - 1)))  # full: every write is refused (OOM)
+    drop(d, "ohwx_full", ready="steps = 2\n")
+    wait_for(lambda: d.log_has("job.dispatch_failed"), 60, message="the dispatch fails on the full Redis")
+    job = d.jobs()[0]
+    assert job["state"] == "queued" and "Redis" in (job.get("waiting") or ""), job
+    assert "memory" in job["waiting"].lower()
+    assert "Redis" in d.cli("status").stdout
+    admin.config_set("maxmemory", "0")
+    make_worker(redis_server, "a").start()
+    wait_for(lambda: d.job_states().get("ohwx_full") == "done", 90, message="dispatched once Redis has room")
+
+
+def test_a_checkpoint_event_naming_missing_files_is_logged_as_such_and_the_job_goes_on(
+    cluster, redis_server, tmp_path
+):
+    make_coordinator, make_worker = cluster
+    d = make_coordinator(redis_server).start()
+    make_worker(redis_server, "a", {"SCRIPTED_ENGINE_STEP_S": "0.3"}).start()
+    drop(d, "ohwx_gone", ready="steps = 16\n")
+    wait_for(lambda: d.job_states().get("ohwx_gone") == "training", 60, message="training remotely")
+    job_id = d.jobs()[0]["id"]
+    client = redis_server.client()
+    token = client.get(lease.token_key(job_id)).decode()
+    missing = _ref(f"{lease.files_key(job_id, token)}:state:98:0")
+    item = {"rel": "train/checkpoints/0000098_checkpoint.zip", "ref": missing}
+    client.xadd(lease.EVENTS, {"job": job_id, "token": token, "kind": "checkpoint", "worker": "a-1",
+                               "data": json.dumps({"step": 98, "files": [item]})})  # fmt: skip
+    wait_for(
+        lambda: d.log_has("coordinator.checkpoint_unusable", job_id=job_id), 60, message="logged as unusable"
+    )
+    wait_for(lambda: d.job_states().get("ohwx_gone") == "done", 120, message="the job goes on")
+    assert not d.log_has("coordinator.redis_unreachable") and not d.log_has("job.lease_lapsed", job_id=job_id)
+
+
+@pytest.mark.parametrize(
+    "worker, raw, field",
+    [
+        (b"host-1", json.dumps({"token": TOKEN, "reason": "too big", "needs_gb": 64, "has_gb": 16}), None),
+        (b"host-1", json.dumps({"token": TOKEN, "needs_gb": "lots"}), "needs_gb"),
+        (b"host-1", json.dumps({"token": TOKEN, "reason": ["x"]}), "reason"),
+        (b"host-1", json.dumps({"token": "nope"}), "token"),
+        (b"../x", json.dumps({"token": TOKEN}), "worker"),
+        (b"host-1", b"\xff", "declined"),
+    ],
+)
+def test_decline_records_are_checked(worker, raw, field):
+    from daemon.remote.messages import DeclineRecord
+
+    if field is None:
+        assert DeclineRecord.from_dict(worker, raw).needs_gb == 64
+        return
+    with pytest.raises(MessageRefused) as refused:
+        DeclineRecord.from_dict(worker, raw)
+    assert refused.value.field == field
+
+
+def test_config_problem_table():
+    from engines.mflux.checkpoints import config_problem
+
+    work = "/srv/w/work/j1"
+    plan = {"data": f"{work}/data", "model_path": "/models/z", "checkpoint": {"output_path": f"{work}/train"}}
+    base = f"{work}/train/checkpoints"
+    ok = [{"data_root_relative": "../../data"}, {"model_path": "/models/z"}, {"p": f"{work}/train/x"},
+          {"prompt": "a photo of ohwx ~ on a beach"}, {"n": 3, "l": ["a", "b"]}]  # fmt: skip
+    bad = [{"data_root_relative": "../../../other/data"}, {"x": "/etc/shadow"}, {"x": "~/.ssh/id_rsa"},
+           {"nested": {"list": [f"{work}/../j2/data"]}}, {"x": "../../../../etc"}]  # fmt: skip
+    for config in ok:
+        assert config_problem(config, plan, base) is None, config
+    for config in bad:
+        assert "outside the job's folder" in (config_problem(config, plan, base) or ""), config

@@ -28,7 +28,7 @@ from daemon.logs import get_logger
 from daemon.pipeline import CLOUD_ENGINE, ProgressSink, job_input, make_engine, publish_job, stamp_adapter
 from daemon.publish import PublishError, complete_registry, published_by, read_header
 from daemon.remote import lease
-from daemon.remote.messages import MessageRefused, Offer, WorkerEvent, report_name
+from daemon.remote.messages import DeclineRecord, MessageRefused, Offer, WorkerEvent, report_name
 from daemon.remote.transfer import TransferError
 from daemon.remote.worker import safe_relative
 from daemon.settings import Settings, SettingsError
@@ -112,6 +112,7 @@ class Coordinator:
         self._thread: threading.Thread | None = None
         self.tick_s = min(5.0, lease.beat_interval(settings.lease_ttl_s))
         self._caught_up_at = float("-inf")
+        self._refused_declines: set[tuple[str, Any]] = set()
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -323,18 +324,16 @@ class Coordinator:
         declines = []
         for worker, raw in self.client.hgetall(lease.declined_key(job.id)).items():
             try:
-                record = json.loads(raw)
-            except ValueError:
-                continue
-            if record.get("token") == token:
-                declines.append(
-                    lease.Decline(
-                        _text(worker) or "",
-                        record.get("reason", ""),
-                        record.get("needs_gb"),
-                        record.get("has_gb"),
+                record = DeclineRecord.from_dict(worker, raw)
+            except MessageRefused as exc:
+                if (job.id, worker) not in self._refused_declines:  # once, not every tick
+                    self._refused_declines.add((job.id, worker))
+                    self.log.warning(
+                        "coordinator.event_refused", job_id=job.id, field=exc.field, reason=exc.why
                     )
-                )
+                continue
+            if record.token == token:
+                declines.append(lease.Decline(record.worker, record.reason, record.needs_gb, record.has_gb))
         verdict = lease.waiting_verdict(set(self.workers), declines)
         if verdict is not None and self._route_to_cloud(job, verdict, token, queued):
             return

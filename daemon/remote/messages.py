@@ -355,6 +355,33 @@ def _report(data: dict, prefix: str) -> tuple[ReportFile, ...]:
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class DeclineRecord:
+    """A worker's "I cannot fit this dispatch" (the `lorad:declined:<job>` hash), for `waiting:`."""
+
+    worker: str
+    token: str
+    reason: str
+    needs_gb: float | None
+    has_gb: float | None
+
+    @classmethod
+    def from_dict(cls, worker: Any, raw: Any) -> "DeclineRecord":
+        try:
+            data = json.loads(_decode(raw) or "")
+        except (TypeError, ValueError):
+            raise MessageRefused("declined", "not JSON") from None
+        if not isinstance(data, dict):
+            raise MessageRefused("declined", "not an object")
+        return cls(
+            worker=_matching({"worker": _decode(worker)}, "worker", WORKER_ID),
+            token=_matching(data, "token", TOKEN),
+            reason=_text(data, "reason", MAX_TEXT, optional=True) or "",
+            needs_gb=_number(data, "needs_gb"),
+            has_gb=_number(data, "has_gb"),
+        )
+
+
 def _decode(value: Any) -> Any:
     if isinstance(value, bytes):
         try:

@@ -173,19 +173,23 @@ def _strings(value: object) -> list[str]:
     return []
 
 
-def config_problem(config: dict, plan_config: dict) -> str | None:
+def config_problem(config: dict, plan_config: dict, base: str = "") -> str | None:
     """None when every path in a (relocated) saved config is inside the job's work dir (the
     folder holding the plan's `data`) or is one of the plan's own values (its model path); else
-    the offending path (pure). A checkpoint from a worker is input, not trust."""
+    the offending path (pure). Relative paths (run.json's `data_root_relative`) are taken from
+    `base`, the checkpoint's folder. A checkpoint from a worker is input, not trust."""
     import os
 
     allowed = set(_strings(plan_config))
     data = plan_config.get("data")
     root = os.path.normpath(os.path.dirname(data)) if isinstance(data, str) and data else None
     for value in _strings(config):
-        if value in allowed or not (value.startswith(("/", "~", "\\")) or ".." in re.split(r"[/\\]", value)):
+        looks_like_path = (
+            value.startswith(("/", "~/", "\\")) or value == "~" or ".." in re.split(r"[/\\]", value)
+        )
+        if value in allowed or not looks_like_path:
             continue
-        norm = os.path.normpath(os.path.expanduser(value))
+        norm = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
         if root is None or not (norm == root or norm.startswith(root + os.sep)):
             return f"its saved config names {value!r}, outside the job's folder"
     return None
@@ -208,7 +212,7 @@ def relocate(path: Path, plan_config: dict) -> bool:
         new_run = dict(run)
         if run.get("data_root") and "data" in plan_config:
             new_run["data_root"] = plan_config["data"]
-        problem = config_problem({"config": config, "run": new_run}, plan_config)
+        problem = config_problem({"config": config, "run": new_run}, plan_config, str(path.parent))
         if problem:
             raise CheckpointRefused(f"{path.name}: {problem}")
         if config == saved and new_run == run:
