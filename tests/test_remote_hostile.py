@@ -524,3 +524,38 @@ def test_config_problem_table():
         assert config_problem(config, plan, base) is None, config
     for config in bad:
         assert "outside the job's folder" in (config_problem(config, plan, base) or ""), config
+
+
+def test_a_planted_result_found_at_restart_is_checked_like_any_result(cluster, redis_server, tmp_path):
+    """Whatever led to a result in <work>/result (here: found there when the coordinator restarts),
+    it is published only through collect_result's checks: a report name leaving the folder fails
+    the job, nothing is published, and the queue moves on."""
+    from test_remote import _result_parts
+
+    make_coordinator, make_worker = cluster
+    d = make_coordinator(redis_server).start()
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    (holds / "trained.hold").write_text("")
+    make_worker(redis_server, "a", {"SCRIPTED_ENGINE_HOLD_DIR": str(holds)}).start()
+    drop(d, "ohwx_planted", ready="steps = 2\n")
+    wait_for((holds / "trained.reached").exists, 60, message="worker finished training, holding")
+    job_id = d.jobs()[0]["id"]
+    d.kill9()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the coordinator's secret")
+    result = d.state / "jobs" / job_id / "result"
+    (result / "report").mkdir(parents=True)
+    parts = _result_parts(tmp_path)
+    for name, path in (("adapter.safetensors", parts["adapter"]), ("render.png", parts["render"]),
+                       ("compare.png", parts["compare"])):  # fmt: skip
+        (result / name).write_bytes(path.read_bytes())
+    (result / "result.json").write_text(json.dumps({"plan": {}, "report": ["../../../../../../secret.txt"]}))
+    d.start()
+    wait_for(lambda: d.job_states().get("ohwx_planted") == "failed", 60, message="the planted result refused")
+    assert "refused" in d.jobs()[0]["error"] and d.log_has("job.artifact_refused", job_id=job_id)
+    assert not published(d, "planted")
+    (holds / "trained.hold").unlink()
+    drop(d, "ohwx_after", ready="steps = 2\n", seed=1)
+    wait_for(lambda: d.job_states().get("ohwx_after") == "done", 90, message="the next job is done")
+    assert not [p for p in (d.assets / "loras").rglob("*") if p.is_file() and b"secret" in p.read_bytes()]

@@ -90,6 +90,27 @@ def png_problem(path: Path) -> str | None:
     return None if head == PNG_SIGNATURE else "not a PNG image"
 
 
+def verified_result_problem(folder: Path) -> str | None:
+    """None when <work>/result holds what collect_result verified (adapter structure, PNGs, plain
+    report names in result.json); else what is wrong. Checked again before every publish."""
+    problem = safetensors_problem(folder / "adapter.safetensors")
+    if problem:
+        return f"the LoRA is not a valid safetensors file ({problem})"
+    for name in ("render.png", "compare.png"):
+        problem = png_problem(folder / name)
+        if problem:
+            return f"{name}: {problem}"
+    report = _read_json(folder / RESULT_FILE).get("report") or []
+    if not isinstance(report, list):
+        return "result.json: report is not a list"
+    for name in report:
+        try:
+            report_name(name)
+        except MessageRefused as exc:
+            return f"result.json: {exc}"
+    return None
+
+
 class Coordinator:
     """Dispatch, events, leases and publishing for remote jobs (one thread: `start`/`join`)."""
 
@@ -656,6 +677,14 @@ class Coordinator:
         record = _read_json(folder / RESULT_FILE)
         if not record:
             self._interrupt_publishing(job)
+            return
+        problem = verified_result_problem(folder)
+        if problem:  # the same checks as collect_result, whatever led here (restart, lapse)
+            self.log.error("job.artifact_refused", job_id=job.id, worker=job.worker, reason=problem)
+            self._fence(job.id, self.tokens.get(job.id, ""))
+            self._cleanup(job.id)
+            self._transition(job.id, "failed", error=f"the result was refused: {problem}. Nothing was "
+                                                     f"published; run: lorad retry {job.id}")  # fmt: skip
             return
         plan = TrainingPlan.from_dict(record.get("plan") or job.plan)
         try:
