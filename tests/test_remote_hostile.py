@@ -559,3 +559,48 @@ def test_a_planted_result_found_at_restart_is_checked_like_any_result(cluster, r
     drop(d, "ohwx_after", ready="steps = 2\n", seed=1)
     wait_for(lambda: d.job_states().get("ohwx_after") == "done", 90, message="the next job is done")
     assert not [p for p in (d.assets / "loras").rglob("*") if p.is_file() and b"secret" in p.read_bytes()]
+
+
+def test_checkpoints_out_of_order_are_stale_and_announced_ones_stay_until_a_newer_is_recorded(
+    tmp_path, redis_server
+):
+    """The event order a stopped coordinator sees (checkpoints 2, 4, 6 all queued, then a late 4
+    again): each is downloaded from its own keys; 4's handling leaves 6's keys alone; 4 repeated
+    after 6 is stale and deletes nothing; a new dispatch may start lower (a retry from scratch)."""
+    from test_remote import _coordinator
+
+    from daemon.remote.messages import WorkerEvent
+
+    c = _coordinator(tmp_path, redis_server.url)
+    job = c.store.create(job_id="20260101-120000-ab12", dataset_path=tmp_path / "ohwx_x", name="x", trigger="ohwx",
+                         fingerprint="f", ready_token=None, settings={}, marker=False)  # fmt: skip
+    token, other = "1.aaaaaaaaaaaa", "2.bbbbbbbbbbbb"
+
+    def announce(step: int, tok: str = token) -> dict:
+        src = tmp_path / f"ckpt-{tok}-{step}.zip"
+        src.write_bytes(b"checkpoint %d" % step)
+        ref = c.files.put_file(f"{lease.files_key(job.id, tok)}:state:{step}:0", src)
+        item = {"rel": f"train/checkpoints/{step:07d}_checkpoint.zip", "ref": ref.to_dict()}
+        return {"job": job.id, "token": tok, "kind": "checkpoint", "worker": "w-1",
+                "data": json.dumps({"step": step, "files": [item]})}  # fmt: skip
+
+    events = [announce(s) for s in (2, 4, 6)]  # all announced before the coordinator reads any
+    ckpts = c.settings.jobs_dir / job.id / "train" / "checkpoints"
+    for fields in events:
+        c._checkpoint(job, WorkerEvent.from_dict(fields))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["0000006_checkpoint.zip"]
+    assert c.store.get(job.id).step == 6
+    client = redis_server.client()
+    left = {k.decode().split(":state:")[1] for k in client.scan_iter(match="lorad:xfer:job:*:state:*")}
+    assert {k.split(":")[0] for k in left} == {"6"}  # older ones deleted only after 6 was recorded
+
+    c._checkpoint(job, WorkerEvent.from_dict(events[1]))  # 4 again, late
+    assert c.store.get(job.id).step == 6 and (ckpts / "0000006_checkpoint.zip").is_file()
+    assert {
+        k.decode().split(":state:")[1].split(":")[0] for k in client.scan_iter(match="lorad:xfer:*:state:*")
+    } == {"6"}
+
+    c._checkpoint(job, WorkerEvent.from_dict(announce(2, other)))  # a new dispatch, from scratch
+    assert c.store.get(job.id).step == 2 and sorted(p.name for p in ckpts.iterdir()) == [
+        "0000002_checkpoint.zip"
+    ]

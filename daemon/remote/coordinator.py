@@ -561,12 +561,14 @@ class Coordinator:
 
     def _checkpoint(self, job: Job, event: WorkerEvent) -> None:
         """Record a worker's checkpoint. Its files land only in the saved-state areas (WorkerEvent);
-        an older or repeated step is stale (never recorded, deletes nothing); the Redis copy of the
+        an older or repeated step of the same dispatch is stale (never recorded, deletes nothing;
+        a new dispatch may start lower: a retry from scratch); the Redis copy of the
         previous checkpoint goes only once this newer one is verified (sha256) and recorded."""
         workdir = self.settings.jobs_dir / job.id
         step, record = event.data["step"], _read_json(workdir / STATE_FILE)
-        have = record.get("step")
-        if isinstance(have, int) and step is not None and step <= have:
+        have, keys = record.get("step"), f"{lease.files_key(job.id, event.token)}:state:{step}"
+        same_dispatch = str(record.get("keys", "")).startswith(f"{lease.files_key(job.id, event.token)}:")
+        if same_dispatch and isinstance(have, int) and step is not None and step <= have:
             self.log.info("coordinator.stale_checkpoint", job_id=job.id, step=step, recorded_step=have)
             return
         kept = []
@@ -581,7 +583,6 @@ class Coordinator:
                 raise
             self.log.warning("coordinator.checkpoint_unusable", job_id=job.id, step=step, reason=str(exc))
             return
-        keys = f"{lease.files_key(job.id, event.token)}:state:{step}"
         atomic_write_text(workdir / STATE_FILE, json.dumps({"step": step, "files": kept, "keys": keys}))
         for rel in record.get("files") or []:
             safe = safe_relative(rel) if isinstance(rel, str) else None
