@@ -164,7 +164,10 @@ PREFIX = f"job:20260101-120000-ab12:{TOKEN}"
         ("progress", {"step": 3, "total": 10}, {"token": "1.x"}, "token"),
         ("progress", {"step": 3, "total": 10}, {"worker": "a b"}, "worker"),
         ("progress", {"step": "3", "total": 10}, {}, "step"),
-        ("progress", {"step": 3, "total": 10, "loss": float("nan")}, {}, "loss"),
+        ("progress", {"step": 3, "total": 10, "loss": float("nan")}, {}, None),  # a diverged loss: None
+        ("progress", {"step": 3, "total": 10, "eta_s": "soon"}, {}, "eta_s"),
+        ("progress", {"total": 10}, {}, "step"),
+        ("declined", {"reason": "x", "needs_gb": float("inf")}, {}, "needs_gb"),
         (
             "checkpoint",
             {"step": 4, "files": [{"rel": "job.json", "ref": _ref(f"{PREFIX}:state:4:0")}]},

@@ -98,9 +98,12 @@ def _int(data: dict, name: str, low: int, high: int, *, optional: bool = False) 
     return value
 
 
-def _number(data: dict, name: str) -> float | None:
+def _number(data: dict, name: str, *, lenient: bool = False) -> float | None:
+    """A finite number or None; `lenient`: a NaN/inf (a diverged loss) reads as None, not a refusal."""
     value = _get(data, name, (int, float), optional=True)
     if value is not None and not math.isfinite(value):
+        if lenient:
+            return None
         raise MessageRefused(name, "not a finite number")
     return value
 
@@ -306,10 +309,10 @@ def _event_data(kind: str, data: dict, prefix: str) -> tuple:
     if kind == "accepted":
         out["host"] = _text(data, "host", 255, optional=True)
     if kind in ("progress", "checkpoint", "rendering", "stopped", "failed", "done"):
-        out["step"] = _int(data, "step", 0, MAX_STEP, optional=kind != "checkpoint")
+        out["step"] = _int(data, "step", 0, MAX_STEP, optional=kind not in ("checkpoint", "progress"))
     if kind == "progress":
         out["total"] = _int(data, "total", 0, MAX_STEP)
-        out["loss"], out["eta_s"] = _number(data, "loss"), _number(data, "eta_s")
+        out["loss"], out["eta_s"] = _number(data, "loss", lenient=True), _number(data, "eta_s", lenient=True)
     if kind in ("stopped", "declined"):
         out["reason"] = _text(data, "reason", MAX_TEXT, optional=True)
     if kind == "failed":
