@@ -28,6 +28,8 @@ from daemon.logs import get_logger
 from daemon.pipeline import CLOUD_ENGINE, ProgressSink, job_input, make_engine, publish_job, stamp_adapter
 from daemon.publish import PublishError, complete_registry, published_by, read_header
 from daemon.remote import lease
+from daemon.remote.messages import SAMPLES_DIR, DeclineRecord, MessageRefused, Offer, WorkerEvent, report_name
+from daemon.remote.transfer import TransferError
 from daemon.remote.worker import safe_relative
 from daemon.settings import Settings, SettingsError
 from engines.base import Progress, RenderResult, TrainingPlan
@@ -40,9 +42,6 @@ REMOTE_ACTIVE = ("preparing", "training", "rendering")
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}  # fmt: skip
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-SAMPLES_DIR = "samples"  # the one report subfolder a result may carry (samples during training)
 
 
 class ResultRefused(Exception):
@@ -91,6 +90,27 @@ def png_problem(path: Path) -> str | None:
     return None if head == PNG_SIGNATURE else "not a PNG image"
 
 
+def verified_result_problem(folder: Path) -> str | None:
+    """None when <work>/result holds what collect_result verified (adapter structure, PNGs, plain
+    report names in result.json); else what is wrong. Checked again before every publish."""
+    problem = safetensors_problem(folder / "adapter.safetensors")
+    if problem:
+        return f"the LoRA is not a valid safetensors file ({problem})"
+    for name in ("render.png", "compare.png"):
+        problem = png_problem(folder / name)
+        if problem:
+            return f"{name}: {problem}"
+    report = _read_json(folder / RESULT_FILE).get("report") or []
+    if not isinstance(report, list):
+        return "result.json: report is not a list"
+    for name in report:
+        try:
+            report_name(name)
+        except MessageRefused as exc:
+            return f"result.json: {exc}"
+    return None
+
+
 class Coordinator:
     """Dispatch, events, leases and publishing for remote jobs (one thread: `start`/`join`)."""
 
@@ -112,6 +132,8 @@ class Coordinator:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self.tick_s = min(5.0, lease.beat_interval(settings.lease_ttl_s))
+        self._caught_up_at = float("-inf")
+        self._refused_declines: set[tuple[str, Any]] = set()
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -140,7 +162,9 @@ class Coordinator:
                     self.attach()
                     self._drain(pending=True)
                     attached = True
-                block = 0 if self._wake.is_set() else self.block_ms
+                block = (
+                    None if self._wake.is_set() else self.block_ms
+                )  # None: no BLOCK at all (0 would wait forever)
                 self._drain(pending=False, block=block)
                 if self._wake.is_set() or time.monotonic() >= next_tick:
                     self._wake.clear()
@@ -171,29 +195,35 @@ class Coordinator:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def _drain(self, *, pending: bool, block: int | None = None) -> None:
-        """Handle events: at attach the ones delivered before a restart and never acknowledged."""
+    def _drain(self, *, pending: bool, block: int | None = None, batches: int = 40) -> None:
+        """Handle events: at attach the ones delivered before a restart and never acknowledged;
+        else everything queued (up to `batches` reads) BEFORE the tick looks at leases, so a
+        coordinator that was stopped a while handles a worker's `done` before calling its lease
+        lapsed. Only the first read blocks, for at most `block` ms (never unbounded)."""
         start = "0" if pending else ">"
-        while True:
+        for _ in range(batches):
+            started = time.monotonic()
             reply = self.client.xreadgroup(
                 lease.EVENTS_GROUP,
                 "coordinator",
                 {lease.EVENTS: start},
                 count=50,
-                block=None if pending else block,
+                block=None if pending or not block else block,
             )
+            block = None
             entries = reply[0][1] if reply else []
             if not entries:
+                if not pending:
+                    self._caught_up_at = started  # every event sent before `started` is handled
                 return
             for entry_id, fields in entries:
                 try:
-                    self.handle(_decode(fields))
+                    self.handle_entry(fields)
                 finally:
                     self.client.xack(lease.EVENTS, lease.EVENTS_GROUP, entry_id)
                     self.client.xdel(lease.EVENTS, entry_id)
-            if not pending:
-                return
-            start = entries[-1][0]
+            if pending:
+                start = entries[-1][0]
 
     # -- attach (start, and after Redis came back) ---------------------------------------------
 
@@ -211,7 +241,7 @@ class Coordinator:
             if token is not None:
                 self.tokens[job.id] = token
             if job.state in REMOTE_ACTIVE:
-                if token is not None and self.client.exists(lease.lease_key(job.id)):
+                if token is not None:  # held, or lapsed: the tick decides once the events are read
                     attached.append(job.id)
                     continue
                 self._interrupt(job, "its worker's lease is gone")
@@ -224,7 +254,7 @@ class Coordinator:
 
     def tick(self) -> None:
         self.workers = self.live_workers()
-        queued = {q.offer["job_id"]: q for q in self.queue.entries()}
+        queued = self.queued_offers()
         for job in self.store.list(ACTIVE):
             if job.state in REMOTE_ACTIVE and job.id in self.tokens:
                 self._check_running(job)
@@ -241,6 +271,9 @@ class Coordinator:
                 if lease.lease_action(lease_held=held, task_queued=job.id in queued) == "keep":
                     self._check_waiting(job, token, queued.get(job.id))
                     continue
+                if not self.caught_up():
+                    self.wake()  # an `accepted` may still be unread: read the stream first
+                    continue
                 if (
                     self.scripts.reclaim(
                         keys=[lease.token_key(job.id), lease.lease_key(job.id)], args=[token]
@@ -252,7 +285,22 @@ class Coordinator:
                     "job.redispatch", job_id=job.id, reason="offer lost (Redis forgot it or its worker died)"
                 )
                 self.tokens.pop(job.id, None)
-            self.dispatch(job)
+            self._dispatch_or_say_why(job)
+
+    def queued_offers(self) -> dict:
+        """job id -> its queue entry. An entry that is no valid Offer (forged by someone with
+        access to Redis) is removed from the queue and logged: the queue keeps moving."""
+        found = {}
+        for entry in self.queue.entries():
+            try:
+                offer = Offer.from_dict(entry.offer)
+            except MessageRefused as exc:
+                self.log.warning("coordinator.offer_refused", field=exc.field, reason=exc.why,
+                                 job_id=str(entry.offer.get("job_id"))[:80])  # fmt: skip
+                self.queue.remove(entry.member)
+                continue
+            found[offer.job_id] = entry
+        return found
 
     def live_workers(self) -> dict[str, dict[str, str]]:
         found = {}
@@ -262,6 +310,12 @@ class Coordinator:
                 found[values["id"]] = values
         return found
 
+    def caught_up(self) -> bool:
+        """True when the event stream was read to its end moments ago (pure but for the clock): a
+        coordinator that was stopped or slow (SIGSTOP, a long publish) reads what its workers sent
+        meanwhile (a `done`, newer checkpoints) before it calls any lease lapsed."""
+        return time.monotonic() - self._caught_up_at <= self.block_ms / 1000 + 2.0
+
     def _check_running(self, job: Job) -> None:
         token = self.tokens[job.id]
         if job.cancel_requested:
@@ -269,6 +323,9 @@ class Coordinator:
             self._transition(job.id, "cancelled", expect=REMOTE_ACTIVE)
             return
         if self.client.exists(lease.lease_key(job.id)):
+            return
+        if not self.caught_up():
+            self.wake()  # read the stream first, then decide
             return
         if self.scripts.reclaim(keys=[lease.token_key(job.id), lease.lease_key(job.id)], args=[token]) == 0:
             return
@@ -288,18 +345,16 @@ class Coordinator:
         declines = []
         for worker, raw in self.client.hgetall(lease.declined_key(job.id)).items():
             try:
-                record = json.loads(raw)
-            except ValueError:
-                continue
-            if record.get("token") == token:
-                declines.append(
-                    lease.Decline(
-                        _text(worker) or "",
-                        record.get("reason", ""),
-                        record.get("needs_gb"),
-                        record.get("has_gb"),
+                record = DeclineRecord.from_dict(worker, raw)
+            except MessageRefused as exc:
+                if (job.id, worker) not in self._refused_declines:  # once, not every tick
+                    self._refused_declines.add((job.id, worker))
+                    self.log.warning(
+                        "coordinator.event_refused", job_id=job.id, field=exc.field, reason=exc.why
                     )
-                )
+                continue
+            if record.token == token:
+                declines.append(lease.Decline(record.worker, record.reason, record.needs_gb, record.has_gb))
         verdict = lease.waiting_verdict(set(self.workers), declines)
         if verdict is not None and self._route_to_cloud(job, verdict, token, queued):
             return
@@ -338,6 +393,21 @@ class Coordinator:
         return True
 
     # -- dispatch ------------------------------------------------------------------------------
+
+    def _dispatch_or_say_why(self, job: Job) -> None:
+        """Dispatch; when Redis refuses the offer's data (full: maxmemory) the job stays queued
+        with the reason on its `waiting:` line, not a bare `queued`; retried at the next tick."""
+        import redis
+
+        try:
+            self.dispatch(job)
+        except (TransferError, redis.ResponseError) as exc:
+            if isinstance(exc, TransferError) and _is_connection_error(exc):
+                raise
+            reason = f"waiting: Redis refused the job's files ({_short(exc)})"
+            if job.waiting != reason:
+                self.store.update(job.id, waiting=reason, updated_at=job.updated_at)
+                self.log.warning("job.dispatch_failed", job_id=job.id, reason=reason)
 
     def dispatch(self, job: Job) -> None:
         workdir = self.settings.jobs_dir / job.id
@@ -397,48 +467,94 @@ class Coordinator:
 
     # -- events --------------------------------------------------------------------------------
 
-    def handle(self, event: dict) -> None:
-        job_id, kind = event.get("job", ""), event.get("kind", "")
-        job = self.store.get(job_id)
+    def handle_entry(self, fields: dict) -> None:
+        """One stream entry, through its one validating constructor (WorkerEvent.from_dict)."""
+        try:
+            event = WorkerEvent.from_dict(fields)
+        except MessageRefused as exc:
+            self._refused_event(exc)
+            return
+        self.handle(event)
+
+    def _refused_event(self, exc: MessageRefused) -> None:
+        """A worker's event that does not check out: nothing of it is written; when it carries the
+        job's current token the dispatch ends and the job fails visibly (lorad retry)."""
+        self.log.warning("coordinator.event_refused", job_id=exc.job_id, field=exc.field, reason=exc.why)
+        if exc.job_id is None or not lease.event_is_current(self.tokens.get(exc.job_id), exc.token):
+            return
+        job = self.store.get(exc.job_id)
         if job is None:
             return
-        if not lease.event_is_current(self.tokens.get(job_id), event.get("token")):
-            self.log.info("coordinator.stale_event", job_id=job_id, kind=kind, worker=event.get("worker"))
+        self._fence(job.id, exc.token or "")
+        self._close_sink(job.id)
+        if job.state in (*REMOTE_ACTIVE, *RUNNABLE):
+            self._transition(job.id, "failed", error=f"a message from its worker was refused ({exc}); nothing "
+                                                     f"of it was written or published; run: lorad retry {job.id}")  # fmt: skip
+        self._cleanup(job.id)
+
+    def handle(self, event: WorkerEvent) -> None:
+        job = self.store.get(event.job_id)
+        if job is None:
             return
-        data, worker = event.get("data") or {}, event.get("worker")
+        kind, data, worker = event.kind, event.data, event.worker
+        if not lease.event_is_current(self.tokens.get(job.id), event.token):
+            if kind == "done" and job.state in RUNNABLE and not job.cancel_requested:
+                self._late_done(job, event)
+                return
+            self.log.info("coordinator.stale_event", job_id=job.id, kind=kind, worker=worker)
+            return
         if kind == "declined":
             self.wake()
         elif kind == "accepted":
             self._accepted(job, worker, data)
         elif kind == "plan" and job.state in REMOTE_ACTIVE:
             plan = data.get("plan") or {}
-            self.store.update(job.id, plan=plan, total_steps=plan.get("total_steps"))
+            self.store.update(job.id, plan=plan, total_steps=_int_or_none(plan.get("total_steps")))
         elif kind == "progress" and job.state == "training":
-            self._sink(job.id)(
-                Progress(int(data["step"]), int(data["total"]), data.get("loss"), data.get("eta_s"))
-            )
+            self._sink(job.id)(Progress(data["step"], data["total"], data.get("loss"), data.get("eta_s")))
         elif kind == "checkpoint":
-            self._checkpoint(job, event["token"], data)
+            self._checkpoint(job, event)
         elif kind == "rendering" and job.state == "training":
             self._close_sink(job.id)
             self._transition(job.id, "rendering", expect="training")
         elif kind == "stopped":
-            self._fence(job.id, event["token"])
+            self._fence(job.id, event.token)
             if job.state in REMOTE_ACTIVE:
                 self._interrupt(job, f"worker {worker} stopped ({data.get('reason')})")
         elif kind == "failed":
-            self._fence(job.id, event["token"])
+            self._fence(job.id, event.token)
             self._close_sink(job.id)
             if job.state in (*REMOTE_ACTIVE, *RUNNABLE):
                 self._transition(job.id, "failed", error=data.get("error") or "failed on a worker")
             self._cleanup(job.id)
         elif kind == "done":
-            self._done(job, event["token"], worker, data)
+            self._done(job, event)
+
+    def _late_done(self, job: Job, event: WorkerEvent) -> None:
+        """A result that arrived after its lease lapsed (a slow or restarted coordinator): accepted
+        when nobody claimed the job again under a newer token (no lease), through the same checks
+        (collect_result) as any result; else it is stale."""
+        token = self.tokens.get(job.id) or _text(self.client.get(lease.token_key(job.id))) or ""
+        if self.scripts.reclaim(keys=[lease.token_key(job.id), lease.lease_key(job.id)], args=[token]) != 1:
+            self.log.info("coordinator.stale_event", job_id=job.id, kind=event.kind, worker=event.worker)
+            return
+        self.tokens.pop(job.id, None)
+        queued = self.queued_offers().get(job.id)
+        if queued is not None:
+            self.queue.remove(queued.member)
+        try:
+            self.collect_result(job, event)
+        except ResultRefused as exc:
+            self.log.error("job.artifact_refused", job_id=job.id, worker=event.worker, reason=str(exc))
+            self.wake()  # still runnable: dispatched again from its newest checkpoint
+            return
+        self.log.info("job.late_result_accepted", job_id=job.id, worker=event.worker, token=event.token)
+        self._publish_verified(job)
 
     def _accepted(self, job: Job, worker: str | None, data: dict) -> None:
         plan = data.get("plan") or {}
         moved = self._transition(job.id, "preparing", expect=RUNNABLE, worker=worker, waiting=None, plan=plan,
-                                 total_steps=plan.get("total_steps"))  # fmt: skip
+                                 total_steps=_int_or_none(plan.get("total_steps")))  # fmt: skip
         self.waiting_since.pop(job.id, None)
         if moved is None or moved.state != "preparing":  # cancelled meanwhile: the worker is fenced out
             self._fence(job.id, self.tokens.get(job.id, ""))
@@ -448,40 +564,50 @@ class Coordinator:
         )
         self._transition(job.id, "training", expect="preparing")
 
-    def _checkpoint(self, job: Job, token: str, data: dict) -> None:
-        from daemon.remote.transfer import FileRef
-
+    def _checkpoint(self, job: Job, event: WorkerEvent) -> None:
+        """Record a worker's checkpoint. Its files land only in the saved-state areas (WorkerEvent);
+        an older or repeated step of the same dispatch is stale (never recorded, deletes nothing;
+        a new dispatch may start lower: a retry from scratch); the Redis copy of the
+        previous checkpoint goes only once this newer one is verified (sha256) and recorded."""
         workdir = self.settings.jobs_dir / job.id
+        step, record = event.data["step"], _read_json(workdir / STATE_FILE)
+        have, keys = record.get("step"), f"{lease.files_key(job.id, event.token)}:state:{step}"
+        same_dispatch = str(record.get("keys", "")).startswith(f"{lease.files_key(job.id, event.token)}:")
+        if same_dispatch and isinstance(have, int) and step is not None and step <= have:
+            self.log.info("coordinator.stale_checkpoint", job_id=job.id, step=step, recorded_step=have)
+            return
         kept = []
-        for item in data.get("files") or []:
-            rel = safe_relative(str(item.get("rel", "")))
-            if rel is None:
-                self.log.warning(
-                    "coordinator.refused", job_id=job.id, what="checkpoint path", path=str(item.get("rel"))
-                )
-                return
-            dest = workdir / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            self.files.get_file(FileRef.from_dict(item["ref"]), dest)
-            kept.append(rel.as_posix())
-        previous = _read_json(workdir / STATE_FILE).get("files") or []
-        atomic_write_text(workdir / STATE_FILE, json.dumps({"step": data.get("step"), "files": kept}))
-        for rel in previous:
-            safe = safe_relative(rel)
+        try:
+            for item in event.files:
+                dest = workdir / item.rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                self.files.get_file(item.ref, dest)
+                kept.append(item.rel)
+        except TransferError as exc:
+            if _is_connection_error(exc):
+                raise
+            self.log.warning("coordinator.checkpoint_unusable", job_id=job.id, step=step, reason=str(exc))
+            return
+        atomic_write_text(workdir / STATE_FILE, json.dumps({"step": step, "files": kept, "keys": keys}))
+        for rel in record.get("files") or []:
+            safe = safe_relative(rel) if isinstance(rel, str) else None
             if rel not in kept and safe is not None:
                 (workdir / safe).unlink(missing_ok=True)
-        self.files.delete_prefix(f"{lease.files_key(job.id, token)}:state")
-        self.store.update(job.id, step=data.get("step"))
-        self.log.info("job.checkpoint_received", job_id=job.id, step=data.get("step"), files=len(kept))
+        old_keys = record.get("keys")
+        if isinstance(old_keys, str) and old_keys != keys and old_keys.startswith(f"job:{job.id}:"):
+            self.files.delete_prefix(old_keys)
+        self.store.update(job.id, step=step)
+        self.log.info("job.checkpoint_received", job_id=job.id, step=step, files=len(kept))
 
-    def _done(self, job: Job, token: str, worker: str | None, data: dict) -> None:
+    def _done(self, job: Job, event: WorkerEvent) -> None:
+        token, worker = event.token, event.worker
         self._close_sink(job.id)
         if job.state == "training":
             job = self._transition(job.id, "rendering", expect="training") or job
         if job.state != "rendering":
             return
         try:
-            self.collect_result(job, data)
+            self.collect_result(job, event)
         except ResultRefused as exc:
             self.log.error("job.artifact_refused", job_id=job.id, worker=worker, reason=str(exc))
             self._fence(job.id, token)
@@ -495,50 +621,40 @@ class Coordinator:
         if current is not None:
             self._publish_verified(current)
 
-    def collect_result(self, job: Job, data: dict) -> Path:
+    def collect_result(self, job: Job, event: WorkerEvent | dict) -> Path:
         """Download and verify every artifact of a finished remote job into <work>/result;
-        result.json (written last) records what was verified. ResultRefused on any problem."""
-        from daemon.remote.transfer import FileRef
-
-        workdir = self.settings.jobs_dir / job.id
-        folder = workdir / RESULT_DIR
+        result.json (written last) records what was verified. ResultRefused on any problem. The
+        one way a result reaches a publish, whatever led there (live event, lapse, restart)."""
+        if isinstance(event, dict):
+            try:
+                event = result_event(job.id, event)
+            except MessageRefused as exc:
+                raise ResultRefused(str(exc)) from None
+        folder = self.settings.jobs_dir / job.id / RESULT_DIR
         shutil.rmtree(folder, ignore_errors=True)
         (folder / "report").mkdir(parents=True)
-        files = data.get("files") or {}
-        names = {"adapter": "adapter.safetensors", "render": "render.png", "compare": "compare.png"}
+        names = {"adapter": "adapter.safetensors", "render": "render.png", "compare": "compare.png",
+                 "base": "base.png"}  # fmt: skip
         try:
-            for key, name in names.items():
-                if key not in files:
-                    raise ResultRefused(f"the {key} is missing")
-                self.files.get_file(FileRef.from_dict(files[key]), folder / name)
-            if "base" in files:  # the render without the LoRA: the learning metrics' lora_effect
-                self.files.get_file(FileRef.from_dict(files["base"]), folder / "base.png")
-            report = []
-            for item in data.get("report") or []:
-                name = str(item.get("name", ""))
-                rel = safe_relative(name)
-                if rel is None or not (
-                    len(rel.parts) == 1 or (len(rel.parts) == 2 and rel.parts[0] == SAMPLES_DIR)
-                ):
-                    raise ResultRefused(
-                        f"report file name {name!r} is not a plain file name (or samples/<file>)"
-                    )
-                (folder / "report" / rel).parent.mkdir(exist_ok=True)
-                self.files.get_file(FileRef.from_dict(item["ref"]), folder / "report" / rel)
-                report.append(name)
-        except ResultRefused:
-            raise
+            for key, ref in event.result:
+                self.files.get_file(ref, folder / names[key])
+            for item in event.report:
+                target = folder / "report" / report_name(item.name)
+                target.parent.mkdir(exist_ok=True)  # report/samples/
+                self.files.get_file(item.ref, target)
         except Exception as exc:
             raise ResultRefused(f"{type(exc).__name__}: {exc}") from None
         problem = safetensors_problem(folder / "adapter.safetensors")
         if problem:
             raise ResultRefused(f"the LoRA is not a valid safetensors file ({problem})")
-        for name in ("render.png", "compare.png", *(["base.png"] if "base" in files else [])):
+        has_base = any(key == "base" for key, _ref in event.result)
+        for name in ("render.png", "compare.png", *(["base.png"] if has_base else [])):
             problem = png_problem(folder / name)
             if problem:
                 raise ResultRefused(f"{name}: {problem}")
-        atomic_write_text(folder / RESULT_FILE, json.dumps({"plan": data.get("plan") or job.plan, "report": report,
-                                                            "step": data.get("step")}))  # fmt: skip
+        report = [item.name for item in event.report]
+        atomic_write_text(folder / RESULT_FILE, json.dumps({"plan": event.data.get("plan") or job.plan,
+                                                            "report": report, "step": event.data.get("step")}))  # fmt: skip
         return folder
 
     def _result_ready(self, job: Job) -> bool:
@@ -572,6 +688,14 @@ class Coordinator:
         if not record:
             self._interrupt_publishing(job)
             return
+        problem = verified_result_problem(folder)
+        if problem:  # the same checks as collect_result, whatever led here (restart, lapse)
+            self.log.error("job.artifact_refused", job_id=job.id, worker=job.worker, reason=problem)
+            self._fence(job.id, self.tokens.get(job.id, ""))
+            self._cleanup(job.id)
+            self._transition(job.id, "failed", error=f"the result was refused: {problem}. Nothing was "
+                                                     f"published; run: lorad retry {job.id}")  # fmt: skip
+            return
         plan = TrainingPlan.from_dict(record.get("plan") or job.plan)
         try:
             engine = make_engine(self.settings, job.settings.get("engine", "mflux"))
@@ -590,12 +714,12 @@ class Coordinator:
                 base=base if base.is_file() else folder / "render.png",
                 compare=folder / "compare.png",
             )
-            names = record.get("report") or []
+            names = [report_name(name) for name in record.get("report") or []]
             report = [folder / "report" / name for name in names if "/" not in name]
             if any(name.startswith(SAMPLES_DIR + "/") for name in names):
                 report.append(folder / "report" / SAMPLES_DIR)  # published as one folder
             outputs = publish_job(self.settings, job, plan, lora_file, rendered, report, self.store)
-        except (PublishError, SettingsError) as exc:
+        except (PublishError, SettingsError, MessageRefused) as exc:
             self._transition(job.id, "failed", error=str(exc))
             return
         self._finish(job, outputs)
@@ -654,13 +778,38 @@ class Coordinator:
             return None
 
 
-def _decode(fields: dict) -> dict:
-    event: dict[str, Any] = {(_text(k) or ""): _text(v) for k, v in fields.items()}
+def result_event(job_id: str, data: dict) -> WorkerEvent:
+    """A `done` event's data for this job (collect_result's dict form), through WorkerEvent."""
+    from daemon.remote.messages import files_prefix
+
+    token = "0." + "0" * 12
+    fields = {
+        "job": job_id,
+        "token": token,
+        "kind": "done",
+        "worker": "coordinator",
+        "data": json.dumps(data),
+    }
     try:
-        event["data"] = json.loads(event.get("data") or "{}")
-    except ValueError:
-        event["data"] = {}
-    return event
+        return WorkerEvent.from_dict(fields, key_prefix=files_prefix(job_id))
+    except MessageRefused as exc:
+        raise MessageRefused(exc.field, exc.why) from None
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _is_connection_error(exc: Exception) -> bool:
+    """A transfer that failed because Redis is unreachable (not because its data is missing)."""
+    import redis
+
+    return isinstance(exc.__cause__, (redis.ConnectionError, redis.TimeoutError, OSError))
 
 
 def _text(value: Any) -> str | None:

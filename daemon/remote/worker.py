@@ -27,6 +27,7 @@ from typing import Any
 from daemon.logs import get_logger
 from daemon.pipeline import machine_now, make_engine
 from daemon.remote import lease
+from daemon.remote.messages import MessageRefused, Offer
 from daemon.settings import Settings, SettingsError
 from engines.base import (
     CheckStatus,
@@ -99,6 +100,7 @@ class RemoteWorker:
         self.scripts = lease.Scripts(self.client)
         self.ttl_s = settings.lease_ttl_s
         self.beat_s = lease.beat_interval(self.ttl_s)
+        self.refused: set[bytes] = set()  # queue entries whose offer was refused (logged once)
         self.declined: dict[str, str] = {}  # job id -> token declined (declined once per dispatch)
         self.current: dict[str, Any] | None = None  # {job_id, token, stop}
         self._lock = threading.Lock()
@@ -278,11 +280,13 @@ class RemoteWorker:
         for entry in self.queue.entries():
             if self.shutdown.is_set():
                 return False
-            offer = entry.offer
-            job_id, token = offer["job_id"], offer["token"]
+            offer = self.checked_offer(entry)
+            if offer is None:
+                continue
+            job_id, token = offer.job_id, offer.token
             if self.declined.get(job_id) == token:
                 continue
-            workdir = self.jobs_dir / job_id
+            workdir = self.jobs_dir / job_id  # the id grammar makes this one folder inside jobs_dir
             plan_or_reason = self.plan_offer(offer, workdir)
             if not isinstance(plan_or_reason, TrainingPlan):
                 self.decline(offer, plan_or_reason)
@@ -303,13 +307,27 @@ class RemoteWorker:
                 self.log.info("worker.stale_offer", job_id=job_id)
         return False
 
-    def plan_offer(self, offer: dict, workdir: Path) -> TrainingPlan | PlanError:
+    def checked_offer(self, entry) -> Offer | None:
+        """The queued offer through its one validating constructor; a forged one is refused (logged
+        once per queue entry) and skipped: it never names a folder this worker writes or deletes."""
+        try:
+            return Offer.from_dict(entry.offer)
+        except MessageRefused as exc:
+            if entry.member not in self.refused:
+                if len(self.refused) > 1000:
+                    self.refused.clear()
+                self.refused.add(entry.member)
+                self.log.warning("worker.offer_refused", field=exc.field, reason=exc.why,
+                                 job_id=str(entry.offer.get("job_id"))[:80])  # fmt: skip
+            return None
+
+    def plan_offer(self, offer: Offer, workdir: Path) -> TrainingPlan | PlanError:
         """This machine's plan for the offer, or why it cannot train it (never downloads)."""
         try:
-            engine = self._engine(offer["engine"])
+            engine = self._engine(offer.engine)
         except SettingsError as exc:
-            return PlanError(f"engine {offer['engine']!r}: {exc}")
-        check = engine.model_check(offer["model"])
+            return PlanError(f"engine {offer.engine!r}: {exc}")
+        check = engine.model_check(offer.model)
         if check.status is not CheckStatus.OK and not self.settings.download_models:
             return PlanError(f"{check.detail} (download_models is off on worker {self.id})")
         try:
@@ -319,29 +337,29 @@ class RemoteWorker:
         self.backend = plan.backend
         return plan
 
-    def decline(self, offer: dict, why: PlanError) -> None:
-        job_id = offer["job_id"]
-        self.declined[job_id] = offer["token"]
+    def decline(self, offer: Offer, why: PlanError) -> None:
+        job_id = offer.job_id
+        self.declined[job_id] = offer.token
         record = {
             "reason": str(why),
             "needs_gb": why.needs_gb,
             "has_gb": why.has_gb,
-            "token": offer["token"],
+            "token": offer.token,
             "at": time.time(),
         }
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(lease.declined_key(job_id), self.id, json.dumps(record))
         pipe.expire(lease.declined_key(job_id), 7 * 86400)
         pipe.execute()
-        self.emit({"job_id": job_id, "token": offer["token"], "stop": StopToken()}, "declined", **record)
+        self.emit({"job_id": job_id, "token": offer.token, "stop": StopToken()}, "declined", **record)
         self.log.info("worker.declined", job_id=job_id, reason=str(why))
 
     # -- one job -------------------------------------------------------------------------------
 
-    def run_offer(self, offer: dict, plan: TrainingPlan, workdir: Path) -> None:
-        job_id = offer["job_id"]
+    def run_offer(self, offer: Offer, plan: TrainingPlan, workdir: Path) -> None:
+        job_id = offer.job_id
         stop = StopToken()
-        current = {"job_id": job_id, "token": offer["token"], "stop": stop}
+        current = {"job_id": job_id, "token": offer.token, "stop": stop}
         with self._lock:
             self.current = current
         self._wake_beat.set()  # the heartbeat names the job now
@@ -349,9 +367,7 @@ class RemoteWorker:
         stopper = threading.Thread(target=self._stop_on_shutdown, args=(stop,), daemon=True)
         stopper.start()
         try:
-            log.info(
-                "worker.claimed", token=offer["token"], plan_tier=plan.tier, total_steps=plan.total_steps
-            )
+            log.info("worker.claimed", token=offer.token, plan_tier=plan.tier, total_steps=plan.total_steps)
             if not self.emit(current, "accepted", plan=plan.to_dict(), host=socket.gethostname()):
                 return
             self.fetch_inputs(offer, workdir)
@@ -376,24 +392,19 @@ class RemoteWorker:
                 stop.stop("shutdown")
                 return
 
-    def fetch_inputs(self, offer: dict, workdir: Path) -> None:
+    def fetch_inputs(self, offer: Offer, workdir: Path) -> None:
         """A fresh work dir: snapshot, manifest, and the saved state to resume from (if any)."""
-        from daemon.remote.transfer import FileRef, TreeRef
-
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
-        self.files.get_tree(TreeRef.from_dict(offer["snapshot"]), workdir / "data")
-        self.files.get_file(FileRef.from_dict(offer["manifest"]), workdir / "manifest.json")
-        for item in offer.get("state") or []:
-            rel = safe_relative(item["rel"])
-            if rel is None:
-                raise ValueError(f"refused saved-state path {item['rel']!r}")
-            dest = workdir / rel
+        self.files.get_tree(offer.snapshot, workdir / "data")
+        self.files.get_file(offer.manifest, workdir / "manifest.json")
+        for item in offer.state:  # Offer.from_dict: inside the saved-state areas only
+            dest = workdir / item.rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            self.files.get_file(FileRef.from_dict(item["ref"]), dest)
+            self.files.get_file(item.ref, dest)
 
-    def train_and_deliver(self, offer: dict, plan: TrainingPlan, workdir: Path, current: dict, log) -> None:
-        engine = self._engine(offer["engine"])
+    def train_and_deliver(self, offer: Offer, plan: TrainingPlan, workdir: Path, current: dict, log) -> None:
+        engine = self._engine(offer.engine)
         stop: StopToken = current["stop"]
         spec = job_spec(offer, workdir)
         uploader = CheckpointUploader(self, engine, workdir, current)
@@ -444,7 +455,7 @@ class RemoteWorker:
                 current, "failed", error=f"test render failed on worker {self.id}: {rendered.error}"
             )
             return
-        prefix = lease.files_key(offer["job_id"], offer["token"]) + ":result"
+        prefix = lease.files_key(offer.job_id, offer.token) + ":result"
         refs = {
             "adapter": self.files.put_file(f"{prefix}:adapter", result.adapter).to_dict(),
             "render": self.files.put_file(f"{prefix}:render", rendered.with_lora).to_dict(),
@@ -571,17 +582,17 @@ class CheckpointUploader:
         self._thread.join(30)
 
 
-def job_spec(offer: dict, workdir: Path) -> JobInput:
+def job_spec(offer: Offer, workdir: Path) -> JobInput:
     return JobInput(
-        job_id=offer["job_id"],
-        name=offer["name"],
-        trigger=offer["trigger"],
-        model=offer["model"],
-        image_count=int(offer["image_count"]),
-        max_side=int(offer["max_side"]),
-        options=dict(offer.get("options") or {}),
+        job_id=offer.job_id,
+        name=offer.name,
+        trigger=offer.trigger,
+        model=offer.model,
+        image_count=offer.image_count,
+        max_side=offer.max_side,
+        options=dict(offer.options),
         data_dir=workdir / "data",
-        preview_prompt=offer["preview_prompt"],
+        preview_prompt=offer.preview_prompt,
     )
 
 

@@ -16,6 +16,29 @@ from daemon.fsutil import atomic_write_bytes
 
 _NAME = re.compile(r"^(\d{7})_checkpoint\.zip$")
 REQUIRED_KEYS = ("lora_adapter", "optimizer", "iterator", "config")
+# A checkpoint may come from another machine (scale-out): its verification is bounded (no zip
+# bomb: every read is bounded by the declared sizes, and these cap the declared sizes).
+MAX_MEMBERS = 64
+MAX_UNCOMPRESSED_BYTES = 16 << 30
+
+
+class CheckpointRefused(ValueError):
+    """A checkpoint whose saved config points outside the job's folders: never resumed."""
+
+
+def bounds_problem(zf: zipfile.ZipFile) -> str | None:
+    """None when the zip's member count, names and declared sizes are within bounds (pure)."""
+    infos = zf.infolist()
+    if len(infos) > MAX_MEMBERS:
+        return f"{len(infos)} members, more than {MAX_MEMBERS}"
+    total = sum(i.file_size for i in infos)
+    if total > MAX_UNCOMPRESSED_BYTES:
+        return f"{total} bytes uncompressed, more than {MAX_UNCOMPRESSED_BYTES}"
+    for info in infos:
+        name = info.filename
+        if name.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", name) or re.match(r"^[A-Za-z]:", name):
+            return f"member name {name!r} points outside the archive"
+    return None
 
 
 def step_of(path: Path) -> int:
@@ -35,6 +58,9 @@ def verify(path: Path) -> str | None:
     """None when the zip is whole; else what is wrong with it."""
     try:
         with zipfile.ZipFile(path) as zf:
+            bounds = bounds_problem(zf)
+            if bounds is not None:
+                return bounds
             bad = zf.testzip()
             if bad is not None:
                 return f"CRC error in {bad}"
@@ -126,7 +152,7 @@ def relocated_config(saved: dict, plan_config: dict) -> dict:
     folder, the model path and the checkpoint output folder come from the plan; everything the
     run trained with stays. What makes a checkpoint from another machine resumable here."""
     want = dict(saved)
-    for key in ("data", "model_path"):
+    for key in ("data", "model_path", "output_path"):
         if key in plan_config and key in saved:
             want[key] = plan_config[key]
     if isinstance(saved.get("checkpoint"), dict) and isinstance(plan_config.get("checkpoint"), dict):
@@ -135,6 +161,38 @@ def relocated_config(saved: dict, plan_config: dict) -> dict:
             "output_path": plan_config["checkpoint"].get("output_path"),
         }
     return want
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def config_problem(config: dict, plan_config: dict, base: str = "") -> str | None:
+    """None when every path in a (relocated) saved config is inside the job's work dir (the
+    folder holding the plan's `data`) or is one of the plan's own values (its model path); else
+    the offending path (pure). Relative paths (run.json's `data_root_relative`) are taken from
+    `base`, the checkpoint's folder. A checkpoint from a worker is input, not trust."""
+    import os
+
+    allowed = set(_strings(plan_config))
+    data = plan_config.get("data")
+    root = os.path.normpath(os.path.dirname(data)) if isinstance(data, str) and data else None
+    for value in _strings(config):
+        looks_like_path = (
+            value.startswith(("/", "~/", "\\")) or value == "~" or ".." in re.split(r"[/\\]", value)
+        )
+        if value in allowed or not looks_like_path:
+            continue
+        norm = os.path.normpath(os.path.join(base, os.path.expanduser(value)))
+        if root is None or not (norm == root or norm.startswith(root + os.sep)):
+            return f"its saved config names {value!r}, outside the job's folder"
+    return None
 
 
 def relocate(path: Path, plan_config: dict) -> bool:
@@ -154,6 +212,9 @@ def relocate(path: Path, plan_config: dict) -> bool:
         new_run = dict(run)
         if run.get("data_root") and "data" in plan_config:
             new_run["data_root"] = plan_config["data"]
+        problem = config_problem({"config": config, "run": new_run}, plan_config, str(path.parent))
+        if problem:
+            raise CheckpointRefused(f"{path.name}: {problem}")
         if config == saved and new_run == run:
             return False
         tmp = path.with_name(f".{path.name}.relocate")

@@ -262,6 +262,33 @@ class MFluxEngine:
             )
         return Check("backend", CheckStatus.OK, detail)
 
+    def _resume_point(self, ckpt_dir: Path, plan: TrainingPlan) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """The newest checkpoint that verifies and whose config stays inside the job's folders
+        (relocated here when it came from another machine); corrupt or refused ones are renamed
+        aside (kept for a look, never resumed)."""
+        log = get_logger()
+        skipped: list[tuple[Path, str]] = []
+        while True:
+            resume, corrupt = checkpoints.newest_good(ckpt_dir)
+            skipped += corrupt
+            for path, why in corrupt:
+                path.rename(path.with_name(path.name + ".corrupt"))
+                log.warning("train.checkpoint_corrupt", checkpoint=path.name, problem=why)
+            if resume is None:
+                return None, skipped
+            try:
+                if checkpoints.relocate(resume, plan.config):  # written on another machine (scale-out)
+                    log.info(
+                        "train.checkpoint_relocated", checkpoint=resume.name, data=plan.config.get("data")
+                    )
+            except checkpoints.CheckpointRefused as exc:
+                resume.rename(resume.with_name(resume.name + ".refused"))
+                log.warning("train.checkpoint_refused", checkpoint=resume.name, problem=str(exc))
+                skipped.append((resume, str(exc)))
+                continue
+            log.info("train.resume", step=checkpoints.step_of(resume), checkpoint=resume.name)
+            return resume, skipped
+
     def saved_step(self, workdir: Path) -> int | None:
         """The step of the state saved_state() returns (the newest checkpoint that verifies):
         a zip still being written is not a saved state yet."""
@@ -351,16 +378,7 @@ class MFluxEngine:
         atomic_write_text(workdir / PLAN_FILE, json.dumps(plan.to_dict(), indent=2))
         atomic_write_text(workdir / CONFIG_FILE, json.dumps(plan.config, indent=2))
         ckpt_dir = workdir / TRAIN_DIR / "checkpoints"
-        resume, corrupt = checkpoints.newest_good(ckpt_dir)
-        for path, _why in corrupt:
-            path.rename(path.with_name(path.name + ".corrupt"))
-        log = get_logger()
-        for path, why in corrupt:
-            log.warning("train.checkpoint_corrupt", checkpoint=path.name, problem=why)
-        if resume is not None:
-            if checkpoints.relocate(resume, plan.config):  # written on another machine (scale-out)
-                log.info("train.checkpoint_relocated", checkpoint=resume.name, data=plan.config.get("data"))
-            log.info("train.resume", step=checkpoints.step_of(resume), checkpoint=resume.name)
+        resume, corrupt = self._resume_point(ckpt_dir, plan)
         if resume is not None and checkpoints.step_of(resume) >= plan.total_steps:
             # Training had finished (the daemon stopped during render/publish): no child needed.
             adapter = export_adapter(resume, workdir / "adapter.safetensors", plan.config)
