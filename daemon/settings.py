@@ -322,7 +322,7 @@ def _coerce_list(key: str, value: object, where: str) -> tuple[str, ...]:
     else:
         raise SettingsError(f'{where}: expected a list of strings like ["a", "b"], got {value!r}')
     if key == "notify_on":
-        from daemon.jobs import TRANSITIONS  # the job states; jobs.py is on `lorad status`'s path anyway
+        from daemon.states import TRANSITIONS  # the job states (pure; no jobs table)
 
         bad = [v for v in items if v not in TRANSITIONS]
         if bad:
