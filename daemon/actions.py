@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from daemon.settings import Settings
+from daemon.states import JobState
 
 
 class UsageError(Exception):
@@ -110,9 +111,9 @@ def _cloud_cancel_outcome(settings: Settings, job, workdir: Path) -> str:
 
 def retry_lost_message(job_id: str, current: str | None) -> str:
     """What a `lorad retry` that lost its race to another process tells the user (pure)."""
-    if current == "queued":
+    if current == JobState.QUEUED:
         return f"job {job_id} was already queued again by another retry; nothing to do"
-    if current in ("preparing", "training", "rendering", "publishing"):
+    if current in (JobState.PREPARING, JobState.TRAINING, JobState.RENDERING, JobState.PUBLISHING):
         return f"job {job_id} is already running again ({current}), queued by another retry"
     if current is None:
         return f"job {job_id} changed while this retry ran; run lorad status and try again"
@@ -127,7 +128,7 @@ def retry_job(settings: Settings, store, job, resubmit: bool = False) -> tuple[i
     from daemon.queue import Queue
     from engines.base import allow_resubmit, submission_uncertain
 
-    if job.state not in ("failed", "cancelled", "interrupted"):
+    if job.state not in (JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED):
         raise UsageError(
             f"job {job.id} is {job.state}; only failed, cancelled or interrupted jobs can be retried"
         )
@@ -145,7 +146,7 @@ def retry_job(settings: Settings, store, job, resubmit: bool = False) -> tuple[i
     if resubmit and submission_uncertain(workdir):
         allow_resubmit(workdir)
     try:  # compare-and-set: only the retry that finds the job still in the state read above wins
-        job = store.transition(job.id, "queued", expect=job.state, attempt=job.attempt + 1, error=None)
+        job = store.transition(job.id, JobState.QUEUED, expect=job.state, attempt=job.attempt + 1, error=None)
     except StateChanged as exc:
         return 1, retry_lost_message(job.id, exc.current)
     if not settings.scale_out:  # with a Redis queue the coordinator dispatches from the table

@@ -24,15 +24,15 @@ from daemon.states import ACTIVE, FINISHED, RUNNABLE, TRANSITIONS, JobState, mov
 
 # The event each move logs (docs/EVENTS.md).
 EVENT_FOR_MOVE = {
-    ("queued", "preparing"): "job.started",
-    ("interrupted", "preparing"): "job.resumed",
+    (JobState.QUEUED, JobState.PREPARING): "job.started",
+    (JobState.INTERRUPTED, JobState.PREPARING): "job.resumed",
 }
 EVENT_FOR_STATE = {
-    "done": "job.done",
-    "failed": "job.failed",
-    "cancelled": "job.cancelled",
-    "interrupted": "job.interrupted",
-    "queued": "job.requeued",
+    JobState.DONE: "job.done",
+    JobState.FAILED: "job.failed",
+    JobState.CANCELLED: "job.cancelled",
+    JobState.INTERRUPTED: "job.interrupted",
+    JobState.QUEUED: "job.requeued",
 }
 
 
@@ -69,8 +69,8 @@ def is_legal(old: str, new: str) -> bool:
 def honour_cancel(old: str, new: str, cancel_requested: bool) -> str:
     """The state a move really goes to (pure): a job whose cancel was requested enters no further
     phase (preparing, training, rendering, publishing) but goes to `cancelled` at the boundary."""
-    if cancel_requested and new in ACTIVE and is_legal(old, "cancelled"):
-        return "cancelled"
+    if cancel_requested and new in ACTIVE and is_legal(old, JobState.CANCELLED):
+        return JobState.CANCELLED
     return new
 
 
@@ -80,7 +80,7 @@ def cancel_action(state: str) -> str:
     publishing: the LoRA is being put in place), `finished` (nothing to cancel)."""
     if state in RUNNABLE:
         return "cancel"
-    if state == "publishing":
+    if state == JobState.PUBLISHING:
         return "too_late"
     if state in ACTIVE:
         return "request"
@@ -243,9 +243,9 @@ def _metrics_text(metrics: object) -> str:
 def marker_text(job: Job) -> str:
     """What the dataset's marker file says for this job (pure)."""
     head = f"job {job.id} ({job.name})"
-    if job.state == "queued":
+    if job.state == JobState.QUEUED:
         return f"{head}\nqueued at {iso(job.ready_at)}\nlorad status shows the queue\n"
-    if job.state == "interrupted":
+    if job.state == JobState.INTERRUPTED:
         where = f" at step {job.step}/{job.total_steps}" if job.step else ""
         return f"{head}\ninterrupted{where}; resumes from its last checkpoint when lorad runs\n"
     if job.state in ACTIVE:
@@ -263,11 +263,11 @@ def marker_text(job: Job) -> str:
             lines.append(job.note)
         lines.append(f"updated {iso(job.updated_at)}")
         return "\n".join(lines) + "\n"
-    if job.state == "done":
+    if job.state == JobState.DONE:
         lines = [f"{head} finished at {iso(job.finished_at)}", ""]
         lines += [f"{k}: {v}" for k, v in job.outputs.items() if isinstance(v, str)]
         return "\n".join(lines) + "\n" + _metrics_text(job.outputs.get("metrics")) + _warnings_text(job)
-    if job.state == "failed":
+    if job.state == JobState.FAILED:
         refused = job.settings.get("intake") == "refused"  # nothing to retry: fix and drop READY
         kind = markers.failure_kind(job.error or "", refused_at_intake=refused)
         text = markers.failed_text((job.error or "unknown error").splitlines(), job.id, kind)

@@ -35,7 +35,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from daemon.jobs import ACTIVE, Job, JobStore
+from daemon.jobs import ACTIVE, Job, JobState, JobStore
 from daemon.settings import Settings
 from daemon.ui import views
 
@@ -497,13 +497,13 @@ def _extra_columns(conn: sqlite3.Connection) -> str:
 
 def _actions_for(job: Job) -> list[str]:
     actions = []
-    if job.state not in ("done", "failed", "cancelled", "publishing"):
+    if job.state not in (JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.PUBLISHING):
         actions.append("cancel")
-    if job.state in ("failed", "cancelled", "interrupted") and not (
+    if job.state in (JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED) and not (
         isinstance(job.settings, dict) and job.settings.get("intake") == "refused"
     ):
         actions.append("retry")
-    if job.state not in ACTIVE and job.state != "queued":
+    if job.state not in ACTIVE and job.state != JobState.QUEUED:
         actions.append("retrain")
     return actions
 
