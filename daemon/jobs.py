@@ -23,11 +23,11 @@ from daemon.intake import markers
 from daemon.states import ACTIVE, FINISHED, RUNNABLE, TRANSITIONS, JobState, moves_from  # noqa: F401 (re-exported)
 
 # The event each move logs (docs/EVENTS.md).
-EVENT_FOR_MOVE = {
+EVENT_FOR_MOVE: dict[tuple[str, str], str] = {
     (JobState.QUEUED, JobState.PREPARING): "job.started",
     (JobState.INTERRUPTED, JobState.PREPARING): "job.resumed",
 }
-EVENT_FOR_STATE = {
+EVENT_FOR_STATE: dict[str, str] = {
     JobState.DONE: "job.done",
     JobState.FAILED: "job.failed",
     JobState.CANCELLED: "job.cancelled",
