@@ -1,6 +1,6 @@
 """P5 CLI speed: `lorad status` wall time vs `python -c pass`, same interpreter, 50 jobs in the db.
 
-Runs alternate (30 each) and medians are compared. Target: ratio <= 3. Bytecode caching is on
+Runs alternate (30 each) and medians are compared. Target: ratio <= 6 (issue 21; was 3). Bytecode caching is on
 for the measured runs (PYTHONDONTWRITEBYTECODE removed, one warm-up run writes the .pyc files),
 as on a user's machine; with it off every run recompiles lorad's modules from source.
 
@@ -65,7 +65,7 @@ def main() -> None:
         f"lorad status median {median(ours) * 1000:.1f} ms, python -c pass median {median(base) * 1000:.1f} ms"
     )
     ratio = median(ours) / median(base)
-    result("P5-status", median(ours) * 1000, "ms", median(base) * 1000, "<=3x", ratio <= 3)
+    result("P5-status", median(ours) * 1000, "ms", median(base) * 1000, "<=6x", ratio <= 6)
 
     uv = shutil.which("uv")
     if uv is None:

@@ -15,13 +15,13 @@ import json
 import re
 from pathlib import Path
 
+from daemon.caption_model import model_problem
 from daemon.fsutil import atomic_write_text
 from daemon.intake import contract
 from daemon.intake.snapshot import MANIFEST, write_captions_list
 from daemon.logs import get_logger
 from engines.base import StopToken, run_captioner
 
-TINY_VLM = "tiny-vlm"
 # The instruction the captioner gets; part of the dataset fingerprint (a new prompt, new captions).
 CAPTION_PROMPT = (
     "Describe this image in one or two natural-language sentences for training an image model: "
@@ -51,56 +51,10 @@ def finish_caption(raw: str, trigger: str) -> str:
     return f"{trigger}, {text[0].lower() + text[1:] if text[:2].istitle() else text}"
 
 
-def fetch_hint(model: str) -> str:
-    return (
-        f"lorad never downloads a model unasked: fetch it once with `hf download {model}` "
-        '(or set caption_model to a model folder, or "tiny-vlm" for a test); `lorad doctor` checks it'
-    )
-
-
-def model_problem(model: str) -> str | None:
-    """Why the captioner cannot run here (None: it can): a folder without a config.json, or a
-    Hugging Face repo id that is not in the local cache. Looked up offline, never fetched."""
-    if model == TINY_VLM:
-        return None
-    path = Path(model).expanduser()
-    if path.is_absolute() or model.startswith("."):
-        if (path / "config.json").is_file():
-            return None
-        return f"caption_model {model!r} is not a model folder (no config.json in it)"
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover - a dependency of transformers
-        return f"caption_model {model!r} cannot be looked up (huggingface_hub is missing)"
-    try:
-        found = try_to_load_from_cache(model, "config.json")
-    except Exception as exc:  # a malformed repo id
-        return f"caption_model {model!r} is not a Hugging Face repo id ({exc})"
-    if isinstance(found, str):
-        return None
-    return f"the captioner {model!r} (caption_model) is not on this machine. {fetch_hint(model)}"
-
-
 GIB = 1024**3
 # Beyond its weights a VLM needs its activations, the image's vision tokens and the KV cache of a
 # short caption: about 1.5 GB for an 8B model at 4 bits (mlx-vlm on a 16 GB Mac), plus a margin.
 CAPTIONER_OVERHEAD_BYTES = int(1.5 * GIB)
-
-
-def model_folder(model: str, state_dir: Path) -> Path | None:
-    """Where caption_model's files are on this machine (offline lookup), None if unknown."""
-    if model == TINY_VLM:
-        return state_dir / "models" / TINY_VLM
-    path = Path(model).expanduser()
-    if path.is_absolute() or model.startswith("."):
-        return path
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(model, "config.json")
-    except Exception:
-        return None
-    return Path(found).parent if isinstance(found, str) else None
 
 
 def weights_bytes(folder: Path | None) -> int:

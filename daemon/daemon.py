@@ -265,9 +265,11 @@ class Daemon:
             self.log.error("daemon.refused", reason=str(exc), pid=exc.pid)
             return 1
         from daemon import effective
+        from daemon.settings import effective_snapshot
 
         try:
-            published = effective.write(s, self.default_state, self.log)
+            data = effective_snapshot(s, os.getpid())
+            published = effective.write(s, self.default_state, self.log, data=data)
         except OSError as exc:  # commands then fall back to their own settings; the daemon runs on
             published = []
             self.log.warning("daemon.settings_unwritten", reason=str(exc))

@@ -21,7 +21,8 @@ OK, WARN, FAIL = CheckStatus.OK, CheckStatus.WARN, CheckStatus.FAIL
 
 
 def run_checks(settings: Settings) -> list[Check]:
-    from daemon.pipeline import machine_now, make_engine
+    from daemon.engine_host import make_engine
+    from engines.base import machine_now
 
     checks: list[Check] = []
     py_ok = sys.version_info >= (3, 11)
@@ -80,7 +81,7 @@ def announce_weights(settings: Settings, log) -> Check | None:
     """At `lorad run` start: one `model.weights` log line, and a printed line on stderr when the
     engine says the model cannot be trained here (its weights are missing): said now, with what
     to do, not after the first job fails on it."""
-    from daemon.pipeline import make_engine
+    from daemon.engine_host import make_engine
 
     try:
         check = make_engine(settings).model_check(settings.model)

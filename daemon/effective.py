@@ -28,23 +28,6 @@ def jsonable(value: object) -> object:
     return value
 
 
-def snapshot(settings, pid: int) -> dict:
-    """What the daemon writes: its pid, state dir, each setting's real value and source (pure)."""
-    from daemon.settings import DEFAULT_SOURCE, KEYS
-
-    values: dict[str, object] = {}
-    sources: dict[str, str] = {}
-    for key in KEYS:
-        value = getattr(settings, key)
-        values[key] = False if key == "ui" and value is None else jsonable(value)
-        sources[key] = settings.sources.get(key, DEFAULT_SOURCE)
-    values["state_dir"] = str(settings.state)  # the real place, whatever gave it
-    if sources["state_dir"] == DEFAULT_SOURCE:
-        sources["state_dir"] = sources["assets"]
-    values["engines"] = settings.engines
-    return {"pid": pid, "state": str(settings.state), "settings": values, "sources": sources}
-
-
 def _write_private(path: Path, data: dict) -> None:
     from daemon.fsutil import atomic_write_text
 
@@ -52,11 +35,10 @@ def _write_private(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str), mode=0o600)
 
 
-def write(settings, default_state: Path | None, log=None) -> list[Path]:
+def write(settings, default_state: Path | None, log=None, *, data: dict) -> list[Path]:
     """At daemon start: the settings file, and the pointer when the default state dir (lorad's own
     folder, `./assets/.lorad` unless lorad.toml says otherwise) is elsewhere. A pointer that cannot
     be written (read-only folder) is logged; the settings file is still there."""
-    data = snapshot(settings, os.getpid())
     written = [settings.state / SETTINGS_FILE]
     _write_private(written[0], data)
     if default_state is not None and _differs(default_state, settings.state):

@@ -9,41 +9,30 @@ from __future__ import annotations
 
 import _thread  # RLock without importing threading: `lorad status` loads this module
 import builtins  # JobStore.list shadows list in the class body
+import json
 import os
 import sqlite3
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
+from typing import Any
 
 from daemon.intake import markers
-
-ACTIVE = ("preparing", "training", "rendering", "publishing")
-RUNNABLE = ("queued", "interrupted")
-FINISHED = ("done", "failed", "cancelled")
-
-TRANSITIONS: dict[str, frozenset[str]] = {
-    "queued": frozenset({"preparing", "cancelled", "failed"}),
-    # preparing -> publishing: the LoRA is already published, only its registry entry is missing
-    "preparing": frozenset({"training", "publishing", "failed", "cancelled", "interrupted"}),
-    "training": frozenset({"rendering", "failed", "cancelled", "interrupted"}),
-    "rendering": frozenset({"publishing", "failed", "cancelled", "interrupted"}),
-    "publishing": frozenset({"done", "failed", "interrupted"}),
-    "interrupted": frozenset({"preparing", "cancelled", "failed", "queued"}),
-    "failed": frozenset({"queued"}),
-    "cancelled": frozenset({"queued"}),
-    "done": frozenset(),
-}
+from daemon.states import ACTIVE, FINISHED, RUNNABLE, TRANSITIONS, JobState, moves_from  # noqa: F401 (re-exported)
 
 # The event each move logs (docs/EVENTS.md).
-EVENT_FOR_MOVE = {
-    ("queued", "preparing"): "job.started",
-    ("interrupted", "preparing"): "job.resumed",
+EVENT_FOR_MOVE: dict[tuple[str, str], str] = {
+    (JobState.QUEUED, JobState.PREPARING): "job.started",
+    (JobState.INTERRUPTED, JobState.PREPARING): "job.resumed",
 }
-EVENT_FOR_STATE = {
-    "done": "job.done",
-    "failed": "job.failed",
-    "cancelled": "job.cancelled",
-    "interrupted": "job.interrupted",
-    "queued": "job.requeued",
+EVENT_FOR_STATE: dict[str, str] = {
+    JobState.DONE: "job.done",
+    JobState.FAILED: "job.failed",
+    JobState.CANCELLED: "job.cancelled",
+    JobState.INTERRUPTED: "job.interrupted",
+    JobState.QUEUED: "job.requeued",
 }
 
 
@@ -74,14 +63,14 @@ class CorruptDatabase(Exception):
 
 
 def is_legal(old: str, new: str) -> bool:
-    return new in TRANSITIONS.get(old, frozenset())
+    return new in moves_from(old)
 
 
 def honour_cancel(old: str, new: str, cancel_requested: bool) -> str:
     """The state a move really goes to (pure): a job whose cancel was requested enters no further
     phase (preparing, training, rendering, publishing) but goes to `cancelled` at the boundary."""
-    if cancel_requested and new in ACTIVE and is_legal(old, "cancelled"):
-        return "cancelled"
+    if cancel_requested and new in ACTIVE and is_legal(old, JobState.CANCELLED):
+        return JobState.CANCELLED
     return new
 
 
@@ -91,7 +80,7 @@ def cancel_action(state: str) -> str:
     publishing: the LoRA is being put in place), `finished` (nothing to cancel)."""
     if state in RUNNABLE:
         return "cancel"
-    if state == "publishing":
+    if state == JobState.PUBLISHING:
         return "too_late"
     if state in ACTIVE:
         return "request"
@@ -151,38 +140,74 @@ _JSON_COLUMNS = ("settings", "outputs", "plan", "remote")
 _NOT_PRUNED = "COALESCE(json_extract(settings, '$.pruned'), 0) = 0"
 
 
+@dataclass(eq=False, repr=False)
 class Job:
-    """One row of the jobs table. The JSON columns (settings, outputs, plan) are decoded on first
-    use: `lorad status` lists rows without them and so never imports json."""
+    """One row of the jobs table: a field per column (MIGRATIONS, in column order), typed; the
+    JSON columns (settings, outputs, plan, remote) decoded when the Job is made. A page that reads
+    a few columns (the dashboard's queue) gets the defaults for the rest. eq=False: two Jobs are
+    the same only if they are the same object (as before; a Job stays hashable)."""
 
-    def __init__(self, **columns: object):
+    id: str = ""
+    seq: int = 0
+    dataset: str = ""
+    dataset_path: str = ""
+    name: str = ""
+    trigger_word: str = ""
+    fingerprint: str = ""
+    ready_token: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    state: JobState = JobState.QUEUED
+    attempt: int = 1
+    priority: int = 0
+    ready_at: float = 0.0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    loss: float | None = None
+    eta_s: float | None = None
+    error: str | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+    cancel_requested: int = 0
+    plan: dict[str, Any] = field(default_factory=dict)  # migration 2
+    worker: str | None = None  # migration 3
+    waiting: str | None = None
+    remote: dict[str, Any] = field(default_factory=dict)  # migration 4
+    note: str | None = None
+
+    def __post_init__(self) -> None:
+        """Rows hold the JSON columns as text and the state as a plain string: decode both here,
+        once (a JSON column that is not an object is a corrupt row: refused, naming the column)."""
         for key in _JSON_COLUMNS:
-            if key in columns:
-                columns["_raw_" + key] = columns.pop(key)
-        self.__dict__.update(columns)
+            value: object = getattr(self, key)
+            if isinstance(value, (str, bytes)) or value is None:
+                value = json.loads(value or "{}")
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"job {self.id}: column {key!r} holds {type(value).__name__}, not a JSON object"
+                )
+            setattr(self, key, value)
+        self.state = JobState(self.state)
 
-    def __getattr__(self, name: str):
-        raw_key = "_raw_" + name
-        if name in _JSON_COLUMNS and raw_key in self.__dict__:
-            import json
-
-            value = json.loads(self.__dict__[raw_key] or "{}")
-            self.__dict__[name] = value
-            return value
-        raise AttributeError(name)
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any] | sqlite3.Row) -> Job:
+        """The one way a jobs-table row becomes a Job (an unknown column is a TypeError naming it)."""
+        return cls(**dict(row))
 
     def __repr__(self) -> str:
         return f"Job({self.id}, {self.dataset}, {self.state})"
 
-    def to_dict(self) -> dict:
-        data = {k: v for k, v in self.__dict__.items() if not k.startswith("_raw_")}
-        for key in _JSON_COLUMNS:
-            data[key] = getattr(self, key)
+    def to_dict(self) -> dict[str, Any]:
+        """Every column by name, the JSON ones decoded, the state as its plain string."""
+        data = {f.name: getattr(self, f.name) for f in dataclass_fields(self)}
+        data["state"] = self.state.value
         return data
 
 
 def _row_to_job(row: sqlite3.Row) -> Job:
-    return Job(**dict(row))
+    return Job.from_row(row)
 
 
 def new_job_id(now: float | None = None) -> str:
@@ -220,13 +245,13 @@ def _metrics_text(metrics: object) -> str:
 def marker_text(job: Job) -> str:
     """What the dataset's marker file says for this job (pure)."""
     head = f"job {job.id} ({job.name})"
-    if job.state == "queued":
+    if job.state == JobState.QUEUED:
         text = f"{head}\nqueued at {iso(job.ready_at)}\nlorad status shows the queue\n"
         missing = job.settings.get("weights_missing")
         if missing:  # flagged at intake: the job waits; it fails at start unless they are fetched
             text += f"\nWaiting, but this machine cannot train it yet: {missing}\n"
         return text
-    if job.state == "interrupted":
+    if job.state == JobState.INTERRUPTED:
         where = f" at step {job.step}/{job.total_steps}" if job.step else ""
         return f"{head}\ninterrupted{where}; resumes from its last checkpoint when lorad runs\n"
     if job.state in ACTIVE:
@@ -240,15 +265,15 @@ def marker_text(job: Job) -> str:
             )
         if job.loss is not None:
             lines.append(f"loss {job.loss:.4f}")
-        if getattr(job, "note", None):
+        if job.note:
             lines.append(job.note)
         lines.append(f"updated {iso(job.updated_at)}")
         return "\n".join(lines) + "\n"
-    if job.state == "done":
+    if job.state == JobState.DONE:
         lines = [f"{head} finished at {iso(job.finished_at)}", ""]
         lines += [f"{k}: {v}" for k, v in job.outputs.items() if isinstance(v, str)]
         return "\n".join(lines) + "\n" + _metrics_text(job.outputs.get("metrics")) + _warnings_text(job)
-    if job.state == "failed":
+    if job.state == JobState.FAILED:
         refused = job.settings.get("intake") == "refused"  # nothing to retry: fix and drop READY
         kind = markers.failure_kind(job.error or "", refused_at_intake=refused)
         text = markers.failed_text((job.error or "unknown error").splitlines(), job.id, kind)
@@ -402,7 +427,6 @@ class JobStore:
         ready_at: float | None = None,
         marker: bool = True,
     ) -> Job:
-        import json
 
         now = time.time()
         with self._tx() as conn:
@@ -540,7 +564,6 @@ class JobStore:
     def _update(conn: sqlite3.Connection, job_id: str, **fields: object) -> None:
         if not fields:
             return
-        import json
 
         values = [json.dumps(v, default=str) if k in _JSON_COLUMNS else v for k, v in fields.items()]
         assignments = ", ".join(f"{k} = ?" for k in fields)
@@ -549,7 +572,6 @@ class JobStore:
     @staticmethod
     def _update_if(conn: sqlite3.Connection, job_id: str, seen_state: str, /, **fields: object) -> bool:
         """UPDATE ... WHERE state = <the state just read>: the set half of compare-and-set."""
-        import json
 
         values = [json.dumps(v, default=str) if k in _JSON_COLUMNS else v for k, v in fields.items()]
         assignments = ", ".join(f"{k} = ?" for k in fields)
@@ -585,7 +607,7 @@ class JobStore:
         refresh the marker in it, so no folder keeps a TRAINING marker forever. A folder that was
         deleted is not recreated (nothing names the job: the row keeps its old path)."""
         old_path = Path(job.dataset_path)
-        if not self.write_markers or markers._is_real_dir(old_path):
+        if not self.write_markers or markers.is_real_dir(old_path):
             return job
         found = markers.folders_marked_with(old_path.parent, job.id)
         if not found:
@@ -606,7 +628,7 @@ class JobStore:
         if marker:
             self.refresh_marker(job)
             job = self.follow_renamed_folder(job)
-        fields = {"job_id": job.id, "dataset": job.dataset, "state": new}
+        fields: dict[str, object] = {"job_id": job.id, "dataset": job.dataset, "state": new}
         if old:
             fields["previous"] = old
         if new == "failed" and job.error:

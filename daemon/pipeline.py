@@ -8,15 +8,14 @@ processes; a stop request (daemon shutdown or user cancel) reaches them through 
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 from pathlib import Path
 
-import psutil
 import structlog
 
 from daemon import space
+from daemon.engine_host import CLOUD_ENGINE, check_engine_settings, job_input, make_engine  # noqa: F401 (callers import them here)
 from daemon.fsutil import atomic_write_text
 from daemon.intake import markers
 from daemon.intake.snapshot import CAPTIONS_LIST
@@ -36,8 +35,6 @@ from daemon.publish import (
 from daemon.settings import Settings, SettingsError
 from engines.base import (
     Engine,
-    EngineContext,
-    EngineSettingsError,
     JobInput,
     Machine,
     MemoryPlanError,
@@ -49,54 +46,8 @@ from engines.base import (
     StopToken,
     TrainingPlan,
     TrainStatus,
-    coerce_options,
-    engine_class,
-    get_engine,
+    machine_now,
 )
-
-CLOUD_ENGINE = "fal"  # where `cloud_fallback` sends a job no local plan fits
-
-
-def machine_now(memory_override_gb: float | None = None) -> Machine:
-    import platform
-
-    mem = psutil.virtual_memory()
-    gb = 1024**3
-    return Machine(
-        total_gb=mem.total / gb,
-        available_gb=mem.available / gb,
-        platform=sys.platform,
-        apple_silicon=sys.platform == "darwin" and platform.machine() == "arm64",
-        memory_override_gb=memory_override_gb,
-    )
-
-
-def make_engine(settings: Settings, name: str | None = None) -> Engine:
-    """The engine `name` (default: the `engine` setting) with its `[engines.<name>]` section;
-    SettingsError when the name is unknown or the section is bad."""
-    name = name or settings.engine
-    context = EngineContext(
-        settings.state,
-        settings.stop_timeout_s,
-        settings.keep_awake,
-        settings.engines.get(name, {}),
-        cloud_daily_jobs=settings.cloud_daily_jobs,
-        download_models=settings.download_models,
-    )
-    try:
-        return get_engine(name, context)
-    except EngineSettingsError as exc:
-        raise SettingsError(str(exc)) from None
-
-
-def check_engine_settings(settings: Settings) -> None:
-    """At start: the chosen engine and every `[engines.<name>]` section must be known and valid."""
-    try:
-        engine_class(settings.engine)
-        for name, raw in settings.engines.items():
-            coerce_options(name, engine_class(name).options, raw)
-    except EngineSettingsError as exc:
-        raise SettingsError(str(exc)) from None
 
 
 def cancel_cloud_requests(settings: Settings, store) -> list[str]:
@@ -119,29 +70,6 @@ def cancel_cloud_requests(settings: Settings, store) -> list[str]:
         except Exception as exc:  # told; the next start tries again
             get_logger().warning("job.cloud_cancel_failed", job_id=job.id, error=str(exc))
     return done
-
-
-def job_input(job, workdir: Path) -> JobInput:
-    manifest = json.loads((workdir / "manifest.json").read_text(encoding="utf-8"))
-    images = manifest["images"]
-    preview_prompt = manifest.get("preview_prompt") or f"{job.trigger_word}, portrait photo"
-    options = dict(manifest.get("options", {}))
-    options["preview_prompts"] = manifest.get("preview_prompts") or [
-        preview_prompt
-    ]  # samples during training
-    if manifest.get("sample_every"):
-        options["sample_every"] = manifest["sample_every"]
-    return JobInput(
-        job_id=job.id,
-        name=job.name,
-        trigger=job.trigger_word,
-        model=job.settings.get("model", "z-image-turbo"),
-        image_count=len(images),
-        max_side=max((max(i["width"], i["height"]) for i in images), default=0),
-        options=options,
-        data_dir=workdir / "data",
-        preview_prompt=preview_prompt,
-    )
 
 
 def stamp_adapter(

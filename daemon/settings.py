@@ -343,7 +343,7 @@ def _coerce_list(key: str, value: object, where: str) -> tuple[str, ...]:
     else:
         raise SettingsError(f'{where}: expected a list of strings like ["a", "b"], got {value!r}')
     if key == "notify_on":
-        from daemon.jobs import TRANSITIONS  # the job states; jobs.py is on `lorad status`'s path anyway
+        from daemon.states import TRANSITIONS  # the job states (pure; no jobs table)
 
         bad = [v for v in items if v not in TRANSITIONS]
         if bad:
@@ -542,3 +542,21 @@ def default_state_dir(config_file: Path | None = None, cwd: Path | None = None) 
     cwd = (cwd or Path.cwd()).resolve()
     file_values, source, root = read_config(config_file, cwd)
     return resolve(file_values=file_values, file_source=source, base=cwd, project_root=root).state
+
+
+def effective_snapshot(settings: Settings, pid: int) -> dict:
+    """What the daemon writes to daemon-settings.json (daemon/effective.py): its pid, state dir,
+    each setting's real value and source (pure). Here, not there: effective.py stays below settings."""
+    from daemon.effective import jsonable
+
+    values: dict[str, object] = {}
+    sources: dict[str, str] = {}
+    for key in KEYS:
+        value = getattr(settings, key)
+        values[key] = False if key == "ui" and value is None else jsonable(value)
+        sources[key] = settings.sources.get(key, DEFAULT_SOURCE)
+    values["state_dir"] = str(settings.state)  # the real place, whatever gave it
+    if sources["state_dir"] == DEFAULT_SOURCE:
+        sources["state_dir"] = sources["assets"]
+    values["engines"] = settings.engines
+    return {"pid": pid, "state": str(settings.state), "settings": values, "sources": sources}

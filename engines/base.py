@@ -36,6 +36,24 @@ class Machine:
     memory_override_gb: float | None = None  # `ram_gb` / `lorad plan --ram-gb`: plan as if this much
 
 
+def machine_now(memory_override_gb: float | None = None) -> Machine:
+    """The memory and platform now (psutil, imported here: `lorad status` imports this module)."""
+    import platform
+    import sys
+
+    import psutil
+
+    mem = psutil.virtual_memory()
+    gb = 1024**3
+    return Machine(
+        total_gb=mem.total / gb,
+        available_gb=mem.available / gb,
+        platform=sys.platform,
+        apple_silicon=sys.platform == "darwin" and platform.machine() == "arm64",
+        memory_override_gb=memory_override_gb,
+    )
+
+
 @dataclass(frozen=True)
 class JobInput:
     """What an engine needs to know about a job (from the snapshot manifest and the job row)."""

@@ -33,7 +33,8 @@ def marker_plan(state: str) -> tuple[str, tuple[str, ...]]:
     return name, tuple(m for m in STATE_MARKERS if m != name)
 
 
-def _is_real_dir(folder: Path) -> bool:
+def is_real_dir(folder: Path) -> bool:
+    """A folder itself, not a link to one (markers are never written through a link)."""
     try:
         return stat.S_ISDIR(folder.lstat().st_mode)
     except OSError:
@@ -43,7 +44,7 @@ def _is_real_dir(folder: Path) -> bool:
 def write_marker(folder: Path, state: str, text: str) -> bool:
     """Write the marker for `state`; False when the folder is gone (or no longer a real folder)."""
     folder = Path(folder)
-    if not _is_real_dir(folder):
+    if not is_real_dir(folder):
         return False
     name, stale = marker_plan(state)
     try:
@@ -159,7 +160,7 @@ def folders_marked_with(root: Path, job_id: str) -> list[Path]:
     except OSError:
         return []
     for folder in entries:
-        if not _is_real_dir(folder):
+        if not is_real_dir(folder):
             continue
         if any(names_job(_first_line(folder / m), job_id) for m in STATE_MARKERS):
             found.append(folder)

@@ -345,7 +345,7 @@ class Intake:
         machine's cache says nothing about theirs)."""
         if self.settings.scale_out:
             return None
-        from daemon.pipeline import make_engine
+        from daemon.engine_host import make_engine
         from engines.base import CheckStatus
 
         try:

@@ -109,7 +109,7 @@ def _conversion_reason(im) -> str | None:
 def limits(settings) -> dict:
     """validate_dataset's caps: sizes from the settings, the caption length from the engine that
     will train (its `intake_limits`; a bad engine setting is reported elsewhere, the default used)."""
-    from daemon.pipeline import make_engine
+    from daemon.engine_host import make_engine
     from daemon.settings import SettingsError
 
     try:
@@ -722,7 +722,7 @@ def _no_caption(report: Report, name: str, stem: str, trigger: str, missing: str
 def _check_captioner(report: Report, model: str) -> None:
     """missing_captions = "vlm" with a captioner that is not on this machine: refused here, with
     how to fetch it (lorad never downloads it unasked), rather than failing the job later."""
-    from daemon.captions import model_problem
+    from daemon.caption_model import model_problem
 
     problem = model_problem(model)
     if problem is not None:

@@ -3,7 +3,7 @@
 Read-mostly: pages read the jobs table (their own connection; WAL lets them read beside the
 daemon's writers), the work dirs and the loras folder. The three actions (cancel, retry,
 re-train with force) call the same functions as `lorad cancel/retry/enqueue --force`
-(daemon/commands.py). Every request passes `Guard` (token when one is set, loopback Host names
+(daemon/actions.py). Every request passes `Guard` (token when one is set, loopback Host names
 otherwise); every action is a POST with a CSRF token and a same-origin Origin/Referer.
 """
 
@@ -35,7 +35,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from daemon.jobs import ACTIVE, Job, JobStore
+from daemon.jobs import ACTIVE, Job, JobState, JobStore
 from daemon.settings import Settings
 from daemon.ui import views
 
@@ -320,21 +320,21 @@ class Dashboard:
         return RedirectResponse(f"/jobs/{job.id}?{query}", 303)
 
     def _do(self, action: str, job: Job) -> tuple[int, str]:
-        from daemon import commands
+        from daemon import actions
 
         try:
             if action == "cancel":
-                return commands.cancel_job(self.settings, self.store, job)
+                return actions.cancel_job(self.settings, self.store, job)
             if action == "retry":
-                return commands.retry_job(self.settings, self.store, job)
+                return actions.retry_job(self.settings, self.store, job)
             folder = Path(job.dataset_path)
             if (
                 not folder.resolve().is_relative_to(self.settings.training_data.resolve())
                 or not folder.is_dir()
             ):
                 return 1, f"{folder} is not a dataset folder under {self.settings.training_data} any more"
-            return 0, commands.write_ready(folder, {"force": True})
-        except commands.UsageError as exc:
+            return 0, actions.write_ready(folder, {"force": True})
+        except actions.UsageError as exc:
             return 2, str(exc)
         except OSError as exc:
             return 1, f"{type(exc).__name__}: {exc}"
@@ -432,7 +432,7 @@ class Dashboard:
                         rows = conn.execute(
                             query + ("" if full else " WHERE updated_at > ?"), () if full else (since,)
                         ).fetchall()
-                        jobs = [Job(**dict(r)) for r in rows]
+                        jobs = [Job.from_row(r) for r in rows]
                         now = time.time()
                         payload = {
                             "full": full,
@@ -497,13 +497,13 @@ def _extra_columns(conn: sqlite3.Connection) -> str:
 
 def _actions_for(job: Job) -> list[str]:
     actions = []
-    if job.state not in ("done", "failed", "cancelled", "publishing"):
+    if job.state not in (JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.PUBLISHING):
         actions.append("cancel")
-    if job.state in ("failed", "cancelled", "interrupted") and not (
+    if job.state in (JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED) and not (
         isinstance(job.settings, dict) and job.settings.get("intake") == "refused"
     ):
         actions.append("retry")
-    if job.state not in ACTIVE and job.state != "queued":
+    if job.state not in ACTIVE and job.state != JobState.QUEUED:
         actions.append("retrain")
     return actions
 

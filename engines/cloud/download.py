@@ -8,7 +8,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from daemon.fsutil import temp_beside
+from lorad_base.fsutil import temp_beside
 
 MAX_RESULT_BYTES = 2 * 1024**3  # no LoRA lorad trains is near this; anything larger is refused
 

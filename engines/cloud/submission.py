@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.fsutil import atomic_write_text
 from engines.base import RESUBMIT_FILE, UNCERTAIN_FILE
+from lorad_base.fsutil import atomic_write_text
 
 INTENT_FILE = "intent.json"
 REQUEST_FILE = "request.json"

@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon import safetensors_file
+from lorad_base import safetensors_file
 
 PEFT_METADATA_KEY = "lora_adapter_metadata"
 TENSOR_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}

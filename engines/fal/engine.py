@@ -23,9 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from daemon.childenv import HF_TOKENS, child_env
-from daemon.fsutil import atomic_write_text, temp_beside
-from daemon.logs import get_logger
 from engines.base import (
     Check,
     CheckStatus,
@@ -51,6 +48,9 @@ from engines.cloud.schema import Schema, SchemaError, build_arguments, check_arg
 from engines.cloud.submission import Ledger, Next, Records, kill_point
 from engines.fal import pricing
 from engines.fal.endpoints import SCHEMAS
+from lorad_base.childenv import HF_TOKENS, child_env
+from lorad_base.fsutil import atomic_write_text, temp_beside
+from lorad_base.logs import get_logger
 
 ROOT = Path(__file__).resolve().parents[2]
 FAL_DIR = "fal"
@@ -737,7 +737,7 @@ class FalEngine:
                 f"the LoRA trained on fal.ai is ready in {lora}, but the local test render needs the model "
                 f"here: {check.detail}"
             )
-        from daemon.pipeline import machine_now  # a render plan for this machine, as a local job gets
+        from engines.base import machine_now  # a render plan for this machine, as a local job gets
 
         c = plan.config
         job = JobInput(

@@ -12,7 +12,7 @@ import re
 import zipfile
 from pathlib import Path
 
-from daemon.fsutil import atomic_write_bytes
+from lorad_base.fsutil import atomic_write_bytes
 
 _NAME = re.compile(r"^(\d{7})_checkpoint\.zip$")
 REQUIRED_KEYS = ("lora_adapter", "optimizer", "iterator", "config")

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.childenv import child_env
 from engines.base import Machine, PlanError
+from lorad_base.childenv import child_env
 
 PROBE_TIMEOUT_S = 120.0  # importing mlx on a cold disk, plus CUDA initialisation
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,9 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from daemon.childenv import HF_TOKENS, child_env
-from daemon.fsutil import atomic_write_text
-from daemon.logs import get_logger
 from engines.base import (
     Check,
     CheckStatus,
@@ -46,6 +43,9 @@ from engines.mflux.lora_export import export_adapter
 from engines.mflux.memory_plan import PROFILES, InsufficientMemory, MemoryPlan, plan_memory
 from engines.mflux.weights import weights_check
 from engines.process.child import run_child
+from lorad_base.childenv import HF_TOKENS, child_env
+from lorad_base.fsutil import atomic_write_text
+from lorad_base.logs import get_logger
 
 TRAIN_DIR = "train"
 SAMPLES_DIR = "samples"  # written by the child (engines/mflux/worker.py _hook_samples)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from daemon.safetensors_file import data_length, read_header, scalar_tensors, write
 from engines.mflux import checkpoints
+from lorad_base.safetensors_file import data_length, read_header, scalar_tensors, write
 
 LORA_A = ".lora_A.weight"
 MODEL_PREFIX = "diffusion_model."

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from daemon.childenv import child_env
 from engines.base import StopToken
+from lorad_base.childenv import child_env
 
 EXIT_MEMORY = 75  # the worker's code for an allocation failure
 

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 
-from daemon.fsutil import pid_alive
+from lorad_base.fsutil import pid_alive
 
 
 class Reporter:
