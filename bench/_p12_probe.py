@@ -65,6 +65,26 @@ def full_text_encoder_bytes(bits: int | None) -> int:
     return _bytes(encoder)
 
 
+def resident_bytes(bits: int | None, blocks: int) -> int:
+    """Bytes of the full-size model's weights as mflux's loader leaves them at `bits` (the transformer with
+    `blocks` main blocks, the VAE, the 4B text encoder), built lazily: nothing is allocated."""
+    import mlx.core as mx
+    from mflux.models.common.weights.loading.weight_applier import WeightApplier
+    from mflux.models.z_image.model.z_image_text_encoder.text_encoder import TextEncoder
+    from mflux.models.z_image.model.z_image_transformer.transformer import ZImageTransformer
+    from mflux.models.z_image.model.z_image_vae.vae import VAE
+    from mflux.models.z_image.weights.z_image_weight_definition import ZImageWeightDefinition
+    from mlx.utils import tree_map
+
+    models = {"vae": VAE(), "transformer": ZImageTransformer(n_layers=blocks), "text_encoder": TextEncoder()}
+    for module in models.values():
+        module.update(tree_map(lambda a: a.astype(mx.bfloat16), module.parameters()))
+    if bits is not None:
+        components = {c.name: c for c in ZImageWeightDefinition.get_components()}
+        WeightApplier._quantize(models, bits, components, ZImageWeightDefinition)
+    return sum(_bytes(m) for m in models.values())
+
+
 def _install_patches(cfg: dict, sizes: dict) -> None:
     import mlx.core as mx
     from mflux.models.common.vae.block_decoder import VAEBlockDecoder

@@ -4,17 +4,19 @@ Run (background, resumable; each finished point is cached under bench/results/p1
     nohup nice -n 19 uv run python bench/p12_memory.py > bench/results/p12_work/run.log 2>&1 &
     uv run python bench/p12_memory.py --report     # fit + JSON + table from the cached points only
 
-Why this shape: MLX's CPU matmul runs at ~5 GFLOPS here, so a full 30-block step is hours. Memory is what
-we want, and it is linear in depth (weights, LoRA, optimizer state and checkpointed block inputs all grow per
-block) and, with the attention fused or recomputed per block, linear in tokens. So each tier is measured at
-full width (dim 3840, the real block, the real refiners and embedders) with 1 and 2 blocks at two small
-resolutions (the fit: peak = a + b*n + c*T + d*n*T, n blocks, T tokens), checked on 3 blocks (held out), and
-extrapolated to 30 blocks at the tier's resolution. What runs and what stands in: bench/_p12_probe.py.
+Why this shape: MLX's CPU matmul runs at ~2-5 GFLOPS here (and this process gets a niced share of two
+shared cores), so a full 30-block step is hours. Memory is what we want, and it is linear in depth
+(weights, LoRA, its gradient and AdamW state, the checkpointed block inputs all grow per block) and, with
+the attention computed one block at a time, linear in tokens. So the model is measured at full width (dim
+3840, the real block, the real refiners and embedders) with 1-3 blocks at two small resolutions, fitted
+(see fit_model: the depth terms are counted exactly, two terms are fitted, every other point is held out)
+and extrapolated to 30 blocks at each tier's resolution. What runs and what stands in: bench/_p12_probe.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -25,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from engines.mflux.memory_plan import tier_budget_gb  # noqa: E402
 
@@ -34,26 +37,20 @@ WORK = RESULTS / "p12_work"
 OUT = RESULTS / "p12_memory.json"
 REAL_BLOCKS = 30
 CAPTION_TOKENS = 64  # the caption length the extrapolation assumes (a lorad caption is ~30-60 Qwen3 tokens)
-FIT_BLOCKS = (1, 2)
-HELD_OUT_BLOCKS = (3,)
 # (tier, blocks, resolution px, caption tokens, steps), in the order they run. On this shared CPU a
-# full-width block-step costs minutes, so the per-token term comes from 64 and 128 px; the points after the
-# first run one step (the optimizer state it creates is then added to the peak: see effective_peak_gb), and
-# the second tier borrows the first one's per-token term until it has its own second size.
+# full-width block-step costs minutes, so the per-token term comes from 64 and 128 px, the points after
+# the first run one step (the optimizer state it creates is then added: see effective_peak_gb), and only
+# the 1-block points of the reference tier are fitted: every later point is a held-out check.
 GRID = (
     ("q4-minimal", 1, 128, 64, 2),
     ("q4-minimal", 1, 64, 32, 1),
     ("q4-minimal", 2, 64, 32, 1),
-    ("q4-minimal", 3, 64, 32, 1),
     ("q8-checkpointed", 1, 64, 32, 1),
+    ("q4-minimal", 3, 64, 32, 1),
     ("q8-checkpointed", 2, 64, 32, 1),
     ("q8-checkpointed", 3, 64, 32, 1),
-    ("q8-checkpointed", 1, 128, 64, 1),
-    ("q4-minimal", 2, 128, 64, 1),
-    ("q8-checkpointed", 2, 128, 64, 1),
 )
-# With gradient checkpointing every block keeps its input (tokens x dim, bfloat16) for the backward:
-# the depth x tokens term, used when the grid has not measured it (no 2-block point at a second size).
+# With gradient checkpointing every block keeps its input (tokens x dim, bfloat16) for the backward.
 CHECKPOINT_GB_PER_BLOCK_TOKEN = 3840 * 2 / 1e9
 POINT_TIMEOUT_S = 3 * 3600
 
@@ -68,6 +65,8 @@ MEASURED_ORDER = ("q4-minimal", "q8-checkpointed")
 # over-estimate (the file is not available offline to weigh).
 LORA_PARAMS_PER_RANK_PER_BLOCK = 4 * (3840 + 3840) + 2 * (3840 + 10240) + (10240 + 3840)
 TURBO_ADAPTER_GB = LORA_PARAMS_PER_RANK_PER_BLOCK * 64 * REAL_BLOCKS * 4 / 1e9
+# Per block, lorad's LoRA (rank 16, float32 factors) + its gradient + AdamW's two moments: 16 bytes a parameter.
+LORA_TRAINING_GB_PER_BLOCK = LORA_PARAMS_PER_RANK_PER_BLOCK * 16 * 16 / 1e9
 
 
 def tokens(res: int, caption: int = CAPTION_TOKENS) -> int:
@@ -160,56 +159,62 @@ def _lstsq(rows: list[list[float]], ys: list[float]) -> list[float]:
     return [float(c) for c in coef]
 
 
-def fit_tier(points: list[dict], borrowed_c: float | None = None) -> dict | None:
-    """peak_gb = a + b*n + c*T + d*n*T (n blocks, T tokens) on the 1- and 2-block points.
-    d is fitted when both depths were measured at two sizes, else it is the checkpointed block input
-    (CHECKPOINT_GB_PER_BLOCK_TOKEN); c is fitted when the points have two sizes, else borrowed from a tier
-    that has them (activations are bfloat16 whatever the weights' quantization).
-    fit_error: the worst relative error on the held-out (3-block) points."""
-    fit = [p for p in points if p["cfg"]["blocks"] in FIT_BLOCKS]
-    held = [p for p in points if p["cfg"]["blocks"] in HELD_OUT_BLOCKS]
-    shapes = [(p["cfg"]["blocks"], point_tokens(p)) for p in fit]
-    depths, sizes = {n for n, _ in shapes}, {t for _, t in shapes}
-    if len(depths) < 2 or (len(sizes) < 2 and borrowed_c is None):
+@functools.cache
+def resident_gb(bits: int | None, blocks: int) -> float:
+    """The full-size model's weights at `bits` with `blocks` main blocks (exact: mflux's quantizer on lazily
+    built modules; linear in blocks, so two depths give all)."""
+    from _p12_probe import resident_bytes
+
+    one, two = resident_bytes(bits, 1) / 1e9, resident_bytes(bits, 2) / 1e9
+    return one + (two - one) * (blocks - 1)
+
+
+def _bits(p: dict) -> int | None:
+    return p["cfg"].get("quantize")
+
+
+def fit_model(points: list[dict]) -> dict | None:
+    """One model for every tier: peak_gb = W(bits, n) + e0 + e1*n + c*T + d*n*T.
+
+    The depth terms are counted, not guessed: W is the tier's exact weight bytes at n blocks, e1 the
+    per-block LoRA (rank 16, float32) with its gradient and AdamW's two moments, d the checkpointed
+    block input. e0 (what does not grow with depth or tokens) and c (one block's per-token working set
+    plus the per-token tensors outside the blocks) are fitted on the reference tier's 1-block points at
+    two sizes. Every other point (2 and 3 blocks, the other tier) is held out: it tests the depth and
+    quantization terms the 30-block extrapolation rests on."""
+    reference = MEASURED_ORDER[0]
+    fit = [p for p in points if p["cfg"]["tier"] == reference and p["cfg"]["blocks"] == 1]
+    if len({point_tokens(p) for p in fit}) < 2:
         return None
-    ys = [effective_peak_gb(p) for p in fit]
-    both = all(len({t for n, t in shapes if n == depth}) >= 2 for depth in FIT_BLOCKS)
-    d, c_source, d_source = (
-        CHECKPOINT_GB_PER_BLOCK_TOKEN,
-        "fitted",
-        "checkpointed block input (tokens x 3840 bf16)",
-    )
-    if both:
-        coef = _lstsq([[1.0, n, t, n * t] for n, t in shapes], ys)
-        d_source = "fitted"
-    elif len(sizes) >= 2:
-        coef = _lstsq([[1.0, n, t] for n, t in shapes], [y - d * n * t for y, (n, t) in zip(ys, shapes)]) + [
-            d
-        ]
-    else:
-        c = float(borrowed_c)  # type: ignore[arg-type]
-        rows = [[1.0, n] for n, t in shapes]
-        coef = _lstsq(rows, [y - c * t - d * n * t for y, (n, t) in zip(ys, shapes)]) + [c, d]
-        c_source = "borrowed"
+    e1, d = LORA_TRAINING_GB_PER_BLOCK, CHECKPOINT_GB_PER_BLOCK_TOKEN
+    rows = [[1.0, point_tokens(p)] for p in fit]
+    ys = [
+        effective_peak_gb(p) - resident_gb(_bits(p), 1) - e1 - d * point_tokens(p)  # n = 1
+        for p in fit
+    ]
+    e0, c = _lstsq(rows, ys)
+    return {
+        "coef": [e0, e1, c, d],
+        "reference": reference,
+        "fit_points": sorted({(1, point_tokens(p)) for p in fit}),
+    }
 
-    def predict(n: int, t: int) -> float:
-        return coef[0] + coef[1] * n + coef[2] * t + coef[3] * n * t
 
+def predict_gb(model: dict, bits: int | None, blocks: int, toks: int) -> float:
+    e0, e1, c, d = model["coef"]
+    return resident_gb(bits, blocks) + e0 + e1 * blocks + c * toks + d * blocks * toks
+
+
+def held_out(model: dict, points: list[dict], tier: str) -> tuple[float | None, list]:
+    """Worst relative error of the model on the tier's points it was not fitted on."""
+    fitted = model["reference"] == tier
+    held = [p for p in points if p["cfg"]["tier"] == tier and not (fitted and p["cfg"]["blocks"] == 1)]
     errors = [
-        abs(predict(p["cfg"]["blocks"], point_tokens(p)) - effective_peak_gb(p)) / effective_peak_gb(p)
+        abs(predict_gb(model, _bits(p), p["cfg"]["blocks"], point_tokens(p)) - effective_peak_gb(p))
+        / effective_peak_gb(p)
         for p in held
     ]
-    return {
-        "coef": coef,
-        "c_source": c_source,
-        "d_source": d_source,
-        "predict": predict,
-        "fit_error": max(errors) if errors else None,
-        "fit_points": sorted(set(shapes)),
-        "held_out": sorted((p["cfg"]["blocks"], point_tokens(p)) for p in held),
-        "blocks_measured": sorted({p["cfg"]["blocks"] for p in points}),
-        "step_seconds": _step_seconds_fit(points),
-    }
+    return (max(errors) if errors else None), sorted((p["cfg"]["blocks"], point_tokens(p)) for p in held)
 
 
 def _step_seconds_fit(points: list[dict]):
@@ -246,18 +251,16 @@ def machine() -> dict:
 
 def report() -> dict:
     points = load_points()
+    model = fit_model(points)
     measurements = []
-    borrowed_c = None
-    for tier in MEASURED_ORDER:
+    for tier in MEASURED_ORDER if model else ():
         tier_points = [p for p in points if p["cfg"]["tier"] == tier]
-        model = fit_tier(tier_points, borrowed_c)
-        if model is None:
+        if not tier_points:
             continue
-        if model["c_source"] == "fitted" and borrowed_c is None:
-            borrowed_c = model["coef"][2]
-        res = TIER_SETTINGS[tier]["plan_res"]
-        peak = model["predict"](REAL_BLOCKS, tokens(res)) + TURBO_ADAPTER_GB
-        secs = seconds_at(model["step_seconds"], REAL_BLOCKS, tokens(res))
+        bits, res = TIER_SETTINGS[tier]["quantize"], TIER_SETTINGS[tier]["plan_res"]
+        peak = predict_gb(model, bits, REAL_BLOCKS, tokens(res)) + TURBO_ADAPTER_GB
+        error, held = held_out(model, points, tier)
+        secs = seconds_at(_step_seconds_fit(tier_points), REAL_BLOCKS, tokens(res))
         measurements.append(
             {
                 "model": "z-image-turbo",
@@ -266,21 +269,21 @@ def report() -> dict:
                 "batch": 1,
                 "backend": "cpu",
                 "full_width": True,
-                "blocks_measured": model["blocks_measured"],
+                "blocks_measured": sorted({p["cfg"]["blocks"] for p in tier_points}),
                 "method": "extrapolated",
-                "fit_error": None if model["fit_error"] is None else round(model["fit_error"], 4),
+                "fit_error": None if error is None else round(error, 4),
                 "peak_gb": round(peak, 2),
                 "planned_gb": tier_budget_gb(tier),
                 "seconds_per_step": None if secs is None else round(secs, 1),
                 "fit": {
-                    "formula": "peak_gb = a + b*blocks + c*tokens + d*blocks*tokens (+ turbo adapter)",
+                    "formula": "peak_gb = W(bits, blocks) + e0 + e1*blocks + c*tokens + d*blocks*tokens + adapter",
                     "coef": [round(c, 9) for c in model["coef"]],
-                    "c_source": model["c_source"],
-                    "d_source": model["d_source"],
+                    "fitted": "e0, c (e1: LoRA + grad + AdamW bytes per block; d: checkpointed input)",
+                    "fitted_on": f"{model['reference']} at (blocks, tokens) {model['fit_points']}",
+                    "held_out_blocks_tokens": held,
+                    "weights_gb_30_blocks": round(resident_gb(bits, REAL_BLOCKS), 3),
                     "tokens": tokens(res),
                     "turbo_adapter_gb": round(TURBO_ADAPTER_GB, 3),
-                    "fit_points_blocks_tokens": model["fit_points"],
-                    "held_out_blocks_tokens": model["held_out"],
                 },
             }
         )
@@ -303,7 +306,7 @@ def report() -> dict:
     ]
     doc = {
         "measurements": measurements,
-        "planner_model": planner_model(measurements),
+        "planner_model": planner_model(model),
         "points": points_out,
         "machine": machine(),
     }
@@ -311,24 +314,23 @@ def report() -> dict:
     return doc
 
 
-def planner_model(measurements: list[dict]) -> dict | None:
-    """engines.mflux.memory_plan.PeakModel's fields from the measured tiers: resident GB at 30 blocks (the
-    fit at zero tokens, adapter included) linear in the quantization bits; per-token GB at 30 blocks with
-    checkpointing (the larger of the tiers'); one block's working set per token (the depth-independent c)."""
-    bits = {"q4-minimal": 4, "q8-checkpointed": 8}
-    rows = [(bits[m["tier"]], m["fit"]) for m in measurements if m["tier"] in bits]
-    if len(rows) < 2:
+def planner_model(model: dict | None) -> dict | None:
+    """engines.mflux.memory_plan.PeakModel's fields: the resident GB at 30 blocks per quantization (exact
+    weights + the fitted LoRA/optimizer/fixed terms + the adapter), the per-token GB at 30 blocks with
+    checkpointing, and one block's per-token working set (c, the depth-independent per-token term)."""
+    if model is None:
         return None
-    resident = [(b, f["coef"][0] + REAL_BLOCKS * f["coef"][1] + f["turbo_adapter_gb"]) for b, f in rows]
-    (b1, r1), (b2, r2) = resident[:2]
-    slope = (r2 - r1) / (b2 - b1)
+    e0, e1, c, d = model["coef"]
+
+    def resident(bits: int | None) -> float:
+        return round(resident_gb(bits, REAL_BLOCKS) + e0 + e1 * REAL_BLOCKS + TURBO_ADAPTER_GB, 2)
+
     return {
-        "resident_at_zero_bits_gb": round(r1 - slope * b1, 3),
-        "resident_per_bit_gb": round(slope, 4),
-        "per_token_checkpointed_gb": round(
-            max(f["coef"][2] + REAL_BLOCKS * f["coef"][3] for _, f in rows), 7
-        ),
-        "per_token_block_gb": round(max(f["coef"][2] for _, f in rows), 7),
+        "resident_q4_gb": resident(4),
+        "resident_q8_gb": resident(8),
+        "resident_bf16_gb": resident(None),
+        "per_token_checkpointed_gb": round(c + REAL_BLOCKS * d, 7),
+        "per_token_block_gb": round(c, 7),
     }
 
 
