@@ -179,6 +179,7 @@ def run(cfg: dict, work: Path) -> dict:
     import mlx.core as mx
     from mflux.models.common.training.runner import TrainingRunner
     from mflux.models.common.training.state.training_state import TrainingState
+    from mflux.models.z_image.training_adapter.z_image_training_adapter import ZImageTrainingAdapter
 
     from engines.mflux import tiny_model
 
@@ -214,13 +215,28 @@ def run(cfg: dict, work: Path) -> dict:
     original_inject = runner_module.inject_lora_targets
 
     def inject(transformer, targets):
-        # The model is loaded: its loading peak (bf16 then quantized, as a real load) ends here.
+        # The model is loaded. mflux quantizes lazily: until the quantized weights are evaluated, the
+        # random bf16 ones they come from stay alive (a real load reads them lazily from the file, one
+        # at a time). Evaluate them now so that the training peak sees the tier's weights only.
+        model = adapter_holder[0].model() if adapter_holder else None
+        for module in (model.vae, model.transformer, model.text_encoder) if model else (transformer,):
+            mx.eval(module.parameters())
+        gc.collect()
+        mx.clear_cache()
         sizes["load_peak_bytes"] = mx.get_peak_memory()
         sizes["weights_bytes"] = mx.get_active_memory()
         mx.reset_peak_memory()
         return original_inject(transformer, targets)
 
     runner_module.inject_lora_targets = inject
+    adapter_holder: list = []
+    original_adapter_init = ZImageTrainingAdapter.__init__
+
+    def adapter_init(self, **kwargs):
+        original_adapter_init(self, **kwargs)
+        adapter_holder.append(self)
+
+    ZImageTrainingAdapter.__init__ = adapter_init
     mx.reset_peak_memory()
     loop_start = time.time()
     TrainingRunner.train(config_path=str(config_path), resume_path=None)
