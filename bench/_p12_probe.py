@@ -260,7 +260,39 @@ def run(cfg: dict, work: Path) -> dict:
     }
 
 
+def attention(toks: int) -> dict:
+    """Peak of Z-Image's attention core (mflux's call: fast SDPA, additive mask, 30 heads x 128, bf16)
+    forward + backward at `toks` tokens, above its inputs and outputs: the T^2 term a linear fit at
+    small sizes cannot see (the CPU backend computes it unfused)."""
+    import mlx.core as mx
+
+    q, k, v = (mx.random.normal((1, 30, toks, 128)).astype(mx.bfloat16) for _ in range(3))
+    mask = mx.where(
+        mx.ones((1, 1, 1, toks), dtype=mx.bool_), mx.array(0.0, mx.bfloat16), mx.array(-mx.inf, mx.bfloat16)
+    )
+    cotangent = mx.random.normal((1, 30, toks, 128)).astype(mx.bfloat16)
+    mx.eval(q, k, v, mask, cotangent)
+
+    def core(q, k, v):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=128**-0.5, mask=mask)
+
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    started = time.time()
+    out, grads = mx.vjp(core, [q, k, v], [cotangent])
+    mx.eval(out, grads)
+    io = sum(a.nbytes for a in (*out, *grads))
+    return {
+        "tokens": toks,
+        "extra_bytes": mx.get_peak_memory() - base - io,
+        "seconds": round(time.time() - started, 1),
+    }
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "attention":
+        print("P12ATTN " + json.dumps([attention(int(t)) for t in sys.argv[2:]]), flush=True)
+        sys.exit(0)
     point = json.loads(sys.argv[1])
     workdir = Path(sys.argv[2]).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -153,7 +153,9 @@ def cache_point(line: str) -> dict:
 
 
 def load_points() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(POINTS.glob("*.json"))] if POINTS.exists() else []
+    """The cached training points (attention.json is the attention probe's, not a point)."""
+    files = sorted(p for p in POINTS.glob("*.json") if p.name != "attention.json") if POINTS.exists() else []
+    return [json.loads(p.read_text()) for p in files]
 
 
 def _lstsq(rows: list[list[float]], ys: list[float]) -> list[float]:
@@ -190,8 +192,11 @@ def fit_model(points: list[dict]) -> dict | None:
     fit = [p for p in points if p["cfg"]["tier"] == reference and p["cfg"]["blocks"] == 1]
     if not fit:
         return None
-    e1, d = LORA_TRAINING_GB_PER_BLOCK, CHECKPOINT_GB_PER_BLOCK_TOKEN
-    ys = [effective_peak_gb(p) - resident_gb(_bits(p), 1) - e1 - d * point_tokens(p) for p in fit]  # n = 1
+    e1, d, a2 = LORA_TRAINING_GB_PER_BLOCK, CHECKPOINT_GB_PER_BLOCK_TOKEN, attention_gb_per_token2()
+    ys = [  # n = 1
+        effective_peak_gb(p) - resident_gb(_bits(p), 1) - e1 - d * point_tokens(p) - a2 * point_tokens(p) ** 2
+        for p in fit
+    ]
     if len({point_tokens(p) for p in fit}) >= 2:
         e0, c = _lstsq([[1.0, point_tokens(p)] for p in fit], ys)
         c_source = "fitted"
@@ -201,6 +206,7 @@ def fit_model(points: list[dict]) -> dict | None:
         c_source = "counted (one block's saved activations and their gradients)"
     return {
         "coef": [e0, e1, c, d],
+        "a2": a2,
         "c_source": c_source,
         "reference": reference,
         "fit_points": sorted({(1, point_tokens(p)) for p in fit}),
@@ -209,7 +215,17 @@ def fit_model(points: list[dict]) -> dict | None:
 
 def predict_gb(model: dict, bits: int | None, blocks: int, toks: int) -> float:
     e0, e1, c, d = model["coef"]
-    return resident_gb(bits, blocks) + e0 + e1 * blocks + c * toks + d * blocks * toks
+    return resident_gb(bits, blocks) + e0 + e1 * blocks + c * toks + d * blocks * toks + model["a2"] * toks**2
+
+
+def attention_gb_per_token2() -> float:
+    """The attention's T^2 term (GB per token^2), from the attention probe's points (least squares through
+    0). Run once: `python bench/_p12_probe.py attention 256 512` -> bench/results/p12_points/attention.json."""
+    path = POINTS / "attention.json"
+    if not path.exists():
+        return 0.0
+    rows = json.loads(path.read_text())
+    return sum(r["extra_bytes"] * r["tokens"] ** 2 for r in rows) / sum(r["tokens"] ** 4 for r in rows) / 1e9
 
 
 def held_out(model: dict, points: list[dict]) -> tuple[float | None, list]:
@@ -270,7 +286,8 @@ def report() -> dict:
                 # nothing about a Mac or a GPU. The points keep their raw wall seconds per step.
                 "seconds_per_step": None,
                 "fit": {
-                    "formula": "peak_gb = W(bits, blocks) + e0 + e1*blocks + c*tokens + d*blocks*tokens + adapter",
+                    "formula": "peak_gb = W(bits, blocks) + e0 + e1*blocks + c*tokens + d*blocks*tokens + a2*tokens^2 + adapter",
+                    "a2_gb_per_token2": model["a2"],
                     "coef": [round(c, 9) for c in model["coef"]],
                     "fitted": "e0 (and c when two sizes are measured); e1: LoRA + grad + AdamW bytes per block; "
                     "d: checkpointed block input",
@@ -313,7 +330,8 @@ def report() -> dict:
 def planner_model(model: dict | None) -> dict | None:
     """engines.mflux.memory_plan.PeakModel's fields: the resident GB at 30 blocks per quantization (exact
     weights + the fitted LoRA/optimizer/fixed terms + the adapter), the per-token GB at 30 blocks with
-    checkpointing, and one block's per-token working set (c, the depth-independent per-token term)."""
+    checkpointing, one block's per-token working set (c, the depth-independent per-token term) and the
+    attention's per-token^2 term (one block's at a time)."""
     if model is None:
         return None
     e0, e1, c, d = model["coef"]
@@ -327,6 +345,7 @@ def planner_model(model: dict | None) -> dict | None:
         "resident_bf16_gb": resident(None),
         "per_token_checkpointed_gb": round(c + REAL_BLOCKS * d, 7),
         "per_token_block_gb": round(c, 7),
+        "attention_gb_per_token2": round(model["a2"], 12),
     }
 
 
