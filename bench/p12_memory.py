@@ -363,6 +363,19 @@ def print_table(doc: dict) -> None:
         )
 
 
+def points_table(doc: dict) -> None:
+    """Every measured point: what the extrapolation stands on."""
+    print(
+        "| tier | blocks | px | tokens | steps | peak (GB, full text encoder counted) | of which MLX-measured | weights loaded (GB) | wall s/step (nice 19) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for p in doc["points"]:
+        print(
+            f"| {p['tier']} | {p['blocks']} | {p['resolution']} | {p['tokens']} | {p['steps']} | {p['peak_gb']:.3f} | "
+            f"{p['mlx_peak_gb']:.3f} | {p['weights_gb']:.3f} | {', '.join(str(round(x)) for x in p['step_seconds'] or [])} |"
+        )
+
+
 def machine_table(doc: dict) -> None:
     """The README's table: what `lorad plan --ram-gb N --images 20` gives each machine size."""
     from engines.mflux.memory_plan import plan_memory
@@ -401,6 +414,8 @@ def main() -> None:
             print(f"P12 elapsed {time.time() - started:.0f} s", flush=True)
     doc = report()
     print_table(doc)
+    print()
+    points_table(doc)
     print()
     machine_table(doc)
 

@@ -138,6 +138,9 @@ def build_parser(only: str | None = None):
     p = add("plan", "print the memory/training plan for this machine (or --ram-gb)")
     p.add_argument("path", type=Path, nargs="?")
     p.add_argument("--ram-gb", type=float)
+    p.add_argument(
+        "--images", type=int, help="plan for this many images when no dataset is given (default 20)"
+    )
     p.add_argument("--json", action="store_true")
 
     p = add("logs", "pretty tail of the JSON log")

@@ -255,13 +255,20 @@ def retry_job(settings: Settings, store, job) -> tuple[int, str]:
     return 0, f"queued {job.id} again (attempt {job.attempt})" + ("" if pid else "; it runs when lorad runs")
 
 
-def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None, read_ready: bool = True):
+def _dataset_plan(
+    settings: Settings,
+    path: Path | None,
+    *,
+    ram_gb: float | None,
+    read_ready: bool = True,
+    images: int | None = None,
+):
     """(model, image count, max side, options, plan or PlanError) for a dataset folder, as the
     daemon would plan it on this machine (the engine's own plan: pure, no mlx/mflux import)."""
     from daemon.pipeline import machine_now, make_engine
     from engines.base import JobInput, PlanError, TrainingPlan
 
-    image_count, max_side, options = 20, 1024, {}
+    image_count, max_side, options = images or 20, 1024, {}
     model = settings.model
     if path is not None:
         from daemon.intake.validate import validate_dataset
@@ -286,7 +293,9 @@ def _dataset_plan(settings: Settings, path: Path | None, *, ram_gb: float | None
 
 def cmd_plan(settings: Settings, args) -> int:
     ram = args.ram_gb if args.ram_gb is not None else settings.ram_gb
-    model, image_count, max_side, _options, plan = _dataset_plan(settings, args.path, ram_gb=ram)
+    model, image_count, max_side, _options, plan = _dataset_plan(
+        settings, args.path, ram_gb=ram, images=getattr(args, "images", None)
+    )
     if isinstance(plan, Exception):
         print(f"lorad plan: {plan}", file=sys.stderr)
         return 1
