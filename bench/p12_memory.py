@@ -38,9 +38,9 @@ OUT = RESULTS / "p12_memory.json"
 REAL_BLOCKS = 30
 CAPTION_TOKENS = 64  # the caption length the extrapolation assumes (a lorad caption is ~30-60 Qwen3 tokens)
 # (tier, blocks, resolution px, caption tokens, steps), in the order they run. On this shared CPU a
-# full-width block-step costs minutes, so the per-token term comes from 64 and 128 px, the points after
-# the first run one step (the optimizer state it creates is then added: see effective_peak_gb), and only
-# the 1-block points of the reference tier are fitted: every later point is a held-out check.
+# full-width block-step costs minutes, so the per-token term comes from 64 and 128 px, each point runs one
+# step (the optimizer state it creates is then added: see effective_peak_gb), and only the 1-block points
+# of the reference tier are fitted: every other point is a held-out check.
 GRID = (
     ("q4-minimal", 1, 64, 32, 1),
     ("q8-checkpointed", 2, 64, 32, 1),
