@@ -25,11 +25,13 @@ from engines.mflux.memory_plan import TIERS, InsufficientMemory, plan_memory
 
 PLAN_TABLE = [
     # model, total, available, images, max side, resolution -> tier, quantize, batch, low_ram, ckpt, max res
-    ("z-image-turbo", 128, 110, 15, 1024, None, "bf16", None, 2, False, False, 1024),
-    ("z-image-turbo", 128, 110, 40, 1024, None, "bf16", None, 1, False, False, 1024),
-    ("z-image-turbo", 128, 110, 15, 2048, None, "bf16", None, 1, False, False, 1024),
-    ("z-image-turbo", 96, 50, 15, 1024, None, "q8", 8, 1, False, False, 1024),  # not enough free for bf16
-    ("z-image-turbo", 64, 60, 15, 1024, None, "q8", 8, 1, False, False, 1024),
+    ("z-image-turbo", 384, 320, 15, 1024, None, "bf16", None, 2, False, False, 1024),
+    ("z-image-turbo", 256, 250, 40, 1024, None, "bf16", None, 1, False, False, 1024),
+    ("z-image-turbo", 256, 250, 15, 2048, None, "bf16", None, 1, False, False, 1024),
+    ("z-image-turbo", 256, 200, 15, 1024, None, "bf16", None, 1, False, False, 1024),  # batch 2 does not fit
+    ("z-image-turbo", 128, 110, 15, 1024, None, "q8-checkpointed", 8, 1, False, True, 1024),
+    ("z-image-turbo", 192, 155, 15, 1024, None, "q8", 8, 1, False, False, 1024),  # not enough free for bf16
+    ("z-image-turbo", 64, 60, 15, 1024, None, "q8-checkpointed", 8, 1, False, True, 1024),
     ("z-image-turbo", 48, 40, 15, 1024, None, "q8-checkpointed", 8, 1, False, True, 1024),
     ("z-image-turbo", 36, 30, 15, 1024, None, "q8-checkpointed", 8, 1, False, True, 1024),
     ("z-image-turbo", 32, 20, 15, 1024, None, "q4-lowram", 4, 1, True, True, 768),
@@ -37,8 +39,8 @@ PLAN_TABLE = [
     ("z-image-turbo", 24, 20, 15, 1024, 512, "q4-lowram", 4, 1, True, True, 512),
     ("z-image-turbo", 24, 20, 15, 1024, 1024, "q4-lowram", 4, 1, True, True, 768),
     ("z-image-turbo", 16, 14, 15, 1024, None, "q4-minimal", 4, 1, True, True, 512),
-    ("flux2-klein-9b", 128, 120, 10, 1024, None, "q8", 8, 1, False, False, 1024),  # never bf16
-    ("flux2-klein-4b", 24, 11, 10, 1024, None, "q4-minimal", 4, 1, True, True, 512),
+    ("flux2-klein-9b", 256, 250, 10, 1024, None, "q8", 8, 1, False, False, 1024),  # never bf16
+    ("flux2-klein-4b", 24, 9, 10, 1024, None, "q4-minimal", 4, 1, True, True, 512),
     (
         "flux2-klein-4b",
         24,
@@ -94,8 +96,8 @@ def test_step_down_goes_one_tier_lower_then_stops():
     for upper, lower in zip(names, names[1:]):
         plan = plan_memory(
             model="z-image-turbo",
-            total_gb=128,
-            available_gb=128,
+            total_gb=256,
+            available_gb=256,
             image_count=10,
             max_side=1024,
             start_below=upper,
@@ -104,8 +106,8 @@ def test_step_down_goes_one_tier_lower_then_stops():
     with pytest.raises(InsufficientMemory):
         plan_memory(
             model="z-image-turbo",
-            total_gb=128,
-            available_gb=128,
+            total_gb=256,
+            available_gb=256,
             image_count=10,
             max_side=1024,
             start_below=names[-1],

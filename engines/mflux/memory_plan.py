@@ -9,23 +9,72 @@ issue 563, "No implementation for problem shape"), so a quantized tier is a last
 and `quantized=False` asks for the best unquantized tier after such a failure.
 Below the last tier the job fails with "needs at least N GB free, have M".
 
-Sources for the numbers:
-- mflux's own `TrainingSpec.gradient_checkpointing` comment: checkpointing trades ~30 % step
-  time for a peak of "weights + two blocks" and "is what makes edit training fit on 32-36 GB".
-- mflux issue #311: Z-Image-Turbo generation at 4-bit uses ~9-10 GB, with a VAE-decode spike of
-  1.5-2x at the end that `--low-ram` removes (hence low_ram on the small tiers).
-- mflux PR #83 (DreamBooth): a 32 GB machine "can barely" train a 12B Flux at 512 px with q4,
-  which is why 16 GB is the floor and runs at 512 px with every saver on.
-- PortOS issue #1321 (mflux on an M5 Max 128 GB): flux2-klein-9b in bf16 did not finish a step
-  in 14 min while klein-4b ran at ~3.5 s/step; the 9B model therefore never plans bf16.
-- Z-Image-Turbo is a 6B transformer plus a 4B Qwen3 text encoder (its model card); bf16 weights
-  alone are ~20 GB, q8 ~11 GB, q4 ~6 GB.
+Where the budgets come from (issue 23): `bench/p12_memory.py` measured mflux's real training step for
+z-image-turbo at full width (dim 3840, the real block) with 1-3 of the 30 blocks on MLX's CPU backend and
+extrapolated linearly in depth and tokens to 30 blocks (bench/results/p12_memory.json, bench/RESULTS.md).
+A measured tier's budget is its measured peak x BUDGET_MARGIN; every other tier's is derived from
+PEAK_MODEL, fitted to the measured tiers (exact weights per quantization, activations per token), times
+the same margin. The reason line says which. The margin covers what the CPU measurement cannot see:
+Metal's and CUDA's kernels and allocators (fused attention, buffer cache above `cache_limit_gb`), the
+one-off load transient, the preview render, and the 10 % held-out fit error.
+Kept from the earlier estimates (not measured here): the tiers' RAM thresholds (`min_total_gb`: Mac rules
+of thumb for memory shared with the OS), flux2-klein's scale relative to Z-Image, and
+- mflux issue #311: a VAE-decode spike of 1.5-2x at the end of a render that `--low-ram` removes;
+- PortOS issue #1321: flux2-klein-9b in bf16 did not finish a step in 14 min on an M5 Max 128 GB, so the
+  9B model never plans bf16.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+# Budget = peak x margin (see the module docstring for what it covers); peak/budget = 0.8.
+BUDGET_MARGIN = 1.25
+REAL_BLOCKS = 30
+CAPTION_TOKENS = 64
+
+# z-image-turbo's training peak per measured tier, 30 blocks, at the tier's resolution and batch 1
+# (bench/results/p12_memory.json "peak_gb"; tests/test_memory_calibration.py keeps the two equal).
+MEASURED_PEAK_GB: dict[str, float] = {"q4-minimal": 8.38, "q8-checkpointed": 19.8}
+
+
+def tokens(resolution: int, caption_tokens: int = CAPTION_TOKENS) -> int:
+    """Z-Image's sequence: (resolution/16)^2 image patches plus the caption, each padded to 32."""
+    image = (resolution // 16) ** 2
+    return image + (-image) % 32 + caption_tokens + (-caption_tokens) % 32
+
+
+@dataclass(frozen=True)
+class PeakModel:
+    """peak_gb = resident(quantization) + batch x (tokens x per_token + tokens^2 x attention), fitted to
+    the measured tiers (bench/p12_memory.py, its "planner_model").
+
+    resident: the weights at that quantization (exact bytes of mflux's quantized modules), LoRA, its
+    gradient, AdamW state and the turbo training adapter, at 30 blocks. per_token with checkpointing:
+    every block keeps its input and one block's working set is live. Without checkpointing every block
+    keeps its working set: derived as that one-block working set per token (per_token_block_gb) once
+    more per block. attention: the T^2 scores of one block's attention backward (measured on MLX's CPU
+    backend, which does not fuse it; an upper bound for Metal's fused kernel)."""
+
+    resident_q4_gb: float
+    resident_q8_gb: float
+    resident_bf16_gb: float
+    per_token_checkpointed_gb: float
+    per_token_block_gb: float
+    attention_gb_per_token2: float
+
+    def peak_gb(self, quantize: int | None, checkpointing: bool, resolution: int, batch: int) -> float:
+        resident = {4: self.resident_q4_gb, 8: self.resident_q8_gb}.get(quantize or 0, self.resident_bf16_gb)
+        per_token = self.per_token_checkpointed_gb
+        if not checkpointing:
+            per_token += self.per_token_block_gb * REAL_BLOCKS
+        t = tokens(resolution)
+        return resident + batch * (t * per_token + t * t * self.attention_gb_per_token2)
+
+
+# Fitted by bench/p12_memory.py from the measurements (the JSON's "planner_model").
+PEAK_MODEL = PeakModel(7.02, 12.11, 21.66, 0.001032, 0.0008016, 1.96006e-07)
 
 
 @dataclass(frozen=True)
@@ -37,16 +86,61 @@ class Tier:
     low_ram: bool
     max_resolution: int
     cache_limit_gb: float | None
-    need_gb: float  # estimated peak for z-image-turbo at this tier (scaled per model)
+    need_gb: float  # budget for z-image-turbo at this tier, batch 1 (scaled per model): peak x BUDGET_MARGIN
     warning: str | None = None  # {resolution}: the plan's final resolution
+    source: str = "derived"  # "measured" (bench/p12_memory.py) or "derived" (PEAK_MODEL)
+    batch2_need_gb: float | None = None  # the budget at batch 2, on the tiers that may batch (derived)
+
+
+def planned_batch(quantize: int | None, checkpointing: bool) -> int:
+    """The batch a tier trains at for a small dataset: 2 only on unquantized, uncheckpointed tiers."""
+    return 2 if quantize is None and not checkpointing else 1
+
+
+def tier_budget(
+    name: str, quantize: int | None, checkpointing: bool, resolution: int, batch: int = 1
+) -> tuple[float, str]:
+    """(budget GB, "measured" | "derived") for z-image-turbo at a tier's settings."""
+    if name in MEASURED_PEAK_GB and batch == 1:
+        return round(MEASURED_PEAK_GB[name] * BUDGET_MARGIN, 1), "measured"
+    return round(PEAK_MODEL.peak_gb(quantize, checkpointing, resolution, batch) * BUDGET_MARGIN, 1), "derived"
+
+
+def _tier(
+    name: str,
+    min_total_gb: float,
+    quantize: int | None,
+    checkpointing: bool,
+    low_ram: bool,
+    resolution: int,
+    cache_limit_gb: float | None,
+    warning: str | None = None,
+) -> Tier:
+    need, source = tier_budget(name, quantize, checkpointing, resolution)
+    batch2 = None
+    if planned_batch(quantize, checkpointing) == 2:
+        batch2 = tier_budget(name, quantize, checkpointing, resolution, batch=2)[0]
+    return Tier(
+        name,
+        min_total_gb,
+        quantize,
+        checkpointing,
+        low_ram,
+        resolution,
+        cache_limit_gb,
+        need,
+        warning,
+        source,
+        batch2,
+    )
 
 
 TIERS: tuple[Tier, ...] = (
-    Tier("bf16", 96, None, False, False, 1024, None, 64),
-    Tier("q8", 64, 8, False, False, 1024, 24, 40),
-    Tier("q8-checkpointed", 32, 8, True, False, 1024, 8, 22),
-    Tier("q4-lowram", 24, 4, True, True, 768, 4, 16),
-    Tier(
+    _tier("bf16", 96, None, False, False, 1024, None),
+    _tier("q8", 64, 8, False, False, 1024, 24),
+    _tier("q8-checkpointed", 32, 8, True, False, 1024, 8),
+    _tier("q4-lowram", 24, 4, True, True, 768, 4),
+    _tier(
         "q4-minimal",
         16,
         4,
@@ -54,7 +148,6 @@ TIERS: tuple[Tier, ...] = (
         True,
         512,
         2,
-        11,
         "the floor tier: training runs at {resolution} px with every memory saver on",
     ),
 )
@@ -74,6 +167,11 @@ def headroom_words(available_gb: float, total_gb: float, need_gb: float) -> str:
             f"~{need_gb:.0f} GB needed): close other apps before it runs"
         )
     return f"{available_gb:.0f} of {total_gb:.0f} GB free now, ~{spare:.0f} GB to spare over the ~{need_gb:.0f} GB it needs"
+
+
+def tier_budget_gb(name: str) -> float:
+    """A tier's planned budget for z-image-turbo (the bench's `planned_gb`)."""
+    return next(t.need_gb for t in (*TIERS, BF16_CHECKPOINTED) if t.name == name)
 
 
 @dataclass(frozen=True)
@@ -96,9 +194,9 @@ PROFILES: dict[str, ModelProfile] = {
 }
 
 
-# CUDA only (an estimate, not yet measured): bf16 weights (~20 GB) with the peak of two
-# checkpointed blocks, for GPUs of 40-80 GB that would otherwise need the quantized kernels.
-BF16_CHECKPOINTED = Tier("bf16-checkpointed", 48, None, True, False, 1024, None, 36)
+# CUDA only (derived from PEAK_MODEL): bf16 weights with gradient checkpointing, for GPUs of
+# 40-80 GB that would otherwise need the quantized kernels.
+BF16_CHECKPOINTED = _tier("bf16-checkpointed", 48, None, True, False, 1024, None)
 # The tiers CUDA tries, best first: unquantized while it fits, quantized only below that
 # (q8 without checkpointing needs more than bf16-checkpointed, so CUDA never picks it).
 CUDA_ORDER = ("bf16", "bf16-checkpointed", "q8-checkpointed", "q4-lowram", "q4-minimal")
@@ -214,18 +312,16 @@ def plan_memory(
             + "; "
             + headroom_words(available_gb, total_gb, need),
         )
-    batch = (
-        2
-        if tier.quantize is None
-        and not tier.gradient_checkpointing
-        and image_count <= 20
-        and max_side <= 1024
-        else 1
-    )
+    need = tier.need_gb * profile.scale
+    batch = 1
+    if tier.batch2_need_gb is not None and image_count <= 20 and max_side <= 1024:
+        if tier.batch2_need_gb * profile.scale <= available_gb:  # two images a step only where they fit
+            batch, need = 2, tier.batch2_need_gb * profile.scale
     reason = (
         f"{tier.name}: {total_gb:.0f} GB total, {available_gb:.0f} GB free, {image_count} images (max side {max_side}) -> "
         f"quantize={tier.quantize or 'bf16'}, batch={batch}, checkpointing={'on' if tier.gradient_checkpointing else 'off'}, "
-        f"low_ram={'on' if tier.low_ram else 'off'}, max {max_resolution}px"
+        f"low_ram={'on' if tier.low_ram else 'off'}, max {max_resolution}px, "
+        f"budget ~{need:.1f} GB ({tier.source if batch == 1 else 'derived'})"
     )
     if notes:
         reason += " (stepped down: " + "; ".join(notes) + ")"
