@@ -48,7 +48,15 @@ from engines.base import (
     get_engine,
 )
 
-CLOUD_ENGINE = "fal"  # where `cloud_fallback` sends a job no local plan fits
+CLOUD_ENGINE = "fal"  # where `cloud_fallback = true` sends a job no local plan fits
+
+
+def fallback_engine(settings) -> str | None:
+    """The cloud engine `cloud_fallback` names (pure): None when off; true means fal."""
+    value = getattr(settings, "cloud_fallback", None)
+    if not value:
+        return None
+    return CLOUD_ENGINE if value is True else str(value)
 
 
 def machine_now(memory_override_gb: float | None = None) -> Machine:
@@ -494,24 +502,25 @@ class Pipeline:
         self.store.transition(job_id, "done", outputs=outputs, eta_s=0)
 
     def _cloud_fallback(self, job, engine: Engine, spec: JobInput, machine: Machine, exc: PlanError):
-        """`cloud_fallback = true`: a job no local plan fits (memory) goes to the cloud engine;
+        """`cloud_fallback`: a job no local plan fits (memory) goes to the cloud engine it names;
         the job's settings record the switch, so a restart resumes it there. None: the job failed."""
-        if not self.settings.cloud_fallback or engine.name == CLOUD_ENGINE:
+        cloud_engine = fallback_engine(self.settings)
+        if cloud_engine is None or engine.name == cloud_engine:
             self.store.transition(job.id, "failed", error=str(exc))
             return None
         try:
-            cloud = make_engine(self.settings, CLOUD_ENGINE)
+            cloud = make_engine(self.settings, cloud_engine)
             plan = cloud.plan(spec, machine)
         except (SettingsError, PlanError) as cloud_exc:
             self.store.transition(
-                job.id, "failed", error=f"{exc}; cloud_fallback to {CLOUD_ENGINE} failed too: {cloud_exc}"
+                job.id, "failed", error=f"{exc}; cloud_fallback to {cloud_engine} failed too: {cloud_exc}"
             )
             return None
         self.log.warning(
-            "job.cloud_fallback", from_engine=engine.name, to_engine=CLOUD_ENGINE, reason=str(exc)
+            "job.cloud_fallback", from_engine=engine.name, to_engine=cloud_engine, reason=str(exc)
         )
         self.store.update(
-            job.id, settings={**job.settings, "engine": CLOUD_ENGINE, "fallback_from": engine.name}
+            job.id, settings={**job.settings, "engine": cloud_engine, "fallback_from": engine.name}
         )
         return cloud, plan
 

@@ -378,3 +378,46 @@ def test_kill9_around_the_create_never_pays_twice(daemon_factory, rep, point, pa
     job = d.jobs()[0]
     assert job["state"] == final, job["error"]
     assert len(rep.creates) == paid
+
+
+@pytest.mark.parametrize(
+    "value, engine",
+    [
+        ("true", "fal"),
+        ("false", None),
+        ("replicate", "replicate"),
+        ("fal", "fal"),
+        ("off", None),
+        (True, "fal"),
+    ],
+)
+def test_cloud_fallback_names_the_cloud_engine_fal_by_default(value, engine):
+    from daemon.pipeline import fallback_engine
+    from daemon.settings import Settings, resolve
+
+    assert fallback_engine(resolve(file_values={"cloud_fallback": value})) == engine
+    if isinstance(value, str):
+        assert fallback_engine(resolve(env={"LORAD_CLOUD_FALLBACK": value})) == engine
+    assert fallback_engine(Settings()) is None and fallback_engine(resolve()) is None
+
+
+def test_cloud_fallback_refuses_an_engine_that_is_not_a_cloud():
+    from daemon.settings import SettingsError, resolve
+
+    with pytest.raises(SettingsError, match="cloud_fallback"):
+        resolve(file_values={"cloud_fallback": "mflux"})
+
+
+@pytest.mark.slow
+def test_cloud_fallback_replicate_takes_a_job_no_local_plan_fits(daemon_factory, rep):
+    d = _daemon(daemon_factory, rep, LORAD_RAM_GB="0.01", LORAD_CLOUD_FALLBACK="replicate")
+    d.env["LORAD_ENGINE"] = "mflux"
+    d.start()
+    _drop(d, "ohwx_erin")
+    wait_for(lambda: d.job_states().get("ohwx_erin") in ("done", "failed"), 300, message="fallback job")
+    job = d.jobs()[0]
+    assert job["state"] == "done", job["error"]
+    assert job["settings"]["engine"] == "replicate" and job["settings"]["fallback_from"] == "mflux"
+    assert (
+        d.log_has("job.cloud_fallback", from_engine="mflux", to_engine="replicate") and len(rep.creates) == 1
+    )
