@@ -421,3 +421,19 @@ def test_cloud_fallback_replicate_takes_a_job_no_local_plan_fits(daemon_factory,
     assert (
         d.log_has("job.cloud_fallback", from_engine="mflux", to_engine="replicate") and len(rep.creates) == 1
     )
+
+
+def test_flux_dev_is_rendered_by_mflux_but_never_trained_there(tmp_path):
+    from engines.mflux.device import Device
+    from engines.mflux.weights import weights_check
+
+    local = get_engine("mflux", EngineContext(state_dir=tmp_path / "state"))
+    local.device = Device("metal", "Apple M4 Max", total_gb=64)
+    job = _job(tmp_path, model="flux-dev")
+    with pytest.raises(PlanError) as refused:
+        local.plan(job, MACHINE)
+    assert "cannot train flux-dev" in str(refused.value) and "replicate" in str(refused.value)
+    render = local.render_plan(job, MACHINE)
+    assert render.config["model"] == "dev" and render.config["steps"] == 25
+    check = weights_check("flux-dev", env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert "black-forest-labs/FLUX.1-dev" in check.detail
