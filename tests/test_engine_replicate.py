@@ -437,3 +437,47 @@ def test_flux_dev_is_rendered_by_mflux_but_never_trained_there(tmp_path):
     assert render.config["model"] == "dev" and render.config["steps"] == 25
     check = weights_check("flux-dev", env={"HF_HUB_CACHE": str(tmp_path / "hub")})
     assert "black-forest-labs/FLUX.1-dev" in check.detail
+
+
+@pytest.mark.slow
+def test_status_shows_the_step_and_lorad_cancel_cancels_on_replicate(daemon_factory, rep):
+    rep.hold.clear()
+    d = _daemon(daemon_factory, rep).start()
+    _drop(d, "ohwx_carol")
+    wait_for(
+        lambda: "training on Replicate (step" in ((d.jobs() or [{}])[0].get("note") or ""),
+        120,
+        message="remote training with a step",
+    )
+    status = d.cli("status").stdout
+    assert "training on Replicate (step" in status, status
+    said = d.cli("cancel", d.jobs()[0]["id"], timeout=120)
+    assert said.returncode == 0 and "the training on the cloud stopped" in said.stdout, said.stdout
+    wait_for(lambda: d.job_states().get("ohwx_carol") == "cancelled", 60, message="cancelled")
+    assert rep.cancels == ["tr0001"] and not (d.assets / "loras" / "carol.safetensors").exists()
+
+
+def test_lorad_plan_shows_the_trainer_destination_and_an_estimate(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folder = make_dataset(tmp_path / "training_data" / "ohwx_plan", images=2, trigger="ohwx")
+    (folder / "READY").write_text('engine = "replicate"\nmodel = "flux-dev"\nsteps = 1000\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LORAD_", "REPLICATE_"))}
+
+    def plan(**extra):
+        return subprocess.run(
+            [sys.executable, "-m", "daemon.cli", "--assets", str(tmp_path), "plan", str(folder)],
+            capture_output=True,
+            text=True,
+            env={**env, **extra},
+            timeout=120,
+        )
+
+    refused = plan()
+    assert refused.returncode != 0 and 'destination = "owner/model"' in refused.stderr, refused.stderr
+    done = plan(LORAD_ENGINES_REPLICATE_DESTINATION=DESTINATION)
+    assert done.returncode == 0, done.stderr
+    assert "ostris/flux-dev-lora-trainer" in done.stdout and DESTINATION in done.stdout
+    assert "an estimate" in done.stdout and '"steps": 1000' in done.stdout
