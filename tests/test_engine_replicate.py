@@ -481,3 +481,20 @@ def test_lorad_plan_shows_the_trainer_destination_and_an_estimate(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "ostris/flux-dev-lora-trainer" in done.stdout and DESTINATION in done.stdout
     assert "an estimate" in done.stdout and '"steps": 1000' in done.stdout
+
+
+def test_a_cancel_given_while_lorad_was_down_is_carried_out_at_the_next_start(rep, tmp_path):
+    rep.hold.clear()
+    stop = StopToken()
+    stopped = _train(_engine(tmp_path, rep), tmp_path, stop, lambda p: p.step and stop.stop("shutdown"))
+    assert stopped.status is TrainStatus.STOPPED and rep.cancels == []
+    assert _engine(tmp_path, rep).cancel_remote(tmp_path / "job") == "stopped"
+    assert rep.cancels == ["tr0001"] and not (tmp_path / "job" / "replicate" / "request.json").exists()
+
+
+def test_the_token_is_a_configured_secret_scrubbed_from_logs(monkeypatch):
+    from daemon.logs import secrets_of
+    from daemon.settings import Settings
+
+    monkeypatch.setenv("REPLICATE_API_TOKEN", TOKEN)
+    assert TOKEN in secrets_of(Settings())

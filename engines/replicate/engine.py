@@ -592,17 +592,42 @@ class ReplicateEngine:
         stop: StopToken,
         seed: int = 42,
     ):
-        """The test render, made here by the mflux engine (as for fal)."""
-        from engines.fal.engine import FalEngine
+        """The test render, made here by the mflux engine on a render plan for this machine
+        (`render_plan`: also for flux-dev, which mflux renders but cannot train)."""
+        from daemon.pipeline import machine_now
+        from engines.base import CheckStatus, RenderFailed
+        from engines.mflux.engine import MFluxEngine
 
-        local = FalEngine.__new__(FalEngine)
-        local.context, local.state_dir = self.context, self.state_dir
-        outcome = FalEngine.render(local, plan, Path(workdir) / CLOUD, lora, prompt, out_dir, stop, seed)
-        from engines.base import RenderFailed
-
-        if isinstance(outcome, RenderFailed):
-            return RenderFailed(outcome.error.replace("fal.ai", "Replicate"))
-        return outcome
+        local = MFluxEngine(
+            EngineContext(self.state_dir, self.context.stop_timeout_s, self.context.keep_awake)
+        )
+        check = local.model_check(plan.model)
+        if check.status is not CheckStatus.OK and plan.model != "tiny-z-image":
+            return RenderFailed(
+                f"the LoRA trained on Replicate is ready in {lora}, but the local test render needs the model here: {check.detail}"
+            )
+        c = plan.config
+        job = JobInput(
+            str(c["job_id"]),
+            str(c["name"]),
+            str(c["trigger"]),
+            plan.model,
+            int(c["image_count"]),
+            int(c["max_side"]),
+            dict(c.get("options") or {}),
+            Path(c["data"]),
+            prompt,
+        )
+        try:
+            local_plan = local.render_plan(job, machine_now())
+        except PlanError as exc:
+            return RenderFailed(
+                f"the LoRA trained on Replicate is ready in {lora}, but this machine cannot render it: {exc}"
+            )
+        render_dir = Path(workdir) / CLOUD / "local"
+        render_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(render_dir / "plan.json", json.dumps(local_plan.to_dict(), indent=2))
+        return local.render(local_plan, render_dir, lora, prompt, out_dir, stop, seed)
 
     def report_files(self, workdir: Path) -> list[Path]:
         result = Path(workdir) / CLOUD / RESULT_FILE
