@@ -40,6 +40,15 @@ STANDIN_SCHEMA = {
 }
 
 
+# What each trainer's input takes (Replicate answers 422 to an input its schema refuses).
+ACCEPTED_INPUTS = {
+    STANDIN_TRAINER: set(STANDIN_SCHEMA[STANDIN_TRAINER]["fields"]),
+    "ostris/flux-dev-lora-trainer": {
+        "input_images", "trigger_word", "steps", "learning_rate", "lora_rank", "batch_size", "autocaption", "resolution",
+    },
+}  # fmt: skip
+
+
 def standin_options(folder: Path) -> dict[str, str]:
     """[engines.replicate] settings sending the miniature model to the stand-in's trainer (named
     with its schema explicitly, as a user reaches a trainer lorad does not know)."""
@@ -287,6 +296,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _create(self, model: str, version: str, body: dict) -> None:
         s = self.standin
         if self._fail("create"):
+            return
+        unknown = sorted(set(body.get("input") or {}) - ACCEPTED_INPUTS.get(model, set()))
+        if unknown:
+            self._send(
+                422,
+                {"title": "Invalid input", "detail": f"input: {unknown[0]} is not allowed", "status": 422},
+            )
             return
         if body.get("destination") not in s.models:
             self._send(404, {"title": "Not found", "detail": "destination model not found", "status": 404})

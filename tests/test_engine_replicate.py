@@ -498,3 +498,23 @@ def test_the_token_is_a_configured_secret_scrubbed_from_logs(monkeypatch):
 
     monkeypatch.setenv("REPLICATE_API_TOKEN", TOKEN)
     assert TOKEN in secrets_of(Settings())
+
+
+def test_steps_outside_the_trainers_range_are_refused_at_plan_time(tmp_path):
+    with pytest.raises(PlanError) as refused:
+        _engine(tmp_path, destination=DESTINATION).plan(_job(tmp_path, model="flux-dev", steps=7000), MACHINE)
+    assert "3..6000" in str(refused.value)
+
+
+def test_an_input_replicate_refuses_fails_the_job_with_its_detail_and_is_not_uncertain(rep, tmp_path):
+    from replicate_standin import ACCEPTED_INPUTS
+
+    ACCEPTED_INPUTS[STANDIN_TRAINER].discard("learning_rate")
+    try:
+        engine = _engine(tmp_path, rep)
+        plan = engine.plan(_job(tmp_path, learning_rate=0.001), MACHINE)
+        result = engine.train(plan, tmp_path / "job", lambda p: None, StopToken())
+    finally:
+        ACCEPTED_INPUTS[STANDIN_TRAINER].add("learning_rate")
+    assert result.status is TrainStatus.FAILED and result.failure is not Failure.SUBMISSION_UNCERTAIN
+    assert "HTTP 422" in result.error and "learning_rate" in result.error and rep.creates == []
