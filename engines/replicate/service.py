@@ -190,8 +190,18 @@ class ReplicateService:
         return version
 
     def upload(self, path: Path) -> str:
-        """The dataset zip to Replicate's files API; the URL a training input takes."""
-        uploaded = self._guard(lambda: self.client.files.create(path))
+        """The dataset zip to Replicate's files API (`POST /v1/files`, the request the client's
+        `files.create` builds, but with lorad's timeout: the client sends it with none); the URL
+        a training input takes."""
+        from replicate.file import _create_file_params, _json_to_file
+
+        def send():
+            with open(path, "rb") as fh:
+                params = _create_file_params(fh, filename=path.name, content_type="application/zip")
+                response = self.client._request("POST", "/v1/files", timeout=self.timeout_s, **params)
+            return _json_to_file(response.json())
+
+        uploaded = self._guard(send)
         url = (uploaded.urls or {}).get("get")
         if not isinstance(url, str) or not url.startswith("https://"):
             raise Rejected("Replicate's file upload answered without a URL")
