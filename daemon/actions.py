@@ -146,7 +146,8 @@ def retry_job(settings: Settings, store, job, resubmit: bool = False) -> tuple[i
     if submission_uncertain(workdir) and not resubmit:
         raise UsageError(
             f"job {job.id}: submission uncertain: its cloud training request may have been accepted and "
-            f"billed (check fal's dashboard). lorad retry {job.id} --resubmit sends a new paid request"
+            f"billed (check the {job.settings.get('engine') or 'cloud'} dashboard). lorad retry {job.id} --resubmit "
+            f"sends a new paid request"
         )
     if resubmit and submission_uncertain(workdir):
         allow_resubmit(workdir)

@@ -19,7 +19,15 @@ from engines.base import (
     get_engine,
 )
 
-CLOUD_ENGINE = "fal"  # where `cloud_fallback` sends a job no local plan fits
+CLOUD_ENGINE = "fal"  # where `cloud_fallback = true` sends a job no local plan fits
+
+
+def fallback_engine(settings) -> str | None:
+    """The cloud engine `cloud_fallback` names (pure): None when off; true means fal."""
+    value = getattr(settings, "cloud_fallback", None)
+    if not value:
+        return None
+    return CLOUD_ENGINE if value is True else str(value)
 
 
 def make_engine(settings: Settings, name: str | None = None) -> Engine:

@@ -15,7 +15,13 @@ from pathlib import Path
 import structlog
 
 from daemon import space
-from daemon.engine_host import CLOUD_ENGINE, check_engine_settings, job_input, make_engine  # noqa: F401 (callers import them here)
+from daemon.engine_host import (  # noqa: F401 (callers import them here)
+    CLOUD_ENGINE,
+    check_engine_settings,
+    fallback_engine,
+    job_input,
+    make_engine,
+)
 from daemon.fsutil import atomic_write_text
 from daemon.intake import markers
 from daemon.intake.snapshot import CAPTIONS_LIST
@@ -508,24 +514,25 @@ class Pipeline:
         return False
 
     def _cloud_fallback(self, job, engine: Engine, spec: JobInput, machine: Machine, exc: PlanError):
-        """`cloud_fallback = true`: a job no local plan fits (memory) goes to the cloud engine;
+        """`cloud_fallback`: a job no local plan fits (memory) goes to the cloud engine it names;
         the job's settings record the switch, so a restart resumes it there. None: the job failed."""
-        if not self.settings.cloud_fallback or engine.name == CLOUD_ENGINE:
+        cloud_engine = fallback_engine(self.settings)
+        if cloud_engine is None or engine.name == cloud_engine:
             self.store.transition(job.id, "failed", error=str(exc))
             return None
         try:
-            cloud = make_engine(self.settings, CLOUD_ENGINE)
+            cloud = make_engine(self.settings, cloud_engine)
             plan = cloud.plan(spec, machine)
         except (SettingsError, PlanError) as cloud_exc:
             self.store.transition(
-                job.id, "failed", error=f"{exc}; cloud_fallback to {CLOUD_ENGINE} failed too: {cloud_exc}"
+                job.id, "failed", error=f"{exc}; cloud_fallback to {cloud_engine} failed too: {cloud_exc}"
             )
             return None
         self.log.warning(
-            "job.cloud_fallback", from_engine=engine.name, to_engine=CLOUD_ENGINE, reason=str(exc)
+            "job.cloud_fallback", from_engine=engine.name, to_engine=cloud_engine, reason=str(exc)
         )
         self.store.update(
-            job.id, settings={**job.settings, "engine": CLOUD_ENGINE, "fallback_from": engine.name}
+            job.id, settings={**job.settings, "engine": cloud_engine, "fallback_from": engine.name}
         )
         return cloud, plan
 

@@ -80,8 +80,9 @@ FIELDS: dict[str, tuple[str, object]] = {
     "ui": ("str | None", "127.0.0.1:8765"),
     # Required to bind the dashboard to a non-loopback address; checked on every request.
     "ui_token": ("str | None", None),
-    # A job whose local plan fails for memory goes to the cloud engine (fal) instead of failing.
-    "cloud_fallback": ("bool", False),
+    # A job whose local plan fails for memory goes to a cloud engine instead of failing: true
+    # (fal, the default cloud), or the cloud engine's name ("fal", "replicate"); false: off.
+    "cloud_fallback": ("str | None", None),
     # At most this many jobs sent to a paid cloud engine in any 24 hours (0: no limit).
     "cloud_daily_jobs": ("int", 10),
     # Each engine's own settings, raw: {"mflux": {"checkpoint_every": 5}} from `[engines.mflux]` or
@@ -152,7 +153,7 @@ class Settings:
     download_models: bool
     ui: str | None
     ui_token: str | None
-    cloud_fallback: bool
+    cloud_fallback: str | None  # the cloud engine's name, None: off
     cloud_daily_jobs: int
     engines: dict[str, dict[str, object]]
     notify: tuple[str, ...]
@@ -256,12 +257,35 @@ def _coerce_ui(value: object, where: str) -> str | None:
     return value.strip()
 
 
+CLOUD_ENGINES = ("fal", "replicate")  # the engines `cloud_fallback` may name
+
+
+def _coerce_cloud_fallback(value: object, where: str) -> str | None:
+    """`cloud_fallback`: false/off -> None; true -> "fal" (the default cloud); or a cloud engine's name."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "fal"
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text in _OFF or text == "":
+        return None
+    if text in ("1", "true", "yes", "on"):
+        return "fal"
+    if text in CLOUD_ENGINES:
+        return text
+    raise SettingsError(
+        f"{where}: expected true, false or a cloud engine ({', '.join(CLOUD_ENGINES)}), got {value!r}"
+    )
+
+
 def _coerce(key: str, value: object, source: str, base: Path) -> object:
     """Turn a raw value (TOML value or env string) into the typed setting, or raise SettingsError."""
     where = f"setting '{key}' from {source}"
     kind = KEYS[key][0]
     if key == "ui":
         return _coerce_ui(value, where)
+    if key == "cloud_fallback":
+        return _coerce_cloud_fallback(value, where)
     if value is None or (isinstance(value, str) and value == "" and key in _OPTIONAL):
         if key in _OPTIONAL:
             return None

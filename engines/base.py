@@ -470,6 +470,7 @@ def get_engine(name: str, context: EngineContext) -> Engine:
 register("mflux", "engines.mflux.engine:MFluxEngine")
 register("scripted", "engines.scripted.engine:ScriptedEngine")
 register("fal", "engines.fal.engine:FalEngine")
+register("replicate", "engines.replicate.engine:ReplicateEngine")
 
 
 # -- captioning (missing_captions = "vlm") ---------------------------------------------------

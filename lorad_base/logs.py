@@ -112,7 +112,7 @@ def _summarise(key: tuple, count: int) -> None:
 # else sees them.
 _SECRETS: set[str] = set()
 REDACTED = "[redacted]"
-SECRET_ENV = ("FAL_KEY", "FAL_KEY_SECRET")
+SECRET_ENV = ("FAL_KEY", "FAL_KEY_SECRET", "REPLICATE_API_TOKEN")
 
 
 def register_secrets(*values: object) -> None:
@@ -216,7 +216,7 @@ def configure(
     import os
 
     register_secrets(*secrets, *(os.environ.get(name, "") for name in SECRET_ENV))
-    for name in ("fal_client", "httpx", "httpcore"):
+    for name in ("fal_client", "replicate", "httpx", "httpcore"):
         if _REDACT_FILTER not in logging.getLogger(name).filters:
             logging.getLogger(name).addFilter(_REDACT_FILTER)
     structlog.configure(

@@ -69,6 +69,16 @@ def engine(request, tmp_path, monkeypatch) -> Engine:
         for name, value in standin.env().items():
             monkeypatch.setenv(name, value)
         options = {"poll_s": 0.02, "retry_base_s": 0.02, **standin.options()}
+    if request.param == "replicate":  # against the local stand-in of Replicate's API
+        from fal_standin import diffusers_lora
+        from replicate_standin import ReplicateStandIn, weights_tar
+
+        rep = ReplicateStandIn(tmp_path / "replicate")
+        rep.weights = weights_tar(diffusers_lora(tmp_path / "replicate" / "rank8.safetensors", rank=8))
+        request.addfinalizer(rep.close)
+        for name, value in rep.env().items():
+            monkeypatch.setenv(name, value)
+        options = {"poll_s": 0.02, "retry_base_s": 0.02, **rep.options()}
     return get_engine(
         request.param, EngineContext(state_dir=tmp_path / "state", stop_timeout_s=60, options=options)
     )

@@ -25,7 +25,7 @@ from typing import Any
 from daemon.fsutil import atomic_write_text
 from daemon.jobs import ACTIVE, RUNNABLE, Job, JobStore, StateChanged
 from daemon.logs import get_logger
-from daemon.pipeline import CLOUD_ENGINE, ProgressSink, job_input, make_engine, publish_job, stamp_adapter
+from daemon.pipeline import ProgressSink, fallback_engine, job_input, make_engine, publish_job, stamp_adapter
 from daemon.publish import PublishError, complete_registry, published_by, read_header
 from daemon.remote import lease
 from daemon.remote.messages import SAMPLES_DIR, DeclineRecord, MessageRefused, Offer, WorkerEvent, report_name
@@ -378,17 +378,18 @@ class Coordinator:
         it, and the job then waits with that reason). False: the setting is off, or the job is
         already there (a refused cloud job waits rather than bounce back)."""
         engine = job.settings.get("engine", "mflux")
-        if not self.settings.cloud_fallback or engine == CLOUD_ENGINE or job.settings.get("fallback_from"):
+        cloud_engine = fallback_engine(self.settings)
+        if cloud_engine is None or engine == cloud_engine or job.settings.get("fallback_from"):
             return False
         self._fence(job.id, token)
         if queued is not None:
             self.queue.remove(queued.member)
         self.store.update(
-            job.id, settings={**job.settings, "engine": CLOUD_ENGINE, "fallback_from": engine}, waiting=None
+            job.id, settings={**job.settings, "engine": cloud_engine, "fallback_from": engine}, waiting=None
         )
         self.waiting_since.pop(job.id, None)
         self.log.warning(
-            "job.cloud_fallback", job_id=job.id, from_engine=engine, to_engine=CLOUD_ENGINE, reason=reason
+            "job.cloud_fallback", job_id=job.id, from_engine=engine, to_engine=cloud_engine, reason=reason
         )
         return True
 

@@ -32,6 +32,7 @@ from lorad_base.fsutil import atomic_write_text
 INTENT_FILE = "intent.json"
 REQUEST_FILE = "request.json"
 KILL_ENV = "TEST_LORAD_KILL_AT"  # tests only: kill -9 this process at a named submit point
+FAL_DASHBOARD = "https://fal.ai/dashboard/requests"
 KILL_POINTS = ("before_intent", "after_intent", "after_accept", "after_record")
 
 
@@ -106,11 +107,15 @@ class Records:
         except (OSError, ValueError):
             return {}
 
-    def mark_uncertain(self, reason: str, job_id: str | None = None) -> str:
+    def mark_uncertain(
+        self, reason: str, job_id: str | None = None, cloud: str = "fal", dashboard: str = FAL_DASHBOARD
+    ) -> str:
         """The job-level marker `lorad retry` reads; returns the user-facing error text."""
         intent = self.read_intent()
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(intent.get("at") or time.time()))
-        text = uncertain_message(str(intent.get("endpoint", "?")), when, reason, job_id or "JOB")
+        text = uncertain_message(
+            str(intent.get("endpoint", "?")), when, reason, job_id or "JOB", cloud=cloud, dashboard=dashboard
+        )
         atomic_write_text(self.workdir / UNCERTAIN_FILE, json.dumps({**intent, "reason": reason}))
         return text
 
@@ -136,12 +141,19 @@ class Records:
         (self.workdir / RESUBMIT_FILE).unlink(missing_ok=True)
 
 
-def uncertain_message(endpoint: str, when: str, reason: str, job_id: str = "JOB") -> str:
+def uncertain_message(
+    endpoint: str,
+    when: str,
+    reason: str,
+    job_id: str = "JOB",
+    cloud: str = "fal",
+    dashboard: str = FAL_DASHBOARD,
+) -> str:
     """The error of a submission-uncertain job (pure): what happened and what to do."""
     return (
         f"submission uncertain: a training request to {endpoint} was being sent at {when} and lorad "
-        f"never got fal's answer ({reason}); it may have been accepted and billed. Check fal's dashboard "
-        f"(https://fal.ai/dashboard/requests) before paying again; lorad will not send it again by itself. "
+        f"never got {cloud}'s answer ({reason}); it may have been accepted and billed. Check {cloud}'s dashboard "
+        f"({dashboard}) before paying again; lorad will not send it again by itself. "
         f"To pay for a new request: lorad retry {job_id} --resubmit"
     )
 

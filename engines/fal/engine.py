@@ -752,7 +752,7 @@ class FalEngine:
             prompt,
         )
         try:
-            local_plan = local.plan(job, machine_now())
+            local_plan = local.render_plan(job, machine_now())
         except PlanError as exc:
             return RenderFailed(
                 f"the LoRA trained on fal.ai is ready in {lora}, but this machine cannot render it: {exc}"

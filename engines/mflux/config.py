@@ -37,6 +37,7 @@ TARGET_MODULES = (
 MODEL_SHAPES = {
     "z-image-turbo": (30, 9, 4, 9),
     "z-image": (30, 50, 0, 50),
+    "dev": (57, 25, 0, 25),  # FLUX.1 [dev]: 19 double + 38 single blocks; ~25 steps to render
 }
 TINY_SHAPE = (2, 4, 0, 4)
 

@@ -164,6 +164,16 @@ class MFluxEngine:
         )
 
     def plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
+        if job.model in PROFILES and PROFILES[job.model].render_only:
+            raise PlanError(
+                f"mflux cannot train {job.model} (its trainer has Z-Image and FLUX.2 adapters, no FLUX.1); "
+                f'train it on a cloud (engine = "replicate" or "fal"): this machine renders its test image'
+            )
+        return self.render_plan(job, machine)
+
+    def render_plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
+        """The plan a render needs (model, quantization for this memory), also for a model mflux
+        only renders (a cloud-trained LoRA's test render)."""
         limit = planning_memory(self._device(), machine)
         try:
             memory = self._memory(job, limit)

@@ -181,6 +181,7 @@ class ModelProfile:
     allow_bf16: bool = True
     min_resolution: int | None = None
     fixed_resolution: int | None = None  # the miniature model trains at a tiny size
+    render_only: bool = False  # mflux renders it with a LoRA but has no trainer for it
 
 
 PROFILES: dict[str, ModelProfile] = {
@@ -191,6 +192,10 @@ PROFILES: dict[str, ModelProfile] = {
     "flux2-klein-9b": ModelProfile("flux2-klein-9b", 1.5, allow_bf16=False),
     "flux2-klein-base-9b": ModelProfile("flux2-klein-base-9b", 1.5, allow_bf16=False),
     "tiny-z-image": ModelProfile("z-image", 0.002, fixed_resolution=64),
+    # FLUX.1 [dev] (12B, twice Z-Image's transformer): the cloud trainers' model (Replicate's
+    # ostris/flux-dev-lora-trainer, fal's flux-lora-fast-training). mflux renders it with a LoRA
+    # (mflux.models.flux Flux1, ModelConfig "dev") but its training runner has no FLUX.1 adapter.
+    "flux-dev": ModelProfile("dev", 2.0, render_only=True),
 }
 
 

@@ -25,6 +25,9 @@ MODEL_WEIGHTS: dict[str, tuple[str, int]] = {
     "flux2-klein-base-4b": ("black-forest-labs/FLUX.2-klein-base-4B", 15),
     "flux2-klein-9b": ("black-forest-labs/FLUX.2-klein-9B", 32),
     "flux2-klein-base-9b": ("black-forest-labs/FLUX.2-klein-base-9B", 32),
+    # FLUX.1 [dev] (render only: the test render of a cloud-trained LoRA); a gated repo on
+    # Hugging Face (accept its licence, then `hf auth login`). ~34 GB: transformer 24, T5 9.5.
+    "flux-dev": ("black-forest-labs/FLUX.1-dev", 34),
 }
 # What else mflux loads from the Hub when it *trains* a model, beyond the model's repo: (repo, file).
 # mflux/models/common/training/runner.py, TrainingRunner.ZIMAGE_TURBO_TRAINING_ADAPTER (an

@@ -173,12 +173,29 @@ def train(args, reporter: Reporter, stop: StopFlag) -> int:
     return 0
 
 
+def _render_model(config: dict, loras: list[str] | None, model_config):
+    """The mflux model that renders: Z-Image, or FLUX.1 [dev] (Flux1) for a cloud-trained LoRA."""
+    kwargs = {
+        "quantize": config.get("quantize"),
+        "model_path": config.get("model_path"),
+        "lora_paths": loras,
+        "lora_scales": [1.0] if loras else None,
+        "model_config": model_config,
+    }
+    if config["model"] == "dev":
+        from mflux.models.flux.variants.txt2img.flux import Flux1
+
+        return Flux1(**kwargs)
+    from mflux.models.z_image.variants.z_image import ZImage
+
+    return ZImage(**kwargs)
+
+
 def render(args, reporter: Reporter, stop: StopFlag) -> int:
     """Render the test prompt with and without the LoRA (same seed), then the comparison."""
     plan = json.loads(Path(args.plan).read_text())
     _prepare_model(plan)
     from mflux.models.common.config.model_config import ModelConfig
-    from mflux.models.z_image.variants.z_image import ZImage
 
     config = plan["config"]
     size = 128 if plan["model"] == "tiny-z-image" else 1024
@@ -191,15 +208,15 @@ def render(args, reporter: Reporter, stop: StopFlag) -> int:
         if stop.is_set():
             reporter.emit("stopped", reason=stop.reason)
             return 0
-        model = ZImage(
-            quantize=config.get("quantize"),
-            model_path=config.get("model_path"),
-            lora_paths=loras,
-            lora_scales=[1.0] if loras else None,
-            model_config=model_config,
-        )
+        model = _render_model(config, loras, model_config)
+        extra = {"guidance": 3.5} if config["model"] == "dev" else {}
         image = model.generate_image(
-            seed=int(args.seed), prompt=args.prompt, num_inference_steps=steps, height=size, width=size
+            seed=int(args.seed),
+            prompt=args.prompt,
+            num_inference_steps=steps,
+            height=size,
+            width=size,
+            **extra,
         )
         path = out_dir / f"{label}.png"
         image.image.save(path)
