@@ -10,8 +10,8 @@ import tarfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from daemon.fsutil import temp_beside
 from engines.cloud.download import TooLarge
+from lorad_base.fsutil import temp_beside
 
 
 class BadArchive(Exception):

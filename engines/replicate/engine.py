@@ -19,8 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
-from daemon.fsutil import atomic_write_text
-from daemon.logs import get_logger
 from engines.base import (
     EngineContext,
     EngineSettingsError,
@@ -42,6 +40,8 @@ from engines.cloud.submission import Ledger, Next, Records, kill_point
 from engines.fal import pricing
 from engines.fal.engine import request_arguments, step_from_logs, zip_snapshot
 from engines.replicate import trainers
+from lorad_base.fsutil import atomic_write_text
+from lorad_base.logs import get_logger
 
 CLOUD = "replicate"
 RESULT_FILE = "result.json"
@@ -594,8 +594,7 @@ class ReplicateEngine:
     ):
         """The test render, made here by the mflux engine on a render plan for this machine
         (`render_plan`: also for flux-dev, which mflux renders but cannot train)."""
-        from daemon.pipeline import machine_now
-        from engines.base import CheckStatus, RenderFailed
+        from engines.base import CheckStatus, RenderFailed, machine_now
         from engines.mflux.engine import MFluxEngine
 
         local = MFluxEngine(
