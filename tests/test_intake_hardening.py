@@ -408,8 +408,11 @@ def test_intake_loop_waits_for_an_open_ready_only_so_long(tmp_path):
 def test_ready_written_slowly_keeps_its_options(daemon_factory):
     """`(sleep 0.5; echo 'steps = 3') > READY`, made deterministic: part written, the daemon sees
     it (and says it waits), then the rest; the job has both options."""
-    d = daemon_factory().start()
+    d = daemon_factory()
+    # The folder exists before the daemon starts, so its watch is in place before READY is opened
+    # (a folder made after the start is watched only once the watcher sees it: a race on a slow CPU).
     folder = make_dataset(d.training_data / "ohwx_slow", images=2)
+    d.start()
     with (folder / "READY").open("w") as fh:
         fh.write("rank = 8\n")
         fh.flush()

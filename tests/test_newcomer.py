@@ -443,13 +443,18 @@ def test_weights_table_matches_mflux():
         "repos = {n: ModelConfig.from_name(n).model_name for n in names}\n"
         "print(json.dumps({'repos': repos, 'pins': {r: ModelRevisions.get(r) for r in repos.values()}}))\n"
     )
-    names = sorted({p.mflux_model for name, p in PROFILES.items() if name != "tiny-z-image"})
+    # lorad's model name -> mflux's (they differ for FLUX.1 [dev]: lorad "flux-dev", mflux "dev").
+    mflux_name = {name: p.mflux_model for name, p in PROFILES.items() if name != "tiny-z-image"}
     out = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(names)], capture_output=True, text=True, check=True
+        [sys.executable, "-c", code, json.dumps(sorted(set(mflux_name.values())))],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     truth = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(MODEL_WEIGHTS) == set(names)
-    for name, repo in truth["repos"].items():
+    assert set(MODEL_WEIGHTS) == set(mflux_name)
+    for name, mflux_model in mflux_name.items():
+        repo = truth["repos"][mflux_model]
         assert MODEL_WEIGHTS[name][0] == repo
         assert pinned_revisions().get(repo) == truth["pins"][repo]
 
