@@ -44,12 +44,12 @@ from engines.base import (
     TrainStatus,
     write_cancel_outcome,
 )
+from engines.cloud import money
 from engines.cloud.convert import Converted
 from engines.cloud.dataset import request_arguments, zip_snapshot
 from engines.cloud.errors import Rejected, SubmissionUncertain, Unreachable
 from engines.cloud.schema import Schema, SchemaError, check_arguments
 from engines.cloud.submission import FAL_DASHBOARD, Ledger, Next, Records, kill_point
-from engines.fal import pricing
 from lorad_base.childenv import HF_TOKENS, child_env
 from lorad_base.fsutil import atomic_write_text
 from lorad_base.logs import get_logger
@@ -84,7 +84,7 @@ class CloudEngine:
     id_metadata_key: ClassVar[str]  # the safetensors metadata key of the remote job's id
     downloads_of_512mb: ClassVar[int] = 3  # disk_needed: files beside the snapshot
     schemas: dict[str, Schema]  # endpoint -> its schema (built in tables, then the user's file)
-    prices: dict[str, pricing.Price]
+    prices: dict[str, money.Price]
     price_override: float
     _refusal: str | None = None
 
@@ -170,7 +170,7 @@ class CloudEngine:
 
     # -- plan --------------------------------------------------------------------------------
 
-    def _plan_numbers(self, job: JobInput, schema: Schema) -> tuple[int, dict, float, Any, float]:
+    def _plan_numbers(self, job: JobInput, schema: Schema) -> tuple[int, dict, float, money.Price, float]:
         """Steps, arguments (checked against the schema before any upload), cost, price and guard."""
         endpoint = schema.endpoint
         steps = int(
@@ -184,11 +184,11 @@ class CloudEngine:
             check_arguments(schema, arguments)
         except SchemaError as exc:
             raise PlanError(str(exc)) from None
-        cost, price = pricing.estimate_usd(endpoint, steps, self.price_override, self.prices)
+        cost, price = money.estimate_usd(endpoint, steps, self.price_override, self.prices)
         max_cost = float(job.options.get("max_cost_usd", self.max_cost_usd))
-        problem = pricing.cost_problem(cost, max_cost, steps, price, endpoint)
+        problem = money.cost_problem(cost, max_cost, steps, price, endpoint, self.name)
         if problem:
-            raise PlanError(problem.replace("[engines.fal]", f"[engines.{self.name}]"))
+            raise PlanError(problem)
         return steps, arguments, cost, price, max_cost
 
     @staticmethod
@@ -343,7 +343,7 @@ class CloudEngine:
         if step is Next.RESUBMIT:
             records.start_resubmit()
             self.log.info(f"{self.name}.resubmit", job_id=plan.config.get("job_id"))
-        problem = pricing.daily_problem(self._ledger().last_day(), self.daily_jobs)
+        problem = money.daily_problem(self._ledger().last_day(), self.daily_jobs)
         if problem:
             self._refusal = problem
             return None

@@ -20,10 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engines.cloud.errors import BadKey, Rejected, ServiceError, SubmissionUncertain, Unreachable
+from engines.cloud.errors import (
+    KEYRING_SERVICE,
+    BadKey,
+    Rejected,
+    ServiceError,
+    SubmissionUncertain,
+    Unreachable,
+    scrub,
+)
+from engines.cloud.errors import KEYS as _KEYS
 
 KEY_ENV = "FAL_KEY"
-KEYRING_SERVICE = "lorad"  # `keyring set lorad FAL_KEY` (macOS: stored in the login keychain)
 HOW_TO_SET_KEY = (
     "set FAL_KEY in lorad's environment (the LaunchAgent/systemd unit or the shell running `lorad run`), "
     "or store it in the keychain with `keyring set lorad FAL_KEY` (needs the optional `keyring` package)"
@@ -103,15 +111,6 @@ def classify(exc: BaseException) -> ServiceError:
     if isinstance(exc, (httpx.TransportError, TimeoutError, ConnectionError)):
         return Unreachable(scrub(f"{type(exc).__name__}: {exc}"[:300]) or type(exc).__name__)
     return Rejected(scrub(f"{type(exc).__name__}: {exc}"[:500]))
-
-
-_KEYS: set[str] = set()  # the keys this process holds: scrubbed from any error text
-
-
-def scrub(text: str) -> str:
-    for key in _KEYS:
-        text = text.replace(key, "[redacted]")
-    return text
 
 
 def submit_verdict(code: int, from_fal: bool) -> str:

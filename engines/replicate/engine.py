@@ -28,11 +28,11 @@ from engines.base import (
     TrainingPlan,
     coerce_options,
 )
+from engines.cloud import money
 from engines.cloud.engine import RESULT_FILE, CloudEngine, Stopped
 from engines.cloud.logsteps import step_from_logs
 from engines.cloud.schema import Schema, SchemaError, resolve
 from engines.cloud.submission import Records
-from engines.fal import pricing
 from engines.replicate import trainers
 from lorad_base.fsutil import atomic_write_text
 
@@ -96,7 +96,7 @@ class ReplicateEngine(CloudEngine):
         self.price_override = per_step
         self.schemas = {**trainers.SCHEMAS, **self._user_schemas(str(values["schemas"]))}
         self.prices = {
-            e: pricing.Price(per_step, s.min_steps, self._default_steps(s)) for e, s in self.schemas.items()
+            e: money.Price(per_step, s.min_steps, self._default_steps(s)) for e, s in self.schemas.items()
         }
 
     def _resolve(self, model: str) -> Schema:
