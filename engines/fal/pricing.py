@@ -1,4 +1,4 @@
-"""Which fal endpoint trains which model, what it costs, and the money guards (pure).
+"""Which fal endpoint trains which model and what it costs (pure); the guards are engines/cloud/money.py.
 
 Prices are fal's published per-step prices when this table was written (fal.ai/models/<endpoint>,
 "Pricing"); they change. `[engines.fal] price_per_step_usd` overrides the table, and the README
@@ -7,18 +7,12 @@ tells the user to compare the first real invoice with lorad's estimate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from engines.cloud import money
+from engines.cloud.money import UNKNOWN_PRICE, Price, cost_problem, daily_problem
 from engines.fal.endpoints import ENDPOINTS, SCHEMAS
 
-__all__ = ["ENDPOINTS", "PRICES", "Price", "estimate_usd"]
-
-
-@dataclass(frozen=True)
-class Price:
-    usd_per_step: float
-    min_steps: int = 0  # fal charges at least this many steps
-    default_steps: int = 1000  # what the endpoint trains when not told
+# Price, the guards and the estimate are every cloud's (engines/cloud/money.py); kept here too.
+__all__ = ["ENDPOINTS", "PRICES", "UNKNOWN_PRICE", "Price", "cost_problem", "daily_problem", "estimate_usd"]
 
 
 PRICES: dict[str, Price] = {
@@ -26,9 +20,6 @@ PRICES: dict[str, Price] = {
     for endpoint, schema in SCHEMAS.items()
     if schema.usd_per_step is not None and schema.role("steps")
 }
-# An endpoint not in PRICES (set in [engines.fal] endpoints) is estimated at this, so the guard
-# never reads "$0" for something unknown; the plan warns.
-UNKNOWN_PRICE = Price(usd_per_step=0.004)
 
 
 def endpoint_for(model: str, overrides: dict[str, str]) -> str | None:
@@ -52,32 +43,5 @@ def parse_endpoints(text: str) -> dict[str, str]:
 def estimate_usd(
     endpoint: str, steps: int, price_override: float = 0.0, prices: dict[str, Price] | None = None
 ) -> tuple[float, Price]:
-    """What one training of `steps` steps costs at `endpoint` (dollars, with the endpoint's
-    minimum billed steps), and the price used."""
-    price = (prices or PRICES).get(endpoint, UNKNOWN_PRICE)
-    if price_override > 0:
-        price = Price(
-            usd_per_step=price_override, min_steps=price.min_steps, default_steps=price.default_steps
-        )
-    return round(max(steps, price.min_steps) * price.usd_per_step, 4), price
-
-
-def cost_problem(estimate: float, max_cost: float, steps: int, price: Price, endpoint: str) -> str | None:
-    """Why the job may not be sent (its estimate is above the guard), with the numbers; None: fine."""
-    if estimate <= max_cost:
-        return None
-    return (
-        f"the cloud training would cost about ${estimate:.2f} ({steps} steps x ${price.usd_per_step:g}/step at {endpoint}), "
-        f"above max_cost_usd = ${max_cost:.2f}; raise max_cost_usd in lora.toml (or [engines.fal] in lorad.toml) "
-        f"or train fewer steps"
-    )
-
-
-def daily_problem(submitted_last_day: int, limit: int) -> str | None:
-    """Why one more cloud job may not start today (cloud_daily_jobs); None: fine."""
-    if limit <= 0 or submitted_last_day < limit:
-        return None
-    return (
-        f"cloud_daily_jobs = {limit} cloud trainings were already sent in the last 24 hours; "
-        f"the job was not sent. Raise cloud_daily_jobs in lorad.toml or retry tomorrow (lorad retry <job>)"
-    )
+    """What one training of `steps` steps costs at `endpoint`, by fal's table unless told."""
+    return money.estimate_usd(endpoint, steps, price_override, prices or PRICES)

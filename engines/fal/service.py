@@ -20,32 +20,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engines.cloud.errors import (
+    KEYRING_SERVICE,
+    BadKey,
+    Rejected,
+    ServiceError,
+    SubmissionUncertain,
+    Unreachable,
+    scrub,
+)
+from engines.cloud.errors import KEYS as _KEYS
+
 KEY_ENV = "FAL_KEY"
-KEYRING_SERVICE = "lorad"  # `keyring set lorad FAL_KEY` (macOS: stored in the login keychain)
 HOW_TO_SET_KEY = (
     "set FAL_KEY in lorad's environment (the LaunchAgent/systemd unit or the shell running `lorad run`), "
     "or store it in the keychain with `keyring set lorad FAL_KEY` (needs the optional `keyring` package)"
 )
-
-
-class ServiceError(Exception):
-    pass
-
-
-class Unreachable(ServiceError):
-    """Worth retrying: the service did not answer, or answered 5xx/429."""
-
-
-class Rejected(ServiceError):
-    """fal refused or failed the request; the message is fal's text."""
-
-
-class SubmissionUncertain(ServiceError):
-    """The submit may have reached fal (and been billed); its answer never came or is unusable."""
-
-
-class BadKey(ServiceError):
-    """The configured key cannot be sent (its text is never part of the message)."""
 
 
 KEY_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))  # printable ASCII, no space
@@ -121,15 +111,6 @@ def classify(exc: BaseException) -> ServiceError:
     if isinstance(exc, (httpx.TransportError, TimeoutError, ConnectionError)):
         return Unreachable(scrub(f"{type(exc).__name__}: {exc}"[:300]) or type(exc).__name__)
     return Rejected(scrub(f"{type(exc).__name__}: {exc}"[:500]))
-
-
-_KEYS: set[str] = set()  # the keys this process holds: scrubbed from any error text
-
-
-def scrub(text: str) -> str:
-    for key in _KEYS:
-        text = text.replace(key, "[redacted]")
-    return text
 
 
 def submit_verdict(code: int, from_fal: bool) -> str:

@@ -6,7 +6,7 @@ is passed to it explicitly and never leaves this module. The paid call, `trainin
 one POST: the client's retrying transport retries only GET/PUT/DELETE-like methods, so it is
 never re-sent by the client; lorad retries it only when nothing left this machine.
 
-Errors are sorted as for fal (engines/fal/service.py): `Unreachable` (retry with backoff),
+Errors are sorted as for fal (engines/cloud/errors.py): `Unreachable` (retry with backoff),
 `Rejected` (Replicate said no), `SubmissionUncertain` (the create may have been accepted).
 """
 
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engines.fal.service import _KEYS as KEYS
-from engines.fal.service import (
+from engines.cloud.errors import (
     KEYRING_SERVICE,
+    KEYS,
     BadKey,
     Rejected,
     ServiceError,
