@@ -13,6 +13,7 @@ from pathlib import Path
 
 from daemon.settings import Settings
 from daemon.states import JobState
+from lorad_base.workdir import WorkDir
 
 
 class UsageError(Exception):
@@ -72,7 +73,7 @@ def cancel_job(settings: Settings, store, job) -> tuple[int, str]:
         return 0, f"cancelled {job.id} ({job.name})"
     from engines.base import CANCEL_OUTCOME_FILE
 
-    workdir = settings.jobs_dir / job.id
+    workdir = WorkDir.of(settings.jobs_dir, job.id).root
     (workdir / CANCEL_OUTCOME_FILE).unlink(missing_ok=True)  # only this cancel's outcome counts
     pid = _wake_daemon(settings)
     said = f"cancelling {job.id} ({job.name}, {job.state}): it stops at its next step and publishes nothing"
@@ -142,7 +143,7 @@ def retry_job(settings: Settings, store, job, resubmit: bool = False) -> tuple[i
             f"{job.dataset} was refused at intake ({job.dataset_path}/FAILED.txt says why); "
             f"fix it, then create READY again (or: lorad enqueue '{job.dataset_path}')"
         )
-    workdir = settings.jobs_dir / job.id
+    workdir = WorkDir.of(settings.jobs_dir, job.id).root
     if submission_uncertain(workdir) and not resubmit:
         raise UsageError(
             f"job {job.id}: submission uncertain: its cloud training request may have been accepted and "

@@ -15,6 +15,7 @@ from daemon.actions import (  # noqa: F401 (moved there; `lorad` callers and tes
     write_ready,
 )
 from daemon.settings import Settings
+from daemon.states import JobState
 
 
 def say_settings(settings: Settings) -> None:
@@ -306,7 +307,7 @@ def cmd_plan(settings: Settings, args) -> int:
     from daemon.status import duration
 
     store = _store(settings)
-    seconds, source, words = estimate(plan, store.list(("done",)) if store else [], settings.jobs_dir)
+    seconds, source, words = estimate(plan, store.list((JobState.DONE,)) if store else [], settings.jobs_dir)
     disk = workdir_bytes(settings, plan, data_bytes)
     if args.json:
         import json

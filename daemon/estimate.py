@@ -8,6 +8,9 @@ import json
 import statistics
 from pathlib import Path
 
+from daemon.states import JobState
+from lorad_base.workdir import WorkDir
+
 # Rough seconds per training step at 1024 px, batch 1, for a full-size model (z-image-turbo
 # class), by backend; the miniature model is far cheaper. Only used with no recorded job.
 DERIVED_S_PER_STEP = {"metal": 8.0, "cuda": 2.0, "cpu": 120.0}
@@ -49,13 +52,13 @@ def recorded_rate(
     rates = []
     for job in sorted(jobs, key=lambda j: j.finished_at or 0, reverse=True):
         plan = job.plan if isinstance(job.plan, dict) else {}
-        if job.state != "done" or (plan.get("model"), plan.get("tier"), plan.get("backend")) != (
+        if job.state != JobState.DONE or (plan.get("model"), plan.get("tier"), plan.get("backend")) != (
             model,
             tier,
             backend,
         ):
             continue
-        rate = series_rate(_read_series(jobs_dir / job.id / "progress.jsonl"))
+        rate = series_rate(_read_series(WorkDir.of(jobs_dir, job.id).progress))
         if rate is not None:
             rates.append(rate)
         if len(rates) >= RECENT:

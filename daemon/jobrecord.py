@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-RECORD_FILE = "job.json"
+from daemon.states import FINISHED, JobState
+from lorad_base.workdir import WorkDir
+
+RECORD_FILE = WorkDir(Path()).record.name
 VERSION = 1
 
 # Row columns the record keeps (the table's names), and the ones a usable record must hold.
@@ -37,7 +40,6 @@ _KEPT = (
     "loss",
 )
 _REQUIRED = ("id", "dataset_path", "name", "state", "created_at", "ready_at")
-FINISHED = ("done", "failed", "cancelled")
 
 
 def record_of(job) -> dict:
@@ -73,7 +75,7 @@ def new_record(
         "fingerprint": fingerprint,
         "ready_token": ready_token,
         "settings": settings,
-        "state": "queued",
+        "state": JobState.QUEUED,
         "attempt": 1,
         "priority": priority,
         "ready_at": ready_at,
@@ -99,7 +101,7 @@ def row_from_record(record: object, job_id: str) -> tuple[dict | None, str | Non
     missing = [key for key in _REQUIRED if record.get(key) in (None, "")]
     if missing:
         return None, f"fields missing: {', '.join(missing)}"
-    state = record["state"] if record["state"] in FINISHED else "interrupted"
+    state = record["state"] if record["state"] in FINISHED else JobState.INTERRUPTED
     row = {
         "id": job_id,
         "dataset": record.get("dataset") or Path(record["dataset_path"]).name,
@@ -115,7 +117,7 @@ def row_from_record(record: object, job_id: str) -> tuple[dict | None, str | Non
         "ready_at": float(record["ready_at"]),
         "created_at": float(record["created_at"]),
         "finished_at": record.get("finished_at") if state in FINISHED else None,
-        "error": record.get("error") if state == "failed" else None,
+        "error": record.get("error") if state == JobState.FAILED else None,
         "outputs": json.dumps(record.get("outputs") or {}, default=str),
         **_progress(record, finished=state in FINISHED),
     }
@@ -147,7 +149,7 @@ def _progress(record: dict, *, finished: bool) -> dict:
 
 def read_record(workdir: Path) -> tuple[dict | None, str | None]:
     """(record, None) or (None, what is wrong): never raises for a missing or broken file."""
-    path = Path(workdir) / RECORD_FILE
+    path = WorkDir(Path(workdir)).record
     try:
         return json.loads(path.read_text(encoding="utf-8")), None
     except FileNotFoundError:
@@ -164,5 +166,5 @@ def write_record(workdir: Path, record: dict) -> bool:
     workdir = Path(workdir)
     if not workdir.is_dir():
         return False
-    atomic_write_text(workdir / RECORD_FILE, json.dumps(record, indent=2, ensure_ascii=False, default=str))
+    atomic_write_text(WorkDir(workdir).record, json.dumps(record, indent=2, ensure_ascii=False, default=str))
     return True

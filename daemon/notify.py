@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 from daemon.childenv import child_env
+from daemon.states import JobState
 
 # apprise URL schemes of the generic webhooks: their path is the user's own, often a token.
 WEBHOOK_SCHEMES = ("json", "jsons", "xml", "xmls", "form", "forms")
@@ -32,13 +33,17 @@ QUEUE_SIZE = 100
 DRAIN_S = 5.0
 # What a delivery child needs before its first target: interpreter start and importing apprise.
 CHILD_START_S = 15.0
-TITLES = {
-    "done": "LoRA ready",
-    "failed": "LoRA training failed",
-    "interrupted": "LoRA training interrupted",
-    "cancelled": "LoRA training cancelled",
+TITLES: dict[str, str] = {
+    JobState.DONE: "LoRA ready",
+    JobState.FAILED: "LoRA training failed",
+    JobState.INTERRUPTED: "LoRA training interrupted",
+    JobState.CANCELLED: "LoRA training cancelled",
 }
-NOTIFY_TYPES = {"done": "success", "failed": "failure", "interrupted": "warning"}
+NOTIFY_TYPES: dict[str, str] = {
+    JobState.DONE: "success",
+    JobState.FAILED: "failure",
+    JobState.INTERRUPTED: "warning",
+}
 
 
 class Message(NamedTuple):
@@ -78,7 +83,7 @@ def first_line(text: str | None) -> str:
 
 def job_view(job) -> dict:
     """What a message needs from a job row, as plain data (the job thread hands it to the sender)."""
-    outputs = job.outputs if job.state == "done" else {}
+    outputs = job.outputs if job.state == JobState.DONE else {}
     return {
         "id": job.id,
         "name": job.name,
@@ -118,24 +123,24 @@ def build_message(view: Mapping[str, object]) -> Message:
         else ""
     )
     at_step = f" at step {step}/{total}" if step and total else ""
-    if state == "done":
+    if state == JobState.DONE:
         steps = f", {total} steps" if total else ""
         body = f"{name}: done{steps}" + (f" in {took}" if took else "") + _learning_text(view.get("metrics"))
-    elif state == "failed":
+    elif state == JobState.FAILED:
         body = (
             f"{name}: failed{at_step}"
             + (f" after {took}" if took else "")
             + f": {first_line(str(view.get('error') or ''))}"
         )
-    elif state == "interrupted":
+    elif state == JobState.INTERRUPTED:
         body = f"{name}: interrupted{at_step}; it resumes from its last checkpoint when lorad runs"
-    elif state == "cancelled":
+    elif state == JobState.CANCELLED:
         body = f"{name}: cancelled{at_step}"
     else:
         body = f"{name}: {state}{at_step}"
     title = f"lorad: {TITLES.get(state, state)}"
     render = view.get("render")
-    attach = str(render) if state == "done" and render else None
+    attach = str(render) if state == JobState.DONE and render else None
     return Message(title, f"{body} (job {view['id']})", attach, NOTIFY_TYPES.get(state, "info"))
 
 

@@ -18,9 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.jobs import FINISHED
+from daemon.states import JobState
+from lorad_base.workdir import WorkDir
 
 # What a trimmed work dir keeps: what the dashboard shows, and the record a rebuild reads.
-DASHBOARD_KEEPS = frozenset({"job.json", "progress.jsonl", "render", "plan.json", "manifest.json"})
+_LAYOUT = WorkDir(Path())
+DASHBOARD_KEEPS = frozenset(
+    p.name for p in (_LAYOUT.record, _LAYOUT.progress, _LAYOUT.render, _LAYOUT.plan, _LAYOUT.manifest)
+)
 # A cloud engine's request record (engines/fal: fal/request.json): kept while it may still run.
 CLOUD_RECORDS = (Path("fal") / "request.json",)
 DAY_S = 86400.0
@@ -73,8 +78,8 @@ def _size(path: Path) -> int:
 def removals(workdir: Path, kind: str, state: str) -> list[Path]:
     """The entries of a work dir to remove (a trimmed dir keeps what the dashboard shows; a
     cloud request record of a job not done is always kept, with the record that names it)."""
-    keep_records = state != "done" and any((workdir / r).is_file() for r in CLOUD_RECORDS)
-    keep = set(DASHBOARD_KEEPS) if kind == "trim" else ({"job.json"} if keep_records else set())
+    keep_records = state != JobState.DONE and any((workdir / r).is_file() for r in CLOUD_RECORDS)
+    keep = set(DASHBOARD_KEEPS) if kind == "trim" else ({_LAYOUT.record.name} if keep_records else set())
     if kind == "drop" and not keep_records:
         return [workdir] if workdir.is_dir() else []
     found = []
@@ -106,7 +111,7 @@ def plan_actions(settings, store, now: float | None = None) -> list[Action]:
     for job_id, kind, reason in decide(
         list(jobs.values()), now=now, keep_jobs=settings.keep_jobs, keep_days=settings.keep_workdirs_days
     ):
-        workdir = settings.jobs_dir / job_id
+        workdir = WorkDir.of(settings.jobs_dir, job_id).root
         paths = [p for p in removals(workdir, kind, jobs[job_id].state) if _inside(p, settings.jobs_dir)]
         if workdir.is_symlink():
             paths = []  # not lorad's own folder: left alone

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from daemon.sample import make_dataset
+from daemon.states import FINISHED, JobState
 
 
 def progress_line(job) -> str:
@@ -75,7 +76,7 @@ def run_selftest(*, clean: bool = False, timeout_s: float = 300) -> int:
             if line != last:
                 print(f"{time.monotonic() - started:5.1f}s{line}", flush=True)
                 last = line
-            if job.state in ("done", "failed", "cancelled"):
+            if job.state in FINISHED:
                 break
     finally:
         if daemon.poll() is None:
@@ -86,7 +87,7 @@ def run_selftest(*, clean: bool = False, timeout_s: float = 300) -> int:
                 daemon.kill()
         log.close()
     elapsed = time.monotonic() - started
-    if job is None or job.state != "done":
+    if job is None or job.state != JobState.DONE:
         reason = job.error if job else "no job was created"
         print(f"selftest FAILED after {elapsed:.0f}s: {reason}\nlogs: {settings.log_file}")
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from daemon.jobs import FINISHED
+from daemon.states import JobState
 
 
 def bar(step: int | None, total: int | None, width: int = 12) -> str:
@@ -28,7 +29,7 @@ def duration(seconds: float | None) -> str:
 def eta_now(job, now: float) -> float | None:
     """Seconds left for a training job: the engine's last estimate, aged by the time since it came
     (during a long step the estimate would otherwise stand still). None when unknown."""
-    if job.state != "training" or job.eta_s is None:
+    if job.state != JobState.TRAINING or job.eta_s is None:
         return None
     return max(0.0, job.eta_s - max(0.0, now - job.updated_at))
 
@@ -58,9 +59,9 @@ def _wrapped(text: str, indent: str, width: int = 100) -> list[str]:
 def remote_lines(job, indent: str) -> list[str]:
     """Scale-out: the worker a running job is on, or why a queued job waits (no worker fits)."""
     worker, waiting = getattr(job, "worker", None), getattr(job, "waiting", None)
-    if worker and job.state in ("preparing", "training", "rendering"):
+    if worker and job.state in (JobState.PREPARING, JobState.TRAINING, JobState.RENDERING):
         return [f"{indent}on worker {worker}"]
-    if waiting and job.state in ("queued", "interrupted"):
+    if waiting and job.state in (JobState.QUEUED, JobState.INTERRUPTED):
         return [f"{indent}{waiting}"]
     return []
 
@@ -119,11 +120,11 @@ def render_status(
         lines.append(
             f"{job.id:<22} {dataset:<24} {job.state:<11} {progress:<24} {eta:>7} {duration(now - job.created_at):>7}"
         )
-        if job.state == "failed" and job.error:
+        if job.state == JobState.FAILED and job.error:
             lines += error_lines(job.error, f"{'':<22} ")
         elif job.state not in FINISHED and getattr(job, "note", None):
             lines.append(f"{'':<22} {job.note}")
-        elif job.state == "queued" and job.settings.get("weights_missing"):
+        elif job.state == JobState.QUEUED and job.settings.get("weights_missing"):
             lines += _wrapped("cannot train here yet: " + str(job.settings["weights_missing"]), f"{'':<22} ")
         lines += remote_lines(job, f"{'':<22} ")
     return "\n".join(lines)

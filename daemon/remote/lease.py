@@ -21,7 +21,7 @@ PREFIX = "lorad"
 EVENTS = f"{PREFIX}:events"  # worker -> coordinator stream
 EVENTS_GROUP = "coordinator"
 WAKE = f"{PREFIX}:wake"  # pub/sub channel: "the queue changed, look again"
-QUEUE_NAME = "lorad"  # PriorityRedisHuey's name: the queue is the sorted set huey.redis.lorad
+QUEUE_NAME = "lorad"  # the huey queue's name (its key belongs to redisqueue.ClaimingPriorityRedisStorage)
 EVENTS_MAXLEN = 10_000
 
 
@@ -117,7 +117,8 @@ def lease_action(*, lease_held: bool, task_queued: bool) -> str:
 
 # -- scripts (atomic inside Redis) -----------------------------------------------------------
 
-# KEYS: queue, token, lease. ARGV: member, token, lease json, ttl ms.
+# KEYS: queue, token, lease. ARGV: member, token, lease json, ttl ms. Run only by the queue's
+# storage (redisqueue.ClaimingPriorityRedisStorage.claim), which owns the queue key.
 # 1 = claimed; 0 = another worker took it; -1 = stale task (its token is not the job's).
 CLAIM = """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
@@ -161,10 +162,10 @@ return 1
 
 
 class Scripts:
-    """The Lua scripts registered on one client (redis-py caches them by sha: EVALSHA)."""
+    """The Lua scripts registered on one client (redis-py caches them by sha: EVALSHA). CLAIM is
+    not here: it touches the queue, so the queue's storage registers it."""
 
     def __init__(self, client):
-        self.claim = client.register_script(CLAIM)
         self.renew = client.register_script(RENEW)
         self.fenced_xadd = client.register_script(FENCED_XADD)
         self.release = client.register_script(RELEASE)

@@ -291,14 +291,12 @@ class RemoteWorker:
             if not isinstance(plan_or_reason, TrainingPlan):
                 self.decline(offer, plan_or_reason)
                 continue
-            claimed = self.scripts.claim(
-                keys=[self.queue.key, lease.token_key(job_id), lease.lease_key(job_id)],
-                args=[
-                    entry.member,
-                    token,
-                    lease.lease_value(self.id, token, time.time(), self.ttl_s),
-                    int(self.ttl_s * 1000),
-                ],
+            claimed = self.queue.claim(
+                entry.member,
+                job_id=job_id,
+                token=token,
+                lease_value=lease.lease_value(self.id, token, time.time(), self.ttl_s),
+                ttl_ms=int(self.ttl_s * 1000),
             )
             if claimed == 1:
                 self.run_offer(offer, plan_or_reason, workdir)

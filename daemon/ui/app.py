@@ -35,9 +35,11 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from daemon.jobs import ACTIVE, Job, JobState, JobStore
+from daemon.jobs import ACTIVE, Job, JobStore
 from daemon.settings import Settings
+from daemon.states import JobState
 from daemon.ui import views
+from lorad_base.workdir import WorkDir
 
 HERE = Path(__file__).resolve().parent
 TOKEN_COOKIE = "lorad_token"
@@ -179,9 +181,9 @@ class Dashboard:
         job = self._job_or_404(request)
         if isinstance(job, Response):
             return job
-        workdir = self.settings.jobs_dir / job.id
+        workdir = WorkDir.of(self.settings.jobs_dir, job.id)
         images = {n: views.file_url("jobs", f"{job.id}/render/{n}.png") for n in ("compare", "lora", "base")
-                  if (workdir / "render" / f"{n}.png").is_file()}  # fmt: skip
+                  if (workdir.render / f"{n}.png").is_file()}  # fmt: skip
         settings = job.settings if isinstance(job.settings, dict) else {}
         metrics = (job.outputs or {}).get("metrics") if isinstance(job.outputs, dict) else None
         return self.render(
@@ -194,8 +196,8 @@ class Dashboard:
             plan=views.plan_lines(job.plan if isinstance(job.plan, dict) else {}),
             warnings=[str(w) for w in settings.get("warnings") or []],
             errors=[line for line in (job.error or "").splitlines() if line.strip()],
-            series=views.read_series(workdir / "progress.jsonl"),
-            captions=views.read_captions(workdir / "manifest.json"),
+            series=views.read_series(workdir.progress),
+            captions=views.read_captions(workdir.manifest),
             images=images,
             render_urls={n: views.file_url("jobs", f"{job.id}/render/{n}.png") for n in ("compare", "lora")},
             outputs={k: v for k, v in (job.outputs or {}).items() if isinstance(v, str)},
@@ -203,7 +205,7 @@ class Dashboard:
             metrics=metrics if isinstance(metrics, dict) else None,
             metrics_line=views.metrics_line(metrics),
             report_links=self._report_links(job),
-            workdir=str(workdir),
+            workdir=str(workdir.root),
             logs=self._log_lines(job.id),
             actions=_actions_for(job),
             message=request.query_params.get("msg", ""),
@@ -213,7 +215,7 @@ class Dashboard:
         """The published `<name>.report/` of a done job (inside the loras folder), or None."""
         outputs = job.outputs if isinstance(job.outputs, dict) else {}
         report = outputs.get("report")
-        if job.state != "done" or not isinstance(report, str):
+        if job.state != JobState.DONE or not isinstance(report, str):
             return None
         path = self.settings.loras / Path(report).name
         return path if path.is_dir() else None
@@ -223,8 +225,8 @@ class Dashboard:
         report = self._report_dir(job)
         if report is not None and (report / "samples").is_dir():
             return views.sample_grid(report / "samples", f"/files/loras/{report.name}/samples")
-        workdir = self.settings.jobs_dir / job.id
-        return views.sample_grid(workdir / "samples", f"/files/jobs/{job.id}/samples")
+        samples = WorkDir.of(self.settings.jobs_dir, job.id).samples
+        return views.sample_grid(samples, f"/files/jobs/{job.id}/samples")
 
     def _report_links(self, job: Job) -> list[tuple[str, str]]:
         """(label, URL) of the report's files worth opening: mflux's loss.html, metrics.json."""
@@ -375,7 +377,7 @@ class Dashboard:
         )
 
     def loss(self, request: Request) -> Response:
-        series = views.read_series(self.settings.jobs_dir / request.path_params["job_id"] / "progress.jsonl")
+        series = views.read_series(WorkDir.of(self.settings.jobs_dir, request.path_params["job_id"]).progress)
         return JSONResponse(series)
 
     # -- files -------------------------------------------------------------------------------
