@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 from daemon.intake.findings import Finding
 
+# The image files a snapshot holds, for every engine (the snapshot copies these, or converts an
+# odd mode of them to PNG; each engine's trainer reads them from it).
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
-# Image formats people drop in that mflux does not train: named, with how to convert them.
+# Image formats people drop in that a snapshot does not hold: named, with how to convert them.
 UNSUPPORTED_IMAGE_FORMATS = {
     ".heic": "HEIC",
     ".heif": "HEIF",
@@ -116,8 +118,8 @@ def convert_hint(name: str) -> str:
 
 
 def unsupported_image(rel: str, *, only_images: bool) -> Finding:
-    """An image format mflux does not train: a warning when other images train, an error when it
-    would leave the dataset empty."""
+    """An image format the snapshot does not hold (so no engine trains it): a warning when other
+    images train, an error when it would leave the dataset empty."""
     fmt = UNSUPPORTED_IMAGE_FORMATS.get(split_suffix(rel)[1], "this")
     message = f"{fmt} images are not supported (lorad trains JPEG, PNG and WebP)"
     if only_images:

@@ -38,10 +38,13 @@ from daemon.intake.images import (  # noqa: F401  (re-exported: validate's names
 )
 from daemon.intake.options import merge, parse_options
 from daemon.settings import FIELDS as _SETTINGS
+from engines.base import IntakeLimits
 
 DEFAULT_MAX_CAPTION_BYTES = int(_SETTINGS["max_caption_bytes"][1])  # type: ignore[call-overload]
 
-# Images whose stems start with this are preview images to mflux (edit training only).
+# Image stem prefixes refused unless the engine says otherwise (its intake_limits): preview* images,
+# whose captions would be read as sample prompts and which mflux reserves for edit training.
+RESERVED_IMAGE_PREFIXES = IntakeLimits().reserved_image_prefixes
 PREVIEW_PREFIX = "preview"
 
 
@@ -88,21 +91,23 @@ class Report:
 
 
 def limits(settings) -> dict:
-    """validate_dataset's caps: sizes from the settings, the caption length from the engine that
-    will train (its `intake_limits`; a bad engine setting is reported elsewhere, the default used)."""
+    """validate_dataset's caps: sizes from the settings; the caption length and the reserved image
+    names from the engine that will train (its `intake_limits`; a bad engine setting is reported
+    elsewhere, the defaults used)."""
     from daemon.engine_host import make_engine
     from daemon.settings import SettingsError
 
     try:
-        tokens = make_engine(settings).intake_limits().max_caption_tokens
+        engine = make_engine(settings).intake_limits()
     except SettingsError:
-        tokens = contract.DEFAULT_CAPTION_TOKENS
+        engine = IntakeLimits(max_caption_tokens=contract.DEFAULT_CAPTION_TOKENS)
     return {
         "max_image_bytes": settings.max_image_bytes,
         "max_caption_bytes": settings.max_caption_bytes,
-        "max_caption_tokens": tokens,
+        "max_caption_tokens": engine.max_caption_tokens,
         "missing_captions": settings.missing_captions,
         "caption_model": settings.caption_model,
+        "reserved_image_prefixes": engine.reserved_image_prefixes,
     }
 
 
@@ -308,16 +313,20 @@ def name_finding(name: str) -> Finding | None:
     return None
 
 
-def reserved_image_finding(name: str, prefixes: tuple[str, ...] = (PREVIEW_PREFIX,)) -> Finding | None:
-    """An image whose stem the trainer treats specially (mflux: preview*, for edit training) (pure)."""
-    stem, _ = contract.split_suffix(name)
-    if not any(stem.lower().startswith(prefix) for prefix in prefixes):
+def reserved_image_finding(name: str, prefixes: tuple[str, ...] = RESERVED_IMAGE_PREFIXES) -> Finding | None:
+    """An image whose stem starts with a prefix the training engine reserves (its intake_limits;
+    mflux: preview*, for edit training) (pure)."""
+    stem = contract.split_suffix(name)[0].lower()
+    prefix = next((p for p in prefixes if stem.startswith(p.lower())), None)
+    if prefix is None:
         return None
+    why = (
+        "are refused by mflux outside edit training"
+        if prefix == PREVIEW_PREFIX
+        else "are reserved by the training engine"
+    )
     return Finding.error(
-        name,
-        "images named preview* are refused by mflux outside edit training",
-        "rename the image (and its caption)",
-        code="name.preview",
+        name, f"images named {prefix}* {why}", "rename the image (and its caption)", code="name.preview"
     )
 
 
@@ -397,7 +406,7 @@ def _sort_entry(
 
 
 def sort_entries(
-    folder: Path, entries: list[os.DirEntry], reserved: tuple[str, ...] = (PREVIEW_PREFIX,)
+    folder: Path, entries: list[os.DirEntry], reserved: tuple[str, ...] = RESERVED_IMAGE_PREFIXES
 ) -> tuple[Entries, list[Finding]]:
     """Every entry filed as image, caption, preview prompt or unsupported image, with the
     findings about the ones refused, in name order."""
@@ -505,7 +514,7 @@ def validate_dataset(
     max_caption_tokens: int | None = contract.DEFAULT_CAPTION_TOKENS,
     missing_captions: str = "refuse",
     caption_model: str = str(_SETTINGS["caption_model"][1]),
-    reserved_image_prefixes: tuple[str, ...] = (PREVIEW_PREFIX,),
+    reserved_image_prefixes: tuple[str, ...] = RESERVED_IMAGE_PREFIXES,
 ) -> Report:
     """Check a dataset folder against the contract. Never writes into it. The steps run in the
     order their findings are shown; the folder's own problems, and an unlistable folder, end it."""
