@@ -553,20 +553,19 @@ def validate_dataset(
         )
         _add_captions(report, folder, images, entries, rules)
     found(captioner_check(report.uncaptioned, report.options, caption_model))
-    found(
-        orphan_findings(
-            entries.captions, {contract.split_suffix(n)[0] for n, _ in entries.images}, entries.unsupported
-        )
-    )
-    found([contract.unsupported_image(n, only_images=not entries.images) for n in entries.unsupported])
-    report.previews, problems = read_previews(entries.previews, max_caption_bytes)
-    found(problems)
-    found(
-        count_findings(
-            len(entries.images), len(entries.unsupported), str(report.options.get("kind", "character"))
-        )
-    )
+    found(_leftover_findings(report, entries, max_caption_bytes))
     return report
+
+
+def _leftover_findings(report: Report, entries: Entries, max_caption_bytes: int) -> list[Finding]:
+    """What the images and captions steps leave: captions without an image, the images in formats
+    lorad does not train, the preview prompts (into the report), the image count."""
+    stems = {contract.split_suffix(n)[0] for n, _ in entries.images}
+    findings = orphan_findings(entries.captions, stems, entries.unsupported)
+    findings += [contract.unsupported_image(n, only_images=not entries.images) for n in entries.unsupported]
+    report.previews, problems = read_previews(entries.previews, max_caption_bytes)
+    kind = str(report.options.get("kind", "character"))
+    return findings + problems + count_findings(len(entries.images), len(entries.unsupported), kind)
 
 
 def _add_captions(

@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 from daemon.intake import caption_sources as cs
+from daemon.intake import contract, metadata
 from daemon.intake import images as img
-from daemon.intake import metadata
+from daemon.intake import options as opts
 from daemon.intake import validate as v
 from daemon.intake.contract import FolderName
 from daemon.intake.findings import Finding
@@ -237,6 +238,62 @@ def test_read_dataset_options(tmp_path, files, ready_text, read_ready, merged, c
 
 
 @pytest.mark.parametrize(
+    "text, value, code",
+    [
+        ("rank = 16", 16, None),
+        ("alpha = 8", 8.0, None),  # an int where a float is wanted is that float
+        ("rank = true", None, "option.type"),  # a bool is not an int here
+        ('rank = "16"', None, "option.type"),
+        ("rank = 0", None, "option.range"),
+        ("rank = 257", None, "option.range"),
+        ("learning_rate = 2.0", None, "option.range"),
+        ('caption_policy = "require"', "require", None),
+        ('caption_policy = "sometimes"', None, "option.value"),
+        ('missing_captions = "vlm"', "vlm", None),
+        ('missing_captions = "ask"', None, "option.value"),
+        ('kind = "style"', "style", None),
+        ('kind = "scene"', None, "option.value"),
+        ('engine = "mflux"', "mflux", None),
+        ('engine = "nope"', None, "option.value"),
+        ('name = "  alice  "', "alice", None),  # text is stripped
+        ('name = "   "', None, "option.value"),
+        ('name = "../evil"', None, "option.value"),
+        ('name = ".hidden"', None, "option.value"),
+        ('trigger = "a\\u0007b"', None, "option.value"),  # a control character
+        ('preview_prompts = ["a", " b "]', ["a", "b"], None),
+        ("preview_prompts = []", None, "option.range"),
+        ("preview_prompts = [1]", None, "option.type"),
+        ("write_captions = 1", None, "option.type"),
+    ],
+)
+def test_option_values(text, value, code):
+    key = text.split(" = ")[0]
+    parsed, findings = opts.parse_options(text + "\n", "lora.toml", allow_force=False)
+    assert parsed.get(key) == value
+    assert [f.code for f in findings] == ([code] if code else [])
+
+
+@pytest.mark.parametrize(
+    "text, code",
+    [
+        (b"rank = = 3", "option.toml"),
+        (b"rank = 1\x00", "option.toml"),
+        (b"\xff\xfe", "option.toml"),
+        (b"colour = 1", "option.unknown"),
+        (b"epochs = 3\nsteps = 100", "option.conflict"),
+    ],
+)
+def test_option_files(text, code):
+    assert [f.code for f in opts.parse_options(text, "READY", allow_force=True)[1]] == [code]
+
+
+def test_choice_text_is_unchanged():
+    (finding,) = opts.parse_options('caption_policy = "sometimes"', "lora.toml", allow_force=False)[1]
+    assert finding.message == "key 'caption_policy' must be one of prepend, require, got 'sometimes'"
+    assert finding.hint == 'write caption_policy = "prepend" (default) or "require"'
+
+
+@pytest.mark.parametrize(
     "toml, ready, parsed, want",
     [
         ({}, {}, FolderName("ohwx", "alice"), ("ohwx", "alice", ".")),
@@ -368,6 +425,45 @@ def test_inspect_image(tmp_path, content, code):
 
 
 # -- captions --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, size, result",
+    [
+        (b"ohwx,  a\n photo ", None, "ohwx, a photo"),
+        (b"\xef\xbb\xbfohwx", None, "ohwx"),  # a BOM is dropped
+        (b"ohwx", 70_000, "caption.huge"),  # the real size, when only the start was read
+        (b"ohwx\x00", None, "caption.nul"),
+        ("caf\xe9".encode("latin-1"), None, "caption.encoding"),
+        (b" \t\n", None, "caption.empty"),
+    ],
+)
+def test_decode_caption(raw, size, result):
+    got = contract.decode_caption("a.txt", raw, len(raw) if size is None else size, 64 * 1024)
+    assert (got.code if isinstance(got, Finding) else got) == result
+
+
+@pytest.mark.parametrize(
+    "text, policy, want, codes",
+    [
+        ("ohwx, a photo", "prepend", "ohwx, a photo", []),
+        ("OHWX in a park", "require", "OHWX in a park", []),  # found without regard to case
+        ("ohwxy in a park", "prepend", "ohwx, ohwxy in a park", ["caption.prepended"]),  # a whole word only
+        ("a photo", "prepend", "ohwx, a photo", ["caption.prepended"]),
+        ("a photo", "require", None, ["caption.trigger"]),
+    ],
+)
+def test_apply_trigger(text, policy, want, codes):
+    got, findings = contract.apply_trigger("a.txt", text, "ohwx", policy)
+    assert got == want
+    assert [f.code for f in findings] == codes
+
+
+@pytest.mark.parametrize(
+    "length, tokens, warned", [(1792, 512, False), (1793, 512, True), (10**5, None, False)]
+)
+def test_length_finding(length, tokens, warned):
+    assert (contract.length_finding("a.txt", "x" * length, tokens) is not None) is warned
 
 
 def _line(n, name, text="ohwx, x"):
