@@ -298,7 +298,7 @@ class Intake:
         already done (unless force): READY consumed, nothing queued twice. None: a new one."""
         pending = self.store.unfinished_with_fingerprint(fp)
         if pending is not None:
-            return self._already_queued(drop.folder, drop.ready, drop.token, pending, fp, drop.log)
+            return self._already_queued(drop, pending, fp)
         previous = self.store.done_with_fingerprint(fp)
         if previous is None or report.options.get("force"):
             return None
@@ -425,18 +425,18 @@ class Intake:
             return None  # an unknown engine fails the job with its own message when it runs
         return None if check.status is CheckStatus.OK else check.detail
 
-    def _already_queued(self, folder: Path, ready: Path, token: str, pending, fp: str, log) -> Outcome:
+    def _already_queued(self, drop: _Drop, pending, fp: str) -> Outcome:
         """The same dataset (same fingerprint) is queued or running: READY is consumed, nothing is
         queued twice. Its own folder keeps that job's marker; another folder holding the same
         dataset gets a FAILED.txt saying which job trains it (a copied marker would go stale)."""
-        if Path(pending.dataset_path) == folder:
-            markers.write_marker(folder, pending.state, marker_text(pending))
+        if Path(pending.dataset_path) == drop.folder:
+            markers.write_marker(drop.folder, pending.state, marker_text(pending))
         else:
-            markers.write_marker(folder, JobState.FAILED, markers.failed_text(
+            markers.write_marker(drop.folder, JobState.FAILED, markers.failed_text(
                 [f"the same images, name and settings are already queued as job {pending.id} "
                  f"(from {pending.dataset_path}); lorad does not train them twice"], None))  # fmt: skip
-        self._consume_ready(ready, token)
-        log.info("dataset.already_queued", job_id=pending.id, state=pending.state, fingerprint=fp)
+        self._consume_ready(drop.ready, drop.token)
+        drop.log.info("dataset.already_queued", job_id=pending.id, state=pending.state, fingerprint=fp)
         return Outcome(
             "already_queued", pending.id, detail=f"already queued as job {pending.id} ({pending.state})"
         )
