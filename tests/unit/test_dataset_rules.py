@@ -128,6 +128,24 @@ def test_limits_take_the_engines_rules(tmp_path, engine, reserved, tokens):
     assert (got["reserved_image_prefixes"], got["max_caption_tokens"]) == (reserved, tokens)
 
 
+def test_limits_read_the_reserved_names_from_the_engine(tmp_path, monkeypatch):
+    """validate_dataset gets the training engine's reserved names, not a constant of intake."""
+    import daemon.engine_host
+    from daemon.settings import Settings
+    from engines.base import IntakeLimits
+
+    class Engine:
+        def intake_limits(self):
+            return IntakeLimits(max_caption_tokens=77, reserved_image_prefixes=("ctrl",))
+
+    monkeypatch.setattr(daemon.engine_host, "make_engine", lambda settings: Engine())
+    got = v.limits(Settings(assets=tmp_path / "assets"))
+    assert (got["reserved_image_prefixes"], got["max_caption_tokens"]) == (("ctrl",), 77)
+    folder = _folder(tmp_path, {"ctrl_1.png": b"x", "preview.png": b"x"})
+    entries, findings = v.sort_entries(folder, v.list_entries(folder)[0], got["reserved_image_prefixes"])
+    assert [f.file for f in findings] == ["ctrl_1.png"] and [n for n, _ in entries.images] == ["preview.png"]
+
+
 @pytest.mark.parametrize(
     "names, kept, refused",
     [
