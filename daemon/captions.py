@@ -18,9 +18,10 @@ from pathlib import Path
 from daemon.caption_model import model_problem
 from daemon.fsutil import atomic_write_text
 from daemon.intake import contract
-from daemon.intake.snapshot import MANIFEST, write_captions_list
+from daemon.intake.snapshot import write_captions_list
 from daemon.logs import get_logger
 from engines.base import StopToken, run_captioner
+from lorad_base.workdir import WorkDir
 
 # The instruction the captioner gets; part of the dataset fingerprint (a new prompt, new captions).
 CAPTION_PROMPT = (
@@ -110,7 +111,7 @@ REMOTE_UNSUPPORTED = (
 def uncaptioned_count(workdir: Path) -> int:
     """How many of a snapshot's images still wait for the captioner (0 without a readable manifest)."""
     try:
-        return len(pending(json.loads((workdir / MANIFEST).read_text(encoding="utf-8"))))
+        return len(pending(json.loads(WorkDir(workdir).manifest.read_text(encoding="utf-8"))))
     except (OSError, ValueError, KeyError, TypeError):
         return 0
 
@@ -118,7 +119,7 @@ def uncaptioned_count(workdir: Path) -> int:
 def caption_missing(settings, store, job, workdir: Path, stop: StopToken, on_spawn=None) -> str:
     """The captioning phase: "ok" (every image has a caption now, or none needed one), "stopped",
     or the reason the job fails. Progress goes to the job's row (step/total, note)."""
-    manifest = json.loads((workdir / MANIFEST).read_text(encoding="utf-8"))
+    manifest = json.loads(WorkDir(workdir).manifest.read_text(encoding="utf-8"))
     todo = pending(manifest)
     if not todo:
         return "ok"
@@ -192,7 +193,9 @@ def _run_child(settings, store, job, workdir, stop, model, prompt, missing, keys
         "prompt": prompt,
         "max_tokens": MAX_NEW_TOKENS,
         "state_dir": str(settings.state),
-        "images": [{"key": key, "path": str(workdir / "data" / e["image"])} for key, e in by_key.items()],
+        "images": [
+            {"key": key, "path": str(WorkDir(workdir).data / e["image"])} for key, e in by_key.items()
+        ],
     }
     return run_captioner(
         request, workdir, stop, on_event, stop_timeout_s=settings.stop_timeout_s, on_spawn=on_spawn
@@ -204,9 +207,9 @@ def _apply(manifest: dict, todo: list[dict], captions: dict[str, str], workdir: 
     for entry in todo:
         text = captions[entry["image"]]
         stem = entry["image"].rsplit(".", 1)[0]
-        atomic_write_text(workdir / "data" / f"{stem}.txt", text + "\n")
+        atomic_write_text(WorkDir(workdir).data / f"{stem}.txt", text + "\n")
         entry["caption"], entry["caption_source"] = text, "model"
-    atomic_write_text(workdir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
+    atomic_write_text(WorkDir(workdir).manifest, json.dumps(manifest, indent=2, ensure_ascii=False))
     write_captions_list(workdir, manifest["images"])
 
 

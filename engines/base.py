@@ -258,6 +258,11 @@ class IntakeLimits:
     """What the engine's trainer can use of a dataset (intake warns past these)."""
 
     max_caption_tokens: int | None = None
+    # Lower-case stem prefixes of images the trainer treats specially, refused at intake. The
+    # default keeps lorad's own rule for every engine: preview*.txt files are the dataset's sample
+    # prompts, so an image named preview* could not have its caption (mflux sets it explicitly:
+    # its own loader also reserves preview* images for edit training).
+    reserved_image_prefixes: tuple[str, ...] = ("preview",)
 
 
 # -- stopping --------------------------------------------------------------------------------

@@ -80,6 +80,8 @@ LAYERS = (
         "intake: validation, snapshot, captioning, the watcher",
         (
             "daemon.intake.validate",
+            "daemon.intake.images",
+            "daemon.intake.caption_sources",
             "daemon.intake.snapshot",
             "daemon.intake.take",
             "daemon.captions",

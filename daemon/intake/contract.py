@@ -7,8 +7,10 @@ from dataclasses import dataclass
 
 from daemon.intake.findings import Finding
 
+# The image files a snapshot holds, for every engine (the snapshot copies these, or converts an
+# odd mode of them to PNG; each engine's trainer reads them from it).
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
-# Image formats people drop in that mflux does not train: named, with how to convert them.
+# Image formats people drop in that a snapshot does not hold: named, with how to convert them.
 UNSUPPORTED_IMAGE_FORMATS = {
     ".heic": "HEIC",
     ".heif": "HEIF",
@@ -116,8 +118,8 @@ def convert_hint(name: str) -> str:
 
 
 def unsupported_image(rel: str, *, only_images: bool) -> Finding:
-    """An image format mflux does not train: a warning when other images train, an error when it
-    would leave the dataset empty."""
+    """An image format the snapshot does not hold (so no engine trains it): a warning when other
+    images train, an error when it would leave the dataset empty."""
     fmt = UNSUPPORTED_IMAGE_FORMATS.get(split_suffix(rel)[1], "this")
     message = f"{fmt} images are not supported (lorad trains JPEG, PNG and WebP)"
     if only_images:
@@ -196,78 +198,89 @@ def check_caption(
     """Decode and normalise one caption; returns (text for the snapshot, findings).
     `size` is the file's real size when only its first bytes were read; `max_tokens` is the
     training engine's prompt limit (None: it has none)."""
-    size = len(raw) if size is None else size
+    decoded = decode_caption(rel, raw, len(raw) if size is None else size, max_bytes)
+    if isinstance(decoded, Finding):
+        return None, [decoded]
+    text, findings = apply_trigger(rel, decoded, trigger, policy)
+    if text is None:
+        return None, findings
+    too_long = length_finding(rel, text, max_tokens)
+    return text, findings + ([too_long] if too_long is not None else [])
+
+
+def decode_caption(rel: str, raw: bytes, size: int, max_bytes: int) -> str | Finding:
+    """A caption's text with whitespace normalised to single spaces, or the error that refuses it:
+    too large, binary (NUL), not UTF-8, or empty (pure)."""
     if size > max_bytes:
-        return None, [
-            Finding.error(
-                rel,
-                f"caption is {_size_text(size)} (limit {_size_text(max_bytes)}, setting max_caption_bytes); "
-                "a caption needs a few hundred bytes",
-                "shorten the caption to a sentence or two",
-                code="caption.huge",
-            )
-        ]
+        return Finding.error(
+            rel,
+            f"caption is {_size_text(size)} (limit {_size_text(max_bytes)}, setting max_caption_bytes); "
+            "a caption needs a few hundred bytes",
+            "shorten the caption to a sentence or two",
+            code="caption.huge",
+        )
     if b"\x00" in raw:
-        return None, [
-            Finding.error(
-                rel,
-                "caption contains NUL bytes (binary data?)",
-                "save it as plain UTF-8 text",
-                code="caption.nul",
-            )
-        ]
+        return Finding.error(
+            rel,
+            "caption contains NUL bytes (binary data?)",
+            "save it as plain UTF-8 text",
+            code="caption.nul",
+        )
     try:
-        text = raw.decode("utf-8-sig")
+        text = " ".join(raw.decode("utf-8-sig").split())
     except UnicodeDecodeError as exc:
-        return None, [
-            Finding.error(
-                rel,
-                f"caption is not UTF-8 (bad byte at offset {exc.start})",
-                "re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
-                code="caption.encoding",
-            )
-        ]
-    text = " ".join(text.split())
+        return Finding.error(
+            rel,
+            f"caption is not UTF-8 (bad byte at offset {exc.start})",
+            "re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+            code="caption.encoding",
+        )
     if not text:
+        return Finding.error(
+            rel,
+            "caption is empty",
+            "describe the image in a sentence, with the trigger word",
+            code="caption.empty",
+        )
+    return text
+
+
+def apply_trigger(rel: str, text: str, trigger: str, policy: str) -> tuple[str | None, list[Finding]]:
+    """A caption without the trigger word: refused (caption_policy = "require") or trained as
+    "<trigger>, <caption>" with a warning (pure)."""
+    if trigger_in(text, trigger):
+        return text, []
+    if policy == "require":
         return None, [
             Finding.error(
                 rel,
-                "caption is empty",
-                "describe the image in a sentence, with the trigger word",
-                code="caption.empty",
+                f'caption does not contain the trigger word {trigger!r} (caption_policy = "require")',
+                f'add {trigger!r} to the caption, or set caption_policy = "prepend"',
+                code="caption.trigger",
             )
         ]
-    findings: list[Finding] = []
-    if not trigger_in(text, trigger):
-        if policy == "require":
-            return None, [
-                Finding.error(
-                    rel,
-                    f'caption does not contain the trigger word {trigger!r} (caption_policy = "require")',
-                    f'add {trigger!r} to the caption, or set caption_policy = "prepend"',
-                    code="caption.trigger",
-                )
-            ]
-        text = f"{trigger}, {text}"
-        findings.append(
-            Finding.warning(
-                rel,
-                f'caption lacks the trigger word; training uses "{trigger}, ..."',
-                "add the trigger word yourself to control where it goes",
-                code="caption.prepended",
-            )
+    return f"{trigger}, {text}", [
+        Finding.warning(
+            rel,
+            f'caption lacks the trigger word; training uses "{trigger}, ..."',
+            "add the trigger word yourself to control where it goes",
+            code="caption.prepended",
         )
-    if max_tokens is not None and len(text) > max_tokens * CHARS_PER_TOKEN:
-        findings.append(
-            Finding.warning(
-                rel,
-                f"caption is {len(text)} characters; the training engine reads at most {max_tokens} tokens "
-                f"(about {int(max_tokens * CHARS_PER_TOKEN)} characters)",
-                "shorten it: text past the limit is ignored",
-                code="caption.long",
-            )
-        )
-    return text, findings
+    ]
+
+
+def length_finding(rel: str, text: str, max_tokens: int | None) -> Finding | None:
+    """A caption longer than the training engine reads (its prompt limit in tokens, estimated in
+    characters); None when it fits or the engine has no limit (pure)."""
+    if max_tokens is None or len(text) <= max_tokens * CHARS_PER_TOKEN:
+        return None
+    return Finding.warning(
+        rel,
+        f"caption is {len(text)} characters; the training engine reads at most {max_tokens} tokens "
+        f"(about {int(max_tokens * CHARS_PER_TOKEN)} characters)",
+        "shorten it: text past the limit is ignored",
+        code="caption.long",
+    )
 
 
 def check_geometry(rel: str, width: int, height: int) -> list[Finding]:

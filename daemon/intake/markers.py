@@ -11,19 +11,20 @@ import stat
 from pathlib import Path
 
 from daemon.fsutil import atomic_write_text
+from daemon.states import JobState
 
 STATE_MARKERS = ("QUEUED", "TRAINING", "DONE", "FAILED.txt", "CANCELLED")
 
-MARKER_FOR_STATE = {
-    "queued": "QUEUED",
-    "interrupted": "QUEUED",  # it resumes when the daemon runs again
-    "preparing": "TRAINING",
-    "training": "TRAINING",
-    "rendering": "TRAINING",
-    "publishing": "TRAINING",
-    "done": "DONE",
-    "failed": "FAILED.txt",
-    "cancelled": "CANCELLED",
+MARKER_FOR_STATE: dict[str, str] = {
+    JobState.QUEUED: "QUEUED",
+    JobState.INTERRUPTED: "QUEUED",  # it resumes when the daemon runs again
+    JobState.PREPARING: "TRAINING",
+    JobState.TRAINING: "TRAINING",
+    JobState.RENDERING: "TRAINING",
+    JobState.PUBLISHING: "TRAINING",
+    JobState.DONE: "DONE",
+    JobState.FAILED: "FAILED.txt",
+    JobState.CANCELLED: "CANCELLED",
 }
 
 

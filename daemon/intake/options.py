@@ -46,82 +46,29 @@ OPTION_SPECS: dict[str, tuple[type, Any, Any]] = {
 READY_ONLY = {"force": (bool, None, None)}
 
 
+# key -> (the values it accepts, what to write instead of a wrong one)
+CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
+    "caption_policy": (CAPTION_POLICIES, 'write caption_policy = "prepend" (default) or "require"'),
+    "missing_captions": (MISSING_CAPTIONS, 'write missing_captions = "refuse" (default), "trigger" or "vlm"'),
+    "kind": (KINDS, 'write kind = "character" (default: a person, pet or object) or kind = "style" (a look)'),
+}
+
+
 def _check_value(
     key: str, value: Any, spec: tuple[type, Any, Any], filename: str
 ) -> tuple[Any, Finding | None]:
+    """One option's value as stored, or the finding that refuses it: its type first, then the
+    values it may take, then its text or its range (pure)."""
     kind, low, high = spec
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is list:
         return _check_prompts(key, value, filename)
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        return None, Finding.error(
-            filename,
-            f"key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}",
-            f"write e.g. {key} = {_example(key)}",
-            code="option.type",
-        )
-    if key == "caption_policy" and value not in CAPTION_POLICIES:
-        return None, Finding.error(
-            filename,
-            f"key 'caption_policy' must be one of {', '.join(CAPTION_POLICIES)}, got {value!r}",
-            'write caption_policy = "prepend" (default) or "require"',
-            code="option.value",
-        )
-    if key == "missing_captions" and value not in MISSING_CAPTIONS:
-        return None, Finding.error(
-            filename,
-            f"key 'missing_captions' must be one of {', '.join(MISSING_CAPTIONS)}, got {value!r}",
-            'write missing_captions = "refuse" (default), "trigger" or "vlm"',
-            code="option.value",
-        )
-    if key == "kind" and value not in KINDS:
-        return None, Finding.error(
-            filename,
-            f"key 'kind' must be one of {', '.join(KINDS)}, got {value!r}",
-            'write kind = "character" (default: a person, pet or object) or kind = "style" (a look)',
-            code="option.value",
-        )
-    if key == "engine":
-        from engines.base import known_engines
-
-        if value.strip() not in known_engines():
-            return None, Finding.error(
-                filename,
-                f"key 'engine' = {value!r} is not an engine lorad has",
-                f"known engines: {', '.join(known_engines())}",
-                code="option.value",
-            )
+    problem = _type_finding(key, value, kind, filename) or _choice_finding(key, value, filename)
+    if problem is not None:
+        return None, problem
     if kind is str:
-        text = value.strip()
-        if low is not None and not (low <= len(text) <= high):
-            return None, Finding.error(
-                filename,
-                f"key '{key}' must be 1 to {high} characters",
-                f"shorten or fill in '{key}'",
-                code="option.value",
-            )
-        if any(ord(ch) < 32 for ch in text):
-            return None, Finding.error(
-                filename,
-                f"key '{key}' contains control characters",
-                f"use plain text for '{key}'",
-                code="option.value",
-            )
-        if key == "name" and ("/" in text or "\\" in text or text.startswith(".")):
-            return None, Finding.error(
-                filename,
-                f"key 'name' = {text!r} cannot be used as a file name (no '/', '\\', or leading '.')",
-                "use letters, digits, '-' and '_'",
-                code="option.value",
-            )
-        return text, None
+        return _check_text(key, value, (low, high), filename)
     if low is not None and not (low <= value <= high):
         return None, Finding.error(
             filename,
@@ -130,6 +77,77 @@ def _check_value(
             code="option.range",
         )
     return value, None
+
+
+def _type_finding(key: str, value: Any, kind: type, filename: str) -> Finding | None:
+    """A value of the wrong type (a bool is not an int here, though Python says it is)."""
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if ok:
+        return None
+    return Finding.error(
+        filename,
+        f"key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}",
+        f"write e.g. {key} = {_example(key)}",
+        code="option.type",
+    )
+
+
+def _choice_finding(key: str, value: Any, filename: str) -> Finding | None:
+    """A value outside the ones a key accepts (CHOICES), or an engine lorad does not have."""
+    if key in CHOICES and value not in CHOICES[key][0]:
+        choices, todo = CHOICES[key]
+        return Finding.error(
+            filename,
+            f"key '{key}' must be one of {', '.join(choices)}, got {value!r}",
+            todo,
+            code="option.value",
+        )
+    if key == "engine":
+        from engines.base import known_engines
+
+        if value.strip() not in known_engines():
+            return Finding.error(
+                filename,
+                f"key 'engine' = {value!r} is not an engine lorad has",
+                f"known engines: {', '.join(known_engines())}",
+                code="option.value",
+            )
+    return None
+
+
+def _check_text(
+    key: str, value: str, bounds: tuple[Any, Any], filename: str
+) -> tuple[str | None, Finding | None]:
+    """A text option stripped, or refused: empty or too long, control characters, a name that
+    cannot be a file name."""
+    text, (low, high) = value.strip(), bounds
+    if low is not None and not (low <= len(text) <= high):
+        return None, Finding.error(
+            filename,
+            f"key '{key}' must be 1 to {high} characters",
+            f"shorten or fill in '{key}'",
+            code="option.value",
+        )
+    if any(ord(ch) < 32 for ch in text):
+        return None, Finding.error(
+            filename,
+            f"key '{key}' contains control characters",
+            f"use plain text for '{key}'",
+            code="option.value",
+        )
+    if key == "name" and ("/" in text or "\\" in text or text.startswith(".")):
+        return None, Finding.error(
+            filename,
+            f"key 'name' = {text!r} cannot be used as a file name (no '/', '\\', or leading '.')",
+            "use letters, digits, '-' and '_'",
+            code="option.value",
+        )
+    return text, None
 
 
 def _check_prompts(key: str, value: Any, filename: str) -> tuple[Any, Finding | None]:

@@ -17,9 +17,11 @@ from pathlib import Path
 
 from daemon.fsutil import atomic_write_text, fsync_dir, open_regular
 from daemon.intake.validate import Report
+from lorad_base.workdir import WorkDir
 
-MANIFEST = "manifest.json"
-CAPTIONS_LIST = "captions.jsonl"
+# The work-dir names, for modules that join them themselves (spelled in lorad_base/workdir.py).
+MANIFEST = WorkDir(Path()).manifest.name
+CAPTIONS_LIST = WorkDir(Path()).captions_list.name
 
 
 class DatasetChanged(Exception):
@@ -103,7 +105,7 @@ def take_snapshot(
     """Write job_dir/data (images + captions + preview*.txt) and job_dir/manifest.json.
 
     The sample prompts become mflux's own preview files: preview.txt (the first), preview_2.txt, ..."""
-    data = job_dir / "data"
+    data = WorkDir(job_dir).data
     if data.exists():
         shutil.rmtree(data)
     data.mkdir(parents=True)
@@ -147,7 +149,7 @@ def take_snapshot(
         "sample_every": sample_every,
         "images": entries,
     }
-    atomic_write_text(job_dir / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
+    atomic_write_text(WorkDir(job_dir).manifest, json.dumps(manifest, indent=2, ensure_ascii=False))
     write_captions_list(job_dir, entries)
     return manifest
 
@@ -163,7 +165,7 @@ def write_captions_list(job_dir: Path, entries: list[dict]) -> None:
         for e in entries
         if e.get("caption") is not None
     ]
-    atomic_write_text(job_dir / CAPTIONS_LIST, "".join(line + "\n" for line in lines))
+    atomic_write_text(WorkDir(job_dir).captions_list, "".join(line + "\n" for line in lines))
 
 
 def choose_preview_prompts(report: Report, default_prompts: tuple[str, ...] | list[str] = ()) -> list[str]:

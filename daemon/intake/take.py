@@ -26,10 +26,12 @@ from daemon.intake.snapshot import (
     fingerprint,
     take_snapshot,
 )
-from daemon.intake.validate import limits, read_options_file, validate_dataset
+from daemon.intake.validate import Report, limits, read_options_file, validate_dataset
 from daemon.jobs import JobStore, iso, marker_text, new_job_id
 from daemon.logs import get_logger
 from daemon.settings import Settings, SettingsError
+from daemon.states import JobState
+from lorad_base.workdir import WorkDir
 
 TRAINING_KEYS = (
     "rank",
@@ -45,9 +47,22 @@ TRAINING_KEYS = (
 
 @dataclass
 class Outcome:
-    status: str  # queued | invalid | unchanged | already_queued | duplicate | not_ready | unstable | changed | refused | no_space | failed
+    # What became of one intake (not a job state): queued | invalid | unchanged | already_queued |
+    # duplicate | not_ready | unstable | changed | refused | no_space | failed
+    status: str
     job_id: str | None = None
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class _Drop:
+    """One READY being taken: its folder, READY's identity and mtime when first seen, the log."""
+
+    folder: Path
+    ready: Path
+    token: str  # ready_token: READY rewritten meanwhile is another drop
+    ready_at: float
+    log: Any
 
 
 def effective_settings(options: dict, settings: Settings) -> dict:
@@ -91,6 +106,25 @@ def folder_signature(folder: Path) -> tuple | None:
         return tuple(sorted(entries))
     except OSError:
         return None
+
+
+def ready_refusal(
+    folder_mode: int, ready_mode: int, folder_link: str | None, training_data: Path
+) -> str | None:
+    """Why a READY can never be taken, from the modes of the dataset folder and of READY (pure):
+    a symlinked dataset (`folder_link`: its target), READY a folder or a symlink, or READY a
+    special file (a FIFO would block the read forever; it is never opened). None: take it."""
+    if stat.S_ISLNK(folder_mode):
+        return (
+            f"the dataset folder is a symlink to {folder_link}; lorad only trains real folders inside "
+            f"{training_data} (move the folder there, then create READY again)"
+        )
+    if stat.S_ISDIR(ready_mode) or stat.S_ISLNK(ready_mode):
+        kind = "a folder" if stat.S_ISDIR(ready_mode) else "a symlink"
+        return f"READY is {kind}; create READY as a plain empty file (touch READY)"
+    if not stat.S_ISREG(ready_mode):
+        return f"READY is {file_kind(ready_mode)}, not a file: remove it, then create READY as a plain file (touch READY)"
+    return None
 
 
 def is_stable(folder: Path, settle_s: float) -> bool:
@@ -177,159 +211,128 @@ class Intake:
             return self._record_crash(Path(folder), exc)
 
     def _take(self, folder: Path) -> Outcome:
-        folder = Path(folder)
-        log = self.log.bind(dataset=folder.name)
-        ready = folder / contract.READY
+        """The pipeline: READY may be taken → the folder is stable and READY unchanged (its
+        identity) → validate → refuse, or already known → snapshot → record → enqueue. Each step
+        returns the Outcome that ends the intake, or what the next step needs."""
+        drop = self._drop(Path(folder))
+        if isinstance(drop, Outcome):
+            return drop
+        ready_text = self._settled(drop)
+        if isinstance(ready_text, Outcome):
+            return ready_text
+        report = validate_dataset(drop.folder, ready_text=ready_text, **limits(self.settings))
+        if not report.valid:
+            return self._invalid(drop, report)
+        effective = effective_settings(report.options, self.settings)
+        fp = fingerprint(report, effective)
+        known = self._known(drop, report, fp)
+        if known is not None:
+            return known
+        return self._snapshot_and_queue(drop, report, effective, fp)
+
+    def _drop(self, folder: Path) -> Outcome | _Drop:
+        """The READY file to take and its identity, or why there is none to take: not directly
+        under training_data, no READY (yet), or a READY that can never be taken (refused)."""
         if not self._in_training_data(folder):
             return Outcome("refused", detail="not directly under training_data")
+        ready = folder / contract.READY
         try:
             folder_st = folder.lstat()
             ready_st = ready.lstat()
         except (FileNotFoundError, NotADirectoryError):
             return Outcome("not_ready")
-        token = ready_token(ready_st)
-        if stat.S_ISLNK(folder_st.st_mode):
-            return self._refuse(
-                folder,
-                token,
-                log,
-                f"the dataset folder is a symlink to {os.readlink(folder)}; lorad only trains real folders inside "
-                f"{self.settings.training_data} (move the folder there, then create READY again)",
-            )
-        if stat.S_ISDIR(ready_st.st_mode) or stat.S_ISLNK(ready_st.st_mode):
-            kind = "a folder" if stat.S_ISDIR(ready_st.st_mode) else "a symlink"
-            return self._refuse(
-                folder, token, log, f"READY is {kind}; create READY as a plain empty file (touch READY)"
-            )
-        if not stat.S_ISREG(ready_st.st_mode):  # a FIFO would block the read forever; never opened
-            kind = file_kind(ready_st.st_mode)
-            return self._refuse(
-                folder,
-                token,
-                log,
-                f"READY is {kind}, not a file: remove it, then create READY as a plain file (touch READY)",
-            )
-        if not is_stable(folder, self.settings.settle_s):
+        drop = _Drop(
+            folder, ready, ready_token(ready_st), ready_st.st_mtime, self.log.bind(dataset=folder.name)
+        )
+        link = os.readlink(folder) if stat.S_ISLNK(folder_st.st_mode) else None
+        reason = ready_refusal(folder_st.st_mode, ready_st.st_mode, link, self.settings.training_data)
+        if reason is not None:
+            return self._refuse(folder, drop.token, drop.log, reason)
+        return drop
+
+    def _settled(self, drop: _Drop) -> Outcome | bytes:
+        """READY's text once the folder stopped changing (not being copied into) and READY is the
+        one first seen; a READY already taken is only consumed; an unreadable one is refused."""
+        if not is_stable(drop.folder, self.settings.settle_s):
             return Outcome("unstable")
-        # Re-read the token: READY may have been rewritten while we waited; still being written
-        # (size or mtime moved during the settle interval): look again later.
+        # READY may have been rewritten while we waited (size or mtime moved): look again later.
         try:
-            ready_st = ready.lstat()
+            if ready_token(drop.ready.lstat()) != drop.token:
+                return Outcome("unstable")
         except FileNotFoundError:
             return Outcome("not_ready")
-        if ready_token(ready_st) != token:
-            return Outcome("unstable")
-        existing = self.store.by_ready_token(str(folder), token)
+        existing = self.store.by_ready_token(str(drop.folder), drop.token)
         if existing is not None:
-            self._consume_ready(ready, token)
+            self._consume_ready(drop.ready, drop.token)
             return Outcome("duplicate", existing.id)
-        ready_text, problem = read_options_file(ready, contract.READY)
+        ready_text, problem = read_options_file(drop.ready, contract.READY)
         if problem is not None:  # oversize (refused, never cut), or swapped for a special file
-            log.warning("dataset.invalid", errors=[problem.to_dict()], warnings=0)
-            job = self._record_refusal(folder, token, ready_st.st_mtime, [problem.line()], None, None)
-            self._consume_ready(ready, token)
+            drop.log.warning("dataset.invalid", errors=[problem.to_dict()], warnings=0)
+            job = self._record_refusal(drop.folder, drop.token, drop.ready_at, [problem.line()], None, None)
+            self._consume_ready(drop.ready, drop.token)
             return Outcome("invalid", job.id, detail=problem.line())
         if ready_text is None:
             return Outcome("not_ready")
-        report = validate_dataset(folder, ready_text=ready_text, **limits(self.settings))
-        if not report.valid:
-            reasons = [f.line() for f in report.errors]
-            log.warning(
-                "dataset.invalid", errors=[f.to_dict() for f in report.errors], warnings=len(report.warnings)
-            )
-            job = self._record_refusal(
-                folder,
-                token,
-                ready_st.st_mtime,
-                reasons,
-                report.name,
-                report.trigger,
-                warnings=[f.line() for f in report.warnings],
-            )
-            self._consume_ready(ready, token)
-            return Outcome("invalid", job.id, detail="\n".join(reasons))
-        effective = effective_settings(report.options, self.settings)
-        fp = fingerprint(report, effective)
-        force = bool(report.options.get("force"))
+        return ready_text
+
+    def _invalid(self, drop: _Drop, report: Report) -> Outcome:
+        """A dataset that failed validation: a failed job naming every error, READY consumed."""
+        reasons = [f.line() for f in report.errors]
+        drop.log.warning(
+            "dataset.invalid", errors=[f.to_dict() for f in report.errors], warnings=len(report.warnings)
+        )
+        job = self._record_refusal(
+            drop.folder,
+            drop.token,
+            drop.ready_at,
+            reasons,
+            report.name,
+            report.trigger,
+            warnings=[f.line() for f in report.warnings],
+        )
+        self._consume_ready(drop.ready, drop.token)
+        return Outcome("invalid", job.id, detail="\n".join(reasons))
+
+    def _known(self, drop: _Drop, report: Report, fp: str) -> Outcome | None:
+        """The same training (same fingerprint) already queued or running (even with force), or
+        already done (unless force): READY consumed, nothing queued twice. None: a new one."""
         pending = self.store.unfinished_with_fingerprint(fp)
-        if pending is not None:  # even with force: the same training is already on its way
-            return self._already_queued(folder, ready, token, pending, fp, log)
+        if pending is not None:
+            return self._already_queued(drop, pending, fp)
         previous = self.store.done_with_fingerprint(fp)
-        if previous is not None and not force:
-            lora = find_published_lora(self.settings.loras, previous)
-            markers.write_marker(
-                folder, "done",
-                markers.unchanged_text(previous.id, previous.name, iso(previous.finished_at), lora, self.settings.loras),
-            )  # fmt: skip
-            self._consume_ready(ready, token)
-            log.info("dataset.unchanged", job_id=previous.id, fingerprint=fp)
-            return Outcome("unchanged", previous.id)
+        if previous is None or report.options.get("force"):
+            return None
+        lora = find_published_lora(self.settings.loras, previous)
+        markers.write_marker(
+            drop.folder, JobState.DONE,
+            markers.unchanged_text(previous.id, previous.name, iso(previous.finished_at), lora, self.settings.loras),
+        )  # fmt: skip
+        self._consume_ready(drop.ready, drop.token)
+        drop.log.info("dataset.unchanged", job_id=previous.id, fingerprint=fp)
+        return Outcome("unchanged", previous.id)
+
+    def _snapshot_and_queue(self, drop: _Drop, report: Report, effective: dict, fp: str) -> Outcome:
+        """Refuse when the snapshot cannot fit; else snapshot into a staging dir, record the job
+        (work dir renamed into place, then its row), consume READY and enqueue it."""
         job_id = new_job_id()
         jobs_dir = self.settings.jobs_dir
         jobs_dir.mkdir(parents=True, exist_ok=True)
-        no_space = self._space_problem(report, jobs_dir, log)
+        no_space = self._space_problem(report, jobs_dir, drop.log)
         if no_space is not None:
             job = self._record_refusal(
-                folder, token, ready_st.st_mtime, [no_space], report.name, report.trigger
+                drop.folder, drop.token, drop.ready_at, [no_space], report.name, report.trigger
             )
-            self._consume_ready(ready, token)
+            self._consume_ready(drop.ready, drop.token)
             return Outcome("no_space", job.id, detail=no_space)
-        staging = jobs_dir / f".intake-{job_id}"
-        try:
-            manifest = take_snapshot(
-                report,
-                staging,
-                preview_prompt=choose_preview_prompt(report),
-                effective=effective,
-                preview_prompts=choose_preview_prompts(report, self.settings.preview_prompts),
-                sample_every=report.options.get("sample_every") or self.settings.sample_every,
-            )
-        except DatasetChanged as exc:
-            shutil.rmtree(staging, ignore_errors=True)
-            log.info("dataset.changed", detail=str(exc))
-            return Outcome("changed", detail=str(exc))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        if not self._ready_unchanged(ready, token):  # rewritten since we read it: its options may differ
-            shutil.rmtree(staging, ignore_errors=True)
-            log.info("dataset.changed", detail="READY changed during intake")
-            return Outcome("changed", detail="READY changed during intake")
-        row: dict[str, Any] = dict(
-            job_id=job_id,
-            dataset_path=folder,
-            name=report.name or folder.name,
-            trigger=report.trigger or "",
-            fingerprint=fp,
-            ready_token=token,
-            settings={
-                **effective,
-                "options": report.options,
-                "warnings": [f.line() for f in report.warnings],
-                "images": len(manifest["images"]),
-            },
-            priority=int(report.options.get("priority", 0)),
-            ready_at=ready_st.st_mtime,
-        )
-        missing = self._weights_missing(effective)
-        if missing:  # said now, in QUEUED and status; the job still waits so the user can fetch them
-            row["settings"]["weights_missing"] = missing
-            log.warning(
-                "dataset.weights_missing", job_id=job_id, model=effective.get("model"), detail=missing
-            )
-        # The work dir carries its own record before it exists under its id: a lost jobs table
-        # is rebuilt from these (daemon.recover_work_dirs), never mistaken for garbage.
-        jobrecord.write_record(staging, jobrecord.new_record(**row, created_at=time.time()))
-        os.rename(staging, jobs_dir / job_id)
-        try:
-            job = self.store.create(**row)
-        except BaseException:
-            # No row: the work dir must not outlive this failed intake (a rebuild would adopt it).
-            shutil.rmtree(jobs_dir / job_id, ignore_errors=True)
-            raise
-        self._consume_ready(ready, token)
+        staging = WorkDir(jobs_dir / f".intake-{job_id}")
+        manifest = self._snapshot(drop, report, effective, staging)
+        if isinstance(manifest, Outcome):
+            return manifest
+        row = self._job_row(job_id, drop, report, effective, fp, len(manifest["images"]))
+        job = self._commit(staging, WorkDir.of(jobs_dir, job_id), row)
+        self._consume_ready(drop.ready, drop.token)
         for warning in report.warnings:
-            log.info(
+            drop.log.info(
                 "dataset.warning",
                 job_id=job.id,
                 file=warning.file,
@@ -338,6 +341,72 @@ class Intake:
             )
         self.enqueue(job.id, job.priority, job.ready_at)
         return Outcome("queued", job.id)
+
+    def _snapshot(self, drop: _Drop, report: Report, effective: dict, staging: WorkDir) -> Outcome | dict:
+        """The snapshot's manifest, or `changed` (a file, or READY itself, changed meanwhile:
+        the staging dir removed, the intake redone on the next look)."""
+        try:
+            manifest = take_snapshot(
+                report,
+                staging.root,
+                preview_prompt=choose_preview_prompt(report),
+                effective=effective,
+                preview_prompts=choose_preview_prompts(report, self.settings.preview_prompts),
+                sample_every=report.options.get("sample_every") or self.settings.sample_every,
+            )
+        except DatasetChanged as exc:
+            shutil.rmtree(staging.root, ignore_errors=True)
+            drop.log.info("dataset.changed", detail=str(exc))
+            return Outcome("changed", detail=str(exc))
+        except BaseException:
+            shutil.rmtree(staging.root, ignore_errors=True)
+            raise
+        if not self._ready_unchanged(drop.ready, drop.token):  # rewritten since read: options may differ
+            shutil.rmtree(staging.root, ignore_errors=True)
+            drop.log.info("dataset.changed", detail="READY changed during intake")
+            return Outcome("changed", detail="READY changed during intake")
+        return manifest
+
+    def _job_row(
+        self, job_id: str, drop: _Drop, report: Report, effective: dict, fp: str, images: int
+    ) -> dict[str, Any]:
+        """The job's row (and record): identity, fingerprint, the settings it trains with, and the
+        engine's words when the model's weights are not here yet (the job still waits for them)."""
+        row: dict[str, Any] = dict(
+            job_id=job_id,
+            dataset_path=drop.folder,
+            name=report.name or drop.folder.name,
+            trigger=report.trigger or "",
+            fingerprint=fp,
+            ready_token=drop.token,
+            settings={
+                **effective,
+                "options": report.options,
+                "warnings": [f.line() for f in report.warnings],
+                "images": images,
+            },
+            priority=int(report.options.get("priority", 0)),
+            ready_at=drop.ready_at,
+        )
+        missing = self._weights_missing(effective)
+        if missing:  # said now, in QUEUED and status; the job still waits so the user can fetch them
+            row["settings"]["weights_missing"] = missing
+            drop.log.warning(
+                "dataset.weights_missing", job_id=job_id, model=effective.get("model"), detail=missing
+            )
+        return row
+
+    def _commit(self, staging: WorkDir, workdir: WorkDir, row: dict[str, Any]):
+        """The work dir carries its own record before it exists under its id (a lost jobs table
+        is rebuilt from these, daemon.recover_work_dirs, never mistaken for garbage); then the
+        row. No row: the work dir must not outlive this failed intake (a rebuild would adopt it)."""
+        jobrecord.write_record(staging.root, jobrecord.new_record(**row, created_at=time.time()))
+        os.rename(staging.root, workdir.root)
+        try:
+            return self.store.create(**row)
+        except BaseException:
+            shutil.rmtree(workdir.root, ignore_errors=True)
+            raise
 
     def _weights_missing(self, effective: dict) -> str | None:
         """The engine's words when the job's model cannot train on this machine yet (its weights,
@@ -356,18 +425,18 @@ class Intake:
             return None  # an unknown engine fails the job with its own message when it runs
         return None if check.status is CheckStatus.OK else check.detail
 
-    def _already_queued(self, folder: Path, ready: Path, token: str, pending, fp: str, log) -> Outcome:
+    def _already_queued(self, drop: _Drop, pending, fp: str) -> Outcome:
         """The same dataset (same fingerprint) is queued or running: READY is consumed, nothing is
         queued twice. Its own folder keeps that job's marker; another folder holding the same
         dataset gets a FAILED.txt saying which job trains it (a copied marker would go stale)."""
-        if Path(pending.dataset_path) == folder:
-            markers.write_marker(folder, pending.state, marker_text(pending))
+        if Path(pending.dataset_path) == drop.folder:
+            markers.write_marker(drop.folder, pending.state, marker_text(pending))
         else:
-            markers.write_marker(folder, "failed", markers.failed_text(
+            markers.write_marker(drop.folder, JobState.FAILED, markers.failed_text(
                 [f"the same images, name and settings are already queued as job {pending.id} "
                  f"(from {pending.dataset_path}); lorad does not train them twice"], None))  # fmt: skip
-        self._consume_ready(ready, token)
-        log.info("dataset.already_queued", job_id=pending.id, state=pending.state, fingerprint=fp)
+        self._consume_ready(drop.ready, drop.token)
+        drop.log.info("dataset.already_queued", job_id=pending.id, state=pending.state, fingerprint=fp)
         return Outcome(
             "already_queued", pending.id, detail=f"already queued as job {pending.id} ({pending.state})"
         )
@@ -418,7 +487,7 @@ class Intake:
             ready_at=ready_at,
             marker=False,
         )
-        return self.store.transition(job.id, "failed", error="\n".join(reasons))
+        return self.store.transition(job.id, JobState.FAILED, error="\n".join(reasons))
 
     def _record_crash(self, folder: Path, exc: Exception) -> Outcome:
         """An unexpected exception: a failed job with the exception named, FAILED.txt, READY consumed.
@@ -442,7 +511,7 @@ class Intake:
             text = markers.failed_text(
                 [reason, f"lorad could not record the job either ({type(second).__name__}: {second})"], None
             )
-            if markers.write_marker(folder, "failed", text) and token:
+            if markers.write_marker(folder, JobState.FAILED, text) and token:
                 self._consume_ready(ready, token)
             return Outcome("failed", detail=reason)
         if token:

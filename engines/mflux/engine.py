@@ -229,7 +229,9 @@ class MFluxEngine:
         return {"ss_network_dim": str(rank), "ss_network_alpha": str(alpha)}
 
     def intake_limits(self) -> IntakeLimits:
-        return IntakeLimits(max_caption_tokens=512)  # mflux pads and truncates prompts at 512 tokens
+        # mflux pads and truncates prompts at 512 tokens; it reads images named preview* as edit
+        # training's previews (intake refuses them, though the snapshot renames every image).
+        return IntakeLimits(max_caption_tokens=512, reserved_image_prefixes=("preview",))
 
     def doctor_checks(self, model: str, machine: Machine) -> list[Check]:
         """Backend/device/plan memory, mlx, mflux (imported in a child), the model's weights."""
