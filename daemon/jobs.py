@@ -26,6 +26,9 @@ from daemon.states import ACTIVE, FINISHED, RUNNABLE, TRANSITIONS, JobState, mov
 EVENT_FOR_MOVE: dict[tuple[str, str], str] = {
     (JobState.QUEUED, JobState.PREPARING): "job.started",
     (JobState.INTERRUPTED, JobState.PREPARING): "job.resumed",
+    # a verified result published straight from the queue (states.TRANSITIONS)
+    (JobState.QUEUED, JobState.PUBLISHING): "job.started",
+    (JobState.INTERRUPTED, JobState.PUBLISHING): "job.resumed",
 }
 EVENT_FOR_STATE: dict[str, str] = {
     JobState.DONE: "job.done",
@@ -482,7 +485,7 @@ class JobStore:
                     f"job {job_id}: {old} -> {new} is not allowed", job_id=job_id, current=old, wanted=new
                 )
             fields.setdefault("updated_at", now)
-            if new == "preparing" and old == "queued":
+            if old == JobState.QUEUED and new in ACTIVE:  # preparing, or publishing a verified result
                 fields.setdefault("started_at", now)
             if new in FINISHED:
                 fields.setdefault("finished_at", now)
