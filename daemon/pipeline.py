@@ -1,8 +1,10 @@
 """Run one job through its phases: preparing -> training -> rendering -> publishing -> done.
 
-Called by the queue's single worker thread with a job id. The jobs table decides: a stale huey
-task (job cancelled, already done) is dropped. Training and rendering run in engine child
-processes; a stop request (daemon shutdown or user cancel) reaches them through a StopToken.
+Called by the queue's single worker thread (or `Queue.run_pending` in the caller's thread) with a
+job id. The jobs table decides: a stale huey task (job cancelled, already done) is dropped. The run
+itself is JobRunner's (daemon/runner.py, shared with the Redis worker); `LocalEvents` turns its news
+into transitions of the jobs table. Training and rendering run in engine child processes; a stop
+request (daemon shutdown or user cancel) reaches them through a StopToken.
 """
 
 from __future__ import annotations

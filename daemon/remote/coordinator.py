@@ -8,7 +8,7 @@ fencing token, an offer on the PriorityRedisHuey queue. A lapsed lease makes the
 `interrupted` and dispatches it again with the newest checkpoint that reached us; Redis that
 forgot everything (restarted without its data) is the same case. Final artifacts are verified
 (sha256 by the transfer, then the LoRA's safetensors structure and the renders' PNG signature)
-before the normal publish path (daemon/pipeline.py publish_job). Workers never publish.
+before the normal publish path (daemon/publisher.py Publisher, the same as local mode). Workers never publish.
 """
 
 from __future__ import annotations

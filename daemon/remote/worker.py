@@ -5,8 +5,8 @@ reads the queue in order, plans each offer with its own engine and memory (Engin
 machine), and claims the first it can fit together with its lease (lease.CLAIM). An offer it
 cannot fit is declined once, with the reason, for the coordinator's `waiting:` line, and left in
 the queue for a bigger worker. Then: snapshot (and the newest checkpoint that reached the
-coordinator) in, the same engine contract as the local pipeline (plan, train, step_down once,
-render), progress and every checkpoint out while training, the adapter, renders and report out
+coordinator) in, then the same JobRunner as the local pipeline (daemon/runner.py: disk check,
+train, step_down once, render) with WorkerEvents: progress and every checkpoint out while training, the adapter, renders and report out
 at the end. Every write is fenced by the job's token (daemon/remote/lease.py): a worker whose
 lease was lost stops training and its results are never published. Workers never touch the
 LoRA folder or the registry: the coordinator verifies and publishes.
