@@ -768,7 +768,7 @@ class Coordinator:
                 self.store,
                 job_id,
                 self.settings.marker_refresh_s,
-                series=self.settings.jobs_dir / job_id / "progress.jsonl",  # the learning metrics' losses
+                series=WorkDir.of(self.settings.jobs_dir, job_id).progress,  # the learning metrics' losses
             )
         return self.sinks[job_id]
 

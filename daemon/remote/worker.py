@@ -395,8 +395,8 @@ class RemoteWorker:
         """A fresh work dir: snapshot, manifest, and the saved state to resume from (if any)."""
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
-        self.files.get_tree(offer.snapshot, workdir / "data")
-        self.files.get_file(offer.manifest, workdir / "manifest.json")
+        self.files.get_tree(offer.snapshot, WorkDir(workdir).data)
+        self.files.get_file(offer.manifest, WorkDir(workdir).manifest)
         for item in offer.state:  # Offer.from_dict: inside the saved-state areas only
             dest = workdir / item.rel
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -619,7 +619,7 @@ def job_spec(offer: Offer, workdir: Path) -> JobInput:
         image_count=offer.image_count,
         max_side=offer.max_side,
         options=dict(offer.options),
-        data_dir=workdir / "data",
+        data_dir=WorkDir(workdir).data,
         preview_prompt=offer.preview_prompt,
     )
 
