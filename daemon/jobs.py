@@ -26,6 +26,9 @@ from daemon.states import ACTIVE, FINISHED, RUNNABLE, TRANSITIONS, JobState, mov
 EVENT_FOR_MOVE: dict[tuple[str, str], str] = {
     (JobState.QUEUED, JobState.PREPARING): "job.started",
     (JobState.INTERRUPTED, JobState.PREPARING): "job.resumed",
+    # a verified result published straight from the queue (states.TRANSITIONS)
+    (JobState.QUEUED, JobState.PUBLISHING): "job.started",
+    (JobState.INTERRUPTED, JobState.PUBLISHING): "job.resumed",
 }
 EVENT_FOR_STATE: dict[str, str] = {
     JobState.DONE: "job.done",
@@ -444,7 +447,7 @@ class JobStore:
                     fingerprint,
                     ready_token,
                     json.dumps(settings, default=str),
-                    "queued",
+                    JobState.QUEUED,
                     priority,
                     ready_at or now,
                     now,
@@ -453,7 +456,7 @@ class JobStore:
             )
         job = self.get(job_id)
         assert job is not None
-        self._after(job, None, "queued", "job.queued", marker=marker)
+        self._after(job, None, JobState.QUEUED, "job.queued", marker=marker)
         return job
 
     def transition(
@@ -482,11 +485,11 @@ class JobStore:
                     f"job {job_id}: {old} -> {new} is not allowed", job_id=job_id, current=old, wanted=new
                 )
             fields.setdefault("updated_at", now)
-            if new == "preparing" and old == "queued":
+            if old == JobState.QUEUED and new in ACTIVE:  # preparing, or publishing a verified result
                 fields.setdefault("started_at", now)
             if new in FINISHED:
                 fields.setdefault("finished_at", now)
-            if new == "queued":
+            if new == JobState.QUEUED:
                 fields.setdefault("cancel_requested", 0)
                 fields.setdefault("finished_at", None)
             if not self._update_if(conn, job_id, old, state=new, **fields):
@@ -507,13 +510,13 @@ class JobStore:
             old = row["state"]
             action = cancel_action(old)
             if action == "cancel":
-                self._update_if(conn, job_id, old, state="cancelled", finished_at=now, updated_at=now)
+                self._update_if(conn, job_id, old, state=JobState.CANCELLED, finished_at=now, updated_at=now)
             elif action == "request":
                 self._update_if(conn, job_id, old, cancel_requested=1, updated_at=now)
         job = self.get(job_id)
         assert job is not None
         if action == "cancel":
-            self._after(job, old, "cancelled", event_for(old, "cancelled"))
+            self._after(job, old, JobState.CANCELLED, event_for(old, JobState.CANCELLED))
         elif action == "request":
             from daemon.logs import get_logger
 
@@ -535,7 +538,7 @@ class JobStore:
         a retrain of the same folder wrote its own)."""
         job = self.update(job_id, outputs=outputs)
         self.write_record(job)
-        done = Path(job.dataset_path) / markers.MARKER_FOR_STATE["done"]
+        done = Path(job.dataset_path) / markers.MARKER_FOR_STATE[JobState.DONE]
         if markers.names_job(markers._first_line(done), job.id):
             self.refresh_marker(job)
         from daemon.logs import get_logger
@@ -631,13 +634,13 @@ class JobStore:
         fields: dict[str, object] = {"job_id": job.id, "dataset": job.dataset, "state": new}
         if old:
             fields["previous"] = old
-        if new == "failed" and job.error:
+        if new == JobState.FAILED and job.error:
             fields["error"] = job.error
-        if new == "done":
+        if new == JobState.DONE:
             fields["outputs"] = {k: v for k, v in job.outputs.items() if k != "metrics"}
             if isinstance(job.outputs.get("metrics"), dict):
                 fields["metrics"] = job.outputs["metrics"]  # once, as its own object
-        level = "warning" if new in ("failed", "interrupted") else "info"
+        level = "warning" if new in (JobState.FAILED, JobState.INTERRUPTED) else "info"
         from daemon.logs import get_logger  # here, not at import: `lorad status` never loads structlog
 
         getattr(get_logger(), level)(event, attempt=job.attempt, **fields)

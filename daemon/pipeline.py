@@ -1,8 +1,10 @@
 """Run one job through its phases: preparing -> training -> rendering -> publishing -> done.
 
-Called by the queue's single worker thread with a job id. The jobs table decides: a stale huey
-task (job cancelled, already done) is dropped. Training and rendering run in engine child
-processes; a stop request (daemon shutdown or user cancel) reaches them through a StopToken.
+Called by the queue's single worker thread (or `Queue.run_pending` in the caller's thread) with a
+job id. The jobs table decides: a stale huey task (job cancelled, already done) is dropped. The run
+itself is JobRunner's (daemon/runner.py, shared with the Redis worker); `LocalEvents` turns its news
+into transitions of the jobs table. Training and rendering run in engine child processes; a stop
+request (daemon shutdown or user cancel) reaches them through a StopToken.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -22,38 +25,28 @@ from daemon.engine_host import (  # noqa: F401 (callers import them here)
     job_input,
     make_engine,
 )
-from daemon.fsutil import atomic_write_text
 from daemon.intake import markers
-from daemon.intake.snapshot import CAPTIONS_LIST
 from daemon.jobs import FINISHED, RUNNABLE, Job, JobStore, StateChanged
 from daemon.logs import get_logger
-from daemon.metrics import learning_metrics, read_series, render_difference
-from daemon.publish import (
-    METRICS_FILE,
-    PublishError,
-    complete_registry,
-    provenance,
-    publish,
-    published_by,
-    spelling_on_disk,
-    write_with_metadata,
+from daemon.publish import PublishError
+from daemon.publisher import (  # noqa: F401 (re-exported: callers and tests import them here)
+    Publisher,
+    follow_versions,
+    publish_job,
+    stamp_adapter,
+    write_metrics,
 )
+from daemon.runner import FailKind, JobRunner, RunResult
 from daemon.settings import Settings, SettingsError
+from daemon.states import JobState
 from engines.base import (
     Engine,
-    JobInput,
-    Machine,
-    MemoryPlanError,
-    PlanError,
     Progress,
-    RenderFailed,
-    RenderResult,
-    RenderStopped,
     StopToken,
     TrainingPlan,
-    TrainStatus,
     machine_now,
 )
+from lorad_base.workdir import WorkDir
 
 
 def cancel_cloud_requests(settings: Settings, store) -> list[str]:
@@ -64,8 +57,8 @@ def cancel_cloud_requests(settings: Settings, store) -> list[str]:
 
     done = []
     for job in store.list():
-        workdir = settings.jobs_dir / job.id
-        wanted = job.state == "cancelled" or bool(getattr(job, "cancel_requested", 0))
+        workdir = WorkDir.of(settings.jobs_dir, job.id).root
+        wanted = job.state == JobState.CANCELLED or bool(getattr(job, "cancel_requested", 0))
         if not wanted or (workdir / CANCEL_OUTCOME_FILE).exists() or not job.remote.get("request_id"):
             continue
         try:
@@ -76,96 +69,6 @@ def cancel_cloud_requests(settings: Settings, store) -> list[str]:
         except Exception as exc:  # told; the next start tries again
             get_logger().warning("job.cloud_cancel_failed", job_id=job.id, error=str(exc))
     return done
-
-
-def stamp_adapter(
-    engine: Engine, job: Job, plan: TrainingPlan, adapter: Path, lora_file: Path, image_count: int
-) -> None:
-    """The trained adapter with lorad's provenance header and the engine's metadata keys."""
-    write_with_metadata(
-        adapter,
-        lora_file,
-        provenance(
-            job=job,
-            plan=plan.to_dict(),
-            fingerprint=job.fingerprint,
-            image_count=image_count,
-            engine_keys=engine.adapter_metadata(plan),
-        ),
-    )
-
-
-def write_metrics(workdir: Path, plan: TrainingPlan, rendered: RenderResult) -> Path:
-    """metrics.json in the work dir: the loss series (progress.jsonl) and the renders' difference."""
-    effect = None
-    if Path(rendered.base) != Path(rendered.with_lora):  # a render without its base: no effect to measure
-        effect = render_difference(Path(rendered.base), Path(rendered.with_lora))
-    metrics = learning_metrics(
-        read_series(workdir / "progress.jsonl"), steps=plan.total_steps, lora_effect=effect
-    )
-    path = workdir / METRICS_FILE
-    atomic_write_text(path, json.dumps(metrics, indent=2))
-    return path
-
-
-def publish_job(
-    settings: Settings,
-    job: Job,
-    plan: TrainingPlan,
-    lora_file: Path,
-    rendered: RenderResult,
-    report_files: list[Path],
-    store: JobStore | None = None,
-) -> dict:
-    """The normal publish path (daemon/publish.py) for a job trained here or on a worker. The
-    snapshot's captions.jsonl (each image's caption and its source) joins the report, and the
-    learning metrics (daemon/metrics.py) go into it as metrics.json; with `store`, older jobs
-    whose LoRA just moved to `<name>.v<N>` are told (follow_versions)."""
-    captions = settings.jobs_dir / job.id / CAPTIONS_LIST
-    if captions.is_file() and all(p.name != CAPTIONS_LIST for p in report_files):
-        report_files = [*report_files, captions]
-    metrics_file = write_metrics(settings.jobs_dir / job.id, plan, rendered)
-    outputs = publish(
-        loras=settings.loras,
-        registry_path=settings.registry,
-        job=job,
-        lora_file=lora_file,
-        render_with=rendered.with_lora,
-        render_compare=rendered.compare,
-        report_files=[*report_files, metrics_file],
-        plan=plan.to_dict(),
-        lock_timeout_s=settings.lock_timeout_s,
-    )
-    if store is not None:
-        follow_versions(settings, store, job.name)
-    return outputs
-
-
-def follow_versions(settings: Settings, store: JobStore, name: str) -> list[str]:
-    """Rewrite the outputs (row, job.json, DONE) of every done job whose LoRA now lives under
-    `<name>.v<N>` (read from the files' headers, so a crash mid-way is caught by the next
-    publish); returns their ids. Best effort: the LoRA files themselves are already right."""
-    from daemon import registry
-    from daemon.publish import moved_outputs, version_owners
-
-    owners = version_owners(settings.loras, name)
-    if not owners:
-        return []
-    try:
-        entries = registry.load(settings.registry).get("loras") or {}
-    except registry.RegistryError:
-        entries = {}
-    keys = {v.get("job_id"): k for k, v in entries.items() if isinstance(v, dict)}
-    moved = []
-    for job_id, stem in owners.items():
-        job = store.get(job_id)
-        if job is None or job.state != "done":
-            continue
-        outputs = moved_outputs(job.outputs, settings.loras, stem, keys.get(job_id))
-        if outputs is not None:
-            store.move_outputs(job_id, outputs)
-            moved.append(job_id)
-    return moved
 
 
 class ProgressSink:
@@ -241,7 +144,7 @@ class ProgressSink:
             self._marker_stale = True
         if self._marker_stale and (final or now - self._last_marker >= self.marker_refresh_s):
             job = job or self.store.get(self.job_id)
-            if job is not None and job.state == "training":
+            if job is not None and job.state == JobState.TRAINING:
                 self.store.refresh_marker(job)
             self._last_marker = now
             self._marker_stale = False
@@ -280,12 +183,24 @@ class ProgressSink:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, store: JobStore, shutdown: threading.Event):
+    """The local dispatcher's job: huey hands it a job id, the jobs table decides whether it runs;
+    the run itself is JobRunner's (daemon/runner.py), its news goes to the table (LocalEvents)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        shutdown: threading.Event,
+        *,
+        engines: Callable[[Settings, str], Engine] = make_engine,
+    ):
         self.settings = settings
         self.store = store
         self.shutdown = shutdown
         self.log = get_logger()
         self.current_stop: StopToken | None = None
+        self.engines = engines  # settings, name -> engine (a test passes its in-process fake)
+        self.publisher = Publisher(settings, store)
 
     def stop_current(self, reason: str) -> None:
         token = self.current_stop
@@ -308,7 +223,7 @@ class Pipeline:
         self.current_stop = stop
         try:
             if job.cancel_requested:
-                self._advance(job_id, "cancelled", RUNNABLE)
+                self._advance(job_id, JobState.CANCELLED, RUNNABLE)
                 return
             space.ensure_reserve(self.settings.state)  # room for the final write if the disk fills
             self._run(job_id, stop)
@@ -321,8 +236,10 @@ class Pipeline:
                 return
             self.log.exception("job.crashed")
             job = self.store.get(job_id)
-            if job is not None and job.state not in ("done", "failed", "cancelled"):
-                self.store.transition(job_id, "failed", error=f"internal error: {type(exc).__name__}: {exc}")
+            if job is not None and job.state not in FINISHED:
+                self.store.transition(
+                    job_id, JobState.FAILED, error=f"internal error: {type(exc).__name__}: {exc}"
+                )
         finally:
             self.current_stop = None
             structlog.contextvars.unbind_contextvars("job_id", "dataset")
@@ -349,7 +266,7 @@ class Pipeline:
                 job = self.store.get(job_id)
                 if job is None or job.state in FINISHED:
                     return
-                self.store.transition(job_id, "failed", error=error)
+                self.store.transition(job_id, JobState.FAILED, error=error)
                 return
             except Exception as again:
                 if not space.is_disk_full(again):
@@ -361,12 +278,11 @@ class Pipeline:
 
     def _stopped(self, job_id: str, stop: StopToken, step: int | None = None) -> None:
         if stop.reason == "cancel":
-            self.store.transition(job_id, "cancelled")
+            self.store.transition(job_id, JobState.CANCELLED)
+        elif step is not None:
+            self.store.transition(job_id, JobState.INTERRUPTED, step=step)
         else:
-            if step is not None:
-                self.store.transition(job_id, "interrupted", step=step)
-            else:
-                self.store.transition(job_id, "interrupted")
+            self.store.transition(job_id, JobState.INTERRUPTED)
 
     def _advance(self, job_id: str, new: str, expect) -> bool:
         """Move to the next phase as a compare-and-set. False when the job does not go on: it was
@@ -386,118 +302,34 @@ class Pipeline:
         return job
 
     def _run(self, job_id: str, stop: StopToken) -> None:
-        if not self._advance(job_id, "preparing", RUNNABLE):
+        if not self._advance(job_id, JobState.PREPARING, RUNNABLE):
             return
         job = self._job(job_id)
-        if published_by(self.settings.loras, job):
+        if self.publisher.already_published(job):
             self._complete_registry(job)
             return
-        workdir = self.settings.jobs_dir / job.id
-        if not (workdir / "manifest.json").is_file():
+        workdir = WorkDir.of(self.settings.jobs_dir, job.id)
+        if not workdir.manifest.is_file():
             self.store.transition(
-                job_id, "failed", error=f"{markers.SNAPSHOT_MISSING} ({workdir}); drop READY again"
+                job_id,
+                JobState.FAILED,
+                error=f"{markers.SNAPSHOT_MISSING} ({workdir.root}); drop READY again",
             )
             return
         try:
-            engine = make_engine(self.settings, job.settings.get("engine", "mflux"))
+            engine = self.engines(self.settings, job.settings.get("engine", "mflux"))
         except SettingsError as exc:
-            self.store.transition(job_id, "failed", error=str(exc))
+            self.store.transition(job_id, JobState.FAILED, error=str(exc))
             return
-        if not self._caption(job, workdir, stop):
+        if not self._caption(job, workdir.root, stop):
             return
-        spec = job_input(job, workdir)
+        spec = job_input(job, workdir.root)
+        events = LocalEvents(self, job, workdir, stop, spec.image_count)
         machine = machine_now(self.settings.ram_gb)
-        plan_path = workdir / "plan.json"
-        try:
-            if plan_path.is_file() and job.plan:
-                plan = TrainingPlan.from_dict(json.loads(plan_path.read_text()))  # resume: same plan
-            else:
-                plan = engine.plan(spec, machine)
-        except MemoryPlanError as exc:
-            fallback = self._cloud_fallback(job, engine, spec, machine, exc)
-            if fallback is None:
-                return
-            engine, plan = fallback
-        except PlanError as exc:
-            self.store.transition(job_id, "failed", error=str(exc))
-            return
-        self.store.update(job_id, plan=plan.to_dict(), total_steps=plan.total_steps)
-        self.log.info(
-            "job.plan",
-            tier=plan.tier,
-            reason=plan.reason,
-            warnings=plan.warnings,
-            total_steps=plan.total_steps,
+        runner = JobRunner(
+            self.settings, engine, spec, workdir, machine, stop, events, log=self.log, engines=self.engines
         )
-        problem = self._training_space_problem(job, engine, plan, workdir)
-        if problem is not None:
-            self.store.transition(job_id, "failed", error=problem)
-            return
-        if stop.requested() or self.shutdown.is_set():
-            stop.stop(stop.reason or "shutdown")
-            self._stopped(job_id, stop)
-            return
-
-        if not self._advance(job_id, "training", "preparing"):
-            return
-        sink = ProgressSink(
-            self.store, job_id, self.settings.marker_refresh_s, series=workdir / "progress.jsonl"
-        )
-        while True:
-            try:
-                result = engine.train(plan, workdir, sink, stop, on_spawn=self._on_spawn)
-            finally:
-                sink.close()
-            if result.status is TrainStatus.COMPLETED:
-                break
-            if result.status is TrainStatus.STOPPED:
-                self._stopped(job_id, stop, result.step)
-                return
-            error = result.error or "training failed"
-            if plan.step_downs == 0:
-                try:
-                    lower = engine.step_down(plan, spec, machine, result)
-                except PlanError as exc:
-                    lower, error = None, f"{error}; {exc}"
-                if lower is not None:
-                    self.log.warning(
-                        "job.stepdown", from_tier=plan.tier, to_tier=lower.tier, reason=result.error
-                    )
-                    plan = lower
-                    self.store.update(job_id, plan=plan.to_dict(), total_steps=plan.total_steps)
-                    continue
-            if space.looks_like_disk_full(error):
-                self._fail_disk_full(job_id, error, workdir)
-                return
-            self.store.transition(job_id, "failed", error=error)
-            return
-        if not self._advance(job_id, "rendering", "training"):
-            return
-        job = self._job(job_id)
-        lora_file = workdir / f"{job.name}.safetensors"
-        if result.adapter is None:
-            self.store.transition(
-                job_id, "failed", error=f"the {engine.name} engine finished without an adapter file"
-            )
-            return
-        stamp_adapter(engine, job, plan, result.adapter, lora_file, spec.image_count)
-        rendered = engine.render(plan, workdir, lora_file, spec.preview_prompt, workdir / "render", stop)
-        if isinstance(rendered, RenderStopped):
-            self._stopped(job_id, stop)
-            return
-        if isinstance(rendered, RenderFailed):
-            self.store.transition(job_id, "failed", error=f"test render failed: {rendered.error}")
-            return
-        if not self._advance(job_id, "publishing", "rendering"):
-            return  # cancelled after the render: nothing is published
-        try:
-            outputs = publish_job(
-                self.settings, job, plan, lora_file, rendered, engine.report_files(workdir), self.store
-            )
-        except PublishError as exc:
-            self.store.transition(job_id, "failed", error=str(exc))
-            return
-        self.store.transition(job_id, "done", outputs=outputs, eta_s=0)
+        runner.run(saved_plan(job, workdir))
 
     def _caption(self, job: Job, workdir: Path, stop: StopToken) -> bool:
         """missing_captions = "vlm": caption the snapshot's uncaptioned images (a child process,
@@ -510,62 +342,104 @@ class Pipeline:
         if result == "stopped":
             self._stopped(job.id, stop)
         else:
-            self.store.transition(job.id, "failed", error=result)
+            self.store.transition(job.id, JobState.FAILED, error=result)
         return False
 
-    def _cloud_fallback(self, job, engine: Engine, spec: JobInput, machine: Machine, exc: PlanError):
-        """`cloud_fallback`: a job no local plan fits (memory) goes to the cloud engine it names;
-        the job's settings record the switch, so a restart resumes it there. None: the job failed."""
-        cloud_engine = fallback_engine(self.settings)
-        if cloud_engine is None or engine.name == cloud_engine:
-            self.store.transition(job.id, "failed", error=str(exc))
-            return None
-        try:
-            cloud = make_engine(self.settings, cloud_engine)
-            plan = cloud.plan(spec, machine)
-        except (SettingsError, PlanError) as cloud_exc:
-            self.store.transition(
-                job.id, "failed", error=f"{exc}; cloud_fallback to {cloud_engine} failed too: {cloud_exc}"
-            )
-            return None
-        self.log.warning(
-            "job.cloud_fallback", from_engine=engine.name, to_engine=cloud_engine, reason=str(exc)
-        )
-        self.store.update(
-            job.id, settings={**job.settings, "engine": cloud_engine, "fallback_from": engine.name}
-        )
-        return cloud, plan
-
-    def _complete_registry(self, job) -> None:
+    def _complete_registry(self, job: Job) -> None:
         """The job's LoRA is already published (its header names this job): only its registry
-        entry is missing (the lock was held, or lorad stopped mid-publish). Nothing is
-        retrained or rendered again, and no `.v<N>` of its own file is made."""
-        spelling = spelling_on_disk(self.settings.loras, job.name)
-        self.log.info("job.registry_only", lora=str(self.settings.loras / f"{spelling}.safetensors"))
-        if not self._advance(job.id, "publishing", ("preparing",)):
+        entry is missing. Nothing is retrained or rendered again (Publisher.registry_only)."""
+        self.publisher.log_registry_only(job)
+        if not self._advance(job.id, JobState.PUBLISHING, (JobState.PREPARING,)):
             return
         try:
-            outputs = complete_registry(
-                loras=self.settings.loras,
-                registry_path=self.settings.registry,
-                job=job,
-                lock_timeout_s=self.settings.lock_timeout_s,
-            )
+            outputs = self.publisher.registry_only(job)
         except PublishError as exc:
-            self.store.transition(job.id, "failed", error=str(exc))
+            self.store.transition(job.id, JobState.FAILED, error=str(exc))
             return
-        self.store.transition(job.id, "done", outputs=outputs, eta_s=0)
-
-    def _training_space_problem(self, job, engine: Engine, plan: TrainingPlan, workdir: Path) -> str | None:
-        """Refuse before training when its checkpoints cannot fit (needed vs free, which disk)."""
-        needed = space.space_needed("train", engine_bytes=engine.disk_needed(plan, workdir))
-        free = space.free_bytes(workdir)
-        problem = space.space_problem("training", workdir, needed, free, f"run: lorad retry {job.id}")
-        if problem is not None:
-            self.log.warning(
-                "space.refused", phase="train", path=str(workdir), needed_bytes=needed, free_bytes=free
-            )
-        return problem
+        self.store.transition(job.id, JobState.DONE, outputs=outputs, eta_s=0)
 
     def _on_spawn(self, pid: int) -> None:
         self.log.info("job.child", pid=pid)
+
+
+def saved_plan(job: Job, workdir: WorkDir) -> TrainingPlan | None:
+    """A resumed job keeps the plan it started with (its plan.json); None: plan afresh."""
+    if workdir.plan.is_file() and job.plan:
+        return TrainingPlan.from_dict(json.loads(workdir.plan.read_text()))
+    return None
+
+
+class LocalEvents:
+    """The local pipeline's RunEvents: every boundary a compare-and-set on the jobs table,
+    progress through ProgressSink, the result through the Publisher."""
+
+    def __init__(self, pipeline: Pipeline, job: Job, workdir: WorkDir, stop: StopToken, image_count: int):
+        self.pipeline, self.store = pipeline, pipeline.store
+        self.job, self.job_id, self.workdir, self.stop = job, job.id, workdir, stop
+        self.image_count = image_count
+        self.engine: Engine | None = None
+        self.sink: ProgressSink | None = None
+
+    def planned(self, plan: TrainingPlan, engine: Engine, fallback_from: str | None) -> None:
+        self.engine = engine
+        if fallback_from is not None:  # the job's settings record the switch: a restart resumes there
+            settings = {**self.job.settings, "engine": engine.name, "fallback_from": fallback_from}
+            self.job = self.store.update(self.job_id, settings=settings)
+        self.store.update(self.job_id, plan=plan.to_dict(), total_steps=plan.total_steps)
+
+    def training(self) -> bool:
+        if self.stop.requested() or self.pipeline.shutdown.is_set():
+            self.stop.stop(self.stop.reason or "shutdown")
+            self.pipeline._stopped(self.job_id, self.stop)
+            return False
+        if not self.pipeline._advance(self.job_id, JobState.TRAINING, JobState.PREPARING):
+            return False
+        self.sink = ProgressSink(
+            self.store, self.job_id, self.pipeline.settings.marker_refresh_s, series=self.workdir.progress
+        )
+        return True
+
+    def progress(self, p: Progress) -> None:
+        if self.sink is not None:
+            self.sink(p)
+
+    def checkpoint(self) -> None:
+        """Local checkpoints stay where the engine wrote them."""
+
+    def plan_changed(self, plan: TrainingPlan) -> None:
+        self.store.update(self.job_id, plan=plan.to_dict(), total_steps=plan.total_steps)
+
+    def training_over(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+
+    def rendering(self, step: int | None) -> bool:
+        return self.pipeline._advance(self.job_id, JobState.RENDERING, JobState.TRAINING)
+
+    def adapter(self, plan: TrainingPlan, adapter: Path) -> Path:
+        self.job = self.pipeline._job(self.job_id)
+        assert self.engine is not None  # planned() came first
+        return self.pipeline.publisher.stamp(self.engine, self.job, plan, adapter, self.image_count)
+
+    def done(self, result: RunResult) -> None:
+        if not self.pipeline._advance(self.job_id, JobState.PUBLISHING, JobState.RENDERING):
+            return  # cancelled after the render: nothing is published
+        try:
+            outputs = self.pipeline.publisher.publish(
+                self.job, result.plan, result.lora, result.rendered, result.report_files
+            )
+        except PublishError as exc:
+            self.store.transition(self.job_id, JobState.FAILED, error=str(exc))
+            return
+        self.store.transition(self.job_id, JobState.DONE, outputs=outputs, eta_s=0)
+
+    def stopped(self, step: int | None, reason: str | None) -> None:
+        self.pipeline._stopped(self.job_id, self.stop, step)
+
+    def failed(self, error: str, kind: FailKind, step: int | None = None) -> None:
+        if kind is FailKind.DISK_FULL:
+            self.pipeline._fail_disk_full(self.job_id, error, self.workdir.root)
+            return
+        if kind is FailKind.RENDER:
+            error = f"test render failed: {error}"
+        self.store.transition(self.job_id, JobState.FAILED, error=error)

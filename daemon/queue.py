@@ -84,13 +84,27 @@ def huey_priority(priority: int, ready_at: float) -> float:
 
 
 class Queue:
-    """huey plus the lorad task; `enqueue` wakes the worker."""
+    """huey plus the lorad task; `enqueue` wakes the worker.
 
-    def __init__(self, path: Path, run_job: Callable[[str], None] | None = None, wake: Wake | None = None):
+    `immediate=True` is the in-process dispatcher (huey's `immediate` idea, kept on the real
+    SQLite queue so order and persistence are the same): `enqueue` runs the queue to empty in
+    the caller's thread through `run_pending`, with no consumer thread; tests drive the pipeline
+    this way without a daemon process."""
+
+    def __init__(
+        self,
+        path: Path,
+        run_job: Callable[[str], None] | None = None,
+        wake: Wake | None = None,
+        *,
+        immediate: bool = False,
+    ):
         self.huey = open_huey(path)
         self.wake = wake or Wake()
         self._run_job = run_job or (lambda job_id: None)
         self.task = self.huey.task(name=TASK_NAME, retries=0)(self._execute)
+        self.immediate = immediate
+        self._running = False  # a job run by run_pending that enqueues does not recurse
 
     def _execute(self, job_id: str) -> None:
         self._run_job(job_id)
@@ -98,6 +112,25 @@ class Queue:
     def enqueue(self, job_id: str, priority: int = 0, ready_at: float = _EPOCH) -> None:
         self.huey.enqueue(self.task.s(job_id, priority=huey_priority(priority, ready_at)))
         self.wake.set()
+        if self.immediate and not self._running:
+            self.run_pending()
+
+    def run_pending(self, limit: int | None = None) -> list[str]:
+        """Run queued tasks now, in this thread, in huey's order (the same dequeue and task call
+        the consumer's worker makes), until the queue is empty or `limit` ran; their job ids."""
+        ran: list[str] = []
+        self._running = True
+        try:
+            while limit is None or len(ran) < limit:
+                task = self.huey.dequeue()
+                if task is None:
+                    break
+                self.huey.execute(task)
+                if task.name == TASK_NAME and task.args:
+                    ran.append(task.args[0])
+        finally:
+            self._running = False
+        return ran
 
     def pending_job_ids(self) -> list[str]:
         ids = []

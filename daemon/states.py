@@ -27,9 +27,13 @@ ACTIVE = (JobState.PREPARING, JobState.TRAINING, JobState.RENDERING, JobState.PU
 RUNNABLE = (JobState.QUEUED, JobState.INTERRUPTED)
 FINISHED = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
+# runnable/preparing -> publishing: "a verified result is already here" (a worker's result the
+# coordinator verified, or a LoRA already published whose registry entry is missing): nothing is
+# trained or rendered again, so the job does not walk through the phases that would.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.PREPARING, JobState.CANCELLED, JobState.FAILED}),
-    # preparing -> publishing: the LoRA is already published, only its registry entry is missing
+    JobState.QUEUED: frozenset(
+        {JobState.PREPARING, JobState.PUBLISHING, JobState.CANCELLED, JobState.FAILED}
+    ),
     JobState.PREPARING: frozenset(
         {JobState.TRAINING, JobState.PUBLISHING, JobState.FAILED, JobState.CANCELLED, JobState.INTERRUPTED}
     ),
@@ -41,7 +45,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     ),
     JobState.PUBLISHING: frozenset({JobState.DONE, JobState.FAILED, JobState.INTERRUPTED}),
     JobState.INTERRUPTED: frozenset(
-        {JobState.PREPARING, JobState.CANCELLED, JobState.FAILED, JobState.QUEUED}
+        {JobState.PREPARING, JobState.PUBLISHING, JobState.CANCELLED, JobState.FAILED, JobState.QUEUED}
     ),
     JobState.FAILED: frozenset({JobState.QUEUED}),
     JobState.CANCELLED: frozenset({JobState.QUEUED}),

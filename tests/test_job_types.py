@@ -40,7 +40,11 @@ def test_job_state_is_a_str_enum_of_the_stored_strings():
 
 @pytest.mark.parametrize(
     "old, expected",
-    [("queued", {"preparing", "cancelled", "failed"}), ("done", set()), ("no-such-state", set())],
+    [
+        ("queued", {"preparing", "publishing", "cancelled", "failed"}),
+        ("done", set()),
+        ("no-such-state", set()),
+    ],
 )
 def test_moves_from_a_state(old, expected):
     assert moves_from(old) == expected

@@ -15,12 +15,12 @@ from daemon.queue import Queue
 STATES = list(TRANSITIONS)
 
 LEGAL = {
-    ("queued", "preparing"), ("queued", "cancelled"), ("queued", "failed"),
+    ("queued", "preparing"), ("queued", "publishing"), ("queued", "cancelled"), ("queued", "failed"),
     ("preparing", "training"), ("preparing", "publishing"), ("preparing", "failed"), ("preparing", "cancelled"), ("preparing", "interrupted"),
     ("training", "rendering"), ("training", "failed"), ("training", "cancelled"), ("training", "interrupted"),
     ("rendering", "publishing"), ("rendering", "failed"), ("rendering", "cancelled"), ("rendering", "interrupted"),
     ("publishing", "done"), ("publishing", "failed"), ("publishing", "interrupted"),
-    ("interrupted", "preparing"), ("interrupted", "cancelled"), ("interrupted", "failed"), ("interrupted", "queued"),
+    ("interrupted", "preparing"), ("interrupted", "publishing"), ("interrupted", "cancelled"), ("interrupted", "failed"), ("interrupted", "queued"),
     ("failed", "queued"), ("cancelled", "queued"),
 }  # fmt: skip
 
@@ -36,6 +36,8 @@ def test_transition_table(old, new):
     [
         ("queued", "preparing", "job.started"),
         ("interrupted", "preparing", "job.resumed"),
+        ("queued", "publishing", "job.started"),  # a verified result published straight from the queue
+        ("interrupted", "publishing", "job.resumed"),
         ("training", "interrupted", "job.interrupted"),
         ("publishing", "done", "job.done"),
         ("training", "failed", "job.failed"),

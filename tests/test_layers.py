@@ -67,6 +67,7 @@ LAYERS = (
             "daemon.status",
             "daemon.registry",
             "daemon.publish",
+            "daemon.publisher",
             "daemon.space",
             "daemon.notify",
             "daemon.engine_host",
@@ -91,6 +92,7 @@ LAYERS = (
     ig.Layer(
         "running jobs: the pipeline, the Redis worker and coordinator, checks",
         (
+            "daemon.runner",
             "daemon.pipeline",
             "daemon.remote.worker",
             "daemon.remote.coordinator",

@@ -8,7 +8,7 @@ fencing token, an offer on the PriorityRedisHuey queue. A lapsed lease makes the
 `interrupted` and dispatches it again with the newest checkpoint that reached us; Redis that
 forgot everything (restarted without its data) is the same case. Final artifacts are verified
 (sha256 by the transfer, then the LoRA's safetensors structure and the renders' PNG signature)
-before the normal publish path (daemon/pipeline.py publish_job). Workers never publish.
+before the normal publish path (daemon/publisher.py Publisher, the same as local mode). Workers never publish.
 """
 
 from __future__ import annotations
@@ -25,19 +25,23 @@ from typing import Any
 from daemon.fsutil import atomic_write_text
 from daemon.jobs import ACTIVE, RUNNABLE, Job, JobStore, StateChanged
 from daemon.logs import get_logger
-from daemon.pipeline import ProgressSink, fallback_engine, job_input, make_engine, publish_job, stamp_adapter
-from daemon.publish import PublishError, complete_registry, published_by, read_header
+from daemon.pipeline import ProgressSink, fallback_engine, job_input, make_engine
+from daemon.publish import PublishError, read_header
+from daemon.publisher import Publisher
 from daemon.remote import lease
 from daemon.remote.messages import SAMPLES_DIR, DeclineRecord, MessageRefused, Offer, WorkerEvent, report_name
 from daemon.remote.transfer import TransferError
 from daemon.remote.worker import safe_relative
+from daemon.runner import cloud_fallback_target
 from daemon.settings import Settings, SettingsError
+from daemon.states import JobState
 from engines.base import Progress, RenderResult, TrainingPlan
+from lorad_base.workdir import WorkDir
 
 RESULT_DIR = "result"
 RESULT_FILE = "result.json"
 STATE_FILE = "remote-state.json"  # which saved-state files came from workers (for pruning)
-REMOTE_ACTIVE = ("preparing", "training", "rendering")
+REMOTE_ACTIVE = (JobState.PREPARING, JobState.TRAINING, JobState.RENDERING)
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}  # fmt: skip
@@ -125,6 +129,7 @@ class Coordinator:
         self.queue = RedisQueue(pool, self.client)
         self.files = ArtifactStore(self.client)
         self.scripts = lease.Scripts(self.client)
+        self.publisher = Publisher(settings, store)
         self.tokens: dict[str, str] = {}  # job id -> the token of its current dispatch
         self.sinks: dict[str, ProgressSink] = {}
         self.waiting_since: dict[str, float] = {}
@@ -378,8 +383,10 @@ class Coordinator:
         it, and the job then waits with that reason). False: the setting is off, or the job is
         already there (a refused cloud job waits rather than bounce back)."""
         engine = job.settings.get("engine", "mflux")
-        cloud_engine = fallback_engine(self.settings)
-        if cloud_engine is None or engine == cloud_engine or job.settings.get("fallback_from"):
+        cloud_engine = cloud_fallback_target(
+            fallback_engine(self.settings), engine, job.settings.get("fallback_from")
+        )
+        if cloud_engine is None:
             return False
         self._fence(job.id, token)
         if queued is not None:
@@ -420,7 +427,7 @@ class Coordinator:
                 error=f"the job's snapshot is missing ({workdir}); drop READY again",
             )
             return
-        if published_by(self.settings.loras, job) or self._result_ready(job):
+        if self.publisher.already_published(job) or self._result_ready(job):
             self._publish_verified(job)
             return
         from daemon.captions import REMOTE_UNSUPPORTED, uncaptioned_count
@@ -554,16 +561,18 @@ class Coordinator:
 
     def _accepted(self, job: Job, worker: str | None, data: dict) -> None:
         plan = data.get("plan") or {}
-        moved = self._transition(job.id, "preparing", expect=RUNNABLE, worker=worker, waiting=None, plan=plan,
+        moved = self._transition(job.id, JobState.PREPARING, expect=RUNNABLE, worker=worker, waiting=None, plan=plan,
                                  total_steps=_int_or_none(plan.get("total_steps")))  # fmt: skip
         self.waiting_since.pop(job.id, None)
-        if moved is None or moved.state != "preparing":  # cancelled meanwhile: the worker is fenced out
+        if (
+            moved is None or moved.state != JobState.PREPARING
+        ):  # cancelled meanwhile: the worker is fenced out
             self._fence(job.id, self.tokens.get(job.id, ""))
             return
         self.log.info(
             "job.remote", job_id=job.id, worker=worker, host=data.get("host"), tier=plan.get("tier")
         )
-        self._transition(job.id, "training", expect="preparing")
+        self._transition(job.id, JobState.TRAINING, expect=JobState.PREPARING)
 
     def _checkpoint(self, job: Job, event: WorkerEvent) -> None:
         """Record a worker's checkpoint. Its files land only in the saved-state areas (WorkerEvent);
@@ -603,16 +612,16 @@ class Coordinator:
     def _done(self, job: Job, event: WorkerEvent) -> None:
         token, worker = event.token, event.worker
         self._close_sink(job.id)
-        if job.state == "training":
-            job = self._transition(job.id, "rendering", expect="training") or job
-        if job.state != "rendering":
+        if job.state == JobState.TRAINING:
+            job = self._transition(job.id, JobState.RENDERING, expect=JobState.TRAINING) or job
+        if job.state != JobState.RENDERING:
             return
         try:
             self.collect_result(job, event)
         except ResultRefused as exc:
             self.log.error("job.artifact_refused", job_id=job.id, worker=worker, reason=str(exc))
             self._fence(job.id, token)
-            self._transition(job.id, "failed", expect="rendering",
+            self._transition(job.id, JobState.FAILED, expect=JobState.RENDERING,
                              error=f"the result from worker {worker} was refused: {exc}. Nothing was published; "
                                    f"run: lorad retry {job.id}")  # fmt: skip
             self._cleanup(job.id)
@@ -662,29 +671,33 @@ class Coordinator:
         return (self.settings.jobs_dir / job.id / RESULT_DIR / RESULT_FILE).is_file()
 
     def _publish_verified(self, job: Job) -> None:
-        """The normal publish path for a verified result (also after a restart mid-publish)."""
-        workdir = self.settings.jobs_dir / job.id
-        if job.state in RUNNABLE:
-            job = self._transition(job.id, "preparing", expect=RUNNABLE) or job
-        if job.state == "preparing" and published_by(self.settings.loras, job):
-            job = self._transition(job.id, "publishing", expect="preparing") or job
+        """The normal publish path for a verified result (also after a restart mid-publish). A job
+        not yet in a phase goes straight to publishing (states.TRANSITIONS: the result is here,
+        nothing is trained or rendered again); one a worker ran walks on from where it is."""
+        registry_only = False
+        if job.state in (*RUNNABLE, JobState.PREPARING):
+            registry_only = self.publisher.already_published(job)
+            job = self._transition(job.id, JobState.PUBLISHING, expect=job.state) or job
+        if job.state == JobState.TRAINING:
+            job = self._transition(job.id, JobState.RENDERING, expect=JobState.TRAINING) or job
+        if job.state == JobState.RENDERING:
+            job = self._transition(job.id, JobState.PUBLISHING, expect=JobState.RENDERING) or job
+        if job.state != JobState.PUBLISHING:
+            return
+        if registry_only:
             try:
-                outputs = complete_registry(loras=self.settings.loras, registry_path=self.settings.registry, job=job,
-                                            lock_timeout_s=self.settings.lock_timeout_s)  # fmt: skip
+                outputs = self.publisher.registry_only(job)
             except PublishError as exc:
-                self._transition(job.id, "failed", error=str(exc))
+                self._transition(job.id, JobState.FAILED, error=str(exc))
                 return
             self._finish(job, outputs)
             return
-        if job.state == "preparing":
-            job = self._transition(job.id, "training", expect="preparing") or job
-        if job.state == "training":
-            job = self._transition(job.id, "rendering", expect="training") or job
-        if job.state == "rendering":
-            job = self._transition(job.id, "publishing", expect="rendering") or job
-        if job.state != "publishing":
-            return
-        folder = workdir / RESULT_DIR
+        self._publish_result(job)
+
+    def _publish_result(self, job: Job) -> None:
+        """Stamp and publish the verified result in <work>/result (checked again first)."""
+        workdir = WorkDir.of(self.settings.jobs_dir, job.id)
+        folder = workdir.root / RESULT_DIR
         record = _read_json(folder / RESULT_FILE)
         if not record:
             self._interrupt_publishing(job)
@@ -694,21 +707,14 @@ class Coordinator:
             self.log.error("job.artifact_refused", job_id=job.id, worker=job.worker, reason=problem)
             self._fence(job.id, self.tokens.get(job.id, ""))
             self._cleanup(job.id)
-            self._transition(job.id, "failed", error=f"the result was refused: {problem}. Nothing was "
-                                                     f"published; run: lorad retry {job.id}")  # fmt: skip
+            self._transition(job.id, JobState.FAILED, error=f"the result was refused: {problem}. Nothing was "
+                                                            f"published; run: lorad retry {job.id}")  # fmt: skip
             return
         plan = TrainingPlan.from_dict(record.get("plan") or job.plan)
         try:
             engine = make_engine(self.settings, job.settings.get("engine", "mflux"))
-            lora_file = workdir / f"{job.name}.safetensors"
-            stamp_adapter(
-                engine,
-                job,
-                plan,
-                folder / "adapter.safetensors",
-                lora_file,
-                job_input(job, workdir).image_count,
-            )
+            image_count = job_input(job, workdir.root).image_count
+            lora_file = self.publisher.stamp(engine, job, plan, folder / "adapter.safetensors", image_count)
             base = folder / "base.png"  # absent from an older worker's result: no lora_effect then
             rendered = RenderResult(
                 with_lora=folder / "render.png",
@@ -719,17 +725,17 @@ class Coordinator:
             report = [folder / "report" / name for name in names if "/" not in name]
             if any(name.startswith(SAMPLES_DIR + "/") for name in names):
                 report.append(folder / "report" / SAMPLES_DIR)  # published as one folder
-            outputs = publish_job(self.settings, job, plan, lora_file, rendered, report, self.store)
+            outputs = self.publisher.publish(job, plan, lora_file, rendered, report)
         except (PublishError, SettingsError, MessageRefused) as exc:
-            self._transition(job.id, "failed", error=str(exc))
+            self._transition(job.id, JobState.FAILED, error=str(exc))
             return
         self._finish(job, outputs)
 
     def _interrupt_publishing(self, job: Job) -> None:
-        self._transition(job.id, "interrupted", expect="publishing", worker=None)
+        self._transition(job.id, JobState.INTERRUPTED, expect=JobState.PUBLISHING, worker=None)
 
     def _finish(self, job: Job, outputs: dict) -> None:
-        self._transition(job.id, "done", outputs=outputs, eta_s=0)
+        self._transition(job.id, JobState.DONE, outputs=outputs, eta_s=0)
         self._cleanup(job.id)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -762,7 +768,7 @@ class Coordinator:
                 self.store,
                 job_id,
                 self.settings.marker_refresh_s,
-                series=self.settings.jobs_dir / job_id / "progress.jsonl",  # the learning metrics' losses
+                series=WorkDir.of(self.settings.jobs_dir, job_id).progress,  # the learning metrics' losses
             )
         return self.sinks[job_id]
 

@@ -5,8 +5,8 @@ reads the queue in order, plans each offer with its own engine and memory (Engin
 machine), and claims the first it can fit together with its lease (lease.CLAIM). An offer it
 cannot fit is declined once, with the reason, for the coordinator's `waiting:` line, and left in
 the queue for a bigger worker. Then: snapshot (and the newest checkpoint that reached the
-coordinator) in, the same engine contract as the local pipeline (plan, train, step_down once,
-render), progress and every checkpoint out while training, the adapter, renders and report out
+coordinator) in, then the same JobRunner as the local pipeline (daemon/runner.py: disk check,
+train, step_down once, render) with WorkerEvents: progress and every checkpoint out while training, the adapter, renders and report out
 at the end. Every write is fenced by the job's token (daemon/remote/lease.py): a worker whose
 lease was lost stops training and its results are never published. Workers never touch the
 LoRA folder or the registry: the coordinator verifies and publishes.
@@ -28,6 +28,7 @@ from daemon.logs import get_logger
 from daemon.pipeline import machine_now, make_engine
 from daemon.remote import lease
 from daemon.remote.messages import MessageRefused, Offer
+from daemon.runner import FailKind, JobRunner, RunResult
 from daemon.settings import Settings, SettingsError
 from engines.base import (
     CheckStatus,
@@ -35,12 +36,10 @@ from engines.base import (
     JobInput,
     PlanError,
     Progress,
-    RenderFailed,
-    RenderStopped,
     StopToken,
     TrainingPlan,
-    TrainStatus,
 )
+from lorad_base.workdir import WorkDir
 
 FENCED = "fenced"
 
@@ -394,81 +393,24 @@ class RemoteWorker:
         """A fresh work dir: snapshot, manifest, and the saved state to resume from (if any)."""
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
-        self.files.get_tree(offer.snapshot, workdir / "data")
-        self.files.get_file(offer.manifest, workdir / "manifest.json")
+        self.files.get_tree(offer.snapshot, WorkDir(workdir).data)
+        self.files.get_file(offer.manifest, WorkDir(workdir).manifest)
         for item in offer.state:  # Offer.from_dict: inside the saved-state areas only
             dest = workdir / item.rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             self.files.get_file(item.ref, dest)
 
     def train_and_deliver(self, offer: Offer, plan: TrainingPlan, workdir: Path, current: dict, log) -> None:
+        """The offer's run through the one JobRunner (daemon/runner.py), its news as fenced events."""
         engine = self._engine(offer.engine)
-        stop: StopToken = current["stop"]
-        spec = job_spec(offer, workdir)
-        uploader = CheckpointUploader(self, engine, workdir, current)
-        progress = RemoteProgress(self, current, uploader)
-        while True:
-            result = engine.train(
-                plan, workdir, progress, stop, on_spawn=lambda pid: log.info("job.child", pid=pid)
-            )
-            if result.status is not TrainStatus.FAILED or plan.step_downs:
-                break
-            try:
-                lower = engine.step_down(plan, spec, machine_now(self.settings.ram_gb), result)
-            except PlanError as exc:
-                result.error, lower = f"{result.error}; {exc}", None
-            if lower is None:
-                break
-            log.warning("job.stepdown", from_tier=plan.tier, to_tier=lower.tier, reason=result.error)
-            plan = lower
-            self.emit(current, "plan", plan=plan.to_dict())
-        uploader.close()
-        if current.get("fenced") or stop.reason == FENCED:
-            raise Fenced()
-        if result.status is TrainStatus.STOPPED:
-            uploader.upload_now()  # the checkpoint written on the graceful stop travels too
-            self.emit_retrying(current, "stopped", step=result.step, reason=stop.reason)
-            self.release(current)
-            return
-        if result.status is TrainStatus.FAILED:
-            self.emit_retrying(current, "failed", error=result.error or "training failed", step=result.step)
-            return
-        if result.adapter is None:
-            self.emit_retrying(
-                current, "failed", error=f"the {engine.name} engine finished without an adapter file"
-            )
-            return
-        uploader.upload_now()  # the final state: a lost result never means training again
-        if not self.emit(current, "rendering", step=result.step):
-            raise Fenced()
-        rendered = engine.render(plan, workdir, result.adapter, spec.preview_prompt, workdir / "render", stop)
-        if isinstance(rendered, RenderStopped):
-            if current.get("fenced"):
-                raise Fenced()
-            self.emit_retrying(current, "stopped", step=result.step, reason=stop.reason)
-            self.release(current)
-            return
-        if isinstance(rendered, RenderFailed):
-            self.emit_retrying(
-                current, "failed", error=f"test render failed on worker {self.id}: {rendered.error}"
-            )
-            return
-        prefix = lease.files_key(offer.job_id, offer.token) + ":result"
-        refs = {
-            "adapter": self.files.put_file(f"{prefix}:adapter", result.adapter).to_dict(),
-            "render": self.files.put_file(f"{prefix}:render", rendered.with_lora).to_dict(),
-            "base": self.files.put_file(f"{prefix}:base", rendered.base).to_dict(),
-            "compare": self.files.put_file(f"{prefix}:compare", rendered.compare).to_dict(),
-        }
-        report = [
-            {"name": name, "ref": self.files.put_file(f"{prefix}:report:{i}", path).to_dict()}
-            for i, (name, path) in enumerate(report_entries(engine.report_files(workdir)))
-        ]
-        if not self.emit_retrying(
-            current, "done", files=refs, report=report, plan=plan.to_dict(), step=result.step
-        ):
-            raise Fenced()
-        log.info("worker.delivered", step=result.step)
+        events = WorkerEvents(self, offer, engine, workdir, current, log)
+        machine = machine_now(self.settings.ram_gb)
+        runner = JobRunner(self.settings, engine, job_spec(offer, workdir), WorkDir(workdir), machine,
+                           current["stop"], events, log=log, engines=lambda _s, name: self._engine(name))  # fmt: skip
+        try:
+            runner.run(plan)
+        finally:
+            events.close()
 
     def release(self, current: dict) -> None:
         try:
@@ -478,6 +420,93 @@ class RemoteWorker:
             )
         except Exception:
             pass  # it lapses by itself
+
+
+class WorkerEvents:
+    """The Redis worker's RunEvents: each one a fenced event to the coordinator (a lost lease
+    raises Fenced: stop, deliver nothing), checkpoints sent while training (CheckpointUploader),
+    the result's files uploaded before `done`."""
+
+    def __init__(self, worker: RemoteWorker, offer: Offer, engine: Engine, workdir: Path, current: dict, log):
+        self.worker, self.offer, self.engine, self.workdir = worker, offer, engine, workdir
+        self.current, self.log = current, log
+        self.uploader: CheckpointUploader | None = None
+        self.remote: RemoteProgress | None = None
+        self.step: int | None = None  # the step training ended at (a stopped render reports it)
+
+    def planned(self, plan: TrainingPlan, engine: Engine, fallback_from: str | None) -> None:
+        """`accepted` already carried the plan (run_offer), before the inputs were fetched."""
+
+    def training(self) -> bool:
+        self.uploader = CheckpointUploader(self.worker, self.engine, self.workdir, self.current)
+        self.remote = RemoteProgress(self.worker, self.current)
+        return True
+
+    def checkpoint(self) -> None:
+        if self.uploader is not None:
+            self.uploader.poke()
+
+    def progress(self, p: Progress) -> None:
+        if self.remote is not None:
+            self.remote(p)
+
+    def plan_changed(self, plan: TrainingPlan) -> None:
+        self.worker.emit(self.current, "plan", plan=plan.to_dict())
+
+    def training_over(self) -> None:
+        self.close()
+        if self.current.get("fenced") or self.current["stop"].reason == FENCED:
+            raise Fenced()
+
+    def rendering(self, step: int | None) -> bool:
+        self.step = step
+        if self.uploader is not None:
+            self.uploader.upload_now()  # the final state: a lost result never means training again
+        if not self.worker.emit(self.current, "rendering", step=step):
+            raise Fenced()
+        return True
+
+    def adapter(self, plan: TrainingPlan, adapter: Path) -> Path:
+        return adapter  # the coordinator stamps it when it publishes
+
+    def done(self, result: RunResult) -> None:
+        files, offer = self.worker.files, self.offer
+        prefix = lease.files_key(offer.job_id, offer.token) + ":result"
+        refs = {
+            "adapter": files.put_file(f"{prefix}:adapter", result.adapter).to_dict(),
+            "render": files.put_file(f"{prefix}:render", result.rendered.with_lora).to_dict(),
+            "base": files.put_file(f"{prefix}:base", result.rendered.base).to_dict(),
+            "compare": files.put_file(f"{prefix}:compare", result.rendered.compare).to_dict(),
+        }
+        report = [
+            {"name": name, "ref": files.put_file(f"{prefix}:report:{i}", path).to_dict()}
+            for i, (name, path) in enumerate(report_entries(result.report_files))
+        ]
+        if not self.worker.emit_retrying(self.current, "done", files=refs, report=report,
+                                         plan=result.plan.to_dict(), step=result.step):  # fmt: skip
+            raise Fenced()
+        self.log.info("worker.delivered", step=result.step)
+
+    def stopped(self, step: int | None, reason: str | None) -> None:
+        if self.current.get("fenced"):
+            raise Fenced()
+        if self.uploader is not None:
+            self.uploader.upload_now()  # the checkpoint written on the graceful stop travels too
+        step = step if step is not None else self.step
+        self.worker.emit_retrying(self.current, "stopped", step=step, reason=reason)
+        self.worker.release(self.current)
+
+    def failed(self, error: str, kind: FailKind, step: int | None = None) -> None:
+        if kind is FailKind.RENDER:
+            error = f"test render failed on worker {self.worker.id}: {error}"
+        data: dict[str, Any] = {"error": error}
+        if kind in (FailKind.TRAIN, FailKind.DISK_FULL):
+            data["step"] = step
+        self.worker.emit_retrying(self.current, "failed", **data)
+
+    def close(self) -> None:
+        if self.uploader is not None:
+            self.uploader.close()
 
 
 def report_entries(paths: list[Path]) -> list[tuple[str, Path]]:
@@ -492,16 +521,15 @@ def report_entries(paths: list[Path]) -> list[tuple[str, Path]]:
 
 
 class RemoteProgress:
-    """Progress to the coordinator at most once a second (and the last step), fenced; each call
-    also notices a new checkpoint for the uploader."""
+    """Progress to the coordinator at most once a second (and the last step), fenced (the
+    runner's `checkpoint` event pokes the uploader with every report)."""
 
-    def __init__(self, worker: RemoteWorker, current: dict, uploader: "CheckpointUploader"):
-        self.worker, self.current, self.uploader = worker, current, uploader
+    def __init__(self, worker: RemoteWorker, current: dict):
+        self.worker, self.current = worker, current
         self._last = float("-inf")
         self._failing = False
 
     def __call__(self, p: Progress) -> None:
-        self.uploader.poke()
         now = time.monotonic()
         if now - self._last < 1.0 and p.step < p.total:
             return
@@ -589,7 +617,7 @@ def job_spec(offer: Offer, workdir: Path) -> JobInput:
         image_count=offer.image_count,
         max_side=offer.max_side,
         options=dict(offer.options),
-        data_dir=workdir / "data",
+        data_dir=WorkDir(workdir).data,
         preview_prompt=offer.preview_prompt,
     )
 
