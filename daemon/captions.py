@@ -145,7 +145,7 @@ def caption_missing(settings, store, job, workdir: Path, stop: StopToken, on_spa
             return "stopped"
         if outcome.error is not None:
             log.warning("captions.failed", model=model, error=outcome.error)
-            return f"captioning with {model} failed: {outcome.error} (see {workdir / 'caption.log'})"
+            return f"captioning with {model} failed: {outcome.error} (see {WorkDir(workdir).caption_log})"
         log.info(
             "captions.done",
             model=model,

@@ -65,6 +65,11 @@ class WorkDir:
         return self.root / "train.log"
 
     @property
+    def caption_log(self) -> Path:
+        """The captioner child's log (missing_captions = "vlm")."""
+        return self.root / "caption.log"
+
+    @property
     def samples(self) -> Path:
         return self.root / "samples"
 
