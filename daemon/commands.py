@@ -267,7 +267,7 @@ def _dataset_plan(
     )
     plan: TrainingPlan | PlanError
     try:
-        plan = engine.plan(job, machine)
+        plan = engine.plan(job=job, machine=machine)
     except PlanError as exc:
         plan = exc
     return model, image_count, max_side, options, plan, data_bytes
@@ -279,7 +279,9 @@ def workdir_bytes(settings: Settings, plan, data_bytes: int) -> int:
     from daemon.pipeline import make_engine
     from daemon.space import space_needed
 
-    engine_bytes = make_engine(settings, plan.engine).disk_needed(plan, Path("/nonexistent/lorad-plan"))
+    engine_bytes = make_engine(settings, plan.engine).disk_needed(
+        plan=plan, workdir=Path("/nonexistent/lorad-plan")
+    )
     return data_bytes + space_needed("train", engine_bytes=engine_bytes)
 
 

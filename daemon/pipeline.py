@@ -21,6 +21,7 @@ from daemon.engine_host import (  # noqa: F401 (callers import them here)
     fallback_engine,
     job_input,
     make_engine,
+    renderer_for,
 )
 from daemon.fsutil import atomic_write_text
 from daemon.intake import markers
@@ -412,7 +413,7 @@ class Pipeline:
             if plan_path.is_file() and job.plan:
                 plan = TrainingPlan.from_dict(json.loads(plan_path.read_text()))  # resume: same plan
             else:
-                plan = engine.plan(spec, machine)
+                plan = engine.plan(job=spec, machine=machine)
         except MemoryPlanError as exc:
             fallback = self._cloud_fallback(job, engine, spec, machine, exc)
             if fallback is None:
@@ -445,7 +446,9 @@ class Pipeline:
         )
         while True:
             try:
-                result = engine.train(plan, workdir, sink, stop, on_spawn=self._on_spawn)
+                result = engine.train(
+                    plan=plan, workdir=workdir, progress=sink, stop=stop, on_spawn=self._on_spawn
+                )
             finally:
                 sink.close()
             if result.status is TrainStatus.COMPLETED:
@@ -456,7 +459,7 @@ class Pipeline:
             error = result.error or "training failed"
             if plan.step_downs == 0:
                 try:
-                    lower = engine.step_down(plan, spec, machine, result)
+                    lower = engine.step_down(plan=plan, job=spec, machine=machine, failed=result)
                 except PlanError as exc:
                     lower, error = None, f"{error}; {exc}"
                 if lower is not None:
@@ -481,7 +484,14 @@ class Pipeline:
             )
             return
         stamp_adapter(engine, job, plan, result.adapter, lora_file, spec.image_count)
-        rendered = engine.render(plan, workdir, lora_file, spec.preview_prompt, workdir / "render", stop)
+        rendered = renderer_for(self.settings, engine).render(
+            plan=plan,
+            workdir=workdir,
+            lora=lora_file,
+            prompt=spec.preview_prompt,
+            out_dir=workdir / "render",
+            stop=stop,
+        )
         if isinstance(rendered, RenderStopped):
             self._stopped(job_id, stop)
             return
@@ -522,7 +532,7 @@ class Pipeline:
             return None
         try:
             cloud = make_engine(self.settings, cloud_engine)
-            plan = cloud.plan(spec, machine)
+            plan = cloud.plan(job=spec, machine=machine)
         except (SettingsError, PlanError) as cloud_exc:
             self.store.transition(
                 job.id, "failed", error=f"{exc}; cloud_fallback to {cloud_engine} failed too: {cloud_exc}"
@@ -558,7 +568,7 @@ class Pipeline:
 
     def _training_space_problem(self, job, engine: Engine, plan: TrainingPlan, workdir: Path) -> str | None:
         """Refuse before training when its checkpoints cannot fit (needed vs free, which disk)."""
-        needed = space.space_needed("train", engine_bytes=engine.disk_needed(plan, workdir))
+        needed = space.space_needed("train", engine_bytes=engine.disk_needed(plan=plan, workdir=workdir))
         free = space.free_bytes(workdir)
         problem = space.space_problem("training", workdir, needed, free, f"run: lorad retry {job.id}")
         if problem is not None:

@@ -389,9 +389,11 @@ def test_quantized_kernel_failure_steps_up_to_bf16_when_it_fits(tmp_path):
     engine = _engine_on(
         Device("cuda", "NVIDIA RTX 6000", total_gb=48, free_gb=30, source="mlx device_info"), tmp_path
     )
-    plan = engine.plan(_job(tmp_path), LINUX)
+    plan = engine.plan(job=_job(tmp_path), machine=LINUX)
     assert plan.backend == "cuda" and plan.config["quantize"] == 8  # 30 GB free at plan time: q8
-    lower = engine.step_down(plan, _job(tmp_path), LINUX, _failed(Failure.UNSUPPORTED))
+    lower = engine.step_down(
+        plan=plan, job=_job(tmp_path), machine=LINUX, failed=_failed(Failure.UNSUPPORTED)
+    )
     assert lower is not None and lower.config["quantize"] is None and lower.tier == "bf16-checkpointed"
     assert (
         lower.step_downs == 1
@@ -404,23 +406,26 @@ def test_quantized_kernel_failure_without_room_for_bf16_fails_clearly(tmp_path):
     engine = _engine_on(
         Device("cuda", "NVIDIA RTX 4090", total_gb=24, free_gb=23, source="mlx device_info"), tmp_path
     )
-    plan = engine.plan(_job(tmp_path), LINUX)
+    plan = engine.plan(job=_job(tmp_path), machine=LINUX)
     assert plan.config["quantize"] == 4
     with pytest.raises(PlanError, match="without quantization needs at least 37 GB free, have 24"):
-        engine.step_down(plan, _job(tmp_path), LINUX, _failed(Failure.UNSUPPORTED))
+        engine.step_down(plan=plan, job=_job(tmp_path), machine=LINUX, failed=_failed(Failure.UNSUPPORTED))
 
 
 def test_other_failures_do_not_step_down(tmp_path):
     engine = _engine_on(H100, tmp_path)
-    plan = engine.plan(_job(tmp_path), LINUX)
-    assert engine.step_down(plan, _job(tmp_path), LINUX, _failed(Failure.OTHER)) is None
+    plan = engine.plan(job=_job(tmp_path), machine=LINUX)
     assert (
-        engine.step_down(plan, _job(tmp_path), LINUX, _failed(Failure.UNSUPPORTED)) is None
+        engine.step_down(plan=plan, job=_job(tmp_path), machine=LINUX, failed=_failed(Failure.OTHER)) is None
+    )
+    assert (
+        engine.step_down(plan=plan, job=_job(tmp_path), machine=LINUX, failed=_failed(Failure.UNSUPPORTED))
+        is None
     )  # bf16 has no quantized kernel
 
 
 def test_plan_summary_shows_backend_device_and_memory(tmp_path):
-    plan = _engine_on(H100, tmp_path).plan(_job(tmp_path), LINUX)
+    plan = _engine_on(H100, tmp_path).plan(job=_job(tmp_path), machine=LINUX)
     text = "\n".join(plan.summary)
     assert "cuda (NVIDIA H100 80GB HBM3)" in text and "80 GB GPU memory" in text and "79 GB free" in text
     assert plan.tier == "bf16-checkpointed"
