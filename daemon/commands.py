@@ -87,11 +87,15 @@ def daemon_model(settings: Settings) -> tuple[str, str]:
 def cmd_config(settings: Settings, args) -> int:
     """`lorad config`: every effective setting and where it came from, secrets masked."""
     from daemon import effective
+    from daemon.engine_host import engine_setting_rows
     from daemon.settings import KEYS
 
     rows = [(key, effective.mask_value(key, getattr(settings, key)), settings.sources.get(key, "default"))
             for key in KEYS]  # fmt: skip
     rows.append(("state (folder)", str(settings.state), settings.sources.get("state_dir", "default")))
+    rows += [
+        (key, effective.mask_value(key, value), src) for key, value, src in engine_setting_rows(settings)
+    ]
     record = effective.running_record(settings.state)
     daemon = f"running (pid {record['pid']})" if record else "not running"
     if args.json:

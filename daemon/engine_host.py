@@ -114,3 +114,31 @@ def renderer_for(settings: Settings, engine: Engine) -> Renderer:
     declared = engine_class(LOCAL_RENDERER).options
     context = EngineContext(settings.state, settings.stop_timeout_s, engine_options(settings, declared, {}))
     return local_renderer(context, trained_on=engine.label or engine.name, folder=engine.name)
+
+
+def engine_setting_rows(settings: Settings) -> list[tuple[str, object, str]]:
+    """`lorad config`'s lines for engine settings: every option of the engine in use and of the
+    cloud fallback's (their effective value: default, generic setting or section), then any other
+    section's keys as given; (`engines.<name>.<key>`, value, where it came from)."""
+    rows: list[tuple[str, object, str]] = []
+    shown = [settings.engine] + [e for e in [fallback_engine(settings)] if e and e != settings.engine]
+    for name in shown:
+        try:
+            declared = engine_class(name).options
+            values = coerce_options(
+                name, declared, engine_options(settings, declared, settings.engines.get(name, {}))
+            )
+        except EngineSettingsError:
+            continue
+        for key, value in values.items():
+            source = settings.sources.get(f"engines.{name}.{key}")
+            if source is None:
+                source = settings.sources.get(key, "default") if key in GENERIC_OPTIONS else "default"
+            rows.append((f"engines.{name}.{key}", value, source))
+    for name, section in sorted(settings.engines.items()):
+        if name not in shown:
+            rows += [
+                (f"engines.{name}.{k}", v, settings.sources.get(f"engines.{name}.{k}", "default"))
+                for k, v in sorted(section.items())
+            ]
+    return rows

@@ -396,8 +396,8 @@ def resolve(
     merged: dict[str, object] = {}
     sources: dict[str, str] = {}
     file_values = file_values or {}
-    rest, file_engines, notes = _engine_sections(file_values, {}, file_source)
-    _, env_engines, env_notes = _engine_sections({}, env or {}, file_source)
+    rest, file_engines, notes = _engine_sections(file_values, {}, file_source, sources)
+    _, env_engines, env_notes = _engine_sections({}, env or {}, file_source, sources)
     daemon_engines = (daemon_values or {}).get("engines", ({}, ""))[0]
     merged["engines"] = _merge_engines(
         file_engines, daemon_engines if isinstance(daemon_engines, Mapping) else {}, env_engines
@@ -430,7 +430,8 @@ def resolve(
         merged[key], sources[key] = _coerce(key, value, f"command-line flag {flag}", base), flag
     for key in ("assets", "registry"):
         merged.setdefault(key, root / str(FIELDS[key][1]))
-    merged["sources"] = {key: sources.get(key, DEFAULT_SOURCE) for key in KEYS}
+    engine_sources = {key: src for key, src in sources.items() if key.startswith("engines.")}
+    merged["sources"] = {**{key: sources.get(key, DEFAULT_SOURCE) for key in KEYS}, **engine_sources}
     return Settings(**merged)
 
 
@@ -450,26 +451,32 @@ def _alias_of_env(name: str) -> str | None:
 
 
 def _engine_sections(
-    file_values: Mapping[str, object], env: Mapping[str, str], file_source: str
+    file_values: Mapping[str, object],
+    env: Mapping[str, str],
+    file_source: str,
+    sources: dict[str, str] | None = None,
 ) -> tuple[dict[str, object], dict[str, dict[str, object]], tuple[str, ...]]:
     """Split the engines' raw sections off: (other file values, {engine: {key: raw}}, deprecation notes).
 
     Precedence as for every setting: file < environment. Inside each, the engine's own section
     wins over a deprecated top-level alias. Values stay raw: the engine coerces and validates them.
+    Where each came from goes to `sources` as "engines.<engine>.<key>" (`lorad config` shows it).
     """
     rest = {k: v for k, v in file_values.items() if k != "engines" and k not in DEPRECATED_ALIASES}
     sections: dict[str, dict[str, object]] = {}
     notes: list[str] = []
+    where: dict[str, str] = sources if sources is not None else {}
 
-    def put(engine: str, key: str, value: object) -> None:
+    def put(engine: str, key: str, value: object, source: str = file_source) -> None:
         sections.setdefault(engine, {})[key] = value
+        where[f"engines.{engine}.{key}"] = source
 
     for key, (engines, new_key) in DEPRECATED_ALIASES.items():
         if key in file_values:
             for engine in engines:
-                put(engine, new_key, file_values[key])
-            where = " and ".join(f"[engines.{engine}] {new_key}" for engine in engines)
-            notes.append(f"setting '{key}' in {file_source} is deprecated: move it to {where}")
+                put(engine, new_key, file_values[key], f"{file_source} ({key}, deprecated)")
+            homes = " and ".join(f"[engines.{engine}] {new_key}" for engine in engines)
+            notes.append(f"setting '{key}' in {file_source} is deprecated: move it to {homes}")
     table = file_values.get("engines", {})
     if not isinstance(table, Mapping) or not all(isinstance(v, Mapping) for v in table.values()):
         raise SettingsError(f"'engines' in {file_source} must hold tables like [engines.mflux]")
@@ -481,7 +488,7 @@ def _engine_sections(
         if alias is not None:
             engines, new_key = DEPRECATED_ALIASES[alias]
             for engine in engines:
-                put(engine, new_key, value)
+                put(engine, new_key, value, name)
             use = " and ".join(
                 f"{ENGINES_ENV_PREFIX}{engine.upper()}_{new_key.upper()}" for engine in engines
             )
@@ -493,7 +500,7 @@ def _engine_sections(
                 raise SettingsError(
                     f"environment variable {name}: expected {ENGINES_ENV_PREFIX}<ENGINE>_<KEY>"
                 )
-            put(engine.lower(), key.lower(), value)
+            put(engine.lower(), key.lower(), value, name)
     return rest, sections, tuple(notes)
 
 
