@@ -88,11 +88,15 @@ def daemon_model(settings: Settings) -> tuple[str, str]:
 def cmd_config(settings: Settings, args) -> int:
     """`lorad config`: every effective setting and where it came from, secrets masked."""
     from daemon import effective
+    from daemon.engine_host import engine_setting_rows
     from daemon.settings import KEYS
 
     rows = [(key, effective.mask_value(key, getattr(settings, key)), settings.sources.get(key, "default"))
             for key in KEYS]  # fmt: skip
     rows.append(("state (folder)", str(settings.state), settings.sources.get("state_dir", "default")))
+    rows += [
+        (key, effective.mask_value(key, value), src) for key, value, src in engine_setting_rows(settings)
+    ]
     record = effective.running_record(settings.state)
     daemon = f"running (pid {record['pid']})" if record else "not running"
     if args.json:
@@ -268,7 +272,7 @@ def _dataset_plan(
     )
     plan: TrainingPlan | PlanError
     try:
-        plan = engine.plan(job, machine)
+        plan = engine.plan(job=job, machine=machine)
     except PlanError as exc:
         plan = exc
     return model, image_count, max_side, options, plan, data_bytes
@@ -280,7 +284,9 @@ def workdir_bytes(settings: Settings, plan, data_bytes: int) -> int:
     from daemon.pipeline import make_engine
     from daemon.space import space_needed
 
-    engine_bytes = make_engine(settings, plan.engine).disk_needed(plan, Path("/nonexistent/lorad-plan"))
+    engine_bytes = make_engine(settings, plan.engine).disk_needed(
+        plan=plan, workdir=Path("/nonexistent/lorad-plan")
+    )
     return data_bytes + space_needed("train", engine_bytes=engine_bytes)
 
 

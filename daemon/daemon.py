@@ -52,11 +52,11 @@ def _resume_fields(settings: Settings, workdir: Path, engine_name: str) -> dict:
 
     fields: dict = {}
     try:
-        step = make_engine(settings, engine_name).saved_step(workdir)
+        state = make_engine(settings, engine_name).saved_state(workdir)
     except SettingsError:
-        step = None  # an engine this lorad no longer has: the job fails clearly when it runs
-    if step is not None:
-        fields["step"] = step
+        state = None  # an engine this lorad no longer has: the job fails clearly when it runs
+    if state is not None:
+        fields["step"] = state.step
     try:
         plan = json.loads((workdir / "plan.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

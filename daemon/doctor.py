@@ -51,7 +51,7 @@ def run_checks(settings: Settings) -> list[Check]:
         checks.append(Check("engine", FAIL, str(exc)))
     else:
         checks.append(Check("engine", OK, engine.name))
-        checks.extend(engine.doctor_checks(settings.model, machine_now(settings.ram_gb)))
+        checks.extend(engine.doctor_checks(model=settings.model, machine=machine_now(settings.ram_gb)))
     checks.append(
         Check("assets", OK if settings.training_data.is_dir() else WARN, str(settings.training_data))
     )

@@ -24,6 +24,7 @@ from daemon.engine_host import (  # noqa: F401 (callers import them here)
     fallback_engine,
     job_input,
     make_engine,
+    renderer_for,
 )
 from daemon.intake import markers
 from daemon.jobs import FINISHED, RUNNABLE, Job, JobStore, StateChanged

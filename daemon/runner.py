@@ -110,7 +110,7 @@ def cloud_fallback_target(
 
 def training_space_problem(engine: Engine, plan: TrainingPlan, workdir: Path, job_id: str) -> str | None:
     """Refuse before training when its checkpoints cannot fit (needed vs free, which disk)."""
-    needed = space.space_needed("train", engine_bytes=engine.disk_needed(plan, workdir))
+    needed = space.space_needed("train", engine_bytes=engine.disk_needed(plan=plan, workdir=workdir))
     free = space.free_bytes(workdir)
     problem = space.space_problem("training", workdir, needed, free, f"run: lorad retry {job_id}")
     if problem is not None:
@@ -176,7 +176,7 @@ class JobRunner:
         """This machine's plan, or the cloud's (`cloud_fallback`) when no local plan fits its
         memory; None: the job failed (told through events)."""
         try:
-            return self.engine.plan(self.spec, self.machine), None
+            return self.engine.plan(job=self.spec, machine=self.machine), None
         except MemoryPlanError as exc:
             return self._cloud_fallback(exc)
         except PlanError as exc:
@@ -190,7 +190,7 @@ class JobRunner:
             return None
         try:
             cloud = self.engines(self.settings, target)
-            plan = cloud.plan(self.spec, self.machine)
+            plan = cloud.plan(job=self.spec, machine=self.machine)
         except (SettingsError, PlanError) as cloud_exc:
             self.events.failed(f"{exc}; cloud_fallback to {target} failed too: {cloud_exc}", FailKind.PLAN)
             return None

@@ -83,8 +83,6 @@ FIELDS: dict[str, tuple[str, object]] = {
     # A job whose local plan fails for memory goes to a cloud engine instead of failing: true
     # (fal, the default cloud), or the cloud engine's name ("fal", "replicate"); false: off.
     "cloud_fallback": ("str | None", None),
-    # At most this many jobs sent to a paid cloud engine in any 24 hours (0: no limit).
-    "cloud_daily_jobs": ("int", 10),
     # Each engine's own settings, raw: {"mflux": {"checkpoint_every": 5}} from `[engines.mflux]` or
     # LORAD_ENGINES_MFLUX_CHECKPOINT_EVERY; the engine validates them when the daemon starts.
     "engines": ("dict", None),
@@ -113,10 +111,12 @@ FIELDS: dict[str, tuple[str, object]] = {
     "sources": ("dict", None),
 }
 
-# Old top-level keys that moved into an engine's section: key -> (engine, key there).
-DEPRECATED_ALIASES: dict[str, tuple[str, str]] = {
-    "metal_timeout_workaround": ("mflux", "metal_timeout_workaround"),
-    "checkpoint_every": ("mflux", "checkpoint_every"),
+# Old top-level keys that moved into engines' sections: key -> (the engines, the key there).
+# `cloud_daily_jobs` was the cap of every paid cloud: each cloud's section has its own now.
+DEPRECATED_ALIASES: dict[str, tuple[tuple[str, ...], str]] = {
+    "metal_timeout_workaround": (("mflux",), "metal_timeout_workaround"),
+    "checkpoint_every": (("mflux",), "checkpoint_every"),
+    "cloud_daily_jobs": (("fal", "replicate"), "daily_jobs"),
 }
 ENGINES_ENV_PREFIX = ENV_PREFIX + "ENGINES_"
 
@@ -154,7 +154,6 @@ class Settings:
     ui: str | None
     ui_token: str | None
     cloud_fallback: str | None  # the cloud engine's name, None: off
-    cloud_daily_jobs: int
     engines: dict[str, dict[str, object]]
     notify: tuple[str, ...]
     notify_on: tuple[str, ...]
@@ -397,8 +396,8 @@ def resolve(
     merged: dict[str, object] = {}
     sources: dict[str, str] = {}
     file_values = file_values or {}
-    rest, file_engines, notes = _engine_sections(file_values, {}, file_source)
-    _, env_engines, env_notes = _engine_sections({}, env or {}, file_source)
+    rest, file_engines, notes = _engine_sections(file_values, {}, file_source, sources)
+    _, env_engines, env_notes = _engine_sections({}, env or {}, file_source, sources)
     daemon_engines = (daemon_values or {}).get("engines", ({}, ""))[0]
     merged["engines"] = _merge_engines(
         file_engines, daemon_engines if isinstance(daemon_engines, Mapping) else {}, env_engines
@@ -431,7 +430,8 @@ def resolve(
         merged[key], sources[key] = _coerce(key, value, f"command-line flag {flag}", base), flag
     for key in ("assets", "registry"):
         merged.setdefault(key, root / str(FIELDS[key][1]))
-    merged["sources"] = {key: sources.get(key, DEFAULT_SOURCE) for key in KEYS}
+    engine_sources = {key: src for key, src in sources.items() if key.startswith("engines.")}
+    merged["sources"] = {**{key: sources.get(key, DEFAULT_SOURCE) for key in KEYS}, **engine_sources}
     return Settings(**merged)
 
 
@@ -451,26 +451,32 @@ def _alias_of_env(name: str) -> str | None:
 
 
 def _engine_sections(
-    file_values: Mapping[str, object], env: Mapping[str, str], file_source: str
+    file_values: Mapping[str, object],
+    env: Mapping[str, str],
+    file_source: str,
+    sources: dict[str, str] | None = None,
 ) -> tuple[dict[str, object], dict[str, dict[str, object]], tuple[str, ...]]:
     """Split the engines' raw sections off: (other file values, {engine: {key: raw}}, deprecation notes).
 
     Precedence as for every setting: file < environment. Inside each, the engine's own section
     wins over a deprecated top-level alias. Values stay raw: the engine coerces and validates them.
+    Where each came from goes to `sources` as "engines.<engine>.<key>" (`lorad config` shows it).
     """
     rest = {k: v for k, v in file_values.items() if k != "engines" and k not in DEPRECATED_ALIASES}
     sections: dict[str, dict[str, object]] = {}
     notes: list[str] = []
+    where: dict[str, str] = sources if sources is not None else {}
 
-    def put(engine: str, key: str, value: object) -> None:
+    def put(engine: str, key: str, value: object, source: str = file_source) -> None:
         sections.setdefault(engine, {})[key] = value
+        where[f"engines.{engine}.{key}"] = source
 
-    for key, (engine, new_key) in DEPRECATED_ALIASES.items():
+    for key, (engines, new_key) in DEPRECATED_ALIASES.items():
         if key in file_values:
-            put(engine, new_key, file_values[key])
-            notes.append(
-                f"setting '{key}' in {file_source} is deprecated: move it to [engines.{engine}] {new_key}"
-            )
+            for engine in engines:
+                put(engine, new_key, file_values[key], f"{file_source} ({key}, deprecated)")
+            homes = " and ".join(f"[engines.{engine}] {new_key}" for engine in engines)
+            notes.append(f"setting '{key}' in {file_source} is deprecated: move it to {homes}")
     table = file_values.get("engines", {})
     if not isinstance(table, Mapping) or not all(isinstance(v, Mapping) for v in table.values()):
         raise SettingsError(f"'engines' in {file_source} must hold tables like [engines.mflux]")
@@ -480,11 +486,13 @@ def _engine_sections(
     for name, value in env.items():
         alias = _alias_of_env(name)
         if alias is not None:
-            engine, new_key = DEPRECATED_ALIASES[alias]
-            put(engine, new_key, value)
-            notes.append(
-                f"environment variable {name} is deprecated: use {ENGINES_ENV_PREFIX}{engine.upper()}_{new_key.upper()}"
+            engines, new_key = DEPRECATED_ALIASES[alias]
+            for engine in engines:
+                put(engine, new_key, value, name)
+            use = " and ".join(
+                f"{ENGINES_ENV_PREFIX}{engine.upper()}_{new_key.upper()}" for engine in engines
             )
+            notes.append(f"environment variable {name} is deprecated: use {use}")
     for name, value in env.items():
         if name.startswith(ENGINES_ENV_PREFIX):
             engine, _, key = name[len(ENGINES_ENV_PREFIX) :].partition("_")
@@ -492,7 +500,7 @@ def _engine_sections(
                 raise SettingsError(
                     f"environment variable {name}: expected {ENGINES_ENV_PREFIX}<ENGINE>_<KEY>"
                 )
-            put(engine.lower(), key.lower(), value)
+            put(engine.lower(), key.lower(), value, name)
     return rest, sections, tuple(notes)
 
 

@@ -1,10 +1,13 @@
 """The engine contract: the one module of engines/ that daemon/ imports (a test checks this).
 
-An engine plans a job for this machine, trains it (with stop and resume), renders the test
-images, and owns everything that depends on its trainer: the plan's engine-specific part (an
-opaque `config`), the files of its report, the adapter's metadata keys, its intake limits, its
-`lorad doctor` checks and its settings section (`[engines.<name>]` in lorad.toml). The daemon
-sees only the types below, so a DGX or cloud engine is one new module plus one `register` line.
+An engine plans a job for this machine, trains it (with stop and resume) and owns everything
+that depends on its trainer: the plan's engine-specific part (an opaque `config`), its saved
+state, the files of its report, the adapter's metadata keys, its intake limits, its `lorad
+doctor` checks and its settings section (`[engines.<name>]` in lorad.toml). `Engine` is a base
+class with defaults: a new engine implements `REQUIRED` (docs/ARCHITECTURE.md "adding an
+engine"), so a DGX or cloud engine is one new module plus one `register` line. The test render
+is a seam of its own (`Renderer`): an engine that renders implements it; for one that does not
+(a cloud), the daemon renders the LoRA here with `local_renderer` (daemon/engine_host.py).
 
 Engines run their ML stack in a child process: importing an engine module must never import
 mlx, mflux, torch or PIL (the daemon stays lean; a test checks `sys.modules`).
@@ -12,6 +15,7 @@ mlx, mflux, torch or PIL (the daemon stays lean; a test checks `sys.modules`).
 
 from __future__ import annotations
 
+import abc
 import enum
 import importlib
 import threading
@@ -75,9 +79,9 @@ class EngineContext:
 
     state_dir: Path
     stop_timeout_s: float = 60.0
-    keep_awake: bool = True
-    options: Mapping[str, object] = field(default_factory=dict)  # raw `[engines.<name>]` values
-    cloud_daily_jobs: int = 0  # engines that pay per job (fal): at most this many sent a day; 0 = no limit
+    # Raw `[engines.<name>]` values; what is engine-specific (the cloud's daily cap, keeping the
+    # Mac awake for a child) is an option of that engine, not a field here.
+    options: Mapping[str, object] = field(default_factory=dict)
     # false: the engine's children run with the Hub offline (HF_HUB_OFFLINE=1), nothing fetched unasked.
     download_models: bool = False
 
@@ -344,43 +348,109 @@ def coerce_option(engine: str, option: Option, value: object) -> object:
     return value.strip()
 
 
-def coerce_options(engine: str, options: tuple[Option, ...], raw: Mapping[str, object]) -> dict[str, object]:
+class Options(dict[str, object]):
+    """An engine's coerced settings with typed reads (no `type: ignore` at the reader): each
+    accessor checks the value has the type its `Option` declared."""
+
+    def _typed(self, name: str, kinds: tuple[type, ...]) -> object:
+        value = self[name]
+        if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+            raise TypeError(f"option {name!r} is {type(value).__name__}, not {kinds[0].__name__}")
+        return value
+
+    def integer(self, name: str) -> int:
+        value = self._typed(name, (int,))
+        assert isinstance(value, int)
+        return value
+
+    def number(self, name: str) -> float:
+        value = self._typed(name, (float, int))
+        assert isinstance(value, (float, int))
+        return float(value)
+
+    def flag(self, name: str) -> bool:
+        value = self._typed(name, (bool,))
+        return value is True
+
+    def text(self, name: str) -> str:
+        value = self._typed(name, (str,))
+        assert isinstance(value, str)
+        return value
+
+
+def coerce_options(engine: str, options: tuple[Option, ...], raw: Mapping[str, object]) -> Options:
     """The engine's settings: defaults overlaid with `raw`; unknown keys are errors that list the known."""
     known = {o.name: o for o in options}
     unknown = sorted(set(raw) - set(known))
     if unknown:
         listing = ", ".join(sorted(known)) or "none"
         raise EngineSettingsError(f"unknown setting '{unknown[0]}' in [engines.{engine}]; known: {listing}")
-    values = {o.name: o.default for o in options}
+    values = Options({o.name: o.default for o in options})
     for key, value in raw.items():
         values[key] = coerce_option(engine, known[key], value)
     return values
 
 
+# Options lorad's generic settings fill in for an engine that declares them (its own section
+# wins): `keep_awake` (macOS: caffeinate while a child trains or renders).
+GENERIC_OPTIONS = ("keep_awake",)
+KEEP_AWAKE = Option("keep_awake", bool, True, "macOS: keep the Mac awake while a child runs (caffeinate)")
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """The newest good saved training state of a work dir, read in one look at the disk: the step
+    it holds and the files that hold it (relative to the work dir they travel as is)."""
+
+    step: int
+    files: tuple[Path, ...]
+
+
 # -- the contract ----------------------------------------------------------------------------
 
+# What a new engine must define (docs/ARCHITECTURE.md "adding an engine"; tests/test_engine_contract.py
+# keeps this list, the abstract methods and the docs equal). Everything else has a default.
+REQUIRED_ATTRIBUTES = ("name", "models")
+REQUIRED_METHODS = ("plan", "train", "model_check", "saved_state")
+REQUIRED = REQUIRED_ATTRIBUTES + REQUIRED_METHODS
+OVERRIDABLE = (
+    "options",
+    "label",
+    "step_down",
+    "report_files",
+    "adapter_metadata",
+    "intake_limits",
+    "doctor_checks",
+    "disk_needed",
+)
 
-@runtime_checkable
-class Engine(Protocol):
-    name: ClassVar[str]
-    options: ClassVar[tuple[Option, ...]]
+
+class Engine(abc.ABC):
+    """The engine contract: a trainer behind lorad. Methods taking more than one argument take
+    them by keyword (a call reads as what it passes)."""
+
+    name: ClassVar[str]  # `engine = "<name>"` in lorad.toml; the `[engines.<name>]` section
     models: ClassVar[tuple[str, ...]]  # the model ids it can train
+    options: ClassVar[tuple[Option, ...]] = ()  # its settings section's keys
+    label: ClassVar[str] = ""  # the engine in messages ("fal.ai"); empty: its name
 
-    def __init__(self, context: EngineContext) -> None: ...
+    def __init__(self, context: EngineContext) -> None:
+        self.context = context
+        self.state_dir = Path(context.state_dir)
+        self.stop_timeout_s = context.stop_timeout_s
+        self.download_models = context.download_models
+        self.values = coerce_options(self.name, self.options, context.options)
 
-    def plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
+    # -- required ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def plan(self, *, job: JobInput, machine: Machine) -> TrainingPlan:
         """The plan for this job on this machine, or PlanError saying why it cannot run."""
-        ...
 
-    def step_down(
-        self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult
-    ) -> TrainingPlan | None:
-        """A lower plan after `failed`; None when no lower plan would help (the job fails with
-        `failed.error`); PlanError when one would but none exists (the message says why)."""
-        ...
-
+    @abc.abstractmethod
     def train(
         self,
+        *,
         plan: TrainingPlan,
         workdir: Path,
         progress: Callable[[Progress], None],
@@ -388,10 +458,58 @@ class Engine(Protocol):
         on_spawn: Callable[[int], None] | None = None,
     ) -> TrainResult:
         """Train (or resume from the engine's own saved state in workdir) until done or stopped."""
-        ...
+
+    @abc.abstractmethod
+    def model_check(self, model: str) -> Check:
+        """Fast (no ML imports, no download): can this engine train `model` here? `lorad run`
+        says it at start, so a missing model is known before the first job fails on it."""
+
+    @abc.abstractmethod
+    def saved_state(self, workdir: Path) -> SavedState | None:
+        """The newest good saved training state under workdir (None: nothing saved), step and files
+        from one look at the disk: where a re-adopted job resumes (its marker and status), and,
+        copied to the same relative paths under another work dir holding the same snapshot, what
+        `train` resumes from there (how a checkpoint travels between machines: scale-out)."""
+
+    # -- defaults ----------------------------------------------------------------------------
+
+    def step_down(
+        self, *, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult
+    ) -> TrainingPlan | None:
+        """A lower plan after `failed`; None when no lower plan would help (the job fails with
+        `failed.error`); PlanError when one would but none exists (the message says why)."""
+        return None
+
+    def report_files(self, workdir: Path) -> list[Path]:
+        """Files of the training report to publish beside the LoRA (loss plot, preview, ...); a
+        folder named `samples` (samples during training) is published as that folder."""
+        return []
+
+    def adapter_metadata(self, plan: TrainingPlan) -> dict[str, str]:
+        """Engine-specific safetensors metadata keys (e.g. ss_network_dim, ss_network_alpha)."""
+        return {}
+
+    def intake_limits(self) -> IntakeLimits:
+        return IntakeLimits()
+
+    def doctor_checks(self, *, model: str, machine: Machine) -> list[Check]:
+        """`lorad doctor` lines for this engine: its stack, its device, the model's weights."""
+        return [self.model_check(model)]
+
+    def disk_needed(self, *, plan: TrainingPlan, workdir: Path) -> int:
+        """Bytes training this plan will still write under workdir (checkpoints, adapter), what is
+        already there deducted: the daemon refuses a job early when they do not fit."""
+        return 0
+
+
+@runtime_checkable
+class Renderer(Protocol):
+    """Makes a job's test render: the prompt with and without the LoRA (same seed) and their
+    comparison. An engine that renders implements it; the daemon picks one (engine_host.renderer_for)."""
 
     def render(
         self,
+        *,
         plan: TrainingPlan,
         workdir: Path,
         lora: Path,
@@ -399,45 +517,19 @@ class Engine(Protocol):
         out_dir: Path,
         stop: StopToken,
         seed: int = 42,
-    ) -> RenderOutcome:
-        """The test prompt with and without the LoRA (same seed) and their comparison."""
-        ...
+    ) -> RenderOutcome: ...
 
-    def report_files(self, workdir: Path) -> list[Path]:
-        """Files of the training report to publish beside the LoRA (loss plot, preview, ...); a
-        folder named `samples` (samples during training) is published as that folder."""
-        ...
 
-    def adapter_metadata(self, plan: TrainingPlan) -> dict[str, str]:
-        """Engine-specific safetensors metadata keys (e.g. ss_network_dim, ss_network_alpha)."""
-        ...
+LOCAL_RENDERER = "engines.mflux.render:LocalRenderer"
 
-    def intake_limits(self) -> IntakeLimits: ...
 
-    def doctor_checks(self, model: str, machine: Machine) -> list[Check]:
-        """`lorad doctor` lines for this engine: its stack, its device, the model's weights."""
-        ...
-
-    def saved_step(self, workdir: Path) -> int | None:
-        """The step the engine's newest saved training state in workdir holds (None: nothing
-        saved): where a re-adopted job resumes, for its marker and status."""
-        ...
-
-    def saved_state(self, workdir: Path) -> list[Path]:
-        """The files under workdir that hold the newest good saved training state (empty: none).
-        Copied to the same relative paths under another work dir holding the same snapshot,
-        `train` resumes from them: how a checkpoint travels between machines (scale-out)."""
-        ...
-
-    def disk_needed(self, plan: TrainingPlan, workdir: Path) -> int:
-        """Bytes training this plan will still write under workdir (checkpoints, adapter), what is
-        already there deducted: the daemon refuses a job early when they do not fit."""
-        ...
-
-    def model_check(self, model: str) -> Check:
-        """Fast (no ML imports, no download): can this engine train `model` here? `lorad run`
-        says it at start, so a missing model is known before the first job fails on it."""
-        ...
+def local_renderer(context: EngineContext, *, trained_on: str, folder: str) -> Renderer:
+    """The test render of a LoRA trained elsewhere (`trained_on`, e.g. "fal.ai"), made on this
+    machine by the mflux engine; its render plan and log go under `<workdir>/<folder>/local`."""
+    module_name, _, class_name = LOCAL_RENDERER.partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    renderer: Renderer = cls(context, trained_on=trained_on, folder=folder)
+    return renderer
 
 
 # -- the registry ----------------------------------------------------------------------------
@@ -464,6 +556,9 @@ def engine_class(name: str) -> type[Engine]:
         raise EngineSettingsError(f"unknown engine {name!r}; known engines: {', '.join(known_engines())}")
     module_name, _, class_name = target.partition(":")
     cls: type[Engine] = getattr(importlib.import_module(module_name), class_name)
+    missing = [a for a in REQUIRED_ATTRIBUTES if not getattr(cls, a, None)]
+    if missing:
+        raise TypeError(f"engine {name!r} ({target}) does not set {', '.join(missing)}")
     return cls
 
 

@@ -202,8 +202,7 @@ def _engine(tmp_path, **options):
         "fal",
         EngineContext(
             state_dir=tmp_path / "state",
-            options={"poll_s": 0.02, "retry_base_s": 0.02, **STANDIN_OPTIONS, **options},
-            cloud_daily_jobs=options.pop("daily", 10) if "daily" in options else 10,
+            options={"poll_s": 0.02, "retry_base_s": 0.02, "daily_jobs": 10, **STANDIN_OPTIONS, **options},
         ),
     )
 
@@ -220,7 +219,12 @@ def test_a_500_is_retried_and_one_request_is_sent(fal, tmp_path):
     engine = _engine(tmp_path)
     job = _job(tmp_path)
     seen: list[Progress] = []
-    result = engine.train(engine.plan(job, MACHINE), tmp_path / "job", seen.append, StopToken())
+    result = engine.train(
+        plan=engine.plan(job=job, machine=MACHINE),
+        workdir=tmp_path / "job",
+        progress=seen.append,
+        stop=StopToken(),
+    )
     assert result.status is TrainStatus.COMPLETED, result.error
     assert len(fal.submissions) == 1 and fal.fail == {"submit": [], "status": []}
     assert any(p.note and p.note.startswith("waiting: fal.ai unreachable") for p in seen)
@@ -231,12 +235,16 @@ def test_a_500_is_retried_and_one_request_is_sent(fal, tmp_path):
 def test_stop_leaves_the_request_running_and_the_next_train_reattaches(fal, tmp_path):
     fal.hold.clear()  # stays IN_PROGRESS until set
     engine = _engine(tmp_path)
-    plan = engine.plan(_job(tmp_path), MACHINE)
+    plan = engine.plan(job=_job(tmp_path), machine=MACHINE)
     stop = StopToken()
-    stopped = engine.train(plan, tmp_path / "job", lambda p: p.step and stop.stop("shutdown"), stop)
+    stopped = engine.train(
+        plan=plan, workdir=tmp_path / "job", progress=lambda p: p.step and stop.stop("shutdown"), stop=stop
+    )
     assert stopped.status is TrainStatus.STOPPED and fal.cancels == []
     fal.hold.set()
-    done = _engine(tmp_path).train(plan, tmp_path / "job", lambda p: None, StopToken())
+    done = _engine(tmp_path).train(
+        plan=plan, workdir=tmp_path / "job", progress=lambda p: None, stop=StopToken()
+    )
     assert done.status is TrainStatus.COMPLETED, done.error
     assert len(fal.submissions) == 1  # re-attached, not paid twice
 
@@ -246,7 +254,10 @@ def test_cancel_cancels_the_remote_request(fal, tmp_path):
     engine = _engine(tmp_path)
     stop = StopToken()
     result = engine.train(
-        engine.plan(_job(tmp_path), MACHINE), tmp_path / "job", lambda p: p.step and stop.stop("cancel"), stop
+        plan=engine.plan(job=_job(tmp_path), machine=MACHINE),
+        workdir=tmp_path / "job",
+        progress=lambda p: p.step and stop.stop("cancel"),
+        stop=stop,
     )
     assert result.status is TrainStatus.STOPPED and fal.cancels == ["req-0001"]
 
@@ -271,7 +282,12 @@ def test_a_bad_result_is_refused(fal, tmp_path, damage, words):
         )
         fal.lora = (tmp_path / "bad.safetensors").read_bytes()
     engine = _engine(tmp_path, unreachable_timeout_s=1)
-    result = engine.train(engine.plan(_job(tmp_path), MACHINE), tmp_path / "job", lambda p: None, StopToken())
+    result = engine.train(
+        plan=engine.plan(job=_job(tmp_path), machine=MACHINE),
+        workdir=tmp_path / "job",
+        progress=lambda p: None,
+        stop=StopToken(),
+    )
     assert result.status is TrainStatus.FAILED and words in (result.error or "")
     assert not (tmp_path / "job" / "adapter.safetensors").exists()
 
@@ -279,13 +295,18 @@ def test_a_bad_result_is_refused(fal, tmp_path, damage, words):
 def test_remote_failure_fails_with_fals_text(fal, tmp_path):
     fal.remote_error = "Training failed: CUDA out of memory on the worker"
     engine = _engine(tmp_path)
-    result = engine.train(engine.plan(_job(tmp_path), MACHINE), tmp_path / "job", lambda p: None, StopToken())
+    result = engine.train(
+        plan=engine.plan(job=_job(tmp_path), machine=MACHINE),
+        workdir=tmp_path / "job",
+        progress=lambda p: None,
+        stop=StopToken(),
+    )
     assert result.status is TrainStatus.FAILED and "CUDA out of memory on the worker" in (result.error or "")
 
 
 def test_cost_guard_refuses_with_the_numbers(fal, tmp_path):
     with pytest.raises(PlanError, match=r"about \$6\.78 \(3000 steps .* above max_cost_usd = \$1\.00"):
-        _engine(tmp_path).plan(_job(tmp_path, steps=3000, max_cost_usd=1.0), MACHINE)
+        _engine(tmp_path).plan(job=_job(tmp_path, steps=3000, max_cost_usd=1.0), machine=MACHINE)
     assert fal.submissions == []
 
 
@@ -293,18 +314,25 @@ def test_daily_limit_refuses_a_second_job(fal, tmp_path):
     engine = get_engine(
         "fal",
         EngineContext(
-            state_dir=tmp_path / "state", options={"poll_s": 0.02, **fal.options()}, cloud_daily_jobs=1
+            state_dir=tmp_path / "state", options={"poll_s": 0.02, **fal.options(), "daily_jobs": 1}
         ),
     )
     job = _job(tmp_path)
     assert (
-        engine.train(engine.plan(job, MACHINE), tmp_path / "job", lambda p: None, StopToken()).status
+        engine.train(
+            plan=engine.plan(job=job, machine=MACHINE),
+            workdir=tmp_path / "job",
+            progress=lambda p: None,
+            stop=StopToken(),
+        ).status
         is TrainStatus.COMPLETED
     )
     other = tmp_path / "job2"
     make_dataset(other / "data", images=2, trigger="ohwx")
     job2 = JobInput("j2", "bob", "ohwx", "tiny-z-image", 2, 256, {"steps": 20}, other / "data", "ohwx")
-    result = engine.train(engine.plan(job2, MACHINE), other, lambda p: None, StopToken())
+    result = engine.train(
+        plan=engine.plan(job=job2, machine=MACHINE), workdir=other, progress=lambda p: None, stop=StopToken()
+    )
     assert result.status is TrainStatus.FAILED and "cloud_daily_jobs = 1" in (result.error or "")
     assert len(fal.submissions) == 1
 
@@ -312,7 +340,12 @@ def test_daily_limit_refuses_a_second_job(fal, tmp_path):
 def test_no_key_names_fal_key(fal, tmp_path, monkeypatch):
     monkeypatch.delenv("FAL_KEY")
     engine = _engine(tmp_path)
-    result = engine.train(engine.plan(_job(tmp_path), MACHINE), tmp_path / "job", lambda p: None, StopToken())
+    result = engine.train(
+        plan=engine.plan(job=_job(tmp_path), machine=MACHINE),
+        workdir=tmp_path / "job",
+        progress=lambda p: None,
+        stop=StopToken(),
+    )
     assert result.status is TrainStatus.FAILED and "FAL_KEY" in (result.error or "")
     assert "FAL_KEY" in engine.model_check("tiny-z-image").detail
     assert fal.submissions == []
@@ -337,10 +370,10 @@ def test_unreachable_service_waits_then_fails_after_the_bound(tmp_path, monkeypa
     engine = _engine(tmp_path, unreachable_timeout_s=1, **standin_options(tmp_path / "fal"))
     notes: list[str] = []
     result = engine.train(
-        engine.plan(_job(tmp_path), MACHINE),
-        tmp_path / "job",
-        lambda p: notes.append(p.note or ""),
-        StopToken(),
+        plan=engine.plan(job=_job(tmp_path), machine=MACHINE),
+        workdir=tmp_path / "job",
+        progress=lambda p: notes.append(p.note or ""),
+        stop=StopToken(),
     )
     assert result.status is TrainStatus.FAILED and "unreachable" in (result.error or "")
     assert any(n.startswith("waiting: fal.ai unreachable") for n in notes)

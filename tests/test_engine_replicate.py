@@ -140,8 +140,14 @@ def _engine(tmp_path, standin=None, daily=10, **options):
         "replicate",
         EngineContext(
             state_dir=tmp_path / "state",
-            options={"poll_s": 0.02, "retry_base_s": 0.02, "cancel_wait_s": 5, **base, **options},
-            cloud_daily_jobs=daily,
+            options={
+                "poll_s": 0.02,
+                "retry_base_s": 0.02,
+                "cancel_wait_s": 5,
+                "daily_jobs": daily,
+                **base,
+                **options,
+            },
         ),
     )
 
@@ -152,8 +158,10 @@ def _job(tmp_path, model="tiny-z-image", **options) -> JobInput:
 
 
 def _train(engine, tmp_path, stop=None, progress=None):
-    plan = engine.plan(_job(tmp_path), MACHINE)
-    return engine.train(plan, tmp_path / "job", progress or (lambda p: None), stop or StopToken())
+    plan = engine.plan(job=_job(tmp_path), machine=MACHINE)
+    return engine.train(
+        plan=plan, workdir=tmp_path / "job", progress=progress or (lambda p: None), stop=stop or StopToken()
+    )
 
 
 @pytest.mark.parametrize(
@@ -167,20 +175,20 @@ def _train(engine, tmp_path, stop=None, progress=None):
 )
 def test_plan_refuses_models_without_a_trainer_and_a_missing_destination(tmp_path, model, options, words):
     with pytest.raises(PlanError) as refused:
-        _engine(tmp_path, **options).plan(_job(tmp_path, model=model), MACHINE)
+        _engine(tmp_path, **options).plan(job=_job(tmp_path, model=model), machine=MACHINE)
     assert words in str(refused.value)
 
 
 def test_plan_says_the_cost_is_an_estimate_and_guards_it(tmp_path):
     plan = _engine(tmp_path, destination=DESTINATION).plan(
-        _job(tmp_path, model="flux-dev", steps=1000), MACHINE
+        job=_job(tmp_path, model="flux-dev", steps=1000), machine=MACHINE
     )
     text = "\n".join(plan.summary)
     assert "an estimate" in text and "ostris/flux-dev-lora-trainer" in text and DESTINATION in text
     assert plan.config["cost_usd"] == pytest.approx(1000 * trainers.SECONDS_PER_STEP * 0.001525, abs=0.01)
     with pytest.raises(PlanError, match="max_cost_usd"):
         _engine(tmp_path, destination=DESTINATION, max_cost_usd=0.5).plan(
-            _job(tmp_path, model="flux-dev", steps=1000), MACHINE
+            job=_job(tmp_path, model="flux-dev", steps=1000), machine=MACHINE
         )
 
 
@@ -431,7 +439,7 @@ def test_flux_dev_is_rendered_by_mflux_but_never_trained_there(tmp_path):
     local.device = Device("metal", "Apple M4 Max", total_gb=64)
     job = _job(tmp_path, model="flux-dev")
     with pytest.raises(PlanError) as refused:
-        local.plan(job, MACHINE)
+        local.plan(job=job, machine=MACHINE)
     assert "cannot train flux-dev" in str(refused.value) and "replicate" in str(refused.value)
     render = local.render_plan(job, MACHINE)
     assert render.config["model"] == "dev" and render.config["steps"] == 25
@@ -502,7 +510,9 @@ def test_the_token_is_a_configured_secret_scrubbed_from_logs(monkeypatch):
 
 def test_steps_outside_the_trainers_range_are_refused_at_plan_time(tmp_path):
     with pytest.raises(PlanError) as refused:
-        _engine(tmp_path, destination=DESTINATION).plan(_job(tmp_path, model="flux-dev", steps=7000), MACHINE)
+        _engine(tmp_path, destination=DESTINATION).plan(
+            job=_job(tmp_path, model="flux-dev", steps=7000), machine=MACHINE
+        )
     assert "3..6000" in str(refused.value)
 
 
@@ -512,8 +522,8 @@ def test_an_input_replicate_refuses_fails_the_job_with_its_detail_and_is_not_unc
     ACCEPTED_INPUTS[STANDIN_TRAINER].discard("learning_rate")
     try:
         engine = _engine(tmp_path, rep)
-        plan = engine.plan(_job(tmp_path, learning_rate=0.001), MACHINE)
-        result = engine.train(plan, tmp_path / "job", lambda p: None, StopToken())
+        plan = engine.plan(job=_job(tmp_path, learning_rate=0.001), machine=MACHINE)
+        result = engine.train(plan=plan, workdir=tmp_path / "job", progress=lambda p: None, stop=StopToken())
     finally:
         ACCEPTED_INPUTS[STANDIN_TRAINER].add("learning_rate")
     assert result.status is TrainStatus.FAILED and result.failure is not Failure.SUBMISSION_UNCERTAIN

@@ -146,11 +146,142 @@ def test_engine_section_values_reach_the_engine():
             1,
         ),
         ({}, {"LORAD_METAL_TIMEOUT_WORKAROUND": "0"}, {"mflux": {"metal_timeout_workaround": "0"}}, 1),
+        # cloud_daily_jobs: the cap of every paid cloud, now each cloud's `daily_jobs`
+        ({"cloud_daily_jobs": 3}, {}, {"fal": {"daily_jobs": 3}, "replicate": {"daily_jobs": 3}}, 1),
+        (
+            {"cloud_daily_jobs": 3, "engines": {"fal": {"daily_jobs": 5}}},
+            {},
+            {"fal": {"daily_jobs": 5}, "replicate": {"daily_jobs": 3}},
+            1,
+        ),  # the engine's section wins over the alias
+        (
+            {"engines": {"fal": {"daily_jobs": 5}}},
+            {"LORAD_CLOUD_DAILY_JOBS": "2"},
+            {"fal": {"daily_jobs": "2"}, "replicate": {"daily_jobs": "2"}},
+            1,
+        ),  # env beats the file, as for checkpoint_every
+        ({}, {"LORAD_ENGINES_FAL_DAILY_JOBS": "4"}, {"fal": {"daily_jobs": "4"}}, 0),
     ],
 )
 def test_engine_sections_in_settings(file_values, env, engines, deprecated):
     settings = resolve(file_values=file_values, env=env)
     assert settings.engines == engines and len(settings.deprecations) == deprecated
+
+
+def test_the_deprecated_daily_cap_names_both_new_homes():
+    (note,) = resolve(file_values={"cloud_daily_jobs": 1}).deprecations
+    assert note == (
+        "setting 'cloud_daily_jobs' in lorad.toml is deprecated: "
+        "move it to [engines.fal] daily_jobs and [engines.replicate] daily_jobs"
+    )
+    (note,) = resolve(env={"LORAD_CLOUD_DAILY_JOBS": "1"}).deprecations
+    assert note.endswith("use LORAD_ENGINES_FAL_DAILY_JOBS and LORAD_ENGINES_REPLICATE_DAILY_JOBS")
+
+
+@pytest.mark.parametrize(
+    "file_values, engine, daily",
+    [
+        ({}, "fal", 10),  # the default cap
+        ({"cloud_daily_jobs": 2}, "fal", 2),
+        ({"cloud_daily_jobs": 2}, "replicate", 2),
+        ({"engines": {"replicate": {"daily_jobs": 0}}}, "replicate", 0),
+    ],
+)
+def test_the_daily_cap_reaches_the_cloud_engine(tmp_path, file_values, engine, daily):
+    from daemon.engine_host import make_engine
+
+    settings = resolve(file_values=file_values, flags={"state_dir": tmp_path})
+    assert make_engine(settings, engine).daily_jobs == daily
+
+
+@pytest.mark.parametrize(
+    "env, section, keep_awake",
+    [
+        ({}, {}, True),
+        ({"LORAD_KEEP_AWAKE": "false"}, {}, False),
+        ({"LORAD_KEEP_AWAKE": "false"}, {"keep_awake": True}, True),
+    ],
+)
+def test_keep_awake_is_an_engine_option_the_generic_setting_fills(tmp_path, env, section, keep_awake):
+    from daemon.engine_host import engine_options, make_engine
+
+    settings = resolve(env=env, file_values={"engines": {"mflux": section}}, flags={"state_dir": tmp_path})
+    assert make_engine(settings, "mflux").keep_awake is keep_awake
+    assert "keep_awake" not in engine_options(settings, engine_class("fal").options, {})  # fal declares none
+
+
+def test_lorad_config_shows_the_engine_settings_and_where_they_came_from(tmp_path):
+    from daemon.engine_host import engine_setting_rows
+
+    settings = resolve(
+        file_values={"cloud_fallback": "fal", "cloud_daily_jobs": 3, "engines": {"scripted": {"step_s": 1}}},
+        env={"LORAD_KEEP_AWAKE": "false"},
+        flags={"state_dir": tmp_path},
+    )
+    rows = {key: (value, source) for key, value, source in engine_setting_rows(settings)}
+    assert rows["engines.fal.daily_jobs"] == (3, "lorad.toml (cloud_daily_jobs, deprecated)")
+    assert rows["engines.fal.max_cost_usd"] == (5.0, "default")  # the fallback's options, all of them
+    assert rows["engines.mflux.keep_awake"] == (False, "LORAD_KEEP_AWAKE")  # the generic setting fills it
+    assert rows["engines.replicate.daily_jobs"] == (3, "lorad.toml (cloud_daily_jobs, deprecated)")
+    assert rows["engines.scripted.step_s"] == (1, "lorad.toml")  # another section: as given
+
+
+def test_typed_option_reads_check_the_type():
+    from engines.base import Option, coerce_options
+
+    values = coerce_options("x", (Option("n", int, 1), Option("f", float, 0.5), Option("b", bool, True)), {})
+    assert values.integer("n") == 1 and values.number("f") == 0.5 and values.number("n") == 1.0
+    assert values.flag("b") is True
+    with pytest.raises(TypeError, match="'b' is bool, not int"):
+        values.integer("b")
+    with pytest.raises(TypeError):
+        values.text("n")
+
+
+def test_no_type_ignore_on_option_reads():
+    offenders = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for p in sorted((ROOT / "engines").rglob("*.py"))
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if "type: ignore" in line and "values" in line
+    ]
+    assert offenders == []
+
+
+def test_renderer_for_picks_the_engine_or_the_local_mflux_renderer(tmp_path):
+    from daemon.engine_host import make_engine, renderer_for
+    from engines.base import Renderer
+
+    settings = resolve(flags={"state_dir": tmp_path})
+    for name in ("mflux", "scripted"):
+        engine = make_engine(settings, name)
+        assert renderer_for(settings, engine) is engine
+    for name, label in (("fal", "fal.ai"), ("replicate", "Replicate")):
+        engine = make_engine(settings, name)
+        assert not isinstance(engine, Renderer)  # a cloud engine has no renderer of its own
+        renderer = renderer_for(settings, engine)
+        assert isinstance(renderer, Renderer) and (renderer.trained_on, renderer.folder) == (label, name)
+
+
+def test_the_local_renderer_says_what_is_missing_with_the_same_words(tmp_path, monkeypatch):
+    """A cloud-trained LoRA whose model this machine lacks: the render fails saying the LoRA is ready."""
+    from daemon.engine_host import make_engine, renderer_for
+    from engines.base import Check, CheckStatus, RenderFailed, StopToken, TrainingPlan
+    from engines.mflux import render
+
+    monkeypatch.setattr(
+        render.MFluxEngine, "model_check", lambda self, model: Check("model", CheckStatus.FAIL, "no weights")
+    )
+    settings = resolve(flags={"state_dir": tmp_path})
+    renderer = renderer_for(settings, make_engine(settings, "fal"))
+    plan = TrainingPlan("fal", "z-image-turbo", "fal.ai", "cloud", "", 10)
+    lora = tmp_path / "a.safetensors"
+    outcome = renderer.render(
+        plan=plan, workdir=tmp_path, lora=lora, prompt="p", out_dir=tmp_path / "r", stop=StopToken()
+    )
+    assert outcome == RenderFailed(
+        f"the LoRA trained on fal.ai is ready in {lora}, but the local test render needs the model here: no weights"
+    )
 
 
 def test_engines_must_be_tables():
@@ -389,9 +520,11 @@ def test_quantized_kernel_failure_steps_up_to_bf16_when_it_fits(tmp_path):
     engine = _engine_on(
         Device("cuda", "NVIDIA RTX 6000", total_gb=48, free_gb=30, source="mlx device_info"), tmp_path
     )
-    plan = engine.plan(_job(tmp_path), LINUX)
+    plan = engine.plan(job=_job(tmp_path), machine=LINUX)
     assert plan.backend == "cuda" and plan.config["quantize"] == 8  # 30 GB free at plan time: q8
-    lower = engine.step_down(plan, _job(tmp_path), LINUX, _failed(Failure.UNSUPPORTED))
+    lower = engine.step_down(
+        plan=plan, job=_job(tmp_path), machine=LINUX, failed=_failed(Failure.UNSUPPORTED)
+    )
     assert lower is not None and lower.config["quantize"] is None and lower.tier == "bf16-checkpointed"
     assert (
         lower.step_downs == 1
@@ -404,23 +537,26 @@ def test_quantized_kernel_failure_without_room_for_bf16_fails_clearly(tmp_path):
     engine = _engine_on(
         Device("cuda", "NVIDIA RTX 4090", total_gb=24, free_gb=23, source="mlx device_info"), tmp_path
     )
-    plan = engine.plan(_job(tmp_path), LINUX)
+    plan = engine.plan(job=_job(tmp_path), machine=LINUX)
     assert plan.config["quantize"] == 4
     with pytest.raises(PlanError, match="without quantization needs at least 37 GB free, have 24"):
-        engine.step_down(plan, _job(tmp_path), LINUX, _failed(Failure.UNSUPPORTED))
+        engine.step_down(plan=plan, job=_job(tmp_path), machine=LINUX, failed=_failed(Failure.UNSUPPORTED))
 
 
 def test_other_failures_do_not_step_down(tmp_path):
     engine = _engine_on(H100, tmp_path)
-    plan = engine.plan(_job(tmp_path), LINUX)
-    assert engine.step_down(plan, _job(tmp_path), LINUX, _failed(Failure.OTHER)) is None
+    plan = engine.plan(job=_job(tmp_path), machine=LINUX)
     assert (
-        engine.step_down(plan, _job(tmp_path), LINUX, _failed(Failure.UNSUPPORTED)) is None
+        engine.step_down(plan=plan, job=_job(tmp_path), machine=LINUX, failed=_failed(Failure.OTHER)) is None
+    )
+    assert (
+        engine.step_down(plan=plan, job=_job(tmp_path), machine=LINUX, failed=_failed(Failure.UNSUPPORTED))
+        is None
     )  # bf16 has no quantized kernel
 
 
 def test_plan_summary_shows_backend_device_and_memory(tmp_path):
-    plan = _engine_on(H100, tmp_path).plan(_job(tmp_path), LINUX)
+    plan = _engine_on(H100, tmp_path).plan(job=_job(tmp_path), machine=LINUX)
     text = "\n".join(plan.summary)
     assert "cuda (NVIDIA H100 80GB HBM3)" in text and "80 GB GPU memory" in text and "79 GB free" in text
     assert plan.tier == "bf16-checkpointed"

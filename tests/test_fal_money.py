@@ -141,11 +141,11 @@ def _job(tmp_path, model="tiny-z-image", job_id="j1", **options) -> JobInput:
 )
 def test_plan_refuses_what_fal_would_refuse_or_misroute(tmp_path, model, options, settings, words):
     with pytest.raises(PlanError, match=words):
-        _engine(tmp_path, **settings).plan(_job(tmp_path, model, **options), MACHINE)
+        _engine(tmp_path, **settings).plan(job=_job(tmp_path, model, **options), machine=MACHINE)
 
 
 def test_plan_shows_endpoint_arguments_and_the_minimum_price(tmp_path):
-    plan = _engine(tmp_path).plan(_job(tmp_path, "z-image-turbo", steps=100), MACHINE)
+    plan = _engine(tmp_path).plan(job=_job(tmp_path, "z-image-turbo", steps=100), machine=MACHINE)
     text = "\n".join(plan.summary)
     assert "endpoint     fal-ai/z-image-trainer" in text
     assert '"default_caption": "ohwx"' in text and '"steps": 100' in text
@@ -166,8 +166,8 @@ def fal(tmp_path, monkeypatch):
 
 def _train(engine, tmp_path, job_id="j1"):
     job = _job(tmp_path, job_id=job_id)
-    plan = engine.plan(job, MACHINE)
-    return engine.train(plan, tmp_path / job_id, lambda p: None, StopToken()), plan
+    plan = engine.plan(job=job, machine=MACHINE)
+    return engine.train(plan=plan, workdir=tmp_path / job_id, progress=lambda p: None, stop=StopToken()), plan
 
 
 def test_a_dropped_submit_reply_is_one_submission_and_submission_uncertain(fal, tmp_path):
@@ -181,11 +181,13 @@ def test_a_dropped_submit_reply_is_one_submission_and_submission_uncertain(fal, 
     ledger = (tmp_path / "state" / "fal" / "submitted.jsonl").read_text().splitlines()
     assert len(ledger) == 1  # the POST that may have reached fal is counted
 
-    again = engine.train(plan, tmp_path / "j1", lambda p: None, StopToken())  # a plain retry
+    again = engine.train(
+        plan=plan, workdir=tmp_path / "j1", progress=lambda p: None, stop=StopToken()
+    )  # a plain retry
     assert again.failure is Failure.SUBMISSION_UNCERTAIN and len(fal.submissions) == 1
 
     allow_resubmit(tmp_path / "j1")  # lorad retry j1 --resubmit
-    paid = engine.train(plan, tmp_path / "j1", lambda p: None, StopToken())
+    paid = engine.train(plan=plan, workdir=tmp_path / "j1", progress=lambda p: None, stop=StopToken())
     assert paid.status is TrainStatus.COMPLETED, paid.error
     assert len(fal.submissions) == 2 and not submission_uncertain(tmp_path / "j1")
     assert list((tmp_path / "j1" / "fal").glob("intent.uncertain.*.json"))  # kept for the user
@@ -214,7 +216,7 @@ def test_retry_after_a_remote_failure_archives_the_request_and_submits_anew(fal,
     result, plan = _train(engine, tmp_path)
     assert result.status is TrainStatus.FAILED and "Training failed on the runner" in result.error
     assert list((tmp_path / "j1" / "fal").glob("request.failed.*.json"))
-    again = engine.train(plan, tmp_path / "j1", lambda p: None, StopToken())
+    again = engine.train(plan=plan, workdir=tmp_path / "j1", progress=lambda p: None, stop=StopToken())
     assert again.status is TrainStatus.COMPLETED, again.error
     assert len(fal.submissions) == 2
 
@@ -398,7 +400,7 @@ def test_cancel_learns_what_fal_did(fal, tmp_path, runs_on, outcome):
     fal.cancel_runs_on = runs_on  # fal only signals the runner: this one trains on and bills
     engine = _engine(tmp_path, cancel_wait_s=30, **fal.options())
     job = _job(tmp_path)
-    plan = engine.plan(job, MACHINE)
+    plan = engine.plan(job=job, machine=MACHINE)
     stop = StopToken()
 
     def progress(p):
@@ -406,10 +408,12 @@ def test_cancel_learns_what_fal_did(fal, tmp_path, runs_on, outcome):
             stop.stop("cancel")
             fal.hold.set()  # the runner gets to its end
 
-    result = engine.train(plan, tmp_path / "j1", progress, stop)
+    result = engine.train(plan=plan, workdir=tmp_path / "j1", progress=progress, stop=stop)
     assert result.status is TrainStatus.STOPPED and fal.cancels == ["req-0001"]
     assert read_cancel_outcome(tmp_path / "j1") == outcome
-    again = engine.train(plan, tmp_path / "j1", lambda p: None, StopToken())  # lorad retry
+    again = engine.train(
+        plan=plan, workdir=tmp_path / "j1", progress=lambda p: None, stop=StopToken()
+    )  # lorad retry
     assert again.status is TrainStatus.COMPLETED, again.error
     if outcome == "finished_anyway":  # paid once: the retry publishes it without paying again
         assert (tmp_path / "j1" / "adapter.safetensors").is_file() and len(fal.submissions) == 1

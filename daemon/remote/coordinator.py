@@ -463,15 +463,16 @@ class Coordinator:
             engine = make_engine(self.settings, job.settings.get("engine", "mflux"))
         except SettingsError:
             return []
-        return [p.relative_to(workdir).as_posix() for p in engine.saved_state(workdir)]
+        state = engine.saved_state(workdir)
+        return [p.relative_to(workdir).as_posix() for p in state.files] if state is not None else []
 
     def _saved_step(self, job: Job) -> int | None:
         try:
-            return make_engine(self.settings, job.settings.get("engine", "mflux")).saved_step(
-                self.settings.jobs_dir / job.id
-            )
+            engine = make_engine(self.settings, job.settings.get("engine", "mflux"))
         except SettingsError:
             return None
+        state = engine.saved_state(self.settings.jobs_dir / job.id)
+        return state.step if state is not None else None
 
     # -- events --------------------------------------------------------------------------------
 

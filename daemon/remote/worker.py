@@ -223,7 +223,9 @@ class RemoteWorker:
         runs in a child: no ML import here). Best effort, once, off the main loop."""
         try:
             engine = self._engine(self.settings.engine)
-            checks = engine.doctor_checks(self.settings.model, machine_now(self.settings.ram_gb))
+            checks = engine.doctor_checks(
+                model=self.settings.model, machine=machine_now(self.settings.ram_gb)
+            )
         except Exception as exc:
             self.log.warning("worker.probe_failed", error=f"{type(exc).__name__}: {exc}")
             return
@@ -328,7 +330,7 @@ class RemoteWorker:
         if check.status is not CheckStatus.OK and not self.settings.download_models:
             return PlanError(f"{check.detail} (download_models is off on worker {self.id})")
         try:
-            plan = engine.plan(job_spec(offer, workdir), machine_now(self.settings.ram_gb))
+            plan = engine.plan(job=job_spec(offer, workdir), machine=machine_now(self.settings.ram_gb))
         except PlanError as exc:
             return exc
         self.backend = plan.backend
@@ -544,12 +546,14 @@ class RemoteProgress:
 
 
 class CheckpointUploader:
-    """Sends every new saved state (Engine.saved_state) to the coordinator on its own thread, so
-    training never waits on the network; only the newest pending one is sent."""
+    """Sends every new saved state (Engine.saved_state: its step and files from one look) to the
+    coordinator on its own thread, so training never waits on the network; only the newest
+    pending one is sent."""
 
     def __init__(self, worker: RemoteWorker, engine: Engine, workdir: Path, current: dict):
         self.worker, self.engine, self.workdir, self.current = worker, engine, workdir, current
-        self.sent_step: int | None = engine.saved_step(workdir)  # what we resumed from is there already
+        resumed = engine.saved_state(workdir)  # what we resumed from is there already
+        self.sent_step: int | None = resumed.step if resumed is not None else None
         self._poke = threading.Event()
         self._closed = False
         self._busy = threading.Lock()
@@ -557,8 +561,8 @@ class CheckpointUploader:
         self._thread.start()
 
     def poke(self) -> None:
-        step = self.engine.saved_step(self.workdir)
-        if step is not None and step != self.sent_step:
+        state = self.engine.saved_state(self.workdir)
+        if state is not None and state.step != self.sent_step:
             self._poke.set()
 
     def _loop(self) -> None:
@@ -572,15 +576,10 @@ class CheckpointUploader:
         with self._busy:
             if self.current.get("fenced"):
                 return
-            step = self.engine.saved_step(self.workdir)
-            files = self.engine.saved_state(self.workdir)
-            if (
-                not files
-                or step is None
-                or step == self.sent_step
-                or self.engine.saved_step(self.workdir) != step
-            ):
-                return  # nothing new, or a newer state appeared meanwhile: the next poke sends that one
+            state = self.engine.saved_state(self.workdir)  # step and files from one look at the disk
+            if state is None or not state.files or state.step == self.sent_step:
+                return  # nothing new
+            step, files = state.step, state.files
             job_id, token = self.current["job_id"], self.current["token"]
             try:
                 items: list[dict] = []

@@ -5,7 +5,8 @@ id to `<workdir>/<cloud>/request.json` before any wait (engines/cloud/submission
 restart or a retry re-attaches instead of paying twice; poll it to its end; download its LoRA,
 convert it to lorad's layout (convert.py) and check it loads in mflux (loadcheck.py, a child).
 A shutdown leaves the job running; a cancel cancels it remotely and learns what the cloud did.
-The test render is made locally by the mflux engine.
+A cloud engine has no renderer: the daemon makes the test render here with the mflux engine
+(engines/mflux/render.py, chosen by daemon/engine_host.py `renderer_for`).
 
 A cloud engine (engines/fal, engines/replicate) subclasses this with its table (models,
 options, schemas), its client adapter (`_service`) and the members that really differ:
@@ -26,18 +27,16 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from engines.base import (
-    CheckStatus,
+    Engine,
     EngineContext,
     EngineSettingsError,
     Failure,
-    IntakeLimits,
     JobInput,
-    Machine,
     Option,
+    Options,
     PlanError,
     Progress,
-    RenderFailed,
-    RenderOutcome,
+    SavedState,
     StopToken,
     TrainingPlan,
     TrainResult,
@@ -53,11 +52,17 @@ from engines.cloud.submission import FAL_DASHBOARD, Ledger, Next, Records, kill_
 from lorad_base.childenv import HF_TOKENS, child_env
 from lorad_base.fsutil import atomic_write_text
 from lorad_base.logs import get_logger
+from lorad_base.workdir import WorkDir
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUEST_FILE = "request.json"
 RESULT_FILE = "result.json"
-LEDGER = "submitted.jsonl"  # <state>/<cloud>/: one line per paid submission (cloud_daily_jobs)
+LEDGER = "submitted.jsonl"  # <state>/<cloud>/: one line per paid submission ([engines.<cloud>] daily_jobs)
+# The daily cap every paid cloud has in its section (the deprecated top-level `cloud_daily_jobs`
+# fills it in: daemon/settings.py DEPRECATED_ALIASES).
+DAILY_JOBS = Option(
+    "daily_jobs", int, 10, "at most this many jobs sent to this cloud in any 24 hours (0: no limit)", 0
+)
 Note = Callable[..., None]
 T = TypeVar("T")
 
@@ -70,12 +75,9 @@ class Uncertain(Exception):
     """The submission's outcome is unknown: fail visibly, never send it again by itself."""
 
 
-class CloudEngine:
+class CloudEngine(Engine):
     """The shared half of a cloud engine; the per-cloud half is its table and client adapter."""
 
-    name: ClassVar[str]
-    models: ClassVar[tuple[str, ...]]
-    options: ClassVar[tuple[Option, ...]]
     label: ClassVar[str]  # the cloud in messages: "fal.ai", "Replicate"
     short: ClassVar[str]  # the cloud as owner: "fal's file", "Replicate's answer"
     dashboard: ClassVar[str] = FAL_DASHBOARD
@@ -89,19 +91,19 @@ class CloudEngine:
     _refusal: str | None = None
 
     def __init__(self, context: EngineContext):
-        self.context = context
-        self.state_dir = Path(context.state_dir)
-        self.daily_jobs = int(context.cloud_daily_jobs)
+        super().__init__(context)
         self.log = get_logger()
+        self._read_common(self.values)
 
-    def _read_common(self, values: dict[str, Any]) -> None:
-        """The settings every cloud has (poll, backoff, bounds), from coerced option values."""
-        self.max_cost_usd = float(values["max_cost_usd"])
-        self.poll_s = float(values["poll_s"])
-        self.retry_base_s = float(values["retry_base_s"])
-        self.unreachable_timeout_s = float(values["unreachable_timeout_s"])
-        self.timeout_s = float(values["timeout_s"])
-        self.cancel_wait_s = float(values["cancel_wait_s"])
+    def _read_common(self, values: Options) -> None:
+        """The settings every cloud has (poll, backoff, bounds, daily cap), from its options."""
+        self.daily_jobs = values.integer("daily_jobs")
+        self.max_cost_usd = values.number("max_cost_usd")
+        self.poll_s = values.number("poll_s")
+        self.retry_base_s = values.number("retry_base_s")
+        self.unreachable_timeout_s = values.number("unreachable_timeout_s")
+        self.timeout_s = values.number("timeout_s")
+        self.cancel_wait_s = values.number("cancel_wait_s")
 
     def _user_schemas(self, path: str) -> dict[str, Schema]:
         from engines.cloud.schema import schemas_from_json
@@ -212,11 +214,6 @@ class CloudEngine:
             "preview_prompt": job.preview_prompt,
         }
 
-    def step_down(
-        self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult
-    ) -> TrainingPlan | None:
-        return None  # the cloud sizes its own machines
-
     # -- train -------------------------------------------------------------------------------
 
     def _call(
@@ -263,16 +260,19 @@ class CloudEngine:
 
     def train(
         self,
+        *,
         plan: TrainingPlan,
         workdir: Path,
         progress: Callable[[Progress], None],
         stop: StopToken,
         on_spawn: Callable[[int], None] | None = None,
     ) -> TrainResult:
+        """Send the job (or re-attach to the one on record), follow it, fetch its LoRA (the cloud
+        sizes its own machines: no step-down)."""
         workdir = Path(workdir)
         folder = workdir / self.name
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(workdir / "plan.json", json.dumps(plan.to_dict(), indent=2))
+        atomic_write_text(WorkDir(workdir).plan, json.dumps(plan.to_dict(), indent=2))
         total, target = plan.total_steps, self._target(plan)
         last: dict[str, Any] = {"step": 0, "loss": None}
 
@@ -433,7 +433,7 @@ class CloudEngine:
         if not records.record.is_file():
             return None
         saved = records.read_record()
-        plan = TrainingPlan.from_dict(json.loads((Path(workdir) / "plan.json").read_text(encoding="utf-8")))
+        plan = TrainingPlan.from_dict(json.loads(WorkDir(Path(workdir)).plan.read_text(encoding="utf-8")))
         outcome = self._cancel_and_learn(self._service(), saved, plan, records, while_down=True)
         write_cancel_outcome(Path(workdir), outcome, saved["request_id"])
         return outcome
@@ -521,54 +521,7 @@ class CloudEngine:
             return f"{answer['total'] - answer['matched']} of {answer['total']} keys match no layer (e.g. {answer['unmatched'][:3]})"
         return None
 
-    # -- render and publish ------------------------------------------------------------------
-
-    def _local(self):
-        from engines.mflux.engine import MFluxEngine
-
-        return MFluxEngine(
-            EngineContext(self.state_dir, self.context.stop_timeout_s, self.context.keep_awake)
-        )
-
-    def render(
-        self,
-        plan: TrainingPlan,
-        workdir: Path,
-        lora: Path,
-        prompt: str,
-        out_dir: Path,
-        stop: StopToken,
-        seed: int = 42,
-    ) -> RenderOutcome:
-        """The test render, made here by the mflux engine on a render plan for this machine
-        (`render_plan`: also for flux-dev, which mflux renders but cannot train)."""
-        local = self._local()
-        check = local.model_check(plan.model)
-        ready = f"the LoRA trained on {self.label} is ready in {lora}"
-        if check.status is not CheckStatus.OK and plan.model != "tiny-z-image":
-            return RenderFailed(f"{ready}, but the local test render needs the model here: {check.detail}")
-        from engines.base import machine_now  # a render plan for this machine, as a local job gets
-
-        c = plan.config
-        job = JobInput(
-            str(c["job_id"]),
-            str(c["name"]),
-            str(c["trigger"]),
-            plan.model,
-            int(c["image_count"]),
-            int(c["max_side"]),
-            dict(c.get("options") or {}),
-            Path(c["data"]),
-            prompt,
-        )
-        try:
-            local_plan = local.render_plan(job, machine_now())
-        except PlanError as exc:
-            return RenderFailed(f"{ready}, but this machine cannot render it: {exc}")
-        render_dir = Path(workdir) / self.name / "local"
-        render_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(render_dir / "plan.json", json.dumps(local_plan.to_dict(), indent=2))
-        return local.render(local_plan, render_dir, lora, prompt, out_dir, stop, seed)
+    # -- publish -----------------------------------------------------------------------------
 
     def report_files(self, workdir: Path) -> list[Path]:
         result = Path(workdir) / self.name / RESULT_FILE
@@ -588,21 +541,14 @@ class CloudEngine:
             keys["ss_network_dim"] = str(plan.config.get("rank", ""))
         return keys
 
-    def intake_limits(self) -> IntakeLimits:
-        return IntakeLimits(max_caption_tokens=None)
-
-    def saved_step(self, workdir: Path) -> int | None:
-        """0 once a job is on the cloud: its record is the state a later run (a restart, another
-        worker) re-attaches to; the step itself lives on the cloud and its status reports it."""
-        return 0 if (Path(workdir) / self.name / REQUEST_FILE).is_file() else None
-
-    def saved_state(self, workdir: Path) -> list[Path]:
-        """The request record: sent to the coordinator like a checkpoint, so a job whose worker
-        dies re-attaches to the paid job on the next worker instead of submitting again."""
+    def saved_state(self, workdir: Path) -> SavedState | None:
+        """The request record, at step 0 once a job is on the cloud (the step itself lives on the
+        cloud and its status reports it): sent to the coordinator like a checkpoint, so a job whose
+        worker dies re-attaches to the paid job on the next worker instead of submitting again."""
         record = Path(workdir) / self.name / REQUEST_FILE
-        return [record] if record.is_file() else []
+        return SavedState(step=0, files=(record,)) if record.is_file() else None
 
-    def disk_needed(self, plan: TrainingPlan, workdir: Path) -> int:
-        data = Path(plan.config.get("data", Path(workdir) / "data"))
+    def disk_needed(self, *, plan: TrainingPlan, workdir: Path) -> int:
+        data = Path(plan.config.get("data", WorkDir(Path(workdir)).data))
         snapshot = sum(p.stat().st_size for p in data.iterdir() if p.is_file()) if data.is_dir() else 0
         return snapshot + self.downloads_of_512mb * 512 * 1024 * 1024  # the zip, downloads, the LoRA

@@ -8,7 +8,7 @@ training. A shutdown stops waiting but leaves the request running (re-attached n
 cancel cancels it remotely. The result's LoRA is downloaded (streamed, size-checked), converted
 from fal's diffusers/PEFT layout to lorad's (engines/cloud/convert.py), and checked to load in mflux with
 every key matched (engines/cloud/loadcheck.py, a child process). The test render is made locally by the mflux
-engine (the same child as a local job). What every cloud shares lives in engines/cloud/engine.py
+engine (the same child as a local job; the daemon chooses it: a cloud engine has no renderer). What every cloud shares lives in engines/cloud/engine.py
 (`CloudEngine`); this file is fal's table, its client adapter and what only fal does.
 """
 
@@ -29,16 +29,16 @@ from engines.base import (
     PlanError,
     StopToken,
     TrainingPlan,
-    coerce_options,
 )
 from engines.cloud.dataset import IMAGE_SUFFIXES, request_arguments, zip_snapshot
-from engines.cloud.engine import RESULT_FILE, CloudEngine, Stopped
+from engines.cloud.engine import DAILY_JOBS, RESULT_FILE, CloudEngine, Stopped
 from engines.cloud.logsteps import loss_from_logs, step_from_logs
 from engines.cloud.schema import SchemaError, resolve
 from engines.cloud.submission import Records
 from engines.fal import pricing
 from engines.fal.endpoints import SCHEMAS
 from lorad_base.fsutil import atomic_write_text
+from lorad_base.workdir import WorkDir
 
 # Kept for old imports: these moved to engines/cloud/ (every cloud engine uses them).
 __all__ = [
@@ -106,22 +106,21 @@ class FalEngine(CloudEngine):
             "fail a COMPLETED request whose result keeps answering 5xx after this long",
             1,
         ),
+        DAILY_JOBS,
     )
 
     def __init__(self, context: EngineContext):
-        values = coerce_options(self.name, self.options, context.options)
         super().__init__(context)
+        values = self.values
         try:
-            self.endpoints = (
-                {} if values["endpoints"] == "-" else pricing.parse_endpoints(str(values["endpoints"]))
-            )
+            endpoints = values.text("endpoints")
+            self.endpoints = {} if endpoints == "-" else pricing.parse_endpoints(endpoints)
         except ValueError as exc:
             raise EngineSettingsError(f"setting 'endpoints' in [engines.fal]: {exc}") from None
-        self._read_common(values)
-        self.price_override = float(values["price_per_step_usd"])  # type: ignore[arg-type]
-        self.result_timeout_s = float(values["result_timeout_s"])  # type: ignore[arg-type]
-        self.upload_expires_s = int(values["upload_expires_s"])  # type: ignore[call-overload]
-        self.schemas = {**SCHEMAS, **self._user_schemas(str(values["schemas"]))}
+        self.price_override = values.number("price_per_step_usd")
+        self.result_timeout_s = values.number("result_timeout_s")
+        self.upload_expires_s = values.integer("upload_expires_s")
+        self.schemas = {**SCHEMAS, **self._user_schemas(values.text("schemas"))}
         self.prices = {
             e: pricing.Price(s.usd_per_step, s.min_steps, self._default_steps(s))
             for e, s in self.schemas.items()
@@ -130,7 +129,7 @@ class FalEngine(CloudEngine):
 
     # -- plan --------------------------------------------------------------------------------
 
-    def plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
+    def plan(self, *, job: JobInput, machine: Machine) -> TrainingPlan:
         try:
             schema = resolve(job.model, pricing.ENDPOINTS, self.endpoints, self.schemas, "fal").schema
         except SchemaError as exc:
@@ -263,7 +262,7 @@ class FalEngine(CloudEngine):
             note,
         )
         self.log.info("fal.downloaded", bytes=nbytes, sha256=sha)
-        adapter = workdir / "adapter.safetensors"
+        adapter = WorkDir(workdir).adapter
         layout, converted = self._convert_checked(download, adapter, plan.model)
         if converted is None:
             atomic_write_text(
@@ -290,7 +289,7 @@ class FalEngine(CloudEngine):
     def _metadata_head(self, plan: TrainingPlan) -> dict[str, str]:
         return {"lorad.engine": self.name, "lorad.fal_endpoint": str(plan.config.get("endpoint", ""))}
 
-    def doctor_checks(self, model: str, machine: Machine) -> list[Check]:
+    def doctor_checks(self, *, model: str, machine: Machine) -> list[Check]:
         checks = [self.model_check(model)]
         try:
             import fal_client

@@ -1,16 +1,15 @@
 """MFluxEngine: plan with the memory tiers, train and render with mflux in a child process.
 
-Daemon side only: nothing here imports mlx or mflux. The child is `engines.mflux.worker`; the
-device (backend, name, memory) comes from the `engines.mflux.probe` child, once per process.
+Daemon side only: nothing here imports mlx or mflux. The child is `engines.mflux.worker`, run by
+the shared child-process base (engines/process/engine.py `ChildEngine`: spawn, progress, stop,
+resume, render); the device (backend, name, memory) comes from the `engines.mflux.probe` child,
+once per process.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,33 +24,17 @@ from engines.base import (
     MemoryPlanError,
     Option,
     PlanError,
-    Progress,
-    RenderFailed,
-    RenderOutcome,
-    RenderResult,
-    RenderStopped,
-    StopToken,
     TrainingPlan,
     TrainResult,
-    TrainStatus,
-    coerce_options,
 )
-from engines.mflux import checkpoints, disk
 from engines.mflux.config import build_config
 from engines.mflux.device import Device, PlanMemory, planning_memory, probe_device, run_probe
-from engines.mflux.lora_export import export_adapter
 from engines.mflux.memory_plan import PROFILES, InsufficientMemory, MemoryPlan, plan_memory
 from engines.mflux.weights import weights_check
-from engines.process.child import run_child
+from engines.process.engine import KEEP_AWAKE, ROOT, TRAIN_DIR, ChildEngine
 from lorad_base.childenv import HF_TOKENS, child_env
-from lorad_base.fsutil import atomic_write_text
-from lorad_base.logs import get_logger
+from lorad_base.workdir import WorkDir
 
-TRAIN_DIR = "train"
-SAMPLES_DIR = "samples"  # written by the child (engines/mflux/worker.py _hook_samples)
-PLAN_FILE = "plan.json"
-CONFIG_FILE = "train.json"
-ROOT = Path(__file__).resolve().parents[2]
 # MLX's CUDA backend has no quantized-matmul kernel for some shapes (mflux issue 563).
 UNSUPPORTED_KERNEL = "No implementation for problem shape"
 
@@ -80,9 +63,10 @@ def summary_lines(memory: MemoryPlan, device: Device, limit: PlanMemory) -> list
     ]
 
 
-class MFluxEngine:
+class MFluxEngine(ChildEngine):
     name: ClassVar[str] = "mflux"
     worker_module: ClassVar[str] = "engines.mflux.worker"
+    keep_secrets: ClassVar[tuple[str, ...]] = HF_TOKENS  # the child may fetch gated weights
     models: ClassVar[tuple[str, ...]] = tuple(PROFILES)
     options: ClassVar[tuple[Option, ...]] = (
         Option(
@@ -98,16 +82,13 @@ class MFluxEngine:
             "training checkpoint interval in steps; 0 = automatic (about 10 a run)",
             0,
         ),
+        KEEP_AWAKE,
     )
 
     def __init__(self, context: EngineContext):
-        values = coerce_options(MFluxEngine.name, MFluxEngine.options, context.options)
-        self.state_dir = Path(context.state_dir)
-        self.stop_timeout_s = context.stop_timeout_s
-        self.keep_awake = context.keep_awake
-        self.download_models = context.download_models
-        self.metal_timeout_workaround = bool(values["metal_timeout_workaround"])
-        self.checkpoint_every = int(values["checkpoint_every"])  # type: ignore[call-overload]
+        super().__init__(context)
+        self.metal_timeout_workaround = self.values.flag("metal_timeout_workaround")
+        self.checkpoint_every = self.values.integer("checkpoint_every")
         self.device: Device | None = None  # probed on first use; a test may set it
 
     # -- plan --------------------------------------------------------------------------------
@@ -163,7 +144,7 @@ class MFluxEngine:
             **kwargs,
         )
 
-    def plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
+    def plan(self, *, job: JobInput, machine: Machine) -> TrainingPlan:
         if job.model in PROFILES and PROFILES[job.model].render_only:
             raise PlanError(
                 f"mflux cannot train {job.model} (its trainer has Z-Image and FLUX.2 adapters, no FLUX.1); "
@@ -182,7 +163,7 @@ class MFluxEngine:
         return self._plan_from_memory(job, memory, limit)
 
     def step_down(
-        self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult
+        self, *, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult
     ) -> TrainingPlan | None:
         """After a memory kill: the next lower tier. After a missing quantized kernel (MLX-CUDA):
         the best unquantized tier that fits the device (its memory is free again: the child died)."""
@@ -211,7 +192,7 @@ class MFluxEngine:
         """mflux's loss plot, its last preview image and the samples/ folder (every preview)."""
         train_dir = Path(workdir) / TRAIN_DIR
         out = []
-        samples = Path(workdir) / SAMPLES_DIR
+        samples = WorkDir(Path(workdir)).samples
         if samples.is_dir() and any(samples.glob("*.png")):
             out.append(samples)
         loss = train_dir / "loss" / "loss.html"
@@ -233,7 +214,7 @@ class MFluxEngine:
         # training's previews (intake refuses them, though the snapshot renames every image).
         return IntakeLimits(max_caption_tokens=512, reserved_image_prefixes=("preview",))
 
-    def doctor_checks(self, model: str, machine: Machine) -> list[Check]:
+    def doctor_checks(self, *, model: str, machine: Machine) -> list[Check]:
         """Backend/device/plan memory, mlx, mflux (imported in a child), the model's weights."""
         ml = run_probe(doctor_model="z-image" if model == "tiny-z-image" else model)
         device = Device.from_json(ml)
@@ -274,68 +255,14 @@ class MFluxEngine:
             )
         return Check("backend", CheckStatus.OK, detail)
 
-    def _resume_point(self, ckpt_dir: Path, plan: TrainingPlan) -> tuple[Path | None, list[tuple[Path, str]]]:
-        """The newest checkpoint that verifies and whose config stays inside the job's folders
-        (relocated here when it came from another machine); corrupt or refused ones are renamed
-        aside (kept for a look, never resumed)."""
-        log = get_logger()
-        skipped: list[tuple[Path, str]] = []
-        while True:
-            resume, corrupt = checkpoints.newest_good(ckpt_dir)
-            skipped += corrupt
-            for path, why in corrupt:
-                path.rename(path.with_name(path.name + ".corrupt"))
-                log.warning("train.checkpoint_corrupt", checkpoint=path.name, problem=why)
-            if resume is None:
-                return None, skipped
-            try:
-                if checkpoints.relocate(resume, plan.config):  # written on another machine (scale-out)
-                    log.info(
-                        "train.checkpoint_relocated", checkpoint=resume.name, data=plan.config.get("data")
-                    )
-            except checkpoints.CheckpointRefused as exc:
-                resume.rename(resume.with_name(resume.name + ".refused"))
-                log.warning("train.checkpoint_refused", checkpoint=resume.name, problem=str(exc))
-                skipped.append((resume, str(exc)))
-                continue
-            log.info("train.resume", step=checkpoints.step_of(resume), checkpoint=resume.name)
-            return resume, skipped
-
-    def saved_step(self, workdir: Path) -> int | None:
-        """The step of the state saved_state() returns (the newest checkpoint that verifies):
-        a zip still being written is not a saved state yet."""
-        for path in checkpoints.list_checkpoints(Path(workdir) / TRAIN_DIR / "checkpoints"):
-            if checkpoints.verify_cached(path) is None:
-                return checkpoints.step_of(path)
-        return None
-
-    def saved_state(self, workdir: Path) -> list[Path]:
-        """The newest checkpoint zip that verifies: copied to the same place under another
-        machine's work dir (with the snapshot), training resumes there."""
-        for path in checkpoints.list_checkpoints(Path(workdir) / TRAIN_DIR / "checkpoints"):
-            if checkpoints.verify_cached(path) is None:
-                return [path]
-        return []
-
-    def disk_needed(self, plan: TrainingPlan, workdir: Path) -> int:
-        ckpt_dir = Path(workdir) / TRAIN_DIR / "checkpoints"
-        written = sum(p.stat().st_size for p in checkpoints.list_checkpoints(ckpt_dir))
-        return disk.training_bytes(self._params_per_rank(plan), self._rank(plan), written)
-
-    @staticmethod
-    def _params_per_rank(plan: TrainingPlan) -> int:
-        return disk.params_per_rank(plan.model)
-
-    @staticmethod
-    def _rank(plan: TrainingPlan) -> int:
-        targets = plan.config.get("lora_layers", {}).get("targets") or [{}]
-        return int(targets[0].get("rank") or plan.config.get("rank") or 16)
-
     def model_check(self, model: str) -> Check:
         """Fast (file look-ups only): are the model's weights here, and if not, what to do."""
         return weights_check(model)
 
-    # -- train -------------------------------------------------------------------------------
+    # -- the child ---------------------------------------------------------------------------
+
+    def classify(self, message: str, *, memory_pressure: bool) -> Failure:
+        return classify_failure(message, memory_pressure=memory_pressure)
 
     def _env(self) -> dict[str, str]:
         env = {
@@ -374,157 +301,3 @@ class MFluxEngine:
         if check.status is CheckStatus.OK or (self.download_models and check.status is CheckStatus.WARN):
             return None  # download_models = true: the child fetches what is missing
         return check.detail
-
-    def train(
-        self,
-        plan: TrainingPlan,
-        workdir: Path,
-        progress: Callable[[Progress], None],
-        stop: StopToken,
-        on_spawn: Callable[[int], None] | None = None,
-    ) -> TrainResult:
-        workdir = Path(workdir)
-        problem = self.prepare(plan)
-        if problem:
-            return TrainResult(TrainStatus.FAILED, error=problem, failure=Failure.OTHER)
-        atomic_write_text(workdir / PLAN_FILE, json.dumps(plan.to_dict(), indent=2))
-        atomic_write_text(workdir / CONFIG_FILE, json.dumps(plan.config, indent=2))
-        ckpt_dir = workdir / TRAIN_DIR / "checkpoints"
-        resume, corrupt = self._resume_point(ckpt_dir, plan)
-        if resume is not None and checkpoints.step_of(resume) >= plan.total_steps:
-            # Training had finished (the daemon stopped during render/publish): no child needed.
-            adapter = export_adapter(resume, workdir / "adapter.safetensors", plan.config)
-            return TrainResult(
-                TrainStatus.COMPLETED,
-                adapter=adapter,
-                step=checkpoints.step_of(resume),
-                artifacts={"resumed_from": str(resume)},
-            )
-        args = [
-            "-m",
-            self.worker_module,
-            "train",
-            "--job-dir",
-            str(workdir),
-            "--plan",
-            str(workdir / PLAN_FILE),
-        ]
-        if resume is not None:
-            args += ["--resume", str(resume)]
-        else:
-            # mflux makes a new timestamped folder when output_path exists on a fresh start.
-            shutil.rmtree(workdir / TRAIN_DIR, ignore_errors=True)
-            shutil.rmtree(workdir / SAMPLES_DIR, ignore_errors=True)
-            args += ["--config", str(workdir / CONFIG_FILE)]
-
-        def on_event(event: dict[str, Any]) -> None:
-            if event.get("event") == "step":
-                progress(Progress(event["step"], event["total"], event.get("loss"), event.get("eta_s")))
-            elif event.get("event") == "checkpoint":
-                checkpoints.prune(ckpt_dir, keep=2, protect=resume)
-
-        outcome = run_child(
-            args,
-            cwd=ROOT,
-            log_path=workdir / "train.log",
-            on_event=on_event,
-            stop=stop,
-            stop_timeout_s=self.stop_timeout_s,
-            env=self._env(),
-            keep_secrets=HF_TOKENS,
-            keep_awake=self.keep_awake,
-            on_spawn=on_spawn,
-        )
-        artifacts = {
-            "resumed_from": str(resume) if resume else None,
-            "corrupt_skipped": [str(p) for p, _ in corrupt],
-        }
-        if outcome.last("done") and outcome.returncode == 0:
-            newest, _ = checkpoints.newest_good(ckpt_dir)
-            if newest is None:
-                return TrainResult(
-                    TrainStatus.FAILED,
-                    error="training finished but left no valid checkpoint",
-                    failure=Failure.OTHER,
-                    artifacts=artifacts,
-                )
-            checkpoints.prune(ckpt_dir, keep=2)
-            adapter = export_adapter(newest, workdir / "adapter.safetensors", plan.config)
-            return TrainResult(
-                TrainStatus.COMPLETED, adapter=adapter, step=checkpoints.step_of(newest), artifacts=artifacts
-            )
-        if outcome.last("stopped") and outcome.returncode == 0:
-            newest, _ = checkpoints.newest_good(ckpt_dir)
-            step = checkpoints.step_of(newest) if newest is not None else None
-            return TrainResult(TrainStatus.STOPPED, step=step, artifacts=artifacts)
-        if outcome.stop_reason is not None:
-            return TrainResult(
-                TrainStatus.STOPPED,
-                error=f"child ended with {outcome.returncode} after stop",
-                artifacts=artifacts,
-            )
-        error = outcome.last("error")
-        message = error["message"] if error else f"training process exited with code {outcome.returncode}"
-        if outcome.killed_by_sigkill:
-            message = "training process was killed (SIGKILL), most likely by memory pressure"
-        tail = outcome.stderr_tail.strip().splitlines()[-3:]
-        if tail and not error:
-            message += ": " + " | ".join(tail)
-        failure = classify_failure(message, memory_pressure=outcome.memory_pressure)
-        return TrainResult(TrainStatus.FAILED, error=message, failure=failure, artifacts=artifacts)
-
-    # -- render ------------------------------------------------------------------------------
-
-    def render(
-        self,
-        plan: TrainingPlan,
-        workdir: Path,
-        lora: Path,
-        prompt: str,
-        out_dir: Path,
-        stop: StopToken,
-        seed: int = 42,
-    ) -> RenderOutcome:
-        """Render with and without the LoRA (same seed), then the comparison."""
-        problem = self.prepare(plan)
-        if problem:
-            return RenderFailed(problem)
-        args = [
-            "-m",
-            self.worker_module,
-            "render",
-            "--job-dir",
-            str(workdir),
-            "--plan",
-            str(workdir / PLAN_FILE),
-            "--lora",
-            str(lora),
-            "--prompt",
-            prompt,
-            "--seed",
-            str(seed),
-            "--out-dir",
-            str(out_dir),
-        ]
-        outcome = run_child(
-            args,
-            cwd=ROOT,
-            log_path=workdir / "render.log",
-            on_event=lambda _e: None,
-            stop=stop,
-            stop_timeout_s=self.stop_timeout_s,
-            env=self._env(),
-            keep_secrets=HF_TOKENS,
-            keep_awake=self.keep_awake,
-        )
-        done = outcome.last("done")
-        if done and outcome.returncode == 0:
-            return RenderResult(
-                with_lora=Path(done["lora"]), base=Path(done["base"]), compare=Path(done["compare"])
-            )
-        if outcome.stop_reason is not None or outcome.last("stopped"):
-            return RenderStopped(outcome.stop_reason)
-        error = outcome.last("error")
-        return RenderFailed(
-            error["message"] if error else f"render process exited with code {outcome.returncode}"
-        )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from engines.process.pause_hook import hold_at_step
 from engines.process.worker_common import Reporter, StopFlag, worker_main
+from lorad_base.workdir import WorkDir
 
 
 def _hook_training(reporter: Reporter, stop: StopFlag, overrides: dict) -> None:
@@ -65,9 +66,6 @@ def _hook_training(reporter: Reporter, stop: StopFlag, overrides: dict) -> None:
         TrainingSpec.resolve = staticmethod(resolve)
 
 
-SAMPLES_DIR = "samples"  # <job dir>/samples/<step:07d>_<prompt number>.png + prompts.json
-
-
 def _hook_samples(job_dir: Path, reporter: Reporter) -> None:
     """Copy each of mflux's previews (its own preview mechanism, data/preview*.txt) into the job's
     samples/ folder as <step>_<prompt number>.png, beside prompts.json: the dashboard's grid."""
@@ -82,7 +80,7 @@ def _hook_samples(job_dir: Path, reporter: Reporter) -> None:
         monitoring = training_spec.monitoring
         if monitoring is None:
             return result
-        samples = job_dir / SAMPLES_DIR
+        samples = WorkDir(job_dir).samples  # <step:07d>_<prompt number>.png + prompts.json
         samples.mkdir(exist_ok=True)
         prompts = samples / "prompts.json"
         if not prompts.is_file():

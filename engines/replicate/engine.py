@@ -8,7 +8,7 @@ training id right after, before any wait; a restart re-attaches to the training 
 uncertain create is never sent again by itself. The result is a weights archive: downloaded
 (bounded), its LoRA taken out under the untrusted-input rules (engines/cloud/archive.py),
 converted with the shared converter (engines/cloud/convert.py), load-checked in mflux in a child,
-then published and rendered locally like any LoRA.
+then published; the daemon renders it locally like any LoRA (a cloud engine has no renderer).
 """
 
 from __future__ import annotations
@@ -26,15 +26,15 @@ from engines.base import (
     PlanError,
     StopToken,
     TrainingPlan,
-    coerce_options,
 )
 from engines.cloud import money
-from engines.cloud.engine import RESULT_FILE, CloudEngine, Stopped
+from engines.cloud.engine import DAILY_JOBS, RESULT_FILE, CloudEngine, Stopped
 from engines.cloud.logsteps import step_from_logs
 from engines.cloud.schema import Schema, SchemaError, resolve
 from engines.cloud.submission import Records
 from engines.replicate import trainers
 from lorad_base.fsutil import atomic_write_text
+from lorad_base.workdir import WorkDir
 
 CLOUD = "replicate"
 DASHBOARD = "https://replicate.com/trainings"
@@ -78,23 +78,22 @@ class ReplicateEngine(CloudEngine):
         Option("timeout_s", float, 120.0, "HTTP timeout of each call", 1),
         Option("cancel_wait_s", float, 60.0, "after a cancel, how long to wait for Replicate's outcome", 0),
         Option("max_download_mb", int, 2048, "refuse a weights archive above this size", 1),
+        DAILY_JOBS,
     )
 
     def __init__(self, context: EngineContext):
-        values = coerce_options(self.name, self.options, context.options)
         super().__init__(context)
+        values = self.values
         try:
-            self.endpoints = (
-                {} if values["trainers"] == "-" else trainers.parse_trainers(str(values["trainers"]))
-            )
+            names = values.text("trainers")
+            self.endpoints = {} if names == "-" else trainers.parse_trainers(names)
         except ValueError as exc:
             raise EngineSettingsError(f"setting 'trainers' in [engines.replicate]: {exc}") from None
-        self.destination = str(values["destination"]).strip()
-        self._read_common(values)
-        per_step = trainers.usd_per_step(float(values["seconds_per_step"]), float(values["usd_per_second"]))  # type: ignore[arg-type]
-        self.max_download = int(values["max_download_mb"]) * 1024 * 1024  # type: ignore[call-overload]
+        self.destination = values.text("destination").strip()
+        per_step = trainers.usd_per_step(values.number("seconds_per_step"), values.number("usd_per_second"))
+        self.max_download = values.integer("max_download_mb") * 1024 * 1024
         self.price_override = per_step
-        self.schemas = {**trainers.SCHEMAS, **self._user_schemas(str(values["schemas"]))}
+        self.schemas = {**trainers.SCHEMAS, **self._user_schemas(values.text("schemas"))}
         self.prices = {
             e: money.Price(per_step, s.min_steps, self._default_steps(s)) for e, s in self.schemas.items()
         }
@@ -112,7 +111,7 @@ class ReplicateEngine(CloudEngine):
 
     # -- plan --------------------------------------------------------------------------------
 
-    def plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
+    def plan(self, *, job: JobInput, machine: Machine) -> TrainingPlan:
         schema = self._resolve(job.model)
         problem = trainers.destination_problem(self.destination)
         if problem:
@@ -261,13 +260,14 @@ class ReplicateEngine(CloudEngine):
             member = extract_lora(archive, download, self.max_download)
         except (BadArchive, TooLarge) as exc:
             raise Rejected(f"the weights archive is not usable: {exc} (kept: {archive})") from None
-        layout, converted = self._convert_checked(download, workdir / "adapter.safetensors", plan.model)
+        adapter = WorkDir(workdir).adapter
+        layout, converted = self._convert_checked(download, adapter, plan.model)
         info: dict = {"sha256_archive": sha, "member": member, "layout": layout}
         if converted is not None:
             info.update(rank=converted.rank, alpha=converted.alpha, modules=converted.modules)
         atomic_write_text(folder / "adapter.json", json.dumps(info))
         self.log.info("replicate.converted", member=member, layout=layout, rank=info.get("rank"))
-        return workdir / "adapter.safetensors"
+        return adapter
 
     # -- checks and publish ------------------------------------------------------------------
 
@@ -278,7 +278,7 @@ class ReplicateEngine(CloudEngine):
             "lorad.replicate_destination": str(plan.config.get("destination", "")),
         }
 
-    def doctor_checks(self, model: str, machine: Machine):
+    def doctor_checks(self, *, model: str, machine: Machine):
         from engines.base import Check, CheckStatus
 
         checks = [self.model_check(model)]

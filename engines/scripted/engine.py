@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
 from engines.base import (
+    KEEP_AWAKE,
     Check,
     CheckStatus,
     EngineContext,
@@ -30,15 +32,16 @@ from engines.base import (
     Machine,
     Option,
     PlanError,
+    Progress,
     RenderOutcome,
     RenderResult,
     StopToken,
     TrainingPlan,
     TrainResult,
     TrainStatus,
-    coerce_options,
 )
-from engines.mflux.engine import MFluxEngine
+from engines.mflux.memory_plan import PROFILES
+from engines.process.engine import TRAIN_DIR, ChildEngine
 
 TIERS = ("scripted", "scripted-low")
 HOLD_ENV = "SCRIPTED_ENGINE_HOLD_DIR"
@@ -59,25 +62,24 @@ def hold(phase: str, job_id: str) -> None:
         time.sleep(0.02)
 
 
-class ScriptedEngine(MFluxEngine):
-    """Reuses MFluxEngine's child handling (train/render/checkpoints); plans on its own."""
+class ScriptedEngine(ChildEngine):
+    """The shared child-process base (engines/process/engine.py) with a plan of its own."""
 
     name: ClassVar[str] = "scripted"
+    models: ClassVar[tuple[str, ...]] = tuple(PROFILES)  # it "trains" whatever mflux knows
     worker_module: ClassVar[str] = "engines.scripted.worker"
     options: ClassVar[tuple[Option, ...]] = (
         Option("step_s", float, 0.05, "seconds per fake training step", 0),
         # Memory a job "needs" (GB); more than the machine has (or `ram_gb`) makes plan refuse it:
         # how the scale-out tests stand in for a worker too small for a job.
         Option("needs_gb", float, 0.0, "memory a scripted job needs (GB); 0 = none", 0),
+        KEEP_AWAKE,
     )
 
     def __init__(self, context: EngineContext):
-        values = coerce_options(self.name, self.options, context.options)
-        MFluxEngine.__init__(
-            self, EngineContext(context.state_dir, context.stop_timeout_s, context.keep_awake)
-        )
-        self.step_s = float(values["step_s"])  # type: ignore[arg-type]
-        self.needs_gb = float(values["needs_gb"])  # type: ignore[arg-type]
+        super().__init__(context)
+        self.step_s = self.values.number("step_s")
+        self.needs_gb = self.values.number("needs_gb")
 
     def _plan(self, job: JobInput, tier: str) -> TrainingPlan:
         total = int(job.options.get("steps") or job.options.get("epochs", 0) * job.image_count or 6)
@@ -96,13 +98,13 @@ class ScriptedEngine(MFluxEngine):
                 "rank": int(job.options.get("rank", 16)),
                 "alpha": float(job.options.get("alpha", job.options.get("rank", 16))),
                 "data": str(job.data_dir),
-                "output_path": str(job.data_dir.parent / "train"),
+                "output_path": str(job.data_dir.parent / TRAIN_DIR),
                 "model": job.model,
                 "steps": 4,
             },
         )
 
-    def plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
+    def plan(self, *, job: JobInput, machine: Machine) -> TrainingPlan:
         hold("plan", job.job_id)
         has = machine.memory_override_gb if machine.memory_override_gb is not None else machine.total_gb
         if self.needs_gb and has < self.needs_gb:
@@ -114,15 +116,22 @@ class ScriptedEngine(MFluxEngine):
         return self._plan(job, TIERS[0])
 
     def train(
-        self, plan: TrainingPlan, workdir: Path, progress, stop: StopToken, on_spawn=None
+        self,
+        *,
+        plan: TrainingPlan,
+        workdir: Path,
+        progress: Callable[[Progress], None],
+        stop: StopToken,
+        on_spawn: Callable[[int], None] | None = None,
     ) -> TrainResult:
-        result = super().train(plan, workdir, progress, stop, on_spawn=on_spawn)
+        result = super().train(plan=plan, workdir=workdir, progress=progress, stop=stop, on_spawn=on_spawn)
         if result.status is TrainStatus.COMPLETED:
             hold("trained", Path(workdir).name)
         return result
 
     def render(
         self,
+        *,
         plan: TrainingPlan,
         workdir: Path,
         lora: Path,
@@ -131,13 +140,15 @@ class ScriptedEngine(MFluxEngine):
         stop: StopToken,
         seed: int = 42,
     ) -> RenderOutcome:
-        rendered = super().render(plan, workdir, lora, prompt, out_dir, stop, seed)
+        rendered = super().render(
+            plan=plan, workdir=workdir, lora=lora, prompt=prompt, out_dir=out_dir, stop=stop, seed=seed
+        )
         if isinstance(rendered, RenderResult):
             hold("rendered", Path(workdir).name)
         return rendered
 
     def step_down(
-        self, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult
+        self, *, plan: TrainingPlan, job: JobInput, machine: Machine, failed: TrainResult
     ) -> TrainingPlan | None:
         """One lower tier after a memory kill (the config is unchanged: it has no memory knobs)."""
         if failed.failure is not Failure.MEMORY:
@@ -149,18 +160,14 @@ class ScriptedEngine(MFluxEngine):
         lower.step_downs = plan.step_downs + 1
         return lower
 
-    def prepare(self, plan: TrainingPlan) -> str | None:
-        return None
-
-    @staticmethod
-    def _params_per_rank(plan: TrainingPlan) -> int:
+    def params_per_rank(self, plan: TrainingPlan) -> int:
         return 64 + 64  # engines/scripted/worker.py's two 64-wide matrices
 
     def model_check(self, model: str) -> Check:
         return Check("model", CheckStatus.OK, f"{model}: the scripted engine needs no weights")
 
     def report_files(self, workdir: Path) -> list[Path]:
-        loss = Path(workdir) / "train" / "loss" / "loss.html"
+        loss = Path(workdir) / TRAIN_DIR / "loss" / "loss.html"
         return [loss] if loss.is_file() else []
 
     def adapter_metadata(self, plan: TrainingPlan) -> dict[str, str]:
@@ -172,7 +179,7 @@ class ScriptedEngine(MFluxEngine):
     def intake_limits(self) -> IntakeLimits:
         return IntakeLimits(max_caption_tokens=None)
 
-    def doctor_checks(self, model: str, machine: Machine) -> list[Check]:
+    def doctor_checks(self, *, model: str, machine: Machine) -> list[Check]:
         return [
             Check("engine", CheckStatus.WARN, "scripted: a stand-in trainer for tests; it trains nothing")
         ]

@@ -65,14 +65,14 @@ class FakeEngine:
         self.step_downs = 0
         self.on_plan = lambda: None  # what "happens meanwhile" while the job prepares
 
-    def plan(self, job, machine) -> TrainingPlan:
+    def plan(self, *, job, machine) -> TrainingPlan:
         self.on_plan()
         if self.plan_error is not None:
             raise self.plan_error
         return TrainingPlan(engine=self.name, model=job.model, backend="cpu", tier="high", reason="test",
                             total_steps=2)  # fmt: skip
 
-    def step_down(self, plan, job, machine, failed) -> TrainingPlan | None:
+    def step_down(self, *, plan, job, machine, failed) -> TrainingPlan | None:
         self.step_downs += 1
         return TrainingPlan(engine=self.name, model=plan.model, backend="cpu", tier="low", reason="stepped down",
                             total_steps=2, step_downs=plan.step_downs + 1)  # fmt: skip
@@ -100,14 +100,11 @@ class FakeEngine:
     def adapter_metadata(self, plan) -> dict[str, str]:
         return {"ss_network_dim": "4"}
 
-    def disk_needed(self, plan, workdir) -> int:
+    def disk_needed(self, *, plan, workdir) -> int:
         return self.disk_bytes
 
-    def saved_step(self, workdir) -> int | None:
+    def saved_state(self, workdir) -> None:
         return None
-
-    def saved_state(self, workdir) -> list[Path]:
-        return []
 
 
 class Local:
@@ -298,7 +295,7 @@ def run_offer(tmp_path: Path, engine: FakeEngine):
     offer = SimpleNamespace(job_id="j1", token="1.abc", engine="fake", name="ohwx_a", trigger="ohwx",
                             model="tiny", image_count=1, max_side=8, options={}, preview_prompt="ohwx")  # fmt: skip
     current = {"job_id": "j1", "token": "1.abc", "stop": StopToken()}
-    plan = engine.plan(SimpleNamespace(model="tiny"), None)
+    plan = engine.plan(job=SimpleNamespace(model="tiny"), machine=None)
     with capture_logs() as logs:
         worker.train_and_deliver(offer, plan, workdir, current, worker.log)
     return sent, logs
