@@ -239,3 +239,38 @@ def wait_held(pause: Path, timeout: float = 240) -> int:
     """Wait until a training child holds at its step; returns the child's pid."""
     wait_for(pause.exists, timeout, interval=0.1, message=f"training child holding ({pause.name})")
     return json.loads(pause.read_text())["pid"]
+
+
+# -- tests/unit is pure ----------------------------------------------------------------------------
+
+UNIT = Path(__file__).resolve().parent / "unit"
+
+
+class ImpureUnitTest(BaseException):
+    """A BaseException, so that no `except Exception` in the code under test can swallow it."""
+
+
+def _refuse(what: str):
+    def refuse(*args, **kwargs):
+        raise ImpureUnitTest(
+            f"{what} in a test under tests/unit (the fast lane is pure: no subprocess, sleep or "
+            "socket); move the test to tests/integration or tests/e2e"
+        )
+
+    return refuse
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_stay_pure(request, monkeypatch):
+    """Under tests/unit, starting a process, sleeping or opening a network socket fails the test."""
+    if not request.node.path.is_relative_to(UNIT):
+        yield
+        return
+    import socket
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("a subprocess"))
+    monkeypatch.setattr(os, "fork", _refuse("os.fork"))
+    monkeypatch.setattr(time, "sleep", _refuse("time.sleep"))
+    monkeypatch.setattr(socket.socket, "connect", _refuse("a socket connect"))
+    monkeypatch.setattr(socket.socket, "bind", _refuse("a socket bind"))
+    yield

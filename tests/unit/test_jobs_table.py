@@ -1,51 +1,14 @@
-"""Jobs table state machine, migrations, the huey queue with its wakeable worker, reconcile."""
+"""The jobs table (SQLite): transitions as compare-and-set with the marker kept in step, schema
+migration, a corrupt jobs.db moved aside intact, the queue's order, the watcher's path-to-dataset
+rule and the dataset fingerprint."""
 
 from __future__ import annotations
 
 import sqlite3
-import threading
-import time
 
 import pytest
 
-from daemon.daemon import reconcile
-from daemon.jobs import TRANSITIONS, CorruptDatabase, IllegalTransition, JobStore, event_for, is_legal
-from daemon.queue import Queue
-
-STATES = list(TRANSITIONS)
-
-LEGAL = {
-    ("queued", "preparing"), ("queued", "cancelled"), ("queued", "failed"),
-    ("preparing", "training"), ("preparing", "publishing"), ("preparing", "failed"), ("preparing", "cancelled"), ("preparing", "interrupted"),
-    ("training", "rendering"), ("training", "failed"), ("training", "cancelled"), ("training", "interrupted"),
-    ("rendering", "publishing"), ("rendering", "failed"), ("rendering", "cancelled"), ("rendering", "interrupted"),
-    ("publishing", "done"), ("publishing", "failed"), ("publishing", "interrupted"),
-    ("interrupted", "preparing"), ("interrupted", "cancelled"), ("interrupted", "failed"), ("interrupted", "queued"),
-    ("failed", "queued"), ("cancelled", "queued"),
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("old", STATES)
-@pytest.mark.parametrize("new", STATES)
-def test_transition_table(old, new):
-    assert is_legal(old, new) == ((old, new) in LEGAL)
-
-
-@pytest.mark.parametrize(
-    "old, new, event",
-    [
-        ("queued", "preparing", "job.started"),
-        ("interrupted", "preparing", "job.resumed"),
-        ("training", "interrupted", "job.interrupted"),
-        ("publishing", "done", "job.done"),
-        ("training", "failed", "job.failed"),
-        ("queued", "cancelled", "job.cancelled"),
-        ("failed", "queued", "job.requeued"),
-        ("preparing", "training", "job.phase"),
-    ],
-)
-def test_event_names(old, new, event):
-    assert event_for(old, new) == event
+from daemon.jobs import CorruptDatabase, IllegalTransition, JobStore
 
 
 def _job(store: JobStore, tmp_path, name="ohwx_a", **kw):
@@ -120,49 +83,6 @@ def test_queue_order_priority_then_fifo(tmp_path):
     assert [j.id for j in store.runnable_in_order()] == [c.id, a.id, b.id]
 
 
-def test_worker_wakes_on_enqueue_not_on_poll(tmp_path):
-    ran: list[tuple[str, float]] = []
-    done = threading.Event()
-
-    def run_job(job_id):
-        ran.append((job_id, time.monotonic()))
-        done.set()
-
-    queue = Queue(tmp_path / "queue.db", run_job=run_job)
-    consumer = queue.consumer()
-    consumer.start()
-    try:
-        time.sleep(3.0)  # idle long enough for huey's own backoff to reach seconds
-        sent = time.monotonic()
-        queue.enqueue("job-1")
-        assert done.wait(5)
-        # Not a benchmark (bench/ measures it): waking must beat huey's polling backoff by far.
-        assert ran[0][0] == "job-1" and ran[0][1] - sent < 1.0
-    finally:
-        consumer.stop_flag.set()
-        queue.wake.set()
-        for _n, t in consumer.worker_threads:
-            t.join(5)
-
-
-def test_reconcile_rebuilds_huey_from_the_table(tmp_path):
-    store = JobStore(tmp_path / "jobs.db", write_markers=False)
-    queue = Queue(tmp_path / "queue.db")
-    running = _job(store, tmp_path, "ohwx_r1", ready_at=1.0)
-    store.transition(running.id, "preparing")
-    store.transition(running.id, "training")
-    queued_missing = _job(store, tmp_path, "ohwx_q2", ready_at=2.0)
-    cancelled = _job(store, tmp_path, "ohwx_c3", ready_at=3.0)
-    queue.enqueue(cancelled.id)
-    store.transition(cancelled.id, "cancelled")
-    summary = reconcile(store, queue)
-    assert summary["interrupted"] == [running.id]
-    assert summary["dropped"] == [cancelled.id]
-    assert set(summary["requeued"]) == {running.id, queued_missing.id}
-    assert store.get(running.id).state == "interrupted"
-    assert queue.pending_job_ids() == [running.id, queued_missing.id]
-
-
 @pytest.mark.parametrize(
     "path, expected",
     [
@@ -180,50 +100,6 @@ def test_dataset_for_event(path, expected):
 
     found = dataset_for_event(Path("/td"), path)
     assert (None if found is None else (str(found[0]), found[1])) == expected
-
-
-# -- compare-and-set transitions, cancel at phase boundaries (issue 12 item 12) -----------------
-
-
-@pytest.mark.parametrize(
-    "old, new, requested, expected",
-    [
-        ("queued", "preparing", False, "preparing"),
-        ("queued", "preparing", True, "cancelled"),
-        ("interrupted", "preparing", True, "cancelled"),
-        ("preparing", "training", True, "cancelled"),
-        ("training", "rendering", True, "cancelled"),
-        ("rendering", "publishing", True, "cancelled"),
-        ("rendering", "publishing", False, "publishing"),
-        ("publishing", "done", True, "done"),  # too late: publishing finishes
-        ("training", "failed", True, "failed"),
-        (
-            "training",
-            "interrupted",
-            True,
-            "interrupted",
-        ),  # a stop while cancelling: cancelled at the next start
-    ],
-)
-def test_honour_cancel(old, new, requested, expected):
-    from daemon.jobs import honour_cancel
-
-    assert honour_cancel(old, new, requested) == expected
-
-
-@pytest.mark.parametrize(
-    "state, action",
-    [
-        ("queued", "cancel"), ("interrupted", "cancel"),
-        ("preparing", "request"), ("training", "request"), ("rendering", "request"),
-        ("publishing", "too_late"),
-        ("done", "finished"), ("failed", "finished"), ("cancelled", "finished"),
-    ],
-)  # fmt: skip
-def test_cancel_action(state, action):
-    from daemon.jobs import cancel_action
-
-    assert cancel_action(state) == action
 
 
 def test_transition_is_a_compare_and_set(tmp_path):
@@ -255,9 +131,6 @@ def test_requested_cancel_is_honoured_at_the_next_boundary(tmp_path):
     action, now = store.cancel(other.id)
     assert action == "too_late" and now.state == "publishing" and not now.cancel_requested
     assert store.transition(other.id, "done").state == "done"
-
-
-# -- the fingerprint decides "unchanged" and "already queued" (issue 12 items 11, 13) ------------
 
 
 def _report(folder="/td/ohwx_alice", name="alice", trigger="ohwx", images=(("a.png", "11"), ("b.png", "22"))):
