@@ -1,6 +1,6 @@
 """Fault and abuse suite (R1-R6): kill -9 at every phase, bursts with a restart, hostile paths,
 a full disk, corrupt databases. Real daemon, real watcher, real SQLite; the scripted engine is
-a real child process (the mflux engine's kill/stop paths run in test_engine_mflux.py).
+a real child process (the mflux engine's kill/stop paths run in test_mflux_training.py).
 docs/RELIABILITY.md lists each case with what was expected and observed.
 """
 
