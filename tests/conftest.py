@@ -269,9 +269,26 @@ def _refuse(what: str):
     return refuse
 
 
+UNIT_SLEEP_BUDGET_S = 0.1  # e.g. one poll of a lock lorad waits on; no sleeping-and-hoping
+
+
+def _sleep_within(budget_s: float):
+    real_sleep = time.sleep
+    slept = [0.0]
+
+    def sleep(seconds: float) -> None:
+        slept[0] += seconds
+        if slept[0] > budget_s:
+            _refuse(f"time.sleep beyond {budget_s} s in all")()
+        real_sleep(seconds)
+
+    return sleep
+
+
 @pytest.fixture(autouse=True)
 def _unit_tests_stay_pure(request, monkeypatch):
-    """Under tests/unit, starting a process, sleeping or opening a network socket fails the test."""
+    """Under tests/unit, starting a process, opening a network socket or sleeping (beyond one short
+    poll of lorad's own) fails the test."""
     if not request.node.path.is_relative_to(UNIT):
         yield
         return
@@ -279,7 +296,7 @@ def _unit_tests_stay_pure(request, monkeypatch):
 
     monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("a subprocess"))
     monkeypatch.setattr(os, "fork", _refuse("os.fork"))
-    monkeypatch.setattr(time, "sleep", _refuse("time.sleep"))
+    monkeypatch.setattr(time, "sleep", _sleep_within(UNIT_SLEEP_BUDGET_S))
     monkeypatch.setattr(socket.socket, "connect", _refuse("a socket connect"))
     monkeypatch.setattr(socket.socket, "bind", _refuse("a socket bind"))
     yield
