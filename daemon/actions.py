@@ -1,7 +1,7 @@
 """What a user can do to a job: cancel it, retry it, write READY into its folder.
 
 `lorad cancel|retry|enqueue` (daemon/commands.py) and the dashboard's buttons (daemon/ui/app.py)
-both call these; neither surface owns them (tests/test_layers.py: the dashboard importing the CLI
+both call these; neither surface owns them (tests/unit/test_layers.py: the dashboard importing the CLI
 closed an import circle through the daemon). Each returns (exit code, what to say) or raises
 UsageError with a message for the user.
 """

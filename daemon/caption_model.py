@@ -2,7 +2,7 @@
 
 Apart from daemon/captions.py so that intake's validation can ask "can the captioner run here?"
 without importing the captioning phase (which imports the snapshot, which imports validation:
-the import circle tests/test_layers.py forbids).
+the import circle tests/unit/test_layers.py forbids).
 """
 
 from __future__ import annotations

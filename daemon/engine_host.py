@@ -1,6 +1,6 @@
 """Engines built for this machine: settings -> engine, the job's input, the cloud fallback's
 engine. Apart from the pipeline so that intake, the CLI and the Redis side can build an engine
-without importing the job loop (tests/test_layers.py: no import circles).
+without importing the job loop (tests/unit/test_layers.py: no import circles).
 """
 
 from __future__ import annotations

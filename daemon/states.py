@@ -1,6 +1,6 @@
 """The job states and the moves between them (pure; no I/O, nothing of lorad imported).
 
-On the ground floor of the daemon (tests/test_layers.py) so that settings (`notify_on`), the
+On the ground floor of the daemon (tests/unit/test_layers.py) so that settings (`notify_on`), the
 jobs table, the pipeline and the dashboard all read one definition. `JobState` is a `StrEnum`:
 a member is the very string stored in jobs.db, shown by `lorad status --json` and accepted by
 `notify_on`, so `job.state == "done"` and `JobState.DONE == "done"` both hold.

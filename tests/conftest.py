@@ -51,13 +51,22 @@ def tree_hash(folder: Path, skip: tuple[str, ...] = ()) -> str:
     return h.hexdigest()
 
 
+POLL_COST_SHARE = 4  # a poll may take at most 1/4 of the waiting time (sleep >= 3x its cost)
+
+
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, message: str = "condition"):
+    """Poll `predicate` until truthy. An expensive predicate (a `lorad status` process, ~0.05 s of
+    CPU) is polled less often, so that waiting never takes more than a quarter of a core from the
+    processes under test: on the 2-core CI machine polling at a fixed 0.05 s was a third of the
+    CPU of the daemon tests."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        started = time.monotonic()
         value = predicate()
         if value:
             return value
-        time.sleep(interval)
+        cost = time.monotonic() - started
+        time.sleep(max(interval, (POLL_COST_SHARE - 1) * cost))
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
@@ -239,3 +248,55 @@ def wait_held(pause: Path, timeout: float = 240) -> int:
     """Wait until a training child holds at its step; returns the child's pid."""
     wait_for(pause.exists, timeout, interval=0.1, message=f"training child holding ({pause.name})")
     return json.loads(pause.read_text())["pid"]
+
+
+# -- tests/unit is pure ----------------------------------------------------------------------------
+
+UNIT = Path(__file__).resolve().parent / "unit"
+
+
+class ImpureUnitTest(BaseException):
+    """A BaseException, so that no `except Exception` in the code under test can swallow it."""
+
+
+def _refuse(what: str):
+    def refuse(*args, **kwargs):
+        raise ImpureUnitTest(
+            f"{what} in a test under tests/unit (the fast lane is pure: no subprocess, sleep or "
+            "socket); move the test to tests/integration or tests/e2e"
+        )
+
+    return refuse
+
+
+UNIT_SLEEP_BUDGET_S = 0.1  # e.g. one poll of a lock lorad waits on; no sleeping-and-hoping
+
+
+def _sleep_within(budget_s: float):
+    real_sleep = time.sleep
+    slept = [0.0]
+
+    def sleep(seconds: float) -> None:
+        slept[0] += seconds
+        if slept[0] > budget_s:
+            _refuse(f"time.sleep beyond {budget_s} s in all")()
+        real_sleep(seconds)
+
+    return sleep
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_stay_pure(request, monkeypatch):
+    """Under tests/unit, starting a process, opening a network socket or sleeping (beyond one short
+    poll of lorad's own) fails the test."""
+    if not request.node.path.is_relative_to(UNIT):
+        yield
+        return
+    import socket
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("a subprocess"))
+    monkeypatch.setattr(os, "fork", _refuse("os.fork"))
+    monkeypatch.setattr(time, "sleep", _sleep_within(UNIT_SLEEP_BUDGET_S))
+    monkeypatch.setattr(socket.socket, "connect", _refuse("a socket connect"))
+    monkeypatch.setattr(socket.socket, "bind", _refuse("a socket bind"))
+    yield

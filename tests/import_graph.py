@@ -1,5 +1,5 @@
 """The import graph of lorad's own code, read with `ast` (no module is imported), for
-tests/test_layers.py.
+tests/unit/test_layers.py.
 
 Every `import` and `from ... import` counts, at any depth: module level, inside functions and
 under `if TYPE_CHECKING:` (a lazy import is still a dependency; lazy imports are how the last

@@ -79,7 +79,7 @@ stage plan 60 "${LORAD[@]}" --assets "$ASSETS" plan --images 20
 stage selftest 150 "${LORAD[@]}" --assets "$ASSETS" selftest --clean
 stage p4 $(( $(left) - 200 > 240 ? 240 : $(left) - 200 )) "${PY[@]}" bench/p4_engine_overhead.py --rounds "${P4_ROUNDS:-1}" --steps "${P4_STEPS:-20}"
 grep -h '^RESULT' "$OUT/p4.log" >> "$SUMMARY" 2>/dev/null
-stage engine_tests $(( $(left) - 10 )) "${PY[@]}" -m pytest tests/test_engine_mflux.py -v -p no:cacheprovider --timeout 240
+stage engine_tests $(( $(left) - 10 )) "${PY[@]}" -m pytest tests/e2e/test_mflux_training.py -v -p no:cacheprovider --timeout 240
 grep -hE '^(PASSED|FAILED|ERROR)|passed|failed' "$OUT/engine_tests.log" | tail -n 30 >> "$SUMMARY"
 echo "total: $(( $(date +%s) - START ))s of a ${BUDGET_S}s budget" | tee -a "$SUMMARY"
 rm -rf "$ASSETS"

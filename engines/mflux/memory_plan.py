@@ -35,7 +35,7 @@ REAL_BLOCKS = 30
 CAPTION_TOKENS = 64
 
 # z-image-turbo's training peak per measured tier, 30 blocks, at the tier's resolution and batch 1
-# (bench/results/p12_memory.json "peak_gb"; tests/test_memory_calibration.py keeps the two equal).
+# (bench/results/p12_memory.json "peak_gb"; tests/unit/test_memory_calibration.py keeps the two equal).
 MEASURED_PEAK_GB: dict[str, float] = {"q4-minimal": 8.38, "q8-checkpointed": 19.8}
 
 

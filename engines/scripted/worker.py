@@ -56,7 +56,7 @@ def _save_checkpoint(out: Path, step: int, config: dict) -> Path:
 
 def _dump_env_names(mode: str) -> None:
     """Test hook: with SCRIPTED_ENGINE_ENV_DUMP=<dir>, write the *names* in this child's
-    environment (never the values) to <dir>/<mode>.json (tests/test_child_env.py)."""
+    environment (never the values) to <dir>/<mode>.json (tests/integration/test_child_secrets.py)."""
     folder = os.environ.get("SCRIPTED_ENGINE_ENV_DUMP")
     if folder:
         Path(folder, f"{mode}.json").write_text(json.dumps(sorted(os.environ)))

@@ -394,7 +394,7 @@ def test_a_ready_dropped_while_redis_is_down_is_dispatched_once_redis_returns(cl
 
 def test_no_blocking_redis_read_is_unbounded():
     """`BLOCK 0` waits forever: no read in the coordinator or the worker may ask for it."""
-    root = Path(__file__).resolve().parents[1] / "daemon" / "remote"
+    root = Path(__file__).resolve().parents[2] / "daemon" / "remote"
     for path in root.glob("*.py"):
         text = path.read_text()
         assert "block=0" not in text.replace(" ", "") and "BLOCK 0" not in text, path.name

@@ -55,6 +55,7 @@ def test_lost_jobs_db_readopts_every_work_dir(daemon_factory, damage):
     for suffix in ("-wal", "-shm"):
         Path(str(db) + suffix).unlink(missing_ok=True)
 
+    d.env["SCRIPTED_ENGINE_STEP_S"] = "0.01"  # the rest only has to finish
     d.start()
     wait_for(
         lambda: set(d.job_states().values()) == {"done"} and len(d.jobs()) == 3, 90, message="all three done"

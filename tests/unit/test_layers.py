@@ -17,7 +17,7 @@ from pathlib import Path
 import import_graph as ig
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("lorad_base", "engines", "daemon")
 
 # The declared order, ground floor first. A module sits on the layer of its longest matching

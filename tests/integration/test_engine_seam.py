@@ -30,7 +30,7 @@ from engines.mflux.engine import MFluxEngine, classify_failure
 from engines.mflux.memory_plan import InsufficientMemory, plan_memory
 from engines.mflux.probe import backend_name, describe
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GB = 1024**3
 
 # -- the seam ------------------------------------------------------------------------------

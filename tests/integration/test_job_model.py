@@ -17,7 +17,7 @@ from daemon.jobs import MIGRATIONS, TRANSITIONS, Job, JobStore
 from daemon.settings import SettingsError, resolve
 from daemon.states import ACTIVE, FINISHED, RUNNABLE, JobState, moves_from
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_job_state_is_a_str_enum_of_the_stored_strings():

@@ -1,7 +1,7 @@
-"""The type checker over daemon/ and engines/ (configured in pyproject.toml [tool.mypy]).
+"""The type checker over daemon/, engines/ and lorad_base/ (configured in pyproject.toml [tool.mypy]).
 
 CI runs only `uv run pytest`, so the check runs here, as a test. mypy caches in .mypy_cache:
-the first run on a fresh clone takes about a minute on two cores, later runs a few seconds.
+the first run on a fresh clone takes about 15 s of CPU, later runs a few seconds.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(600)
@@ -25,10 +25,3 @@ def test_mypy_passes_on_daemon_and_engines():
         timeout=600,
     )
     assert result.returncode == 0, "mypy found problems:\n" + result.stdout + result.stderr
-
-
-def test_settings_annotations_match_fields():
-    """Settings declares its attributes for the type checker; they must be exactly FIELDS."""
-    from daemon.settings import FIELDS, Settings
-
-    assert list(Settings.__annotations__) == list(FIELDS)

@@ -29,7 +29,7 @@ from daemon.sample import make_dataset
 from daemon.settings import FIELDS, Settings
 from daemon.watch import IntakeLoop, ready_write_state
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BOUND_S = 30
 
 

@@ -25,7 +25,7 @@ from engines.mflux.memory_plan import (
     tier_budget_gb,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 P12 = ROOT / "bench" / "results" / "p12_memory.json"
 
 

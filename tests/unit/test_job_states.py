@@ -1,18 +1,18 @@
-"""Jobs table state machine, migrations, the huey queue with its wakeable worker, reconcile."""
+"""The job state machine and the jobs table (SQLite): which transitions are legal and the event each
+logs, transitions as compare-and-set with the marker kept in step, schema migration, a corrupt
+jobs.db moved aside intact, the queue's order, when a requested cancel is honoured, the watcher's
+path-to-dataset rule and the dataset fingerprint."""
 
 from __future__ import annotations
 
 import sqlite3
-import threading
-import time
 
 import pytest
 
-from daemon.daemon import reconcile
 from daemon.jobs import TRANSITIONS, CorruptDatabase, IllegalTransition, JobStore, event_for, is_legal
-from daemon.queue import Queue
 
 STATES = list(TRANSITIONS)
+
 
 LEGAL = {
     ("queued", "preparing"), ("queued", "publishing"), ("queued", "cancelled"), ("queued", "failed"),
@@ -122,49 +122,6 @@ def test_queue_order_priority_then_fifo(tmp_path):
     assert [j.id for j in store.runnable_in_order()] == [c.id, a.id, b.id]
 
 
-def test_worker_wakes_on_enqueue_not_on_poll(tmp_path):
-    ran: list[tuple[str, float]] = []
-    done = threading.Event()
-
-    def run_job(job_id):
-        ran.append((job_id, time.monotonic()))
-        done.set()
-
-    queue = Queue(tmp_path / "queue.db", run_job=run_job)
-    consumer = queue.consumer()
-    consumer.start()
-    try:
-        time.sleep(3.0)  # idle long enough for huey's own backoff to reach seconds
-        sent = time.monotonic()
-        queue.enqueue("job-1")
-        assert done.wait(5)
-        # Not a benchmark (bench/ measures it): waking must beat huey's polling backoff by far.
-        assert ran[0][0] == "job-1" and ran[0][1] - sent < 1.0
-    finally:
-        consumer.stop_flag.set()
-        queue.wake.set()
-        for _n, t in consumer.worker_threads:
-            t.join(5)
-
-
-def test_reconcile_rebuilds_huey_from_the_table(tmp_path):
-    store = JobStore(tmp_path / "jobs.db", write_markers=False)
-    queue = Queue(tmp_path / "queue.db")
-    running = _job(store, tmp_path, "ohwx_r1", ready_at=1.0)
-    store.transition(running.id, "preparing")
-    store.transition(running.id, "training")
-    queued_missing = _job(store, tmp_path, "ohwx_q2", ready_at=2.0)
-    cancelled = _job(store, tmp_path, "ohwx_c3", ready_at=3.0)
-    queue.enqueue(cancelled.id)
-    store.transition(cancelled.id, "cancelled")
-    summary = reconcile(store, queue)
-    assert summary["interrupted"] == [running.id]
-    assert summary["dropped"] == [cancelled.id]
-    assert set(summary["requeued"]) == {running.id, queued_missing.id}
-    assert store.get(running.id).state == "interrupted"
-    assert queue.pending_job_ids() == [running.id, queued_missing.id]
-
-
 @pytest.mark.parametrize(
     "path, expected",
     [
@@ -182,9 +139,6 @@ def test_dataset_for_event(path, expected):
 
     found = dataset_for_event(Path("/td"), path)
     assert (None if found is None else (str(found[0]), found[1])) == expected
-
-
-# -- compare-and-set transitions, cancel at phase boundaries (issue 12 item 12) -----------------
 
 
 @pytest.mark.parametrize(
@@ -257,9 +211,6 @@ def test_requested_cancel_is_honoured_at_the_next_boundary(tmp_path):
     action, now = store.cancel(other.id)
     assert action == "too_late" and now.state == "publishing" and not now.cancel_requested
     assert store.transition(other.id, "done").state == "done"
-
-
-# -- the fingerprint decides "unchanged" and "already queued" (issue 12 items 11, 13) ------------
 
 
 def _report(folder="/td/ohwx_alice", name="alice", trigger="ohwx", images=(("a.png", "11"), ("b.png", "22"))):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_intake import GOOD, build
+from dataset_files import GOOD, build
 
 from daemon.intake.options import parse_options, render_ready
 from daemon.intake.snapshot import choose_preview_prompt, choose_preview_prompts, take_snapshot

@@ -1,6 +1,6 @@
 """Fault and abuse suite (R1-R6): kill -9 at every phase, bursts with a restart, hostile paths,
 a full disk, corrupt databases. Real daemon, real watcher, real SQLite; the scripted engine is
-a real child process (the mflux engine's kill/stop paths run in test_engine_mflux.py).
+a real child process (the mflux engine's kill/stop paths run in test_mflux_training.py).
 docs/RELIABILITY.md lists each case with what was expected and observed.
 """
 
@@ -51,9 +51,17 @@ def workers(d) -> list[str]:
 # -- R1: kill -9 at each phase --------------------------------------------------------------
 
 
+def finish_fast(d) -> None:
+    """After the fault, the job only has to finish: its remaining steps and render take no time
+    (the slow steps only made room for the fault; the next start reads the env)."""
+    d.env["SCRIPTED_ENGINE_STEP_S"] = "0.01"
+    d.env["SCRIPTED_ENGINE_RENDER_S"] = "0"
+
+
 def _kill_then_finish(d, dataset: str, name: str):
     d.kill9()
     wait_for(lambda: not workers(d), 30, message="no orphan worker")
+    finish_fast(d)
     d.start()
     wait_for(lambda: d.job_states().get(dataset) == "done", 90, message=f"{dataset} done after restart")
     return assert_exactly_once(d, dataset, name)
@@ -84,6 +92,7 @@ def test_r1_kill9_while_queued(daemon_factory):
     wait_for(lambda: d.job_states().get("ohwx_second") == "queued", 30, message="second queued")
     d.kill9()
     wait_for(lambda: not workers(d), 30, message="no orphan worker")
+    finish_fast(d)
     d.start()
     wait_for(lambda: set(d.job_states().values()) == {"done"}, 90, message="both done")
     assert [j["dataset"] for j in d.jobs()] == ["ohwx_first", "ohwx_second"]  # one job each
@@ -165,6 +174,7 @@ def test_r2_sigterm_exits_0_within_30s_and_resumes(daemon_factory):
     newest = checkpoints.newest_good(d.state / "jobs" / job["id"] / "train" / "checkpoints")[0]
     assert checkpoints.step_of(newest) == job["step"]  # saved at the current step, not a periodic one
     assert "interrupted" in (folder / "QUEUED").read_text()
+    finish_fast(d)
     d.start()
     wait_for(lambda: d.job_states().get("ohwx_term") == "done", 90, message="resumed")
     assert d.log_has("train.resume", job_id=job["id"], step=job["step"])
