@@ -55,7 +55,7 @@ class ClaimingPriorityRedisStorage(PriorityRedisStorage):
 
     # huey's RedisPriorityQueue stores `8-byte big-endian enqueue time + message` (its `enqueue`,
     # unprefixed again by its `dequeue` and `enqueued_items`). Pinned to huey's own
-    # `enqueued_items` by tests/test_remote_queue.py.
+    # `enqueued_items` by tests/integration/test_redis_queue.py.
     MEMBER_PREFIX = 8
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
