@@ -408,7 +408,7 @@ class SavedState:
 
 # -- the contract ----------------------------------------------------------------------------
 
-# What a new engine must define (docs/ARCHITECTURE.md "adding an engine"; tests/test_engine_contract.py
+# What a new engine must define (docs/ARCHITECTURE.md "adding an engine"; tests/e2e/test_engine_contract.py
 # keeps this list, the abstract methods and the docs equal). Everything else has a default.
 REQUIRED_ATTRIBUTES = ("name", "models")
 REQUIRED_METHODS = ("plan", "train", "model_check", "saved_state")

@@ -233,7 +233,7 @@ def test_saved_state_is_read_in_one_look_while_a_newer_one_is_written(tmp_path):
 
 # -- the size of the contract: what a new engine must write -----------------------------------
 
-ARCHITECTURE = Path(__file__).resolve().parent.parent / "docs" / "ARCHITECTURE.md"
+ARCHITECTURE = Path(__file__).resolve().parents[2] / "docs" / "ARCHITECTURE.md"
 
 
 class MinimalEngine(Engine):
