@@ -196,7 +196,7 @@ def render(args, reporter: Reporter, stop: StopFlag) -> int:
     from mflux.models.common.config.model_config import ModelConfig
 
     config = plan["config"]
-    size = 128 if plan["model"] == "tiny-z-image" else 1024
+    size = 64 if plan["model"] == "tiny-z-image" else 1024
     steps = int(config["steps"])
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
