@@ -330,17 +330,29 @@ class JobStore:
         return _row_to_job(rows[0]) if rows else None
 
     def _migrate(self) -> None:
-        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(
-                f"schema version {version} is newer than this lorad understands ({SCHEMA_VERSION}); upgrade lorad"
-            )
-        for number in range(version, SCHEMA_VERSION):
+        """Bring the schema up to date, one migration per transaction. The version is read again
+        inside each write transaction: the daemon, `lorad status` and the selftest may open a new
+        jobs.db at the same moment, and a migration decided on a stale read would run twice
+        ("duplicate column name")."""
+        seen = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        self._check_version(seen)
+        for number in range(seen, SCHEMA_VERSION):  # none (no write lock) when the schema is current
             with self._tx() as conn:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                self._check_version(version)
+                if version > number:
+                    continue  # this one is applied (by us, or by another process just now)
                 for statement in MIGRATIONS[number].split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {number + 1}")
+
+    @staticmethod
+    def _check_version(version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"schema version {version} is newer than this lorad understands ({SCHEMA_VERSION}); upgrade lorad"
+            )
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -9,7 +9,16 @@ import sqlite3
 
 import pytest
 
-from daemon.jobs import TRANSITIONS, CorruptDatabase, IllegalTransition, JobStore, event_for, is_legal
+from daemon.jobs import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    TRANSITIONS,
+    CorruptDatabase,
+    IllegalTransition,
+    JobStore,
+    event_for,
+    is_legal,
+)
 
 STATES = list(TRANSITIONS)
 
@@ -253,3 +262,30 @@ def test_fingerprint_sees_the_name_even_with_equal_captions():
 
     a, b = _report(name="alice"), _report(name="alice2")
     assert a.captions == b.captions and fingerprint(a, {}) != fingerprint(b, {})
+
+
+@pytest.mark.parametrize("from_version", [0, SCHEMA_VERSION - 1])
+def test_two_processes_opening_a_new_jobs_db_at_once_migrate_it_once(tmp_path, monkeypatch, from_version):
+    """The selftest polled jobs.db while its daemon created it, and failed with "duplicate column
+    name: remote": both had read the old version, both ran the migration. Here another store
+    migrates the file between this store's read of the version and its first transaction."""
+    path = tmp_path / "jobs.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for number in range(from_version):
+        conn.executescript(MIGRATIONS[number])
+    conn.execute(f"PRAGMA user_version = {from_version}")
+    conn.close()
+    real_tx, raced = JobStore._tx, []
+
+    def tx_after_another_process_migrated(self):
+        if not raced:
+            raced.append(True)
+            JobStore(path, write_markers=False).close()  # the daemon, just now
+        return real_tx(self)
+
+    monkeypatch.setattr(JobStore, "_tx", tx_after_another_process_migrated)
+    store = JobStore(path, write_markers=False)
+    assert raced
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert "remote" in {row[1] for row in store.conn.execute("PRAGMA table_info(jobs)")}
+    store.close()
