@@ -8,9 +8,13 @@ same paths with real mflux training on the miniature model.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import signal
+import sys
 import time
 
+import pytest
 from conftest import hold_training_at, wait_for, wait_held
 
 from daemon.sample import make_dataset
@@ -117,6 +121,36 @@ def test_sigterm_interrupts_then_resumes_from_checkpoint(daemon_factory):
     # and the resumed run starts from it.
     resumes = [e for e in d.events() if e["event"] == "train.resume" and e.get("job_id") == job["id"]]
     assert resumes and resumes[-1]["step"] == stopped_at
+
+
+def _tgkill(pid: int, tid: int, sig: int) -> None:
+    """Send `sig` to one thread of another process (Linux tgkill(2)): the kernel is free to pick
+    any thread for a kill(2), and this picks the case that bit."""
+    import ctypes
+    import os
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(234, pid, tid, sig) != 0:  # SYS_tgkill on x86_64
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() != "x86_64",
+    reason="tgkill's syscall number is x86_64 Linux's",
+)
+def test_sigterm_delivered_to_another_thread_stops_the_idle_daemon(daemon_factory):
+    """A SIGTERM the kernel hands to one of the daemon's other threads (huey's, the watcher's, the
+    intake loop's) still stops it promptly. CPython runs the handler only in the main thread, once
+    that thread runs again; the main thread used to sit in one Event.wait of the rescan interval
+    (180 s), and CI once saw a stop ignored for the test's whole 60 s."""
+    d = daemon_factory().start()
+    wait_for(lambda: d.log_has("daemon.started"), 30, message="daemon started")
+    pid = d.proc.pid
+    others = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task") if int(t) != pid)
+    assert others, "the daemon runs other threads"
+    _tgkill(pid, others[0], signal.SIGTERM)
+    assert d.wait(30) == 0  # the rescan interval is 180 s: without the fix, no stop before then
+    assert d.log_has("daemon.stopping", signal="SIGTERM")
 
 
 def test_second_daemon_is_refused(daemon_factory):
