@@ -25,6 +25,7 @@ from daemon.pipeline import Pipeline, cancel_cloud_requests, check_engine_settin
 from daemon.queue import Queue
 from daemon.settings import Settings, SettingsError
 from daemon.watch import IntakeLoop, Watcher
+from lorad_base.signalwake import SignalWake
 
 if TYPE_CHECKING:
     from daemon.remote.coordinator import Coordinator
@@ -209,25 +210,6 @@ def rescan_wait(interval_s: float, failures: int) -> float:
     return interval_s if failures == 0 else min(interval_s, float(2 ** min(failures - 1, 16)))
 
 
-# The longest the main thread sleeps in one go. A kill(2) may land on any of the daemon's threads;
-# CPython then runs the Python handler in the main thread only when that thread runs again, and a
-# lock wait is not interrupted by a signal taken by another thread.
-MAIN_WAIT_SLICE_S = 0.5
-
-
-def wait_in_slices(event: threading.Event, timeout: float, slice_s: float = MAIN_WAIT_SLICE_S) -> bool:
-    """`event.wait(timeout)` for the main thread, in slices of at most `slice_s`: a stop signal
-    the kernel gave another thread is honoured within a slice, not at the end of the rescan
-    interval (180 s; CI once saw a SIGTERM ignored for a minute). True when the event is set."""
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return event.is_set()
-        if event.wait(min(slice_s, remaining)):
-            return True
-
-
 class Daemon:
     def __init__(self, settings: Settings, default_state: Path | None = None):
         self.settings = settings
@@ -386,11 +368,12 @@ class Daemon:
         """Rescan periodically until a stop signal, then close the doors (dashboard, watcher,
         intake); returns when the stop began (monotonic), for the daemon.stopped line."""
         self._prune()
-        while not wait_in_slices(
-            self.shutdown, rescan_wait(self.settings.rescan_interval_s, self.rescan_failures)
-        ):
-            self._rescan(loop)
-            self._prune()
+        with SignalWake() as wake:  # a stop signal wakes this wait whichever thread took it
+            while not wake.wait(
+                self.shutdown, rescan_wait(self.settings.rescan_interval_s, self.rescan_failures)
+            ):
+                self._rescan(loop)
+                self._prune()
         started = time.monotonic()
         if ui is not None:
             ui.stop()
