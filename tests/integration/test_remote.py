@@ -244,6 +244,10 @@ def test_redis_killed_mid_job_and_restarted_loses_and_duplicates_nothing(
     except ProcessLookupError:
         pass
     wait_for(lambda: set(d.job_states().values()) == {"done"}, 120, message="both jobs done")
+    # The daemon logs job.done just after it commits the state: wait for the two lines, then count.
+    wait_for(
+        lambda: len([e for e in d.events() if e.get("event") == "job.done"]) >= 2, 30, message="job.done"
+    )
     jobs = d.jobs()
     assert len(jobs) == 2
     for job in jobs:
