@@ -291,8 +291,12 @@ def test_folder_renamed_mid_training_gets_its_final_marker(daemon_factory, tmp_p
     renamed = folder.rename(d.training_data / "ohwx_new")  # the user renames it; TRAINING moves along
     assert (renamed / "TRAINING").exists()
     (hold / "trained.hold").unlink()
-    wait_for(lambda: (renamed / "DONE").exists(), 60, message="DONE in the renamed folder")
-    assert not (renamed / "TRAINING").exists()
+    # The marker is written before the old one is removed (a folder never has none): wait for both.
+    wait_for(
+        lambda: (renamed / "DONE").exists() and not (renamed / "TRAINING").exists(),
+        60,
+        message="DONE, and no TRAINING, in the renamed folder",
+    )
     assert (renamed / "DONE").read_text().startswith(f"job {job_id} ")
     assert not folder.exists()  # no marker recreates the old folder
     job = d.jobs()[0]
