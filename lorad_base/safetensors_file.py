@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 from lorad_base.fsutil import temp_beside
@@ -60,16 +61,33 @@ def scalar_tensors(start: int, scalars: dict[str, float]) -> tuple[dict[str, dic
     return entries, extra
 
 
+def header_bytes(header: dict) -> bytes:
+    """The 8-byte length and the JSON header, padded so the data section stays 8-byte aligned (pure)."""
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def f32_file(tensors: Mapping[str, tuple[tuple[int, ...], list[float]]], metadata: dict[str, str]) -> bytes:
+    """A whole safetensors file of F32 tensors (name -> (shape, values)), in memory (pure): a small
+    adapter written without numpy (the scripted engine's child)."""
+    header: dict = {"__metadata__": metadata}
+    blobs, offset = [], 0
+    for name, (shape, values) in tensors.items():
+        blob = struct.pack(f"<{len(values)}f", *values)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    return header_bytes(header) + b"".join(blobs)
+
+
 def write(src: Path, dest: Path, header: dict, *, offset: int, data_len: int, extra: bytes = b"") -> None:
     """dest (atomically, fsynced) = `header`, then `data_len` bytes of src's data from `offset`,
     then `extra`. dest may be src: the copy is made beside it and renamed over it."""
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * ((8 - len(blob) % 8) % 8)  # keep the data section 8-byte aligned
     fd, tmp = temp_beside(Path(dest))
     try:
         with Path(src).open("rb") as fin, os.fdopen(fd, "wb") as fout:
-            fout.write(struct.pack("<Q", len(blob)))
-            fout.write(blob)
+            fout.write(header_bytes(header))
             fin.seek(offset)
             remaining = data_len
             while remaining:

@@ -4,7 +4,7 @@ A kill(2) may be delivered to any thread of the process. CPython runs the Python
 the main thread, once that thread runs bytecode again, and a lock wait there (`Event.wait`) is not
 interrupted by a signal another thread took: the daemon's main thread, parked in its 180 s rescan
 wait, once ignored a SIGTERM for a minute in CI. `signal.set_wakeup_fd` makes the C-level handler
-write a byte to a socket; the main thread waits in `select` on that socket, so every signal wakes
+write a byte to a socket; the main thread waits in `poll` on that socket, so every signal wakes
 it at once, with no polling (an idle daemon stays at ~0 CPU).
 """
 
@@ -27,12 +27,16 @@ class SignalWake:
         self._read, self._write = socket.socketpair()
         self._read.setblocking(False)
         self._write.setblocking(False)
+        self._poll: select.poll | None = None  # None: off the main thread, waits in slices
         try:
-            self._previous: int | None = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
-        except ValueError:  # not the main thread: wait in slices instead
-            self._previous = None
+            self._previous = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: set_wakeup_fd refuses it
             self._read.close()
             self._write.close()
+            return
+        # poll, not select: the daemon raises its file limit, and select refuses fds over 1023.
+        self._poll = select.poll()
+        self._poll.register(self._read, select.POLLIN)
 
     def __enter__(self) -> SignalWake:
         return self
@@ -48,11 +52,9 @@ class SignalWake:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            if self._previous is None:
+            if self._poll is None:
                 event.wait(min(FALLBACK_SLICE_S, remaining))
-                continue
-            readable, _, _ = select.select([self._read], [], [], remaining)
-            if readable:
+            elif self._poll.poll(remaining * 1000):
                 self._drain()
         return True
 
@@ -64,9 +66,9 @@ class SignalWake:
             pass
 
     def close(self) -> None:
-        if self._previous is None:
+        if self._poll is None:
             return
         signal.set_wakeup_fd(self._previous)
-        self._previous = None
+        self._poll = None
         self._read.close()
         self._write.close()
