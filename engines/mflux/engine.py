@@ -29,7 +29,13 @@ from engines.base import (
 )
 from engines.mflux.config import build_config
 from engines.mflux.device import Device, PlanMemory, planning_memory, probe_device, run_probe
-from engines.mflux.memory_plan import PROFILES, InsufficientMemory, MemoryPlan, plan_memory
+from engines.mflux.memory_plan import (
+    PROFILES,
+    InsufficientMemory,
+    MemoryPlan,
+    plan_memory,
+    plan_render_memory,
+)
 from engines.mflux.weights import weights_check
 from engines.process.engine import KEEP_AWAKE, ROOT, TRAIN_DIR, ChildEngine
 from lorad_base.childenv import HF_TOKENS, child_env
@@ -150,14 +156,22 @@ class MFluxEngine(ChildEngine):
                 f"mflux cannot train {job.model} (its trainer has Z-Image and FLUX.2 adapters, no FLUX.1); "
                 f'train it on a cloud (engine = "replicate" or "fal"): this machine renders its test image'
             )
-        return self.render_plan(job, machine)
-
-    def render_plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
-        """The plan a render needs (model, quantization for this memory), also for a model mflux
-        only renders (a cloud-trained LoRA's test render)."""
         limit = planning_memory(self._device(), machine)
         try:
             memory = self._memory(job, limit)
+        except InsufficientMemory as exc:
+            raise MemoryPlanError(str(exc)) from None
+        return self._plan_from_memory(job, memory, limit)
+
+    def render_plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
+        """The plan a test render needs (model, quantization for what is free now), also for a model
+        mflux only renders: a cloud-trained LoRA's test render, sized for inference
+        (memory_plan `plan_render_memory`), not for the training this machine did not do."""
+        limit = planning_memory(self._device(), machine)
+        try:
+            memory = plan_render_memory(
+                model=job.model, total_gb=limit.total_gb, available_gb=limit.available_gb
+            )
         except InsufficientMemory as exc:
             raise MemoryPlanError(str(exc)) from None
         return self._plan_from_memory(job, memory, limit)

@@ -207,6 +207,15 @@ BF16_CHECKPOINTED = _tier("bf16-checkpointed", 48, None, True, False, 1024, None
 CUDA_ORDER = ("bf16", "bf16-checkpointed", "q8-checkpointed", "q4-lowram", "q4-minimal")
 
 
+# A test render is forward passes only: it needs less than a checkpointed training step at the same
+# quantization and resolution (no gradients, no optimizer state, no block inputs kept for backward). So
+# the checkpointed tiers' training budgets at 1024 px (bf16, q8) bound a 1024 px render from above; the
+# q4 tiers' budgets are for training at 768/512 px and are the best estimate here for a q4 render. A
+# render is planned by that need alone, best quality first, against what is free now: the tiers' RAM
+# thresholds (`min_total_gb`) are rules of thumb for hours of training beside the OS.
+RENDER_ORDER = ("bf16-checkpointed", "q8-checkpointed", "q4-lowram", "q4-minimal")
+
+
 class InsufficientMemory(Exception):
     pass
 
@@ -233,9 +242,43 @@ def profile_for(model: str) -> ModelProfile:
 def tiers_for(backend: str) -> tuple[Tier, ...]:
     """The tiers a backend tries, best first."""
     if backend == "cuda":
-        by_name = {t.name: t for t in (*TIERS, BF16_CHECKPOINTED)}
-        return tuple(by_name[name] for name in CUDA_ORDER)
+        return _tiers_named(CUDA_ORDER)
     return TIERS
+
+
+def _tiers_named(names: tuple[str, ...]) -> tuple[Tier, ...]:
+    by_name = {t.name: t for t in (*TIERS, BF16_CHECKPOINTED)}
+    return tuple(by_name[name] for name in names)
+
+
+def plan_render_memory(*, model: str, total_gb: float, available_gb: float) -> MemoryPlan:
+    """The quantization for a test render (a cloud-trained LoRA's): the best tier in `RENDER_ORDER`
+    whose budget fits what is free now (pure). Raises InsufficientMemory when none does."""
+    profile = profile_for(model)
+    notes: list[str] = []
+    for tier in _tiers_named(RENDER_ORDER):
+        need = tier.need_gb * profile.scale
+        if tier.quantize is None and not profile.allow_bf16:
+            continue
+        if need <= available_gb:
+            reason = (
+                f"render: {total_gb:.0f} GB total, {available_gb:.0f} GB free -> quantize={tier.quantize or 'bf16'} "
+                f"(the {tier.name} training budget sizes it: ~{need:.1f} GB)"
+            )
+            if notes:
+                reason += " (stepped down: " + "; ".join(notes) + ")"
+            return MemoryPlan(
+                tier=f"render-q{tier.quantize}" if tier.quantize else "render-bf16", quantize=tier.quantize, batch_size=1,
+                low_ram=tier.low_ram, gradient_checkpointing=False,
+                max_resolution=profile.fixed_resolution or 1024, cache_limit_gb=tier.cache_limit_gb,
+                reason=reason,
+            )  # fmt: skip
+        notes.append(f"{tier.name} needs ~{need:.0f} GB free")
+    floor = _tiers_named(RENDER_ORDER)[-1].need_gb * profile.scale
+    raise InsufficientMemory(
+        f"rendering {model} needs at least {math.ceil(floor)} GB free, have {available_gb:.0f} "
+        f"(of {total_gb:.0f} GB total); close other apps and retry"
+    )
 
 
 def _tier_index_for_total(tiers: tuple[Tier, ...], total_gb: float) -> int | None:
