@@ -43,6 +43,7 @@ TRAINING_KEYS = (
     "caption_policy",
     "max_cost_usd",
 )
+MAX_ID_DRAWS = 64  # a fresh id is found in one or two draws; 64 taken in a row means something is wrong
 
 
 @dataclass
@@ -314,9 +315,9 @@ class Intake:
     def _snapshot_and_queue(self, drop: _Drop, report: Report, effective: dict, fp: str) -> Outcome:
         """Refuse when the snapshot cannot fit; else snapshot into a staging dir, record the job
         (work dir renamed into place, then its row), consume READY and enqueue it."""
-        job_id = new_job_id()
         jobs_dir = self.settings.jobs_dir
         jobs_dir.mkdir(parents=True, exist_ok=True)
+        job_id = self._fresh_job_id()
         no_space = self._space_problem(report, jobs_dir, drop.log)
         if no_space is not None:
             job = self._record_refusal(
@@ -467,12 +468,25 @@ class Intake:
         job = self._record_refusal(folder, token, time.time(), [reason], None, None)
         return Outcome("refused", job.id, detail=reason)
 
+    def _fresh_job_id(self) -> str:
+        """An id no job row, work dir or snapshot being built has. An id is its second plus 16 random
+        bits, so intakes in the same second can draw the same one (50 datasets made READY at once
+        did: the second snapshot could not be renamed onto the first job's work dir)."""
+        jobs_dir = self.settings.jobs_dir
+        for _ in range(MAX_ID_DRAWS):
+            job_id = new_job_id()
+            if self.store.get(job_id) is None and not any(
+                (jobs_dir / name).exists() for name in (job_id, f".intake-{job_id}")
+            ):
+                return job_id
+        raise RuntimeError(f"no unused job id in {MAX_ID_DRAWS} draws under {jobs_dir}")
+
     def _record_refusal(
         self, folder: Path, token: str, ready_at: float, reasons: list[str], name, trigger, warnings=()
     ):
         """A dataset refused at intake becomes a failed job, so `lorad status` shows it and why."""
         job = self.store.create(
-            job_id=new_job_id(),
+            job_id=self._fresh_job_id(),
             dataset_path=folder,
             name=name or folder.name,
             trigger=trigger or "",
