@@ -109,3 +109,26 @@ def test_fal_upload_leaves_out_every_preview_prompt_file(tmp_path):
     (data / "preview_2.txt").write_text("second")
     zip_snapshot(data, tmp_path / "up.zip")
     assert sorted(zipfile.ZipFile(tmp_path / "up.zip").namelist()) == ["0001.png", "0001.txt"]
+
+
+@pytest.mark.parametrize(
+    "model, images, steps, every, ticks",
+    [
+        ("tiny-z-image", 8, 40, 8, 5),  # batch 2: 40 steps; was a tick every 2 steps
+        ("tiny-z-image", 2, 4, 1, 4),  # a 4-step run: a tick a step (each one forward over 2 samples)
+        ("tiny-z-image", 8, 120, 24, 5),
+        ("z-image-turbo", 20, 1000, 200, 5),  # was 50: 20 ticks of 10 forwards each
+        ("z-image-turbo", 20, 2002, 404, 5),  # whole epochs: 2020 steps
+    ],
+)
+def test_mflux_pays_for_about_five_batch_loss_points_a_run(tmp_path, model, images, steps, every, ticks):
+    from engines.mflux.config import BATCH_LOSS_POINTS, build_config
+    from engines.mflux.memory_plan import plan_memory
+
+    memory = plan_memory(model=model, total_gb=128, available_gb=120, image_count=images, max_side=1024)
+    config, total = build_config(
+        model=model, memory=memory, options={"steps": steps}, image_count=images,
+        data_dir=tmp_path, output_dir=tmp_path / "out",
+    )  # fmt: skip
+    assert total >= steps and config["monitoring"]["plot_frequency"] == every
+    assert total // every == ticks <= BATCH_LOSS_POINTS
