@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,11 +78,47 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, message: 
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
+_TINY_MODEL_SHARED: list[Path] = []  # where this run's miniature model is built once (a session fixture)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_model_shared_dir(tmp_path_factory):
+    """One folder per run for the miniature model, shared by the xdist workers of the run."""
+    base = tmp_path_factory.getbasetemp()
+    _TINY_MODEL_SHARED[:] = [
+        (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny-z-image"
+    ]
+
+
+def seed_tiny_model(state_dir: Path) -> None:
+    """Give a test's state dir the miniature model lorad would build at its first job (hard links to
+    one copy built once a run, by lorad's own `ensure_model`). Building it costs ~2.3 CPU-s in a
+    child, and the suite starts ~60 processes that train or render on it. The build itself stays
+    tested where a test passes `seed_model=False` (and by `lorad selftest`)."""
+    shared = _TINY_MODEL_SHARED[0]
+    source = shared / "models" / "tiny-z-image"
+    if not (source / "tiny.json").is_file():
+        code = "import sys; from engines.mflux.tiny_model import ensure_model; ensure_model(sys.argv[1])"
+        subprocess.run([sys.executable, "-c", code, str(shared)], cwd=ROOT, check=True, capture_output=True)
+    target = state_dir / "models" / "tiny-z-image"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source, target, copy_function=os.link)
+
+
 class LoradProc:
     """A lorad process of a test (daemon or worker): its JSON log, signals and stop."""
 
     state: Path
+    env: dict
+    seed_model: bool = True
     proc: subprocess.Popen | None = None
+
+    def _seed_model(self) -> None:
+        """The miniature model in place before a process that trains or renders on it starts."""
+        needs_mflux = self.env.get("LORAD_ENGINE") != "scripted"  # mflux, or a cloud rendering here
+        if self.seed_model and needs_mflux and self.env.get("LORAD_MODEL") == "tiny-z-image":
+            seed_tiny_model(Path(self.env.get("LORAD_STATE_DIR") or self.state))
 
     def events(self) -> list[dict]:
         path = self.state / "logs" / "lorad.jsonl"
@@ -135,8 +172,9 @@ class DaemonProc(LoradProc):
         model: str = "tiny-z-image",
         extra_env: dict | None = None,
         preexec_fn=None,
+        seed_model: bool = True,
     ):
-        self.root = root
+        self.root, self.seed_model = root, seed_model
         self.preexec_fn = preexec_fn  # run in the child before exec (e.g. a lower file limit)
         self.assets = root / "assets"
         self.state = self.assets / ".lorad"
@@ -163,6 +201,7 @@ class DaemonProc(LoradProc):
         return self.assets / "training_data"
 
     def start(self) -> "DaemonProc":
+        self._seed_model()
         self.out = (self.root / f"daemon-{time.time_ns()}.out").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "run"],

@@ -193,8 +193,10 @@ def test_corrupt_newest_checkpoint_falls_back_and_prune_keeps_two(tmp_path):
 # -- the real thing ------------------------------------------------------------------------
 
 
-def _mflux(daemon_factory, **env):
-    return daemon_factory(engine="mflux", model="tiny-z-image", extra_env={"LORAD_RAM_GB": "128", **env})
+def _mflux(daemon_factory, seed_model: bool = True, **env):
+    return daemon_factory(
+        engine="mflux", model="tiny-z-image", extra_env={"LORAD_RAM_GB": "128", **env}, seed_model=seed_model
+    )
 
 
 def tensors_bytes(path: Path) -> bytes:
@@ -205,7 +207,7 @@ def tensors_bytes(path: Path) -> bytes:
 
 @pytest.mark.slow
 def test_end_to_end_tiny_model_publishes_everything(daemon_factory):
-    d = _mflux(daemon_factory)
+    d = _mflux(daemon_factory, seed_model=False)  # the daemon builds the miniature model at its first job
     d.registry.write_text(
         json.dumps(
             {"theme": "dark", "models": {"default": "z-image-turbo"}, "loras": {"old": {"path": "x"}}},
@@ -221,6 +223,8 @@ def test_end_to_end_tiny_model_publishes_everything(daemon_factory):
     )
     job = d.jobs()[0]
     assert job["state"] == "done", job["error"]
+    built = d.state / "models" / "tiny-z-image" / "tiny.json"
+    assert built.is_file() and built.stat().st_nlink == 1  # built by this daemon, not seeded by the test
     loras = d.assets / "loras"
     lora = loras / "alice.safetensors"
     meta = metadata_of(lora)

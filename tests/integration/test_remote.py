@@ -40,6 +40,7 @@ class WorkerProc(LoradProc):
 
     def start(self) -> "WorkerProc":
         self.state.mkdir(parents=True, exist_ok=True)
+        self._seed_model()
         self.out = (self.root / f"worker-{self.name}-{time.time_ns()}.out").open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "worker", "--queue", self.url],
