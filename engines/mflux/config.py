@@ -27,8 +27,8 @@ TINY_LR = 1e-2
 # over up to 10 training samples (mflux #671: "each point costs real time"). The per-step loss, which
 # lorad's verdicts and chart use, is recorded free at every step. At 20 points, a 1000-step run of 20
 # images spent an estimated 5-7 % of its time on them (10 forwards a point, ~3 forwards a step), and a
-# run under 20 steps paid one every step; at 5, about 1.5 % (measured on the miniature model: a 40-step
-# run of 8 images took 41.5 CPU-s at 20 points, 27.0 at none).
+# run under 20 steps paid one every step; at 5, about 1.5 %. Measured on the miniature model: the 40-step
+# learning test (8 images) took 41.5 user CPU-s at 20 points and 27.0 at none.
 BATCH_LOSS_POINTS = 5
 SEED = 42
 TARGET_MODULES = (
