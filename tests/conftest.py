@@ -93,13 +93,13 @@ def _tiny_model_shared_dir(tmp_path_factory):
 def seed_tiny_model(state_dir: Path) -> None:
     """Give a test's state dir the miniature model lorad would build at its first job (hard links to
     one copy built once a run, by lorad's own `ensure_model`). Building it costs ~2.3 CPU-s in a
-    child, and the suite starts ~60 processes that train or render on it. The build itself stays
+    child, and the suite starts dozens of processes that train or render on it. The build itself stays
     tested where a test passes `seed_model=False` (and by `lorad selftest`)."""
     shared = _TINY_MODEL_SHARED[0]
     source = shared / "models" / "tiny-z-image"
     if not (source / "tiny.json").is_file():
-        code = "import sys; from engines.mflux.tiny_model import ensure_model; ensure_model(sys.argv[1])"
-        subprocess.run([sys.executable, "-c", code, str(shared)], cwd=ROOT, check=True, capture_output=True)
+        build = [sys.executable, "-m", "engines.mflux.tiny_model", str(shared)]  # as MFluxEngine.prepare
+        subprocess.run(build, cwd=ROOT, check=True, capture_output=True, timeout=300)
     target = state_dir / "models" / "tiny-z-image"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -156,22 +157,27 @@ class MFluxEngine(ChildEngine):
                 f"mflux cannot train {job.model} (its trainer has Z-Image and FLUX.2 adapters, no FLUX.1); "
                 f'train it on a cloud (engine = "replicate" or "fal"): this machine renders its test image'
             )
-        limit = planning_memory(self._device(), machine)
-        try:
-            memory = self._memory(job, limit)
-        except InsufficientMemory as exc:
-            raise MemoryPlanError(str(exc)) from None
-        return self._plan_from_memory(job, memory, limit)
+        return self._plan_with(job, machine, lambda limit: self._memory(job, limit))
 
     def render_plan(self, job: JobInput, machine: Machine) -> TrainingPlan:
         """The plan a test render needs (model, quantization for what is free now), also for a model
         mflux only renders: a cloud-trained LoRA's test render, sized for inference
         (memory_plan `plan_render_memory`), not for the training this machine did not do."""
+        return self._plan_with(
+            job,
+            machine,
+            lambda limit: plan_render_memory(
+                model=job.model, total_gb=limit.total_gb, available_gb=limit.available_gb
+            ),
+        )
+
+    def _plan_with(
+        self, job: JobInput, machine: Machine, choose: Callable[[PlanMemory], MemoryPlan]
+    ) -> TrainingPlan:
+        """A plan from the memory `choose` picks for this device's limit (training or render)."""
         limit = planning_memory(self._device(), machine)
         try:
-            memory = plan_render_memory(
-                model=job.model, total_gb=limit.total_gb, available_gb=limit.available_gb
-            )
+            memory = choose(limit)
         except InsufficientMemory as exc:
             raise MemoryPlanError(str(exc)) from None
         return self._plan_from_memory(job, memory, limit)
@@ -299,12 +305,7 @@ class MFluxEngine(ChildEngine):
                 import subprocess
 
                 subprocess.run(
-                    [
-                        sys.executable,
-                        "-c",
-                        "import sys; from engines.mflux.tiny_model import ensure_model; ensure_model(sys.argv[1])",
-                        str(self.state_dir),
-                    ],
+                    [sys.executable, "-m", "engines.mflux.tiny_model", str(self.state_dir)],
                     check=True,
                     cwd=ROOT,
                     capture_output=True,

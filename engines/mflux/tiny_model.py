@@ -213,3 +213,11 @@ def install_patch(path: Path) -> None:
         model.vae.decode_mode = VAEBlockDecoder.LOW_MEMORY
 
     ZImageInitializer._init_models = staticmethod(_init_models)
+
+
+if (
+    __name__ == "__main__"
+):  # `python -m engines.mflux.tiny_model STATE_DIR`: the build, in a child (it imports mlx)
+    import sys
+
+    ensure_model(Path(sys.argv[1]))
