@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from daemon.settings import Settings, parse_ui_address
@@ -36,14 +37,25 @@ BUSY_RESPONSE = (
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
-def connection_caps(soft_file_limit: int) -> tuple[int, int]:
-    """(connections, live-update streams) the dashboard may hold at once (pure): a quarter of the
-    file limit at most, so it can never take the descriptors the daemon needs; a stream holds a
-    socket and a database connection for as long as the page is open, so it gets an eighth of that."""
+@dataclass(frozen=True)
+class ConnectionCaps:
+    """What the dashboard may hold at once, from the file limit (`connection_caps`)."""
+
+    connections: int  # open connections; one over it is answered 503 and closed
+    streams: int  # live-update streams (a socket and a database connection each, while a page is open)
+    accept_batch: int  # connections asyncio accepts per loop tick (the listen backlog)
+
+
+def connection_caps(soft_file_limit: int) -> ConnectionCaps:
+    """The dashboard's share of the file limit (pure): at most a quarter for open connections, so
+    it can never take the descriptors the daemon needs. asyncio accepts up to `backlog` sockets a
+    loop tick and an over-cap one is closed only ticks later: a flood that reconnects at once kept
+    several batches open beside the capped ones (64 + 64 a tick filled a 256 limit, and a publish
+    failed with EMFILE). So a batch is an eighth of the cap; streams are an eighth too."""
     if soft_file_limit < 0:  # RLIM_INFINITY
         soft_file_limit = 1 << 20
     connections = max(4, min(64, soft_file_limit // 4))
-    return connections, max(2, connections // 8)
+    return ConnectionCaps(connections, max(2, connections // 8), max(2, connections // 8))
 
 
 def soft_file_limit() -> int:
@@ -184,9 +196,10 @@ class UIServer:
     def __init__(self, settings: Settings, stopping: threading.Event, log, *, max_connections: int | None = None,
                  max_streams: int | None = None, header_timeout_s: float = HEADER_TIMEOUT_S):  # fmt: skip
         self.settings, self.stopping, self.log = settings, stopping, log
-        default_connections, default_streams = connection_caps(soft_file_limit())
-        self.max_connections = max_connections or default_connections
-        self.max_streams = max_streams or min(default_streams, self.max_connections)
+        caps = connection_caps(soft_file_limit())
+        self.max_connections = max_connections or caps.connections
+        self.max_streams = max_streams or min(caps.streams, self.max_connections)
+        self.accept_batch = caps.accept_batch
         self.header_timeout_s = header_timeout_s
         self.server: uvicorn.Server | None = None
         self.thread: threading.Thread | None = None
@@ -203,7 +216,7 @@ class UIServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
-                sock.listen(64)
+                sock.listen(self.accept_batch)
             except OSError:
                 sock.close()
                 raise
@@ -227,7 +240,7 @@ class UIServer:
         app = create_app(s, token=s.ui_token, port=port, stopping=self.stopping, max_streams=self.max_streams)
         config = uvicorn.Config(
             app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=2, ws="none",
-            server_header=False, http=protocol, backlog=self.max_connections,
+            server_header=False, http=protocol, backlog=self.accept_batch,
         )  # fmt: skip
         self.server = _QuietServer(config)
         self.url = url_of(host, port)

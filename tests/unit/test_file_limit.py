@@ -32,3 +32,17 @@ def test_service_files_raise_the_file_limit(tmp_path):
     worker = service.paths_for(settings, home=tmp_path, worker=True, queue="redis://h:6379/0")
     assert "\nLimitNOFILE=" in service.render_systemd(settings, worker)
     assert service.render_launchd(settings, worker)["SoftResourceLimits"]["NumberOfFiles"] >= 4096
+
+
+@pytest.mark.parametrize("limit", [16, 64, 256, 1024, 20000, -1])
+def test_the_dashboard_keeps_within_half_the_file_limit_under_a_reconnecting_flood(limit):
+    """Open connections, plus three loop ticks of accepted sockets not yet closed (an over-cap one is
+    answered 503 and closed a tick or two after asyncio accepted it, in batches of `accept_batch`)."""
+    from daemon.ui.server import connection_caps
+
+    caps = connection_caps(limit)
+    effective = limit if limit > 0 else 1 << 20
+    assert caps.connections <= max(4, effective // 4) and caps.streams <= caps.connections
+    assert 2 <= caps.accept_batch <= max(2, caps.connections // 8)
+    if effective >= 64:
+        assert caps.connections + 3 * caps.accept_batch <= effective // 2
